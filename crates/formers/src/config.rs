@@ -1,0 +1,566 @@
+//! `ModelConfig`: the whole architecture as data. Every slot of the MetaFormer block is an
+//! enum value here, chosen in `defaults` and overridden per layer, so heterogeneous stacks
+//! need no code. This file is the one place that lists all variants.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::train::TrainConfig;
+use crate::{Error, Result};
+
+/// A config file: the model and, optionally, how to train it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// The architecture.
+    pub model: ModelConfig,
+    /// Training hyper-parameters (defaults when absent).
+    #[serde(default)]
+    pub train: TrainConfig,
+}
+
+/// The architecture of a model.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Width of the residual stream.
+    pub d_model: usize,
+    /// Attention heads; must divide `d_model`.
+    pub n_heads: usize,
+    /// Number of blocks.
+    pub n_layers: usize,
+    /// Longest sequence the model takes (size of learned / precomputed position tables).
+    #[serde(default = "default_max_len")]
+    pub max_len: usize,
+    /// What the model reads.
+    pub input: InputSpec,
+    /// How positions enter the model.
+    #[serde(default)]
+    pub position: PositionSpec,
+    /// What the model outputs.
+    pub head: HeadSpec,
+    /// A norm after the last block (usual with pre-norm blocks).
+    #[serde(default = "yes")]
+    pub final_norm: bool,
+    /// Dropout on the embeddings.
+    #[serde(default)]
+    pub embed_dropout: f32,
+    /// The spec of every layer unless overridden.
+    #[serde(default)]
+    pub defaults: LayerSpec,
+    /// Per-layer overrides, keyed by layer index ("0", "1", ...).
+    #[serde(default)]
+    pub layers: BTreeMap<String, LayerOverride>,
+}
+
+fn default_max_len() -> usize {
+    512
+}
+fn yes() -> bool {
+    true
+}
+
+/// What the model reads.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum InputSpec {
+    /// Token ids in `0..vocab_size`.
+    Tokens { vocab_size: usize },
+    /// Raw bytes (vocabulary of 256).
+    Bytes,
+}
+
+impl InputSpec {
+    /// Size of the input vocabulary.
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            InputSpec::Tokens { vocab_size } => *vocab_size,
+            InputSpec::Bytes => 256,
+        }
+    }
+}
+
+/// Position scheme.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PositionSpec {
+    /// A learned table added to the embeddings (BERT, GPT-2).
+    #[default]
+    Learned,
+    /// Fixed sinusoids added to the embeddings (Vaswani et al. 2017).
+    Sinusoidal,
+    /// Rotary embeddings applied to queries and keys (RoFormer, Su et al. 2021).
+    Rope {
+        #[serde(default = "default_rope_base")]
+        base: f64,
+    },
+    /// No positional information.
+    None,
+}
+
+fn default_rope_base() -> f64 {
+    10_000.0
+}
+
+/// Output head.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum HeadSpec {
+    /// Per-token logits over the vocabulary (causal LM, or token tagging when bidirectional).
+    Lm {
+        #[serde(default = "yes")]
+        tied: bool,
+    },
+    /// One label per sequence.
+    Classification { n_classes: usize, pooling: Pooling },
+    /// Mean-pooled, L2-normalised sequence embedding.
+    Embedding,
+}
+
+/// How a sequence is reduced to one vector.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// Average over non-padding tokens.
+    Mean,
+    /// The first token (BERT's [CLS]).
+    First,
+}
+
+/// One block: norm → token mixer → residual → norm → channel mixer → residual.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LayerSpec {
+    /// Token mixer.
+    #[serde(default)]
+    pub mixer: MixerSpec,
+    /// Channel mixer.
+    #[serde(default)]
+    pub ffn: FfnSpec,
+    /// Norm kind.
+    #[serde(default)]
+    pub norm: NormSpec,
+    /// Where the norms sit.
+    #[serde(default)]
+    pub placement: Placement,
+    /// Dropout on each residual branch.
+    #[serde(default)]
+    pub dropout: f32,
+}
+
+impl Default for LayerSpec {
+    fn default() -> Self {
+        LayerSpec {
+            mixer: MixerSpec::default(),
+            ffn: FfnSpec::default(),
+            norm: NormSpec::default(),
+            placement: Placement::default(),
+            dropout: 0.0,
+        }
+    }
+}
+
+/// Fields of [`LayerSpec`] that one layer changes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LayerOverride {
+    pub mixer: Option<MixerSpec>,
+    pub ffn: Option<FfnSpec>,
+    pub norm: Option<NormSpec>,
+    pub placement: Option<Placement>,
+    pub dropout: Option<f32>,
+}
+
+/// Token mixers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum MixerSpec {
+    /// Exact softmax attention in query/key chunks with an online softmax.
+    Attention {
+        #[serde(default)]
+        causal: bool,
+        #[serde(default = "default_chunk")]
+        q_chunk: usize,
+        #[serde(default = "default_chunk")]
+        k_chunk: usize,
+        #[serde(default = "yes")]
+        bias: bool,
+    },
+}
+
+fn default_chunk() -> usize {
+    256
+}
+
+impl Default for MixerSpec {
+    fn default() -> Self {
+        MixerSpec::Attention {
+            causal: false,
+            q_chunk: default_chunk(),
+            k_chunk: default_chunk(),
+            bias: true,
+        }
+    }
+}
+
+impl MixerSpec {
+    /// Whether position i only sees positions <= i.
+    pub fn is_causal(&self) -> bool {
+        match self {
+            MixerSpec::Attention { causal, .. } => *causal,
+        }
+    }
+}
+
+/// Channel mixers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum FfnSpec {
+    /// Two-layer MLP (SwiGLU uses a gated first layer).
+    Mlp {
+        /// Hidden width; 4 × d_model when absent.
+        #[serde(default)]
+        hidden: Option<usize>,
+        #[serde(default)]
+        activation: Activation,
+        #[serde(default = "yes")]
+        bias: bool,
+    },
+}
+
+impl Default for FfnSpec {
+    fn default() -> Self {
+        FfnSpec::Mlp {
+            hidden: None,
+            activation: Activation::default(),
+            bias: true,
+        }
+    }
+}
+
+/// MLP activations.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// Exact GELU (erf), as BERT.
+    #[default]
+    Gelu,
+    /// GELU with the tanh approximation, as GPT-2.
+    GeluTanh,
+    Relu,
+    /// Gated SiLU unit (Shazeer 2020).
+    Swiglu,
+}
+
+/// Norms.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum NormSpec {
+    LayerNorm {
+        #[serde(default = "default_eps")]
+        eps: f64,
+    },
+    RmsNorm {
+        #[serde(default = "default_eps")]
+        eps: f64,
+    },
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+
+impl Default for NormSpec {
+    fn default() -> Self {
+        NormSpec::LayerNorm { eps: default_eps() }
+    }
+}
+
+/// Norm placement.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Placement {
+    /// `x + f(norm(x))` (GPT-2 and most modern models).
+    #[default]
+    Pre,
+    /// `norm(x + f(x))` (original Transformer, BERT).
+    Post,
+}
+
+impl ModelConfig {
+    /// Parses JSON and validates.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let cfg: ModelConfig = parse_json(text, "<model config>")?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Size of the head dimension.
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads
+    }
+
+    /// The spec of layer `i`: defaults with its override applied.
+    pub fn layer(&self, i: usize) -> LayerSpec {
+        let mut spec = self.defaults.clone();
+        if let Some(o) = self.layers.get(&i.to_string()) {
+            if let Some(m) = &o.mixer {
+                spec.mixer = m.clone();
+            }
+            if let Some(f) = &o.ffn {
+                spec.ffn = f.clone();
+            }
+            if let Some(n) = &o.norm {
+                spec.norm = n.clone();
+            }
+            if let Some(p) = o.placement {
+                spec.placement = p;
+            }
+            if let Some(d) = o.dropout {
+                spec.dropout = d;
+            }
+        }
+        spec
+    }
+
+    /// Whether any layer is causal (then the model is a decoder).
+    pub fn is_causal(&self) -> bool {
+        (0..self.n_layers).any(|i| self.layer(i).mixer.is_causal())
+    }
+
+    /// Rejects impossible shapes and values, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        let positive = |key: &str, v: usize| {
+            if v == 0 {
+                Err(Error::config(key, "must be at least 1, found 0"))
+            } else {
+                Ok(())
+            }
+        };
+        positive("d_model", self.d_model)?;
+        positive("n_heads", self.n_heads)?;
+        positive("n_layers", self.n_layers)?;
+        positive("max_len", self.max_len)?;
+        if self.d_model % self.n_heads != 0 {
+            return Err(Error::config(
+                "n_heads",
+                format!(
+                    "{} does not divide d_model = {}",
+                    self.n_heads, self.d_model
+                ),
+            ));
+        }
+        if let InputSpec::Tokens { vocab_size } = self.input {
+            positive("input.vocab_size", vocab_size)?;
+        }
+        if let PositionSpec::Rope { base } = self.position {
+            if self.head_dim() % 2 != 0 {
+                return Err(Error::config(
+                    "position",
+                    format!("rope needs an even head dimension, found {}", self.head_dim()),
+                ));
+            }
+            if base <= 1.0 || base.is_nan() {
+                return Err(Error::config("position.base", format!("must be > 1, found {base}")));
+            }
+        }
+        if let HeadSpec::Classification { n_classes, .. } = self.head {
+            if n_classes < 2 {
+                return Err(Error::config(
+                    "head.n_classes",
+                    format!("must be at least 2, found {n_classes}"),
+                ));
+            }
+        }
+        check_dropout("embed_dropout", self.embed_dropout)?;
+        for key in self.layers.keys() {
+            match key.parse::<usize>() {
+                Ok(i) if i < self.n_layers => {}
+                _ => {
+                    return Err(Error::config(
+                        format!("layers.{key}"),
+                        format!("not a layer index in 0..{}", self.n_layers),
+                    ))
+                }
+            }
+        }
+        validate_layer("defaults", &self.defaults)?;
+        for i in 0..self.n_layers {
+            let at = if self.layers.contains_key(&i.to_string()) {
+                format!("layers.{i}")
+            } else {
+                "defaults".to_string()
+            };
+            validate_layer(&at, &self.layer(i))?;
+        }
+        Ok(())
+    }
+}
+
+fn check_dropout(key: &str, p: f32) -> Result<()> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::config(key, format!("must be in [0, 1), found {p}")));
+    }
+    Ok(())
+}
+
+fn validate_layer(at: &str, spec: &LayerSpec) -> Result<()> {
+    check_dropout(&format!("{at}.dropout"), spec.dropout)?;
+    match spec.mixer {
+        MixerSpec::Attention {
+            q_chunk, k_chunk, ..
+        } => {
+            if q_chunk == 0 {
+                return Err(Error::config(format!("{at}.mixer.q_chunk"), "must be at least 1"));
+            }
+            if k_chunk == 0 {
+                return Err(Error::config(format!("{at}.mixer.k_chunk"), "must be at least 1"));
+            }
+        }
+    }
+    match spec.ffn {
+        FfnSpec::Mlp {
+            hidden: Some(0), ..
+        } => return Err(Error::config(format!("{at}.ffn.hidden"), "must be at least 1")),
+        FfnSpec::Mlp { .. } => {}
+    }
+    let eps = match spec.norm {
+        NormSpec::LayerNorm { eps } | NormSpec::RmsNorm { eps } => eps,
+    };
+    if eps.is_nan() || eps <= 0.0 {
+        return Err(Error::config(format!("{at}.norm.eps"), format!("must be > 0, found {eps}")));
+    }
+    Ok(())
+}
+
+impl RunConfig {
+    /// Reads a JSON or TOML (by extension) config file and validates it.
+    pub fn from_path(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let origin = path.display().to_string();
+        let cfg: RunConfig = if path.extension().is_some_and(|e| e == "toml") {
+            let de = toml::Deserializer::new(&text);
+            serde_path_to_error::deserialize(de).map_err(|e| path_error(&origin, e))?
+        } else {
+            parse_json(&text, &origin)?
+        };
+        cfg.validate().map_err(|e| match e {
+            Error::Config { key, msg } => Error::config(key, format!("{msg} (in {origin})")),
+            other => other,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Parses JSON text and validates it.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let cfg: RunConfig = parse_json(text, "<config>")?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Validates the model and the training section.
+    pub fn validate(&self) -> Result<()> {
+        self.model
+            .validate()
+            .map_err(|e| prefix_key("model", e))?;
+        self.train.validate().map_err(|e| prefix_key("train", e))
+    }
+}
+
+fn prefix_key(prefix: &str, e: Error) -> Error {
+    match e {
+        Error::Config { key, msg } => Error::config(format!("{prefix}.{key}"), msg),
+        other => other,
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(text: &str, origin: &str) -> Result<T> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| path_error(origin, e))
+}
+
+fn path_error<E: std::fmt::Display>(origin: &str, e: serde_path_to_error::Error<E>) -> Error {
+    let key = e.path().to_string();
+    let key = if key == "." { "(top level)".to_string() } else { key };
+    Error::config(key, format!("{} (in {origin})", e.inner()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> serde_json::Value {
+        serde_json::json!({
+            "d_model": 32, "n_heads": 4, "n_layers": 2,
+            "input": {"kind": "tokens", "vocab_size": 10},
+            "head": {"kind": "lm"}
+        })
+    }
+
+    fn err_of(v: serde_json::Value) -> String {
+        ModelConfig::from_json(&v.to_string()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let mut v = base();
+        v["layers"] = serde_json::json!({"1": {"mixer": {"kind": "attention", "causal": true}}});
+        let cfg = ModelConfig::from_json(&v.to_string()).unwrap();
+        assert!(!cfg.layer(0).mixer.is_causal());
+        assert!(cfg.layer(1).mixer.is_causal());
+        assert_eq!(cfg.position, PositionSpec::Learned);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let mut v = base();
+        v["n_heads"] = 5.into();
+        assert!(err_of(v).contains("`n_heads`"));
+        let mut v = base();
+        v["n_layers"] = 0.into();
+        assert!(err_of(v).contains("`n_layers`"));
+        let mut v = base();
+        v["defaults"] = serde_json::json!({"mixer": {"kind": "attention", "causul": true}});
+        let e = err_of(v);
+        assert!(e.contains("defaults.mixer") && e.contains("causul"), "{e}");
+        let mut v = base();
+        v["colour"] = "red".into();
+        assert!(err_of(v).contains("colour"));
+        let mut v = base();
+        v["layers"] = serde_json::json!({"9": {}});
+        assert!(err_of(v).contains("`layers.9`"));
+        let mut v = base();
+        v["defaults"] = serde_json::json!({"dropout": 1.5});
+        assert!(err_of(v).contains("defaults.dropout"));
+        let mut v = base();
+        v["defaults"] = serde_json::json!({"mixer": {"kind": "telepathy"}});
+        assert!(err_of(v).contains("telepathy"));
+    }
+
+    #[test]
+    fn toml_and_json_agree() {
+        let dir = std::env::temp_dir().join(format!("formers-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let toml_path = dir.join("c.toml");
+        std::fs::write(
+            &toml_path,
+            "[model]\nd_model = 32\nn_heads = 4\nn_layers = 2\n[model.input]\nkind = \"bytes\"\n[model.head]\nkind = \"lm\"\n",
+        )
+        .unwrap();
+        let json_path = dir.join("c.json");
+        std::fs::write(
+            &json_path,
+            r#"{"model": {"d_model": 32, "n_heads": 4, "n_layers": 2, "input": {"kind": "bytes"}, "head": {"kind": "lm"}}}"#,
+        )
+        .unwrap();
+        let a = RunConfig::from_path(&toml_path).unwrap();
+        let b = RunConfig::from_path(&json_path).unwrap();
+        assert_eq!(a, b);
+        std::fs::write(&toml_path, "[model]\nd_model = \"wide\"\n").unwrap();
+        let e = RunConfig::from_path(&toml_path).unwrap_err().to_string();
+        assert!(e.contains("model.d_model"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

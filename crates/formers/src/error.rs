@@ -1,0 +1,50 @@
+//! The one error type of the library: every variant names what a user must fix.
+
+use std::path::PathBuf;
+
+/// Result with the library's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Errors carry the file, key or tensor they are about and the expected vs found value.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration value is missing, unknown or impossible.
+    #[error("config: `{key}`: {msg}")]
+    Config { key: String, msg: String },
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A checkpoint or weights file is unusable.
+    #[error("checkpoint {}: {msg}", path.display())]
+    Checkpoint { path: PathBuf, msg: String },
+    /// Training produced a non-finite loss.
+    #[error("loss became {loss} at step {step}; stopped. {kept}")]
+    NonFinite { step: usize, loss: f32, kept: String },
+    /// Input that the model cannot take (too long, wrong token ids, ...).
+    #[error("input: {0}")]
+    Input(String),
+    /// An error from the tensor backend.
+    #[error("tensor: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    /// A configuration error about `key`.
+    pub fn config(key: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Config {
+            key: key.into(),
+            msg: msg.into(),
+        }
+    }
+
+    /// An I/O error about `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! The Transformer MLP (Vaswani et al. 2017) with GELU / ReLU, or the gated SwiGLU
+//! variant (Shazeer 2020, "GLU Variants Improve Transformer").
+
+use candle_core::Tensor;
+
+use super::ChannelMixer;
+use crate::config::Activation;
+use crate::linear::Linear;
+use crate::params::Params;
+use crate::Result;
+
+/// `down(act(up(x)))`, or `down(silu(gate(x)) * up(x))` for SwiGLU.
+#[derive(Debug)]
+pub struct Mlp {
+    up: Linear,
+    gate: Option<Linear>,
+    down: Linear,
+    activation: Activation,
+}
+
+impl Mlp {
+    /// Parameters `up`, `down` (and `gate` for SwiGLU) under `p`.
+    pub fn new(p: &Params, d: usize, hidden: usize, activation: Activation, bias: bool) -> Result<Self> {
+        let gate = match activation {
+            Activation::Swiglu => Some(Linear::new(&p.pp("gate"), d, hidden, bias)?),
+            _ => None,
+        };
+        Ok(Mlp {
+            up: Linear::new(&p.pp("up"), d, hidden, bias)?,
+            gate,
+            down: Linear::new(&p.pp("down"), hidden, d, bias)?,
+            activation,
+        })
+    }
+}
+
+impl ChannelMixer for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.up.forward(x)?;
+        let h = match (self.activation, &self.gate) {
+            (Activation::Gelu, _) => h.gelu_erf()?,
+            (Activation::GeluTanh, _) => h.gelu()?,
+            (Activation::Relu, _) => h.relu()?,
+            (Activation::Swiglu, Some(g)) => (g.forward(x)?.silu()? * h)?,
+            (Activation::Swiglu, None) => unreachable!("SwiGLU is built with a gate"),
+        };
+        self.down.forward(&h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{check_grad, randn};
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        for act in [Activation::Gelu, Activation::GeluTanh, Activation::Relu, Activation::Swiglu] {
+            let p = Params::new(2, DType::F64, &Device::Cpu);
+            let mlp = Mlp::new(&p, 6, 10, act, true).unwrap();
+            let x = (randn(&[2, 3, 6], 5) * 3.0).unwrap();
+            check_grad(&p, &x, |x| mlp.forward(x));
+        }
+    }
+
+    #[test]
+    fn relu_mlp_matches_hand_computation() {
+        let p = Params::new(2, DType::F64, &Device::Cpu);
+        let mlp = Mlp::new(&p, 3, 4, Activation::Relu, true).unwrap();
+        let x = randn(&[1, 3], 6);
+        let w1 = mlp.up.weight.to_vec2::<f64>().unwrap();
+        let w2 = mlp.down.weight.to_vec2::<f64>().unwrap();
+        let xv = x.to_vec2::<f64>().unwrap()[0].clone();
+        let h: Vec<f64> = w1.iter().map(|r| r.iter().zip(&xv).map(|(a, b)| a * b).sum::<f64>().max(0.0)).collect();
+        let y: Vec<f64> = w2.iter().map(|r| r.iter().zip(&h).map(|(a, b)| a * b).sum()).collect();
+        let got = mlp.forward(&x).unwrap().to_vec2::<f64>().unwrap()[0].clone();
+        for (a, b) in got.iter().zip(&y) {
+            assert!((a - b).abs() < 1e-12);
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! Channel mixers: the part of a block that transforms each position on its own.
+//! One file per mixer; [`build`] maps an [`FfnSpec`] to its implementation.
+
+pub mod mlp;
+
+use candle_core::Tensor;
+
+use crate::config::{FfnSpec, ModelConfig};
+use crate::params::Params;
+use crate::Result;
+
+/// A channel mixer maps `[.., d]` to `[.., d]` position by position.
+pub trait ChannelMixer: std::fmt::Debug + Send + Sync {
+    /// Transforms `x`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+}
+
+/// Builds the channel mixer of `spec` with its parameters under `p`.
+pub fn build(spec: &FfnSpec, cfg: &ModelConfig, p: &Params) -> Result<Box<dyn ChannelMixer>> {
+    Ok(match spec {
+        FfnSpec::Mlp {
+            hidden,
+            activation,
+            bias,
+        } => Box::new(mlp::Mlp::new(
+            p,
+            cfg.d_model,
+            hidden.unwrap_or(4 * cfg.d_model),
+            *activation,
+            *bias,
+        )?),
+    })
+}

@@ -1,0 +1,30 @@
+//! formers: efficient Transformer variants as interchangeable parts of one MetaFormer block.
+//!
+//! A model is a stack of blocks `x + TokenMixer(Norm(x))`, `x + ChannelMixer(Norm(x))`
+//! (MetaFormer, Yu et al. 2022) whose parts are values in a [`config::ModelConfig`].
+//! This crate holds the model, its parts, the training loop and checkpoints; it holds no
+//! command-line code (see `formers-cli`) and no benchmark tasks beyond the toy ones in
+//! [`tasks`].
+
+pub mod block;
+pub mod config;
+pub mod error;
+pub mod ffn;
+pub mod generate;
+pub mod linear;
+pub mod loss;
+pub mod mixer;
+pub mod model;
+pub mod norm;
+pub mod params;
+pub mod position;
+pub mod rng;
+pub mod tasks;
+pub mod train;
+
+pub use config::ModelConfig;
+pub use error::{Error, Result};
+pub use model::Model;
+
+#[cfg(test)]
+pub(crate) mod testutil;

@@ -1,0 +1,59 @@
+//! Token mixers: the part of a block that moves information between positions.
+//! One file per mixer; [`build`] maps a [`MixerSpec`] to its implementation.
+
+pub mod attention;
+
+use candle_core::Tensor;
+
+use crate::config::{MixerSpec, ModelConfig};
+use crate::params::Params;
+use crate::position::Rope;
+use crate::Result;
+
+/// What a mixer needs to know besides its input.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MixCtx<'a> {
+    /// Additive key bias `[b, 1, 1, n]`: 0 for real tokens, [`MASKED`] for padding.
+    pub key_bias: Option<&'a Tensor>,
+    /// Position of the first input token (non-zero when decoding with a cache).
+    pub offset: usize,
+    /// Rotary tables when the model uses RoPE.
+    pub rope: Option<&'a Rope>,
+}
+
+/// Score added to masked positions: finite, so fully masked rows stay NaN-free.
+pub const MASKED: f64 = -1e30;
+
+/// State a mixer keeps between decoding steps (keys and values for attention).
+#[derive(Debug, Clone, Default)]
+pub struct MixerCache {
+    /// Mixer-defined tensors (attention: `[k, v]`, each `[b, h, t, dh]`).
+    pub tensors: Vec<Tensor>,
+}
+
+/// A token mixer maps `[b, n, d]` to `[b, n, d]`.
+pub trait TokenMixer: std::fmt::Debug + Send + Sync {
+    /// Mixes `x`; with `cache`, `x` continues the sequence the cache holds.
+    fn forward(&self, x: &Tensor, ctx: &MixCtx, cache: Option<&mut MixerCache>) -> Result<Tensor>;
+}
+
+/// Builds the mixer of `spec` with its parameters under `p`.
+pub fn build(spec: &MixerSpec, cfg: &ModelConfig, p: &Params) -> Result<Box<dyn TokenMixer>> {
+    Ok(match spec {
+        MixerSpec::Attention {
+            causal,
+            q_chunk,
+            k_chunk,
+            bias,
+        } => Box::new(attention::Attention::new(
+            cfg,
+            p,
+            attention::AttentionOpts {
+                causal: *causal,
+                q_chunk: *q_chunk,
+                k_chunk: *k_chunk,
+                bias: *bias,
+            },
+        )?),
+    })
+}

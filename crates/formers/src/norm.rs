@@ -1,0 +1,95 @@
+//! LayerNorm (Ba et al. 2016) and RMSNorm (Zhang & Sennrich 2019), built from
+//! differentiable ops only (candle's fused norms have no backward).
+
+use candle_core::{DType, Tensor, D};
+
+use crate::config::NormSpec;
+use crate::params::{Init, Params};
+use crate::Result;
+
+/// A norm over the last dimension with a learned gain (and, for LayerNorm, a bias).
+#[derive(Debug, Clone)]
+pub enum Norm {
+    /// `(x - mean) / sqrt(var + eps) * weight + bias`.
+    LayerNorm {
+        weight: Tensor,
+        bias: Tensor,
+        eps: f64,
+    },
+    /// `x / sqrt(mean(x²) + eps) * weight`.
+    RmsNorm { weight: Tensor, eps: f64 },
+}
+
+impl Norm {
+    /// Parameters `weight` (and `bias`) under `p`.
+    pub fn new(spec: &NormSpec, p: &Params, d: usize) -> Result<Self> {
+        let weight = p.get(&[d], "weight", Init::Const(1.0))?;
+        Ok(match *spec {
+            NormSpec::LayerNorm { eps } => Norm::LayerNorm {
+                weight,
+                bias: p.get(&[d], "bias", Init::Const(0.0))?,
+                eps,
+            },
+            NormSpec::RmsNorm { eps } => Norm::RmsNorm { weight, eps },
+        })
+    }
+
+    /// Normalises `[.., d]`; computes in at least f32.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = if dtype == DType::F64 {
+            x.clone()
+        } else {
+            x.to_dtype(DType::F32)?
+        };
+        let y = match self {
+            Norm::LayerNorm { weight, bias, eps } => {
+                let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+                let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+                let y = xc.broadcast_div(&(var + *eps)?.sqrt()?)?;
+                y.broadcast_mul(&weight.to_dtype(x.dtype())?)?
+                    .broadcast_add(&bias.to_dtype(x.dtype())?)?
+            }
+            Norm::RmsNorm { weight, eps } => {
+                let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+                let y = x.broadcast_div(&(ms + *eps)?.sqrt()?)?;
+                y.broadcast_mul(&weight.to_dtype(x.dtype())?)?
+            }
+        };
+        Ok(y.to_dtype(dtype)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{check_grad, randn};
+    use candle_core::Device;
+
+    #[test]
+    fn layer_norm_has_zero_mean_unit_variance() {
+        let p = Params::new(0, DType::F64, &Device::Cpu);
+        let n = Norm::new(&NormSpec::LayerNorm { eps: 1e-12 }, &p, 8).unwrap();
+        let x = randn(&[3, 8], 1);
+        let y = n.forward(&x).unwrap();
+        let mean = y.mean_keepdim(1).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(mean.to_scalar::<f64>().unwrap() < 1e-12);
+        let var = y.sqr().unwrap().mean_keepdim(1).unwrap();
+        for v in var.flatten_all().unwrap().to_vec1::<f64>().unwrap() {
+            assert!((v - 1.0).abs() < 1e-9);
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        for spec in [
+            NormSpec::LayerNorm { eps: 1e-5 },
+            NormSpec::RmsNorm { eps: 1e-5 },
+        ] {
+            let p = Params::new(3, DType::F64, &Device::Cpu);
+            let n = Norm::new(&spec, &p, 6).unwrap();
+            let x = randn(&[2, 3, 6], 4);
+            check_grad(&p, &x, |x| n.forward(x));
+        }
+    }
+}

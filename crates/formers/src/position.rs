@@ -1,0 +1,157 @@
+//! Position schemes: learned and sinusoidal tables added to the embeddings, and rotary
+//! embeddings applied to queries and keys (RoFormer, Su et al. 2021).
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::config::{ModelConfig, PositionSpec};
+use crate::linear::INIT_STD;
+use crate::params::{Init, Params};
+use crate::{Error, Result};
+
+/// How a model knows where each token is.
+#[derive(Debug, Clone)]
+pub enum Positions {
+    /// A table `[max_len, d]` added to the embeddings (learned or fixed sinusoids).
+    Table(Tensor),
+    /// Rotations of query/key pairs; nothing is added to the embeddings.
+    Rope(Rope),
+    /// No positional information.
+    None,
+}
+
+impl Positions {
+    /// The scheme of `cfg`; a learned table is the parameter `weight` under `p`.
+    pub fn new(cfg: &ModelConfig, p: &Params) -> Result<Self> {
+        let (len, d) = (cfg.max_len, cfg.d_model);
+        Ok(match cfg.position {
+            PositionSpec::Learned => {
+                Positions::Table(p.get(&[len, d], "weight", Init::Normal(INIT_STD))?)
+            }
+            PositionSpec::Sinusoidal => Positions::Table(sinusoids(len, d, p.dtype(), p.device())?),
+            PositionSpec::Rope { base } => {
+                Positions::Rope(Rope::new(len, cfg.head_dim(), base, p.dtype(), p.device())?)
+            }
+            PositionSpec::None => Positions::None,
+        })
+    }
+
+    /// Adds positions `offset..offset + n` to `x [b, n, d]` (tables only).
+    pub fn add(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        match self {
+            Positions::Table(t) => {
+                let n = x.dim(1)?;
+                check_len(offset + n, t.dim(0)?)?;
+                Ok(x.broadcast_add(&t.narrow(0, offset, n)?)?)
+            }
+            _ => Ok(x.clone()),
+        }
+    }
+
+    /// The rotary tables, when this scheme rotates queries and keys.
+    pub fn rope(&self) -> Option<&Rope> {
+        match self {
+            Positions::Rope(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+fn check_len(needed: usize, max_len: usize) -> Result<()> {
+    if needed > max_len {
+        return Err(Error::Input(format!(
+            "sequence of {needed} positions is longer than the model's max_len {max_len}"
+        )));
+    }
+    Ok(())
+}
+
+/// `PE[pos, 2i] = sin(pos / 10000^(2i/d))`, `PE[pos, 2i+1] = cos(...)` (Vaswani et al. 2017).
+fn sinusoids(len: usize, d: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let mut v = vec![0f64; len * d];
+    for pos in 0..len {
+        for i in 0..d {
+            let freq = 10_000f64.powf(-((i / 2 * 2) as f64) / d as f64);
+            let a = pos as f64 * freq;
+            v[pos * d + i] = if i % 2 == 0 { a.sin() } else { a.cos() };
+        }
+    }
+    Ok(Tensor::from_vec(v, (len, d), device)?.to_dtype(dtype)?)
+}
+
+/// Rotary tables `cos, sin : [max_len, head_dim / 2]` in the rotate-half layout.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    /// Tables for `max_len` positions of a `head_dim`-wide head.
+    pub fn new(max_len: usize, head_dim: usize, base: f64, dtype: DType, device: &Device) -> Result<Self> {
+        let half = head_dim / 2;
+        let mut cos = vec![0f64; max_len * half];
+        let mut sin = vec![0f64; max_len * half];
+        for pos in 0..max_len {
+            for i in 0..half {
+                let a = pos as f64 * base.powf(-((2 * i) as f64) / head_dim as f64);
+                cos[pos * half + i] = a.cos();
+                sin[pos * half + i] = a.sin();
+            }
+        }
+        Ok(Rope {
+            cos: Tensor::from_vec(cos, (max_len, half), device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, (max_len, half), device)?.to_dtype(dtype)?,
+        })
+    }
+
+    /// Rotates `x [b, h, n, head_dim]` holding positions `offset..offset + n`.
+    pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let n = x.dim(2)?;
+        check_len(offset + n, self.cos.dim(0)?)?;
+        let half = x.dim(D::Minus1)? / 2;
+        let cos = self.cos.narrow(0, offset, n)?.to_dtype(x.dtype())?;
+        let sin = self.sin.narrow(0, offset, n)?.to_dtype(x.dtype())?;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+        let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+        Ok(Tensor::cat(&[r1, r2], D::Minus1)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{check_grad, randn};
+
+    #[test]
+    fn rope_preserves_norms_and_depends_on_relative_position() {
+        let rope = Rope::new(32, 8, 10_000.0, DType::F64, &Device::Cpu).unwrap();
+        let q = randn(&[1, 1, 1, 8], 1);
+        let k = randn(&[1, 1, 1, 8], 2);
+        let dot = |a: usize, b: usize| {
+            let qa = rope.apply(&q, a).unwrap();
+            let kb = rope.apply(&k, b).unwrap();
+            (qa * kb).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+        };
+        assert!((dot(3, 1) - dot(10, 8)).abs() < 1e-10);
+        assert!((dot(3, 1) - dot(3, 2)).abs() > 1e-6);
+        let n0 = q.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let n1 = rope.apply(&q, 5).unwrap().sqr().unwrap().sum_all().unwrap();
+        assert!((n0 - n1.to_scalar::<f64>().unwrap()).abs() < 1e-10);
+    }
+
+    #[test]
+    fn rope_gradient_matches_finite_differences() {
+        let rope = Rope::new(16, 4, 10_000.0, DType::F64, &Device::Cpu).unwrap();
+        let p = Params::new(0, DType::F64, &Device::Cpu);
+        check_grad(&p, &randn(&[1, 2, 5, 4], 3), |x| rope.apply(x, 2));
+    }
+
+    #[test]
+    fn too_long_input_is_an_error() {
+        let rope = Rope::new(4, 4, 10_000.0, DType::F64, &Device::Cpu).unwrap();
+        let e = rope.apply(&randn(&[1, 1, 5, 4], 3), 0).unwrap_err();
+        assert!(e.to_string().contains("max_len 4"), "{e}");
+    }
+}

@@ -1,0 +1,217 @@
+//! Built-in toy tasks that make training testable offline: sequence copy / reverse and a
+//! character-level language model on the shipped Shakespeare corpus (`data/README.md`).
+
+use candle_core::{Device, Tensor};
+
+use crate::config::{HeadSpec, ModelConfig};
+use crate::rng::Rng;
+use crate::train::TrainConfig;
+use crate::{Error, Result};
+
+/// The corpus of the `charlm` task, embedded so it works from any directory.
+pub const SHAKESPEARE: &str = include_str!("../../../data/shakespeare.txt");
+
+/// Names accepted by [`by_name`].
+pub const TASKS: &[&str] = &["copy", "reverse", "charlm"];
+
+/// One batch: inputs `[b, n]` u32, targets `[b, n]` u32 and optional weights / mask.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Token ids `[b, n]`.
+    pub inputs: Tensor,
+    /// Target ids, `[b, n]` for per-token tasks, `[b]` for classification.
+    pub targets: Tensor,
+    /// Which targets count (f32, same shape as `targets`); all when absent.
+    pub weights: Option<Tensor>,
+    /// 1 for tokens, 0 for padding, `[b, n]`; no padding when absent.
+    pub mask: Option<Tensor>,
+    /// Real (non-padding) input tokens in the batch.
+    pub tokens: usize,
+}
+
+/// A source of training and evaluation batches.
+pub trait Task: Send + Sync {
+    /// The task's name.
+    fn name(&self) -> &str;
+    /// A training batch drawn with `rng`.
+    fn train_batch(&self, rng: &mut Rng, batch_size: usize) -> Result<Batch>;
+    /// A held-out batch drawn with `rng`.
+    fn eval_batch(&self, rng: &mut Rng, batch_size: usize) -> Result<Batch>;
+}
+
+/// The task `name` for a model of `cfg` trained with `train`; errors when they do not fit.
+pub fn by_name(name: &str, cfg: &ModelConfig, train: &TrainConfig) -> Result<Box<dyn Task>> {
+    let n = train.seq_len;
+    if n > cfg.max_len {
+        return Err(Error::config(
+            "train.seq_len",
+            format!("{n} is longer than model.max_len {}", cfg.max_len),
+        ));
+    }
+    if !matches!(cfg.head, HeadSpec::Lm { .. }) {
+        return Err(Error::config(
+            "model.head",
+            format!("task `{name}` predicts tokens: it needs an `lm` head"),
+        ));
+    }
+    let vocab = cfg.input.vocab_size();
+    match name {
+        "copy" | "reverse" => {
+            if name == "reverse" && cfg.is_causal() {
+                return Err(Error::config(
+                    "model.defaults.mixer.causal",
+                    "task `reverse` needs bidirectional attention: set causal to false",
+                ));
+            }
+            Ok(Box::new(SeqTask {
+                name: name.to_string(),
+                vocab,
+                len: n,
+                reverse: name == "reverse",
+            }))
+        }
+        "charlm" => {
+            if vocab < 256 {
+                return Err(Error::config(
+                    "model.input",
+                    "task `charlm` reads bytes: use {\"kind\": \"bytes\"}",
+                ));
+            }
+            if !cfg.is_causal() {
+                return Err(Error::config(
+                    "model.defaults.mixer.causal",
+                    "task `charlm` is a causal LM: set causal to true",
+                ));
+            }
+            Ok(Box::new(CharLm::new(SHAKESPEARE.as_bytes(), n)))
+        }
+        other => Err(Error::config(
+            "task",
+            format!("unknown task `{other}`; expected one of {}", TASKS.join(", ")),
+        )),
+    }
+}
+
+/// Predict the input sequence itself (`copy`) or reversed (`reverse`), token by token.
+#[derive(Debug, Clone)]
+pub struct SeqTask {
+    name: String,
+    vocab: usize,
+    len: usize,
+    reverse: bool,
+}
+
+impl SeqTask {
+    fn batch(&self, rng: &mut Rng, b: usize) -> Result<Batch> {
+        let mut inputs = Vec::with_capacity(b * self.len);
+        let mut targets = Vec::with_capacity(b * self.len);
+        for _ in 0..b {
+            let seq: Vec<u32> = (0..self.len).map(|_| rng.below(self.vocab) as u32).collect();
+            inputs.extend_from_slice(&seq);
+            if self.reverse {
+                targets.extend(seq.iter().rev());
+            } else {
+                targets.extend_from_slice(&seq);
+            }
+        }
+        Ok(Batch {
+            inputs: Tensor::from_vec(inputs, (b, self.len), &Device::Cpu)?,
+            targets: Tensor::from_vec(targets, (b, self.len), &Device::Cpu)?,
+            weights: None,
+            mask: None,
+            tokens: b * self.len,
+        })
+    }
+}
+
+impl Task for SeqTask {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn train_batch(&self, rng: &mut Rng, batch_size: usize) -> Result<Batch> {
+        self.batch(rng, batch_size)
+    }
+    fn eval_batch(&self, rng: &mut Rng, batch_size: usize) -> Result<Batch> {
+        self.batch(rng, batch_size)
+    }
+}
+
+/// Next-byte prediction on random windows of a text; the last 10% is held out.
+#[derive(Debug, Clone)]
+pub struct CharLm {
+    train: Vec<u8>,
+    eval: Vec<u8>,
+    len: usize,
+}
+
+impl CharLm {
+    /// Windows of `len` bytes from `text`.
+    pub fn new(text: &[u8], len: usize) -> Self {
+        let split = text.len() * 9 / 10;
+        CharLm {
+            train: text[..split].to_vec(),
+            eval: text[split..].to_vec(),
+            len,
+        }
+    }
+
+    fn batch(&self, text: &[u8], rng: &mut Rng, b: usize) -> Result<Batch> {
+        let n = self.len;
+        if text.len() <= n {
+            return Err(Error::Input(format!("text of {} bytes is too short for windows of {n}", text.len())));
+        }
+        let mut inputs = Vec::with_capacity(b * n);
+        let mut targets = Vec::with_capacity(b * n);
+        for _ in 0..b {
+            let start = rng.below(text.len() - n);
+            inputs.extend(text[start..start + n].iter().map(|&c| c as u32));
+            targets.extend(text[start + 1..start + n + 1].iter().map(|&c| c as u32));
+        }
+        Ok(Batch {
+            inputs: Tensor::from_vec(inputs, (b, n), &Device::Cpu)?,
+            targets: Tensor::from_vec(targets, (b, n), &Device::Cpu)?,
+            weights: None,
+            mask: None,
+            tokens: b * n,
+        })
+    }
+}
+
+impl Task for CharLm {
+    fn name(&self) -> &str {
+        "charlm"
+    }
+    fn train_batch(&self, rng: &mut Rng, batch_size: usize) -> Result<Batch> {
+        self.batch(&self.train, rng, batch_size)
+    }
+    fn eval_batch(&self, rng: &mut Rng, batch_size: usize) -> Result<Batch> {
+        self.batch(&self.eval, rng, batch_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reverse_targets_are_reversed_inputs() {
+        let t = SeqTask { name: "reverse".into(), vocab: 7, len: 5, reverse: true };
+        let b = t.train_batch(&mut Rng::new(1), 3).unwrap();
+        let x = b.inputs.to_vec2::<u32>().unwrap();
+        let y = b.targets.to_vec2::<u32>().unwrap();
+        for (xi, yi) in x.iter().zip(&y) {
+            assert_eq!(xi.iter().rev().copied().collect::<Vec<_>>(), *yi);
+            assert!(xi.iter().all(|&v| v < 7));
+        }
+    }
+
+    #[test]
+    fn charlm_targets_are_shifted_inputs() {
+        let t = CharLm::new(SHAKESPEARE.as_bytes(), 16);
+        let b = t.eval_batch(&mut Rng::new(2), 2).unwrap();
+        let x = b.inputs.to_vec2::<u32>().unwrap();
+        let y = b.targets.to_vec2::<u32>().unwrap();
+        assert_eq!(x[0][1..], y[0][..15]);
+        assert!(SHAKESPEARE.len() < 1_000_000);
+    }
+}

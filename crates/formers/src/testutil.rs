@@ -1,0 +1,66 @@
+//! Test helpers: seeded tensors and a finite-difference gradient check in f64.
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::params::Params;
+use crate::rng::Rng;
+use crate::Result;
+
+/// A standard-normal f64 tensor from `seed`.
+pub fn randn(shape: &[usize], seed: u64) -> Tensor {
+    let mut r = Rng::new(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| r.normal()).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// Checks autodiff gradients of `sum(f(x) * R)` (fixed random `R`) with respect to every
+/// parameter in `p` and to `x` against central finite differences, on a few entries each.
+pub fn check_grad(p: &Params, x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) {
+    assert_eq!(x.dtype(), DType::F64, "gradient checks run in f64");
+    let xv = Var::from_tensor(x).unwrap();
+    let out = f(xv.as_tensor()).unwrap();
+    let r = randn(out.dims(), 99);
+    let loss_of = || -> f64 {
+        (f(xv.as_tensor()).unwrap() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let grads = (out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let mut vars = p.vars();
+    vars.push(("input".to_string(), xv.clone()));
+    let h = 1e-6;
+    for (name, var) in vars {
+        let dims = var.dims().to_vec();
+        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let g = match grads.get(var.as_tensor()) {
+            Some(g) => g.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+            None => vec![0.0; base.len()],
+        };
+        let step = (base.len() / 5).max(1);
+        for i in (0..base.len()).step_by(step).take(6) {
+            let mut plus = base.clone();
+            plus[i] += h;
+            var.set(&Tensor::from_vec(plus, dims.as_slice(), &Device::Cpu).unwrap())
+                .unwrap();
+            let lp = loss_of();
+            let mut minus = base.clone();
+            minus[i] -= h;
+            var.set(&Tensor::from_vec(minus, dims.as_slice(), &Device::Cpu).unwrap())
+                .unwrap();
+            let lm = loss_of();
+            var.set(&Tensor::from_vec(base.clone(), dims.as_slice(), &Device::Cpu).unwrap())
+                .unwrap();
+            let fd = (lp - lm) / (2.0 * h);
+            let tol = 1e-6 + 1e-5 * fd.abs().max(g[i].abs());
+            assert!(
+                (fd - g[i]).abs() <= tol,
+                "{name}[{i}]: autodiff {} vs finite difference {fd}",
+                g[i]
+            );
+        }
+    }
+}

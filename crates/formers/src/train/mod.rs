@@ -1,0 +1,104 @@
+//! Training: AdamW, warm-up + cosine schedule, clipping, accumulation, atomic resumable
+//! checkpoints and the loop that ties them together.
+
+pub mod checkpoint;
+pub mod optimizer;
+pub mod schedule;
+pub mod trainer;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+pub use trainer::{train, Observer, Summary};
+
+/// Training hyper-parameters (the `train` section of a config file).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate as a fraction of `lr`.
+    pub min_lr_ratio: f64,
+    /// Linear warm-up steps.
+    pub warmup: usize,
+    /// Decoupled weight decay (AdamW), on matrices only.
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Clip the global gradient norm to this (0 = off).
+    pub clip_norm: f64,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Evaluate every this many steps (and at the end).
+    pub eval_every: usize,
+    /// Held-out batches per evaluation.
+    pub eval_batches: usize,
+    /// Checkpoint every this many steps (and at the end).
+    pub checkpoint_every: usize,
+    /// Seed of initialisation, data order and dropout.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            steps: 1000,
+            batch_size: 32,
+            seq_len: 64,
+            lr: 3e-3,
+            min_lr_ratio: 0.1,
+            warmup: 100,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            clip_norm: 1.0,
+            grad_accum: 1,
+            eval_every: 100,
+            eval_batches: 4,
+            checkpoint_every: 100,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Rejects impossible values, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        for (key, v) in [
+            ("steps", self.steps),
+            ("batch_size", self.batch_size),
+            ("seq_len", self.seq_len),
+            ("grad_accum", self.grad_accum),
+            ("eval_every", self.eval_every),
+            ("eval_batches", self.eval_batches),
+            ("checkpoint_every", self.checkpoint_every),
+        ] {
+            if v == 0 {
+                return Err(Error::config(key, "must be at least 1, found 0"));
+            }
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(Error::config("lr", format!("must be a positive number, found {}", self.lr)));
+        }
+        for (key, v) in [("beta1", self.beta1), ("beta2", self.beta2), ("min_lr_ratio", self.min_lr_ratio)] {
+            if !(0.0..=1.0).contains(&v) || (key != "min_lr_ratio" && v == 1.0) {
+                return Err(Error::config(key, format!("must be in [0, 1), found {v}")));
+            }
+        }
+        for (key, v) in [("eps", self.eps), ("weight_decay", self.weight_decay), ("clip_norm", self.clip_norm)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(Error::config(key, format!("must be >= 0, found {v}")));
+            }
+        }
+        Ok(())
+    }
+}
