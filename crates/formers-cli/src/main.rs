@@ -1,1 +1,53 @@
-fn main(){}
+//! `formers`: the command-line front of the formers library. It wires flags to library
+//! calls and draws progress; it holds no model logic.
+
+mod bench;
+mod generate;
+mod mem;
+mod progress;
+mod train;
+
+use clap::{Parser, Subcommand};
+
+/// Build, train, run and benchmark efficient Transformers on a CPU.
+#[derive(Debug, Parser)]
+#[command(name = "formers", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train a model on a built-in task; writes checkpoints, metrics and a sample.
+    Train(train::TrainArgs),
+    /// Evaluate a trained run on its task's held-out data.
+    Eval(train::EvalArgs),
+    /// Continue a prompt with a trained causal LM (uses the KV cache).
+    Generate(generate::GenerateArgs),
+    /// Measure speed and memory.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() {
+    mem::tune_allocator();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => train::eval(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Bench(c) => bench::run(c),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

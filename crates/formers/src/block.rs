@@ -50,7 +50,9 @@ impl Block {
                 Ok((&x + drop(self.ffn.forward(&self.norm2.forward(&x)?)?)?)?)
             }
             Placement::Post => {
-                let x = self.norm1.forward(&(x + drop(self.mixer.forward(x, ctx, cache)?)?)?)?;
+                let x = self
+                    .norm1
+                    .forward(&(x + drop(self.mixer.forward(x, ctx, cache)?)?)?)?;
                 self.norm2.forward(&(&x + drop(self.ffn.forward(&x)?)?)?)
             }
         }
@@ -105,7 +107,12 @@ mod tests {
         assert_eq!(a.to_vec1::<f64>().unwrap(), b.to_vec1::<f64>().unwrap());
         let mean = a.mean_all().unwrap().to_scalar::<f64>().unwrap();
         assert!((mean - 1.0).abs() < 0.05, "{mean}");
-        let zeros = a.to_vec1::<f64>().unwrap().iter().filter(|v| **v == 0.0).count();
+        let zeros = a
+            .to_vec1::<f64>()
+            .unwrap()
+            .iter()
+            .filter(|v| **v == 0.0)
+            .count();
         assert!((2200..2800).contains(&zeros), "{zeros}");
     }
 }

@@ -343,7 +343,7 @@ impl ModelConfig {
         positive("n_heads", self.n_heads)?;
         positive("n_layers", self.n_layers)?;
         positive("max_len", self.max_len)?;
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(Error::config(
                 "n_heads",
                 format!(
@@ -356,14 +356,20 @@ impl ModelConfig {
             positive("input.vocab_size", vocab_size)?;
         }
         if let PositionSpec::Rope { base } = self.position {
-            if self.head_dim() % 2 != 0 {
+            if !self.head_dim().is_multiple_of(2) {
                 return Err(Error::config(
                     "position",
-                    format!("rope needs an even head dimension, found {}", self.head_dim()),
+                    format!(
+                        "rope needs an even head dimension, found {}",
+                        self.head_dim()
+                    ),
                 ));
             }
             if base <= 1.0 || base.is_nan() {
-                return Err(Error::config("position.base", format!("must be > 1, found {base}")));
+                return Err(Error::config(
+                    "position.base",
+                    format!("must be > 1, found {base}"),
+                ));
             }
         }
         if let HeadSpec::Classification { n_classes, .. } = self.head {
@@ -413,24 +419,38 @@ fn validate_layer(at: &str, spec: &LayerSpec) -> Result<()> {
             q_chunk, k_chunk, ..
         } => {
             if q_chunk == 0 {
-                return Err(Error::config(format!("{at}.mixer.q_chunk"), "must be at least 1"));
+                return Err(Error::config(
+                    format!("{at}.mixer.q_chunk"),
+                    "must be at least 1",
+                ));
             }
             if k_chunk == 0 {
-                return Err(Error::config(format!("{at}.mixer.k_chunk"), "must be at least 1"));
+                return Err(Error::config(
+                    format!("{at}.mixer.k_chunk"),
+                    "must be at least 1",
+                ));
             }
         }
     }
     match spec.ffn {
         FfnSpec::Mlp {
             hidden: Some(0), ..
-        } => return Err(Error::config(format!("{at}.ffn.hidden"), "must be at least 1")),
+        } => {
+            return Err(Error::config(
+                format!("{at}.ffn.hidden"),
+                "must be at least 1",
+            ))
+        }
         FfnSpec::Mlp { .. } => {}
     }
     let eps = match spec.norm {
         NormSpec::LayerNorm { eps } | NormSpec::RmsNorm { eps } => eps,
     };
     if eps.is_nan() || eps <= 0.0 {
-        return Err(Error::config(format!("{at}.norm.eps"), format!("must be > 0, found {eps}")));
+        return Err(Error::config(
+            format!("{at}.norm.eps"),
+            format!("must be > 0, found {eps}"),
+        ));
     }
     Ok(())
 }
@@ -462,9 +482,7 @@ impl RunConfig {
 
     /// Validates the model and the training section.
     pub fn validate(&self) -> Result<()> {
-        self.model
-            .validate()
-            .map_err(|e| prefix_key("model", e))?;
+        self.model.validate().map_err(|e| prefix_key("model", e))?;
         self.train.validate().map_err(|e| prefix_key("train", e))
     }
 }
@@ -483,7 +501,11 @@ fn parse_json<T: serde::de::DeserializeOwned>(text: &str, origin: &str) -> Resul
 
 fn path_error<E: std::fmt::Display>(origin: &str, e: serde_path_to_error::Error<E>) -> Error {
     let key = e.path().to_string();
-    let key = if key == "." { "(top level)".to_string() } else { key };
+    let key = if key == "." {
+        "(top level)".to_string()
+    } else {
+        key
+    };
     Error::config(key, format!("{} (in {origin})", e.inner()))
 }
 
@@ -500,7 +522,9 @@ mod tests {
     }
 
     fn err_of(v: serde_json::Value) -> String {
-        ModelConfig::from_json(&v.to_string()).unwrap_err().to_string()
+        ModelConfig::from_json(&v.to_string())
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]

@@ -22,7 +22,11 @@ pub enum Error {
     Checkpoint { path: PathBuf, msg: String },
     /// Training produced a non-finite loss.
     #[error("loss became {loss} at step {step}; stopped. {kept}")]
-    NonFinite { step: usize, loss: f32, kept: String },
+    NonFinite {
+        step: usize,
+        loss: f32,
+        kept: String,
+    },
     /// Input that the model cannot take (too long, wrong token ids, ...).
     #[error("input: {0}")]
     Input(String),

@@ -50,10 +50,15 @@ pub fn generate(
     }
     let vocab = model.config().input.vocab_size();
     if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
-        return Err(Error::Input(format!("token id {bad} is outside the vocabulary of {vocab}")));
+        return Err(Error::Input(format!(
+            "token id {bad} is outside the vocabulary of {vocab}"
+        )));
     }
     if sampling.temperature.is_nan() || sampling.temperature <= 0.0 {
-        return Err(Error::Input(format!("temperature must be > 0, found {}", sampling.temperature)));
+        return Err(Error::Input(format!(
+            "temperature must be > 0, found {}",
+            sampling.temperature
+        )));
     }
     let max_len = model.config().max_len;
     if prompt.len() + max_new > max_len {
@@ -88,7 +93,13 @@ pub fn sample(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
     let argmax = |xs: &[f32]| {
         xs.iter()
             .enumerate()
-            .fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+            .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                if v > best.1 {
+                    (i, v)
+                } else {
+                    best
+                }
+            })
             .0 as u32
     };
     if s.greedy {
@@ -146,8 +157,17 @@ mod tests {
         .unwrap();
         let model = Model::new(&cfg, &Params::new(9, DType::F32, &Device::Cpu).frozen()).unwrap();
         for s in [
-            Sampling { greedy: true, ..Default::default() },
-            Sampling { temperature: 0.8, top_k: Some(20), top_p: Some(0.9), seed: 4, ..Default::default() },
+            Sampling {
+                greedy: true,
+                ..Default::default()
+            },
+            Sampling {
+                temperature: 0.8,
+                top_k: Some(20),
+                top_p: Some(0.9),
+                seed: 4,
+                ..Default::default()
+            },
         ] {
             let prompt: Vec<u32> = b"to be".iter().map(|&c| u32::from(c)).collect();
             let a = generate(&model, &prompt, 20, &s, true, |_| {}).unwrap();
@@ -160,10 +180,18 @@ mod tests {
     fn top_k_one_is_greedy_and_top_p_keeps_the_nucleus() {
         let logits = [0.1f32, 3.0, 2.9, -1.0];
         let mut rng = Rng::new(1);
-        let k1 = Sampling { top_k: Some(1), ..Default::default() };
+        let k1 = Sampling {
+            top_k: Some(1),
+            ..Default::default()
+        };
         assert!((0..50).all(|_| sample(&logits, &k1, &mut rng) == 1));
-        let nucleus = Sampling { top_p: Some(0.9), ..Default::default() };
-        let picks: Vec<u32> = (0..500).map(|_| sample(&logits, &nucleus, &mut rng)).collect();
+        let nucleus = Sampling {
+            top_p: Some(0.9),
+            ..Default::default()
+        };
+        let picks: Vec<u32> = (0..500)
+            .map(|_| sample(&logits, &nucleus, &mut rng))
+            .collect();
         assert!(picks.iter().all(|&t| t == 1 || t == 2));
         assert!(picks.contains(&1) && picks.contains(&2));
     }

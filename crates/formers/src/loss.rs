@@ -14,14 +14,16 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
 
 /// Mean cross-entropy of `logits [.., c]` against `targets [..]` (u32); `weights [..]`
 /// (same dtype as logits) select which targets count.
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
+pub fn cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    weights: Option<&Tensor>,
+) -> Result<Tensor> {
     let c = logits.dim(D::Minus1)?;
     let logits = logits.reshape(((), c))?;
     let targets = targets.flatten_all()?;
     let logp = log_softmax(&logits)?;
-    let picked = logp
-        .gather(&targets.unsqueeze(1)?, 1)?
-        .squeeze(1)?;
+    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
     let loss = match weights {
         Some(w) => {
             let w = w.flatten_all()?.to_dtype(picked.dtype())?;
@@ -34,7 +36,11 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, weights: Option<&Tensor>
 }
 
 /// (correct, counted) argmax predictions over the targets that `weights` select.
-pub fn accuracy(logits: &Tensor, targets: &Tensor, weights: Option<&Tensor>) -> Result<(usize, usize)> {
+pub fn accuracy(
+    logits: &Tensor,
+    targets: &Tensor,
+    weights: Option<&Tensor>,
+) -> Result<(usize, usize)> {
     let pred = logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?;
     let tgt = targets.flatten_all()?.to_vec1::<u32>()?;
     let w: Vec<f32> = match weights {

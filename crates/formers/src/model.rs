@@ -95,7 +95,12 @@ impl Model {
     /// The head's output for token ids `[b, n]` (u32): LM logits `[b, n, vocab]`,
     /// class logits `[b, classes]` or embeddings `[b, d]`. `mask [b, n]` is 1 for tokens
     /// and 0 for padding; `rng` turns dropout on.
-    pub fn forward(&self, ids: &Tensor, mask: Option<&Tensor>, rng: Option<&mut Rng>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
         let h = self.hidden(ids, mask, None, rng)?;
         self.head(&h, mask)
     }
@@ -103,7 +108,9 @@ impl Model {
     /// LM logits `[b, n, vocab]` of `ids`, which continue the sequence held in `cache`.
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
         if !matches!(self.head, Head::Lm { .. }) {
-            return Err(Error::Input("decoding needs a model with an `lm` head".into()));
+            return Err(Error::Input(
+                "decoding needs a model with an `lm` head".into(),
+            ));
         }
         let h = self.hidden(ids, None, Some(cache), None)?;
         self.head(&h, None)
@@ -126,16 +133,14 @@ impl Model {
                 self.cfg.max_len
             )));
         }
-        let x = self
-            .embed
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, n, self.cfg.d_model))?;
+        let x =
+            self.embed
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, n, self.cfg.d_model))?;
         let x = self.positions.add(&x, offset)?;
         let mut x = dropout(x, self.cfg.embed_dropout, rng.as_deref_mut())?;
         let key_bias = match mask {
-            Some(m) => Some(
-                ((1.0 - m.to_dtype(x.dtype())?)? * MASKED)?.reshape((b, 1, 1, n))?,
-            ),
+            Some(m) => Some(((1.0 - m.to_dtype(x.dtype())?)? * MASKED)?.reshape((b, 1, 1, n))?),
             None => None,
         };
         let ctx = MixCtx {
@@ -177,7 +182,11 @@ impl Model {
             }
             Head::Embedding => {
                 let pooled = mean_pool(h, mask)?;
-                let norm = pooled.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+                let norm = pooled
+                    .sqr()?
+                    .sum_keepdim(D::Minus1)?
+                    .sqrt()?
+                    .clamp(1e-12, f64::MAX)?;
                 Ok(pooled.broadcast_div(&norm)?)
             }
         }
@@ -199,7 +208,11 @@ pub fn mean_pool(h: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
 
 /// Token ids as a `[1, n]` u32 tensor on the CPU.
 pub fn ids_tensor(ids: &[u32]) -> Result<Tensor> {
-    Ok(Tensor::from_vec(ids.to_vec(), (1, ids.len()), &candle_core::Device::Cpu)?)
+    Ok(Tensor::from_vec(
+        ids.to_vec(),
+        (1, ids.len()),
+        &candle_core::Device::Cpu,
+    )?)
 }
 
 /// Model dtype used across formers for training and inference.
@@ -225,7 +238,14 @@ mod tests {
     }
 
     fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     #[test]
@@ -235,14 +255,26 @@ mod tests {
             let p = Params::new(1, DType::F32, &Device::Cpu);
             let model = Model::new(&cfg, &p.frozen()).unwrap();
             let toks = ids(12, 2);
-            let full = model.forward(&ids_tensor(&toks).unwrap(), None, None).unwrap();
+            let full = model
+                .forward(&ids_tensor(&toks).unwrap(), None, None)
+                .unwrap();
             let mut cache = Cache::default();
-            let mut parts = vec![model.forward_cached(&ids_tensor(&toks[..5]).unwrap(), &mut cache).unwrap()];
+            let mut parts = vec![model
+                .forward_cached(&ids_tensor(&toks[..5]).unwrap(), &mut cache)
+                .unwrap()];
             for t in &toks[5..] {
-                parts.push(model.forward_cached(&ids_tensor(&[*t]).unwrap(), &mut cache).unwrap());
+                parts.push(
+                    model
+                        .forward_cached(&ids_tensor(&[*t]).unwrap(), &mut cache)
+                        .unwrap(),
+                );
             }
             let inc = Tensor::cat(&parts, 1).unwrap();
-            assert!(max_abs(&full, &inc) < 1e-5, "{pos}: {}", max_abs(&full, &inc));
+            assert!(
+                max_abs(&full, &inc) < 1e-5,
+                "{pos}: {}",
+                max_abs(&full, &inc)
+            );
             assert_eq!(cache.len(), 12);
         }
     }
@@ -271,11 +303,26 @@ mod tests {
         let short = ids(6, 7);
         let mut padded = short.clone();
         padded.extend([3, 3, 3]);
-        let alone = model.forward(&ids_tensor(&short).unwrap(), None, None).unwrap();
-        let mask = Tensor::from_vec(vec![1f32, 1., 1., 1., 1., 1., 0., 0., 0.], (1, 9), &Device::Cpu).unwrap();
-        let batched = model.forward(&ids_tensor(&padded).unwrap(), Some(&mask), None).unwrap();
+        let alone = model
+            .forward(&ids_tensor(&short).unwrap(), None, None)
+            .unwrap();
+        let mask = Tensor::from_vec(
+            vec![1f32, 1., 1., 1., 1., 1., 0., 0., 0.],
+            (1, 9),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let batched = model
+            .forward(&ids_tensor(&padded).unwrap(), Some(&mask), None)
+            .unwrap();
         assert!(max_abs(&alone, &batched) < 1e-5);
-        let norm = alone.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let norm = alone
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!((norm - 1.0).abs() < 1e-5);
     }
 
@@ -303,7 +350,9 @@ mod tests {
     #[test]
     fn too_long_input_is_an_error_not_a_panic() {
         let model = Model::new(&cfg(""), &Params::new(1, DType::F32, &Device::Cpu)).unwrap();
-        let e = model.forward(&ids_tensor(&ids(33, 1)).unwrap(), None, None).unwrap_err();
+        let e = model
+            .forward(&ids_tensor(&ids(33, 1)).unwrap(), None, None)
+            .unwrap_err();
         assert!(e.to_string().contains("max_len 32"), "{e}");
     }
 }

@@ -87,7 +87,13 @@ pub struct Rope {
 
 impl Rope {
     /// Tables for `max_len` positions of a `head_dim`-wide head.
-    pub fn new(max_len: usize, head_dim: usize, base: f64, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        max_len: usize,
+        head_dim: usize,
+        base: f64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let half = head_dim / 2;
         let mut cos = vec![0f64; max_len * half];
         let mut sin = vec![0f64; max_len * half];
@@ -132,11 +138,22 @@ mod tests {
         let dot = |a: usize, b: usize| {
             let qa = rope.apply(&q, a).unwrap();
             let kb = rope.apply(&k, b).unwrap();
-            (qa * kb).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+            (qa * kb)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
         };
         assert!((dot(3, 1) - dot(10, 8)).abs() < 1e-10);
         assert!((dot(3, 1) - dot(3, 2)).abs() > 1e-6);
-        let n0 = q.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let n0 = q
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         let n1 = rope.apply(&q, 5).unwrap().sqr().unwrap().sum_all().unwrap();
         assert!((n0 - n1.to_scalar::<f64>().unwrap()).abs() < 1e-10);
     }

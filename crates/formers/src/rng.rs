@@ -68,6 +68,9 @@ mod tests {
             c[r.below(4)] += 1;
             c
         });
-        assert!(counts.iter().all(|&c| (2200..2800).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (2200..2800).contains(&c)),
+            "{counts:?}"
+        );
     }
 }

@@ -87,7 +87,10 @@ pub fn by_name(name: &str, cfg: &ModelConfig, train: &TrainConfig) -> Result<Box
         }
         other => Err(Error::config(
             "task",
-            format!("unknown task `{other}`; expected one of {}", TASKS.join(", ")),
+            format!(
+                "unknown task `{other}`; expected one of {}",
+                TASKS.join(", ")
+            ),
         )),
     }
 }
@@ -106,7 +109,9 @@ impl SeqTask {
         let mut inputs = Vec::with_capacity(b * self.len);
         let mut targets = Vec::with_capacity(b * self.len);
         for _ in 0..b {
-            let seq: Vec<u32> = (0..self.len).map(|_| rng.below(self.vocab) as u32).collect();
+            let seq: Vec<u32> = (0..self.len)
+                .map(|_| rng.below(self.vocab) as u32)
+                .collect();
             inputs.extend_from_slice(&seq);
             if self.reverse {
                 targets.extend(seq.iter().rev());
@@ -158,7 +163,10 @@ impl CharLm {
     fn batch(&self, text: &[u8], rng: &mut Rng, b: usize) -> Result<Batch> {
         let n = self.len;
         if text.len() <= n {
-            return Err(Error::Input(format!("text of {} bytes is too short for windows of {n}", text.len())));
+            return Err(Error::Input(format!(
+                "text of {} bytes is too short for windows of {n}",
+                text.len()
+            )));
         }
         let mut inputs = Vec::with_capacity(b * n);
         let mut targets = Vec::with_capacity(b * n);
@@ -195,7 +203,12 @@ mod tests {
 
     #[test]
     fn reverse_targets_are_reversed_inputs() {
-        let t = SeqTask { name: "reverse".into(), vocab: 7, len: 5, reverse: true };
+        let t = SeqTask {
+            name: "reverse".into(),
+            vocab: 7,
+            len: 5,
+            reverse: true,
+        };
         let b = t.train_batch(&mut Rng::new(1), 3).unwrap();
         let x = b.inputs.to_vec2::<u32>().unwrap();
         let y = b.targets.to_vec2::<u32>().unwrap();

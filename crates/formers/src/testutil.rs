@@ -35,7 +35,12 @@ pub fn check_grad(p: &Params, x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>)
     let h = 1e-6;
     for (name, var) in vars {
         let dims = var.dims().to_vec();
-        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let base = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let g = match grads.get(var.as_tensor()) {
             Some(g) => g.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
             None => vec![0.0; base.len()],

@@ -20,7 +20,13 @@ pub struct Mlp {
 
 impl Mlp {
     /// Parameters `up`, `down` (and `gate` for SwiGLU) under `p`.
-    pub fn new(p: &Params, d: usize, hidden: usize, activation: Activation, bias: bool) -> Result<Self> {
+    pub fn new(
+        p: &Params,
+        d: usize,
+        hidden: usize,
+        activation: Activation,
+        bias: bool,
+    ) -> Result<Self> {
         let gate = match activation {
             Activation::Swiglu => Some(Linear::new(&p.pp("gate"), d, hidden, bias)?),
             _ => None,
@@ -56,7 +62,12 @@ mod tests {
 
     #[test]
     fn gradients_match_finite_differences() {
-        for act in [Activation::Gelu, Activation::GeluTanh, Activation::Relu, Activation::Swiglu] {
+        for act in [
+            Activation::Gelu,
+            Activation::GeluTanh,
+            Activation::Relu,
+            Activation::Swiglu,
+        ] {
             let p = Params::new(2, DType::F64, &Device::Cpu);
             let mlp = Mlp::new(&p, 6, 10, act, true).unwrap();
             let x = (randn(&[2, 3, 6], 5) * 3.0).unwrap();
@@ -72,8 +83,14 @@ mod tests {
         let w1 = mlp.up.weight.to_vec2::<f64>().unwrap();
         let w2 = mlp.down.weight.to_vec2::<f64>().unwrap();
         let xv = x.to_vec2::<f64>().unwrap()[0].clone();
-        let h: Vec<f64> = w1.iter().map(|r| r.iter().zip(&xv).map(|(a, b)| a * b).sum::<f64>().max(0.0)).collect();
-        let y: Vec<f64> = w2.iter().map(|r| r.iter().zip(&h).map(|(a, b)| a * b).sum()).collect();
+        let h: Vec<f64> = w1
+            .iter()
+            .map(|r| r.iter().zip(&xv).map(|(a, b)| a * b).sum::<f64>().max(0.0))
+            .collect();
+        let y: Vec<f64> = w2
+            .iter()
+            .map(|r| r.iter().zip(&h).map(|(a, b)| a * b).sum())
+            .collect();
         let got = mlp.forward(&x).unwrap().to_vec2::<f64>().unwrap()[0].clone();
         for (a, b) in got.iter().zip(&y) {
             assert!((a - b).abs() < 1e-12);

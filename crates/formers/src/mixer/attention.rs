@@ -79,6 +79,32 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttendOpts) -> Result<Tens
     Ok(Tensor::cat(&outs, 2)?)
 }
 
+/// The O(n²) reference for [`attend`]: the full score matrix, an explicit mask and a
+/// plain softmax. Tests check [`attend`] against it; `formers bench attention --naive`
+/// measures it.
+pub fn reference_attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal: bool,
+    q_offset: usize,
+    key_bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (_, _, n, dh) = q.dims4()?;
+    let m = k.dim(2)?;
+    let mut s = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?;
+    if causal {
+        s = s.broadcast_add(&causal_bias(q_offset, n, 0, m, &s)?)?;
+    }
+    if let Some(kb) = key_bias {
+        s = s.broadcast_add(kb)?;
+    }
+    let e = s
+        .broadcast_sub(&s.max_keepdim(D::Minus1)?.detach())?
+        .exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.matmul(v)?)
+}
+
 /// `[ql, kl]` bias: 0 where key `ks + j <= q_first + i`, [`MASKED`] elsewhere.
 fn causal_bias(q_first: usize, ql: usize, ks: usize, kl: usize, like: &Tensor) -> Result<Tensor> {
     let v: Vec<f64> = (0..ql)
@@ -123,8 +149,7 @@ impl Attention {
 
     fn heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
-        Ok(x
-            .reshape((b, n, self.n_heads, d / self.n_heads))?
+        Ok(x.reshape((b, n, self.n_heads, d / self.n_heads))?
             .transpose(1, 2)?
             .contiguous()?)
     }
@@ -169,28 +194,14 @@ mod tests {
     use crate::testutil::randn;
     use candle_core::{DType, Device, Var};
 
-    /// The O(n²) reference: full score matrix, explicit mask, plain softmax.
-    fn naive(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, offset: usize, kb: Option<&Tensor>) -> Tensor {
-        let (_, _, n, dh) = q.dims4().unwrap();
-        let m = k.dim(2).unwrap();
-        let mut s = (q.matmul(&k.t().unwrap()).unwrap() / (dh as f64).sqrt()).unwrap();
-        if causal {
-            let bias = causal_bias(offset, n, 0, m, &s).unwrap();
-            s = s.broadcast_add(&bias).unwrap();
-        }
-        if let Some(kb) = kb {
-            s = s.broadcast_add(kb).unwrap();
-        }
-        let e = s.exp().unwrap();
-        let p = e.broadcast_div(&e.sum_keepdim(3).unwrap()).unwrap();
-        p.matmul(v).unwrap()
-    }
-
     fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
         let a = a.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let b = b.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-12);
-        a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+        a.iter()
+            .zip(&b)
+            .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
+            / scale
     }
 
     /// Key bias masking the last `pad[i]` keys of batch row `i`.
@@ -220,7 +231,7 @@ mod tests {
                         k_chunk: kc,
                     };
                     let fast = attend(&q, &k, &v, &opts).unwrap();
-                    let slow = naive(&q, &k, &v, causal, 0, kb.as_ref());
+                    let slow = reference_attend(&q, &k, &v, causal, 0, kb.as_ref()).unwrap();
                     let what = format!("causal={causal} masked={masked} chunks=({qc},{kc})");
                     assert!(max_rel(&fast, &slow) < 1e-5, "values {what}");
                     let r = randn(&[b, h, n, dh], 4);
@@ -238,7 +249,11 @@ mod tests {
 
     #[test]
     fn queries_after_a_cache_see_the_right_keys() {
-        let (q, k, v) = (randn(&[1, 2, 3, 4], 5), randn(&[1, 2, 9, 4], 6), randn(&[1, 2, 9, 4], 7));
+        let (q, k, v) = (
+            randn(&[1, 2, 3, 4], 5),
+            randn(&[1, 2, 9, 4], 6),
+            randn(&[1, 2, 9, 4], 7),
+        );
         let opts = AttendOpts {
             causal: true,
             q_offset: 6,
@@ -247,13 +262,17 @@ mod tests {
             k_chunk: 4,
         };
         let fast = attend(&q, &k, &v, &opts).unwrap();
-        assert!(max_rel(&fast, &naive(&q, &k, &v, true, 6, None)) < 1e-5);
+        assert!(max_rel(&fast, &reference_attend(&q, &k, &v, true, 6, None).unwrap()) < 1e-5);
     }
 
     #[test]
     fn f32_matches_f64_reference() {
-        let (q, k, v) = (randn(&[1, 1, 300, 8], 8), randn(&[1, 1, 300, 8], 9), randn(&[1, 1, 300, 8], 10));
-        let slow = naive(&q, &k, &v, true, 0, None);
+        let (q, k, v) = (
+            randn(&[1, 1, 300, 8], 8),
+            randn(&[1, 1, 300, 8], 9),
+            randn(&[1, 1, 300, 8], 10),
+        );
+        let slow = reference_attend(&q, &k, &v, true, 0, None).unwrap();
         let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
         let opts = AttendOpts {
             causal: true,
@@ -262,7 +281,10 @@ mod tests {
             q_chunk: 64,
             k_chunk: 48,
         };
-        let fast = attend(&f(&q), &f(&k), &f(&v), &opts).unwrap().to_dtype(DType::F64).unwrap();
+        let fast = attend(&f(&q), &f(&k), &f(&v), &opts)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
         assert!(max_rel(&fast, &slow) < 1e-5);
     }
 
@@ -274,7 +296,12 @@ mod tests {
         .unwrap();
         for causal in [false, true] {
             let p = crate::params::Params::new(1, DType::F64, &Device::Cpu);
-            let opts = AttentionOpts { causal, q_chunk: 3, k_chunk: 2, bias: true };
+            let opts = AttentionOpts {
+                causal,
+                q_chunk: 3,
+                k_chunk: 2,
+                bias: true,
+            };
             let att = Attention::new(&cfg, &p, opts).unwrap();
             let x = randn(&[2, 5, 8], 2);
             crate::testutil::check_grad(&p, &x, |x| att.forward(x, &MixCtx::default(), None));

@@ -79,8 +79,19 @@ pub fn save(
     Ok(dir)
 }
 
+/// A checkpoint read back.
+#[derive(Debug)]
+pub struct Loaded {
+    /// Model weights by parameter name.
+    pub weights: BTreeMap<String, Tensor>,
+    /// AdamW moments (`m.NAME`, `v.NAME`).
+    pub moments: BTreeMap<String, Tensor>,
+    /// Step, RNGs and the rest.
+    pub state: TrainState,
+}
+
 /// Reads the checkpoint of run `out`: weights, optimizer moments and state.
-pub fn load(out: &Path) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, Tensor>, TrainState)> {
+pub fn load(out: &Path) -> Result<Loaded> {
     let dir = locate(out).ok_or_else(|| Error::Checkpoint {
         path: out.join(DIR),
         msg: "no checkpoint here (state.json not found)".into(),
@@ -93,21 +104,30 @@ pub fn load(out: &Path) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, Te
     })?;
     let weights = read_tensors(&dir.join("model.safetensors"))?;
     let moments = read_tensors(&dir.join("optimizer.safetensors"))?;
-    Ok((weights, moments, state))
+    Ok(Loaded {
+        weights,
+        moments,
+        state,
+    })
 }
 
 /// Reads a safetensors file, with the path in every error.
 pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
-    let map = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| Error::Checkpoint {
-        path: path.to_path_buf(),
-        msg: format!("not a valid safetensors file ({e})"),
+    let map = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
+        Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg: format!("not a valid safetensors file ({e})"),
+        }
     })?;
     Ok(map.into_iter().collect())
 }
 
 fn write_tensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
-    let map: HashMap<&str, Tensor> = tensors.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let map: HashMap<&str, Tensor> = tensors
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
     candle_core::safetensors::save(&map, path).map_err(|e| Error::Checkpoint {
         path: path.to_path_buf(),
         msg: format!("cannot write: {e}"),
@@ -135,7 +155,10 @@ mod tests {
     #[test]
     fn round_trip_and_truncation_is_a_clear_error() {
         let out = tmpdir("rt");
-        let w = BTreeMap::from([("a".to_string(), Tensor::new(&[1.5f32, -2.0], &Device::Cpu).unwrap())]);
+        let w = BTreeMap::from([(
+            "a".to_string(),
+            Tensor::new(&[1.5f32, -2.0], &Device::Cpu).unwrap(),
+        )]);
         let state = TrainState {
             step: 7,
             data_rng: Rng::new(1),
@@ -145,7 +168,11 @@ mod tests {
         };
         save(&out, &w, &BTreeMap::new(), &state).unwrap();
         save(&out, &w, &BTreeMap::new(), &state).unwrap();
-        let (w2, m2, s2) = load(&out).unwrap();
+        let Loaded {
+            weights: w2,
+            moments: m2,
+            state: s2,
+        } = load(&out).unwrap();
         assert_eq!(w2["a"].to_vec1::<f32>().unwrap(), vec![1.5, -2.0]);
         assert!(m2.is_empty());
         assert_eq!(s2, state);
@@ -155,7 +182,10 @@ mod tests {
         let bytes = fs::read(&model).unwrap();
         fs::write(&model, &bytes[..bytes.len() - 3]).unwrap();
         let e = load(&out).unwrap_err().to_string();
-        assert!(e.contains("model.safetensors") && e.contains("not a valid safetensors"), "{e}");
+        assert!(
+            e.contains("model.safetensors") && e.contains("not a valid safetensors"),
+            "{e}"
+        );
         let _ = fs::remove_dir_all(&out);
     }
 }

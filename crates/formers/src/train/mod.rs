@@ -87,14 +87,25 @@ impl TrainConfig {
             }
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
-            return Err(Error::config("lr", format!("must be a positive number, found {}", self.lr)));
+            return Err(Error::config(
+                "lr",
+                format!("must be a positive number, found {}", self.lr),
+            ));
         }
-        for (key, v) in [("beta1", self.beta1), ("beta2", self.beta2), ("min_lr_ratio", self.min_lr_ratio)] {
+        for (key, v) in [
+            ("beta1", self.beta1),
+            ("beta2", self.beta2),
+            ("min_lr_ratio", self.min_lr_ratio),
+        ] {
             if !(0.0..=1.0).contains(&v) || (key != "min_lr_ratio" && v == 1.0) {
                 return Err(Error::config(key, format!("must be in [0, 1), found {v}")));
             }
         }
-        for (key, v) in [("eps", self.eps), ("weight_decay", self.weight_decay), ("clip_norm", self.clip_norm)] {
+        for (key, v) in [
+            ("eps", self.eps),
+            ("weight_decay", self.weight_decay),
+            ("clip_norm", self.clip_norm),
+        ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(Error::config(key, format!("must be >= 0, found {v}")));
             }

@@ -35,7 +35,12 @@ impl AdamW {
     }
 
     /// One update of every var that has a gradient. Decay applies to matrices only.
-    pub fn step(&mut self, vars: &[(String, Var)], grads: &BTreeMap<String, Tensor>, lr: f64) -> Result<()> {
+    pub fn step(
+        &mut self,
+        vars: &[(String, Var)],
+        grads: &BTreeMap<String, Tensor>,
+        lr: f64,
+    ) -> Result<()> {
         self.t += 1;
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
@@ -87,7 +92,11 @@ impl AdamW {
 pub fn global_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
     let mut total = 0f64;
     for g in grads.values() {
-        total += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        total += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
     }
     Ok(total.sqrt())
 }
@@ -111,7 +120,9 @@ mod tests {
 
     #[test]
     fn first_step_moves_each_weight_by_lr_against_the_gradient_sign() {
-        let w = Var::from_tensor(&Tensor::new(&[[1.0f64, -2.0], [0.5, 3.0]], &Device::Cpu).unwrap()).unwrap();
+        let w =
+            Var::from_tensor(&Tensor::new(&[[1.0f64, -2.0], [0.5, 3.0]], &Device::Cpu).unwrap())
+                .unwrap();
         let vars = vec![("w".to_string(), w.clone())];
         let g = Tensor::new(&[[0.3f64, -0.1], [2.0, 0.0]], &Device::Cpu).unwrap();
         let grads = BTreeMap::from([("w".to_string(), g)]);
@@ -119,7 +130,10 @@ mod tests {
         opt.step(&vars, &grads, 0.01).unwrap();
         let got = w.as_tensor().to_vec2::<f64>().unwrap();
         // decay first: w (1 - lr·wd), then -lr·sign(g) (bias-corrected first step).
-        let expect = [[1.0 * 0.999 - 0.01, -2.0 * 0.999 + 0.01], [0.5 * 0.999 - 0.01, 3.0 * 0.999]];
+        let expect = [
+            [1.0 * 0.999 - 0.01, -2.0 * 0.999 + 0.01],
+            [0.5 * 0.999 - 0.01, 3.0 * 0.999],
+        ];
         for (r, e) in got.iter().zip(expect) {
             for (a, b) in r.iter().zip(e) {
                 assert!((a - b).abs() < 1e-9, "{a} vs {b}");
@@ -130,8 +144,14 @@ mod tests {
     #[test]
     fn clipping_bounds_the_global_norm() {
         let mut grads = BTreeMap::from([
-            ("a".to_string(), Tensor::new(&[3.0f32], &Device::Cpu).unwrap()),
-            ("b".to_string(), Tensor::new(&[4.0f32], &Device::Cpu).unwrap()),
+            (
+                "a".to_string(),
+                Tensor::new(&[3.0f32], &Device::Cpu).unwrap(),
+            ),
+            (
+                "b".to_string(),
+                Tensor::new(&[4.0f32], &Device::Cpu).unwrap(),
+            ),
         ]);
         let before = clip_global_norm(&mut grads, 1.0).unwrap();
         assert!((before - 5.0).abs() < 1e-6);

@@ -91,7 +91,13 @@ const DROPOUT_STREAM: u64 = 2;
 
 /// Trains `run.model` on task `task` into run directory `out`. With `resume`, continues
 /// from the checkpoint there; without, refuses to touch a directory that has one.
-pub fn train(run: &RunConfig, task_name: &str, out: &Path, resume: bool, obs: &mut dyn Observer) -> Result<Summary> {
+pub fn train(
+    run: &RunConfig,
+    task_name: &str,
+    out: &Path,
+    resume: bool,
+    obs: &mut dyn Observer,
+) -> Result<Summary> {
     run.validate()?;
     let tc = &run.train;
     let task = tasks::by_name(task_name, &run.model, tc)?;
@@ -116,7 +122,8 @@ pub fn train(run: &RunConfig, task_name: &str, out: &Path, resume: bool, obs: &m
         (false, Some(dir)) => {
             return Err(Error::Checkpoint {
                 path: dir,
-                msg: "a run exists here; pass --resume to continue it or choose another --out".into(),
+                msg: "a run exists here; pass --resume to continue it or choose another --out"
+                    .into(),
             })
         }
         (true, None) => {
@@ -130,11 +137,20 @@ pub fn train(run: &RunConfig, task_name: &str, out: &Path, resume: bool, obs: &m
             if saved != record {
                 return Err(Error::Checkpoint {
                     path: out.join(RunRecord::FILE),
-                    msg: "the run was started with another config or task; resume with the same ones".into(),
+                    msg:
+                        "the run was started with another config or task; resume with the same ones"
+                            .into(),
                 });
             }
-            let (weights, moments, st) = checkpoint::load(out)?;
-            params.assign(&weights, &out.join(checkpoint::DIR).join("model.safetensors"))?;
+            let checkpoint::Loaded {
+                weights,
+                moments,
+                state: st,
+            } = checkpoint::load(out)?;
+            params.assign(
+                &weights,
+                &out.join(checkpoint::DIR).join("model.safetensors"),
+            )?;
             opt.restore(moments, st.adam_t);
             state = st;
             truncate_metrics(out, state.step)?;
@@ -162,12 +178,19 @@ pub fn train(run: &RunConfig, task_name: &str, out: &Path, resume: bool, obs: &m
         for _ in 0..tc.grad_accum {
             let batch = task.train_batch(&mut state.data_rng, tc.batch_size)?;
             tokens += batch.tokens;
-            let logits = model.forward(&batch.inputs, batch.mask.as_ref(), Some(&mut state.dropout_rng))?;
+            let logits = model.forward(
+                &batch.inputs,
+                batch.mask.as_ref(),
+                Some(&mut state.dropout_rng),
+            )?;
             let loss = cross_entropy(&logits, &batch.targets, batch.weights.as_ref())?;
             let value = loss.to_scalar::<f32>()?;
             if !value.is_finite() {
                 let kept = if saved_step > 0 {
-                    format!("last good checkpoint (step {saved_step}) kept at {}", last_ckpt.display())
+                    format!(
+                        "last good checkpoint (step {saved_step}) kept at {}",
+                        last_ckpt.display()
+                    )
                 } else {
                     "no checkpoint was written yet".to_string()
                 };
@@ -210,20 +233,32 @@ pub fn train(run: &RunConfig, task_name: &str, out: &Path, resume: bool, obs: &m
         metrics.write(&serde_json::json!({"step": state.step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm}))?;
         obs.on_step(&report);
         let last = state.step == tc.steps;
-        if state.step % tc.eval_every == 0 || last {
-            let e = evaluate(&model, task.as_ref(), tc.seed, tc.eval_batches, tc.batch_size)?;
+        if state.step.is_multiple_of(tc.eval_every) || last {
+            let e = evaluate(
+                &model,
+                task.as_ref(),
+                tc.seed,
+                tc.eval_batches,
+                tc.batch_size,
+            )?;
             metrics.write(&serde_json::json!({"step": state.step, "eval_loss": e.loss, "eval_accuracy": e.accuracy}))?;
             obs.on_eval(state.step, &e);
             last_eval = Some(e);
         }
-        if state.step % tc.checkpoint_every == 0 || last {
+        if state.step.is_multiple_of(tc.checkpoint_every) || last {
             last_ckpt = checkpoint::save(out, &params.tensors(), &opt.moments(), &state)?;
             saved_step = state.step;
         }
     }
     let eval = match last_eval {
         Some(e) => e,
-        None => evaluate(&model, task.as_ref(), tc.seed, tc.eval_batches, tc.batch_size)?,
+        None => evaluate(
+            &model,
+            task.as_ref(),
+            tc.seed,
+            tc.eval_batches,
+            tc.batch_size,
+        )?,
     };
     Ok(Summary {
         steps: state.step,
@@ -237,7 +272,13 @@ pub fn train(run: &RunConfig, task_name: &str, out: &Path, resume: bool, obs: &m
 
 /// Mean loss and token accuracy over `batches` held-out batches; the same batches every
 /// call for a given seed.
-pub fn evaluate(model: &Model, task: &dyn Task, seed: u64, batches: usize, batch_size: usize) -> Result<EvalReport> {
+pub fn evaluate(
+    model: &Model,
+    task: &dyn Task,
+    seed: u64,
+    batches: usize,
+    batch_size: usize,
+) -> Result<EvalReport> {
     let mut rng = Rng::new(seed ^ EVAL_STREAM);
     let (mut loss, mut correct, mut counted) = (0f64, 0usize, 0usize);
     for _ in 0..batches {

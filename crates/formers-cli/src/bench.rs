@@ -1,0 +1,162 @@
+//! `formers bench ...`: speed and memory figures users can quote.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::{Args, Subcommand};
+use formers::mixer::attention::{attend, reference_attend, AttendOpts};
+use formers::rng::Rng;
+use serde::Serialize;
+
+use crate::mem;
+use crate::progress::bar;
+
+/// Benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Time and peak memory of one attention forward at several sequence lengths.
+    Attention(AttentionArgs),
+}
+
+/// Flags of `formers bench attention`.
+#[derive(Debug, Args)]
+pub struct AttentionArgs {
+    /// Sequence lengths, comma-separated
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1024,2048,4096,8192,16384"
+    )]
+    pub lengths: Vec<usize>,
+    /// Batch size
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Width of each head
+    #[arg(long, default_value_t = 64)]
+    pub dim: usize,
+    /// Number of heads
+    #[arg(long, default_value_t = 1)]
+    pub heads: usize,
+    /// Queries and keys per chunk of the online softmax
+    #[arg(long, default_value_t = 256)]
+    pub chunk: usize,
+    /// Causal masking
+    #[arg(long)]
+    pub causal: bool,
+    /// Time the O(n²) reference (full score matrix) instead of the chunked kernel
+    #[arg(long)]
+    pub naive: bool,
+    /// Timed repetitions per length (the median is reported)
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Also write the results as a JSON array to this file
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct AttentionRow {
+    kernel: &'static str,
+    length: usize,
+    batch: usize,
+    heads: usize,
+    dim: usize,
+    causal: bool,
+    /// Median seconds per forward.
+    seconds: f64,
+    /// Peak resident memory of the whole process while this length ran.
+    peak_rss_bytes: u64,
+    /// Resident memory before the inputs were made.
+    base_rss_bytes: u64,
+}
+
+/// Runs a benchmark.
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Attention(a) => attention(a),
+    }
+}
+
+fn attention(a: AttentionArgs) -> Result<()> {
+    if a.lengths.is_empty() || a.lengths.contains(&0) {
+        anyhow::bail!("--lengths: give positive lengths, e.g. 1024,2048");
+    }
+    if a.repeats == 0 || a.dim == 0 || a.heads == 0 || a.batch == 0 || a.chunk == 0 {
+        anyhow::bail!("--repeats, --dim, --heads, --batch and --chunk must be at least 1");
+    }
+    let kernel = if a.naive { "naive" } else { "chunked" };
+    let pb = bar(a.lengths.len() as u64, "bench attention");
+    let mut rows = Vec::new();
+    let mut rng = Rng::new(0);
+    for &n in &a.lengths {
+        pb.set_message(format!("n = {n}"));
+        let base = mem::current_rss().unwrap_or(0);
+        mem::reset_peak();
+        let shape = (a.batch, a.heads, n, a.dim);
+        let mut randn = || -> Result<Tensor> {
+            let v: Vec<f32> = (0..a.batch * a.heads * n * a.dim)
+                .map(|_| rng.normal() as f32)
+                .collect();
+            Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+        };
+        let (q, k, v) = (randn()?, randn()?, randn()?);
+        let opts = AttendOpts {
+            causal: a.causal,
+            q_offset: 0,
+            key_bias: None,
+            q_chunk: a.chunk,
+            k_chunk: a.chunk,
+        };
+        let mut times = Vec::with_capacity(a.repeats);
+        for _ in 0..a.repeats {
+            let t = Instant::now();
+            let y = if a.naive {
+                reference_attend(&q, &k, &v, a.causal, 0, None)?
+            } else {
+                attend(&q, &k, &v, &opts)?
+            };
+            assert_eq!(y.dtype(), DType::F32);
+            times.push(t.elapsed().as_secs_f64());
+            drop(y);
+        }
+        times.sort_by(f64::total_cmp);
+        let row = AttentionRow {
+            kernel,
+            length: n,
+            batch: a.batch,
+            heads: a.heads,
+            dim: a.dim,
+            causal: a.causal,
+            seconds: times[times.len() / 2],
+            peak_rss_bytes: mem::peak_rss().unwrap_or(0),
+            base_rss_bytes: base,
+        };
+        pb.println(format!(
+            "{kernel:>8} n = {n:>6}: {:>9.2} ms per forward, peak RSS {}",
+            row.seconds * 1e3,
+            mem::human(row.peak_rss_bytes)
+        ));
+        rows.push(row);
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    println!("| kernel | length | ms / forward | peak RSS |");
+    println!("|---|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {:.2} | {} |",
+            r.kernel,
+            r.length,
+            r.seconds * 1e3,
+            mem::human(r.peak_rss_bytes)
+        );
+    }
+    if let Some(path) = &a.json {
+        let json = serde_json::to_string_pretty(&rows)?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,199 @@
+//! `formers train` and `formers eval`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use formers::config::RunConfig;
+use formers::generate::{generate, Sampling};
+use formers::tasks;
+use formers::train::trainer::{evaluate, load_trained, RunRecord};
+
+use crate::progress::{bar, TrainBar};
+
+/// The shipped character-level LM config, used when `--config` is absent.
+const DEFAULT_CONFIG: &str = include_str!("../../../configs/charlm.json");
+
+/// Flags of `formers train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Config file, JSON or TOML, with a `model` and an optional `train` section
+    /// [default: the shipped configs/charlm.json, embedded in the binary]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Built-in task: `copy`, `reverse` (token tagging) or `charlm` (next byte of Shakespeare)
+    #[arg(long, default_value = "charlm")]
+    pub task: String,
+    /// Run directory for checkpoints, metrics.jsonl and run.json
+    /// [default: runs/<task>, or runs/<task>-2, -3, ... when taken]
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Continue the run in --out from its last checkpoint (same config and task)
+    #[arg(long, requires = "out")]
+    pub resume: bool,
+    /// Override train.steps
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Override train.seed
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Override train.lr (peak learning rate)
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Override train.batch_size
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Override train.grad_accum (micro-batches per step)
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Override train.checkpoint_every
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+    /// Override train.eval_every
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// After training a causal LM, print a sample of this many tokens (0: none)
+    #[arg(long, default_value_t = 300)]
+    pub sample_tokens: usize,
+    /// Prompt of that sample
+    #[arg(long, default_value = "HAMLET.\n")]
+    pub prompt: String,
+    /// No progress output (results are still printed)
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Flags of `formers eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Run directory written by `formers train`
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Held-out batches to evaluate [default: train.eval_batches of the run]
+    #[arg(long)]
+    pub batches: Option<usize>,
+}
+
+fn load_config(args: &TrainArgs, out: &Path) -> Result<(RunConfig, String)> {
+    if args.resume && args.config.is_none() {
+        let rec = RunRecord::load(out)?;
+        return Ok((rec.config, rec.task));
+    }
+    let cfg = match &args.config {
+        Some(path) => RunConfig::from_path(path)?,
+        None => RunConfig::from_json(DEFAULT_CONFIG).context("the embedded default config")?,
+    };
+    Ok((cfg, args.task.clone()))
+}
+
+fn apply_overrides(cfg: &mut RunConfig, a: &TrainArgs) -> Result<()> {
+    let t = &mut cfg.train;
+    if let Some(v) = a.steps {
+        t.steps = v;
+    }
+    if let Some(v) = a.seed {
+        t.seed = v;
+    }
+    if let Some(v) = a.lr {
+        t.lr = v;
+    }
+    if let Some(v) = a.batch_size {
+        t.batch_size = v;
+    }
+    if let Some(v) = a.grad_accum {
+        t.grad_accum = v;
+    }
+    if let Some(v) = a.checkpoint_every {
+        t.checkpoint_every = v;
+    }
+    if let Some(v) = a.eval_every {
+        t.eval_every = v;
+    }
+    cfg.validate()?;
+    Ok(())
+}
+
+fn free_run_dir(task: &str) -> PathBuf {
+    let base = PathBuf::from("runs");
+    let first = base.join(task);
+    if !first.exists() {
+        return first;
+    }
+    (2..)
+        .map(|i| base.join(format!("{task}-{i}")))
+        .find(|p| !p.exists())
+        .expect("some free name")
+}
+
+/// Runs `formers train`.
+pub fn run(args: TrainArgs) -> Result<()> {
+    if !tasks::TASKS.contains(&args.task.as_str()) {
+        anyhow::bail!(
+            "unknown task `{}`; expected one of {}",
+            args.task,
+            tasks::TASKS.join(", ")
+        );
+    }
+    let out = args.out.clone().unwrap_or_else(|| free_run_dir(&args.task));
+    let (mut cfg, task) = load_config(&args, &out)?;
+    if !args.resume || args.config.is_some() {
+        apply_overrides(&mut cfg, &args)?;
+    }
+    let pb = bar(cfg.train.steps as u64, "train");
+    if args.quiet {
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut obs = TrainBar {
+        pb,
+        quiet: args.quiet,
+    };
+    eprintln!("training `{task}` into {}", out.display());
+    let summary = formers::train::train(&cfg, &task, &out, args.resume, &mut obs)?;
+    obs.pb.finish_and_clear();
+    println!(
+        "done: {} steps, {} parameters, final train loss {:.4}, eval loss {:.4}, eval accuracy {:.2}%, {:.0} tokens/s",
+        summary.steps,
+        summary.params,
+        summary.final_loss,
+        summary.eval.loss,
+        summary.eval.accuracy * 100.0,
+        summary.tokens_per_s
+    );
+    println!("checkpoint: {}", summary.checkpoint.display());
+    if args.sample_tokens > 0 && cfg.model.is_causal() && task == "charlm" {
+        let (_, model) = load_trained(&out)?;
+        let prompt: Vec<u32> = args.prompt.bytes().map(u32::from).collect();
+        let room = cfg.model.max_len.saturating_sub(prompt.len());
+        let sampling = Sampling {
+            temperature: 0.8,
+            top_k: Some(40),
+            seed: cfg.train.seed,
+            ..Sampling::default()
+        };
+        let new = generate(
+            &model,
+            &prompt,
+            args.sample_tokens.min(room),
+            &sampling,
+            true,
+            |_| {},
+        )?;
+        let text: Vec<u8> = new.iter().map(|&t| t as u8).collect();
+        println!("sample:\n{}{}", args.prompt, String::from_utf8_lossy(&text));
+    }
+    Ok(())
+}
+
+/// Runs `formers eval`.
+pub fn eval(args: EvalArgs) -> Result<()> {
+    let (rec, model) = load_trained(&args.model)?;
+    let tc = &rec.config.train;
+    let task = tasks::by_name(&rec.task, &rec.config.model, tc)?;
+    let batches = args.batches.unwrap_or(tc.eval_batches);
+    let e = evaluate(&model, task.as_ref(), tc.seed, batches, tc.batch_size)?;
+    println!(
+        "{}",
+        serde_json::json!({"task": rec.task, "batches": batches, "loss": e.loss, "accuracy": e.accuracy})
+    );
+    Ok(())
+}

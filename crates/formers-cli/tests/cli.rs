@@ -1,0 +1,355 @@
+//! End-to-end tests of the `formers` binary: training, kill and resume, bad input,
+//! generation and the attention benchmark.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn formers() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_formers"))
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("formers-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().expect("formers runs")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn reverse_args(out: &Path, steps: usize) -> Vec<String> {
+    [
+        "train",
+        "--config",
+        repo().join("configs/reverse.json").to_str().unwrap(),
+        "--task",
+        "reverse",
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        &steps.to_string(),
+        "--checkpoint-every",
+        "10",
+        "--eval-every",
+        "50",
+        "--quiet",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn checkpoint_step(out: &Path) -> Option<u64> {
+    let s = std::fs::read_to_string(out.join("checkpoint/state.json")).ok()?;
+    serde_json::from_str::<serde_json::Value>(&s).ok()?["step"].as_u64()
+}
+
+fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<(String, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.data().to_vec()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn killed_run_resumes_to_the_same_weights_bit_for_bit() {
+    let steps = 240;
+    let full = tmp("full");
+    let o = run(formers().args(reverse_args(&full.join("run"), steps)));
+    assert!(o.status.success(), "{}", text(&o));
+
+    let dir = tmp("killed");
+    let out = dir.join("run");
+    let mut child = formers()
+        .args(reverse_args(&out, steps))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while checkpoint_step(&out).unwrap_or(0) < 30 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the run finished before it could be killed"
+    );
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let at_kill = checkpoint_step(&out).unwrap();
+    assert!(at_kill < steps as u64, "killed at step {at_kill}");
+
+    let o = run(formers().args([
+        "train",
+        "--resume",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(checkpoint_step(&out), Some(steps as u64));
+    let a = tensors(&full.join("run/checkpoint/model.safetensors"));
+    let b = tensors(&out.join("checkpoint/model.safetensors"));
+    assert_eq!(a.len(), b.len());
+    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(
+            ta == tb,
+            "tensor {na} differs after resume (killed at step {at_kill})"
+        );
+    }
+    let ma = std::fs::read_to_string(full.join("run/metrics.jsonl")).unwrap();
+    let mb = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(ma, mb, "loss curves differ");
+    let _ = std::fs::remove_dir_all(&full);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn malformed_config_fails_naming_the_key_and_writes_nothing() {
+    let dir = tmp("badcfg");
+    let cfg = dir.join("bad.json");
+    std::fs::write(
+        &cfg,
+        r#"{"model": {"d_model": 30, "n_heads": 4, "n_layers": 1, "input": {"kind": "bytes"}, "head": {"kind": "lm"}}}"#,
+    )
+    .unwrap();
+    let out = dir.join("run");
+    let o = run(formers().args([
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(
+        t.contains("model.n_heads") && t.contains("d_model = 30"),
+        "{t}"
+    );
+    assert!(!t.contains("panicked"), "{t}");
+    assert!(
+        !out.exists(),
+        "a failed start must not create the run directory"
+    );
+
+    std::fs::write(&cfg, "{\"model\": {\"d_model\": 32,,}}").unwrap();
+    let o = run(formers().args([
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(!o.status.success());
+    assert!(text(&o).contains("bad.json"), "{}", text(&o));
+
+    let missing = dir.join("nope.toml");
+    let o = run(formers().args([
+        "train",
+        "--config",
+        missing.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(!o.status.success());
+    assert!(text(&o).contains("nope.toml"), "{}", text(&o));
+    assert!(!out.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn truncated_checkpoint_and_existing_runs_are_refused_without_overwriting() {
+    let dir = tmp("trunc");
+    let out = dir.join("run");
+    let o = run(formers().args(reverse_args(&out, 20)));
+    assert!(o.status.success(), "{}", text(&o));
+    let model = out.join("checkpoint/model.safetensors");
+
+    // Training into a finished run without --resume is refused.
+    let before = std::fs::read(&model).unwrap();
+    let o = run(formers().args(reverse_args(&out, 20)));
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--resume"), "{}", text(&o));
+    assert_eq!(std::fs::read(&model).unwrap(), before);
+
+    // A truncated weights file is named, and left as it was.
+    std::fs::write(&model, &before[..before.len() / 2]).unwrap();
+    let truncated = std::fs::read(&model).unwrap();
+    for args in [
+        vec![
+            "train",
+            "--resume",
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "40",
+            "--quiet",
+        ],
+        vec!["eval", "--model", out.to_str().unwrap()],
+    ] {
+        let o = run(formers().args(&args));
+        assert!(!o.status.success());
+        let t = text(&o);
+        assert!(
+            t.contains("model.safetensors") && !t.contains("panicked"),
+            "{t}"
+        );
+        assert_eq!(
+            std::fs::read(&model).unwrap(),
+            truncated,
+            "nothing may be overwritten"
+        );
+    }
+    let o = run(formers().args(["eval", "--model", dir.join("missing").to_str().unwrap()]));
+    assert!(
+        !o.status.success() && text(&o).contains("run.json"),
+        "{}",
+        text(&o)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint() {
+    let dir = tmp("nan");
+    let out = dir.join("run");
+    let mut args = reverse_args(&out, 50);
+    let every = args.iter().position(|a| a == "--checkpoint-every").unwrap();
+    args[every + 1] = "1".to_string();
+    args.extend(["--lr".to_string(), "1e30".to_string()]);
+    let o = run(formers().args(&args));
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(
+        t.contains("loss became") && t.contains("last good checkpoint"),
+        "{t}"
+    );
+    let step = checkpoint_step(&out).expect("the last good checkpoint is kept");
+    assert!((1..50).contains(&step));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn generate_with_cache_equals_without_and_reports_throughput() {
+    let dir = tmp("gen");
+    let out = dir.join("run");
+    let o = run(formers().args([
+        "train",
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--eval-every",
+        "3",
+        "--sample-tokens",
+        "20",
+        "--quiet",
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("sample:\nHAMLET."));
+    let gen = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            out.to_str().unwrap(),
+            "--prompt",
+            "To be",
+            "--max-new-tokens",
+            "30",
+            "--greedy",
+        ];
+        args.extend(extra);
+        let o = run(formers().args(&args));
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("tokens/s"));
+        o.stdout
+    };
+    let cached = gen(&[]);
+    assert!(cached.starts_with(b"To be"));
+    assert_eq!(cached, gen(&["--no-cache"]));
+    let o = run(formers().args([
+        "generate",
+        "--model",
+        out.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--max-new-tokens",
+        "100000",
+    ]));
+    assert!(
+        !o.status.success() && text(&o).contains("max_len"),
+        "{}",
+        text(&o)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bench_attention_writes_json() {
+    let dir = tmp("bench");
+    let json = dir.join("b.json");
+    let o = run(formers().args([
+        "bench",
+        "attention",
+        "--lengths",
+        "64,256",
+        "--repeats",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[1]["length"], 256);
+    assert!(rows[1]["seconds"].as_f64().unwrap() > 0.0);
+    assert!(rows[1]["peak_rss_bytes"].as_u64().unwrap() > 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn help_explains_every_command() {
+    for cmd in [
+        &["--help"][..],
+        &["train", "--help"],
+        &["eval", "--help"],
+        &["generate", "--help"],
+        &["bench", "attention", "--help"],
+    ] {
+        let o = run(formers().args(cmd));
+        assert!(o.status.success());
+        assert!(String::from_utf8_lossy(&o.stdout).contains("Usage"));
+    }
+    let o = run(formers().args(["train", "--task", "poetry"]));
+    assert!(!o.status.success() && text(&o).contains("unknown task"));
+}
