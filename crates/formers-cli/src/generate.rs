@@ -1,19 +1,22 @@
 //! `formers generate`: continue a prompt with a trained causal LM.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 use formers::config::InputSpec;
 use formers::generate::{generate, Sampling};
-use formers::train::trainer::load_trained;
+use formers::pretrained::{self, Family};
+use formers::train::trainer::{load_trained, RunRecord};
+use formers::Model;
 
 /// Flags of `formers generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Run directory written by `formers train` (a causal LM over bytes)
+    /// A run directory written by `formers train` (a causal LM over bytes), or a GPT-2-family
+    /// checkpoint directory (config.json, model.safetensors, tokenizer.json)
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
     /// Text to continue
@@ -42,22 +45,63 @@ pub struct GenerateArgs {
     pub no_cache: bool,
 }
 
+/// How text becomes tokens and back.
+enum Codec {
+    Bytes,
+    Tokenizer(Box<tokenizers::Tokenizer>),
+}
+
+impl Codec {
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(match self {
+            Codec::Bytes => text.bytes().map(u32::from).collect(),
+            Codec::Tokenizer(t) => pretrained::encode(t, text, false)?,
+        })
+    }
+
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        Ok(match self {
+            Codec::Bytes => {
+                String::from_utf8_lossy(&ids.iter().map(|&t| t as u8).collect::<Vec<_>>())
+                    .into_owned()
+            }
+            Codec::Tokenizer(t) => pretrained::decode(t, ids)?,
+        })
+    }
+}
+
+fn load(dir: &Path) -> Result<(Model, Codec)> {
+    if dir.join(RunRecord::FILE).is_file() {
+        let (rec, model) = load_trained(dir)?;
+        if !rec.config.model.is_causal() {
+            bail!(
+                "{}: not a causal LM (its attention is bidirectional)",
+                dir.display()
+            );
+        }
+        if rec.config.model.input != InputSpec::Bytes {
+            bail!(
+                "{}: generate reads text, so the model must take bytes",
+                dir.display()
+            );
+        }
+        return Ok((model, Codec::Bytes));
+    }
+    let p = pretrained::load(dir)?;
+    if p.family != Family::Gpt2 {
+        bail!(
+            "{}: a {:?} encoder; generate needs a causal LM (GPT-2 family)",
+            dir.display(),
+            p.family
+        );
+    }
+    Ok((p.model, Codec::Tokenizer(Box::new(p.tokenizer))))
+}
+
 /// Runs `formers generate`.
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let (rec, model) = load_trained(&a.model)?;
-    if !rec.config.model.is_causal() {
-        anyhow::bail!(
-            "{}: not a causal LM (its attention is bidirectional)",
-            a.model.display()
-        );
-    }
-    if rec.config.model.input != InputSpec::Bytes {
-        anyhow::bail!(
-            "{}: generate reads text, so the model must take bytes",
-            a.model.display()
-        );
-    }
-    let prompt: Vec<u32> = a.prompt.bytes().map(u32::from).collect();
+    let (model, codec) = load(&a.model)?;
+    let prompt = codec.encode(&a.prompt)?;
     let sampling = Sampling {
         greedy: a.greedy,
         temperature: a.temperature,
@@ -68,7 +112,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     write!(stdout, "{}", a.prompt)?;
     let start = Instant::now();
-    let mut pending: Vec<u8> = Vec::new();
+    let mut new_ids: Vec<u32> = Vec::new();
+    let mut shown = 0usize;
     let new = generate(
         &model,
         &prompt,
@@ -76,15 +121,23 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         &sampling,
         !a.no_cache,
         |t| {
-            pending.push(t as u8);
-            if let Ok(s) = std::str::from_utf8(&pending) {
-                let _ = write!(stdout, "{s}");
-                let _ = stdout.flush();
-                pending.clear();
+            new_ids.push(t);
+            // Print what decodes cleanly so far (multi-byte characters may span tokens).
+            if let Ok(text) = codec.decode(&new_ids) {
+                if !text.ends_with('\u{FFFD}') && text.len() > shown && text.is_char_boundary(shown)
+                {
+                    let _ = write!(stdout, "{}", &text[shown..]);
+                    let _ = stdout.flush();
+                    shown = text.len();
+                }
             }
         },
     )?;
-    writeln!(stdout, "{}", String::from_utf8_lossy(&pending))?;
+    let text = codec.decode(&new)?;
+    if text.len() > shown && text.is_char_boundary(shown) {
+        write!(stdout, "{}", &text[shown..])?;
+    }
+    writeln!(stdout)?;
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
         "{} tokens in {:.2} s: {:.1} tokens/s ({})",

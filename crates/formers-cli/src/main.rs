@@ -2,6 +2,7 @@
 //! calls and draws progress; it holds no model logic.
 
 mod bench;
+mod embed;
 mod generate;
 mod mem;
 mod progress;
@@ -23,7 +24,9 @@ enum Command {
     Train(train::TrainArgs),
     /// Evaluate a trained run on its task's held-out data.
     Eval(train::EvalArgs),
-    /// Continue a prompt with a trained causal LM (uses the KV cache).
+    /// Sentence embeddings from a BERT-family checkpoint: lines on stdin, JSON lines (or .npy) out.
+    Embed(embed::EmbedArgs),
+    /// Continue a prompt with a causal LM: a formers run or a GPT-2-family checkpoint (uses the KV cache).
     Generate(generate::GenerateArgs),
     /// Measure speed and memory.
     #[command(subcommand)]
@@ -43,6 +46,7 @@ fn main() {
     let result = match cli.command {
         Command::Train(a) => train::run(a),
         Command::Eval(a) => train::eval(a),
+        Command::Embed(a) => embed::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Bench(c) => bench::run(c),
     };

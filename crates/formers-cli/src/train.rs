@@ -163,7 +163,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if args.sample_tokens > 0 && cfg.model.is_causal() && task == "charlm" {
         let (_, model) = load_trained(&out)?;
         let prompt: Vec<u32> = args.prompt.bytes().map(u32::from).collect();
-        let room = cfg.model.max_len.saturating_sub(prompt.len());
+        let room = cfg
+            .model
+            .max_len
+            .min(cfg.train.seq_len)
+            .saturating_sub(prompt.len());
         let sampling = Sampling {
             temperature: 0.8,
             top_k: Some(40),

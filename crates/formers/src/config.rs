@@ -47,6 +47,12 @@ pub struct ModelConfig {
     /// Dropout on the embeddings.
     #[serde(default)]
     pub embed_dropout: f32,
+    /// Token-type (segment) embeddings, as BERT; 0 = none. Type 0 is added to every token.
+    #[serde(default)]
+    pub type_vocab_size: usize,
+    /// A norm (of the `defaults.norm` kind) right after the embeddings, as BERT.
+    #[serde(default)]
+    pub embed_norm: bool,
     /// The spec of every layer unless overridden.
     #[serde(default)]
     pub defaults: LayerSpec,
@@ -100,6 +106,10 @@ pub enum PositionSpec {
     None,
 }
 
+fn default_pooling() -> Pooling {
+    Pooling::Mean
+}
+
 fn default_rope_base() -> f64 {
     10_000.0
 }
@@ -115,8 +125,13 @@ pub enum HeadSpec {
     },
     /// One label per sequence.
     Classification { n_classes: usize, pooling: Pooling },
-    /// Mean-pooled, L2-normalised sequence embedding.
-    Embedding,
+    /// Pooled (mean by default), optionally L2-normalised sequence embedding.
+    Embedding {
+        #[serde(default = "default_pooling")]
+        pooling: Pooling,
+        #[serde(default = "yes")]
+        normalize: bool,
+    },
 }
 
 /// How a sequence is reduced to one vector.

@@ -18,6 +18,7 @@ pub mod model;
 pub mod norm;
 pub mod params;
 pub mod position;
+pub mod pretrained;
 pub mod rng;
 pub mod tasks;
 pub mod train;

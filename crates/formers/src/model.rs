@@ -1,6 +1,6 @@
 //! The model: embeddings → positions → blocks → final norm → head.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 use crate::block::{dropout, Block};
 use crate::config::{HeadSpec, ModelConfig, Pooling};
@@ -35,7 +35,7 @@ impl Cache {
 enum Head {
     Lm { untied: Option<Linear> },
     Classification { pooling: Pooling, proj: Linear },
-    Embedding,
+    Embedding { pooling: Pooling, normalize: bool },
 }
 
 /// A MetaFormer stack built from a [`ModelConfig`].
@@ -43,6 +43,8 @@ enum Head {
 pub struct Model {
     cfg: ModelConfig,
     embed: Tensor,
+    type_embed: Option<Tensor>,
+    embed_norm: Option<Norm>,
     positions: Positions,
     blocks: Vec<Block>,
     final_norm: Option<Norm>,
@@ -57,6 +59,15 @@ impl Model {
         let d = cfg.d_model;
         let vocab = cfg.input.vocab_size();
         let embed = p.get(&[vocab, d], "embed.weight", Init::Normal(INIT_STD))?;
+        let type_embed = match cfg.type_vocab_size {
+            0 => None,
+            t => Some(p.get(&[t, d], "type_embed.weight", Init::Normal(INIT_STD))?),
+        };
+        let embed_norm = if cfg.embed_norm {
+            Some(Norm::new(&cfg.defaults.norm, &p.pp("embed_norm"), d)?)
+        } else {
+            None
+        };
         let positions = Positions::new(cfg, &p.pp("pos"))?;
         let blocks = (0..cfg.n_layers)
             .map(|i| Block::new(&cfg.layer(i), cfg, &p.pp(format!("layers.{i}"))))
@@ -75,11 +86,16 @@ impl Model {
                 pooling: *pooling,
                 proj: Linear::new(&p.pp("head"), d, *n_classes, true)?,
             },
-            HeadSpec::Embedding => Head::Embedding,
+            HeadSpec::Embedding { pooling, normalize } => Head::Embedding {
+                pooling: *pooling,
+                normalize: *normalize,
+            },
         };
         Ok(Model {
             cfg: cfg.clone(),
             embed,
+            type_embed,
+            embed_norm,
             positions,
             blocks,
             final_norm,
@@ -126,19 +142,12 @@ impl Model {
     ) -> Result<Tensor> {
         let (b, n) = ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len);
-        if offset + n > self.cfg.max_len {
-            return Err(Error::Input(format!(
-                "sequence of {} tokens is longer than the model's max_len {}",
-                offset + n,
-                self.cfg.max_len
-            )));
-        }
-        let x =
-            self.embed
-                .index_select(&ids.flatten_all()?, 0)?
-                .reshape((b, n, self.cfg.d_model))?;
+        self.check_len(offset + n)?;
+        let x = self
+            .embed_tokens(&ids.flatten_all()?)?
+            .reshape((b, n, self.cfg.d_model))?;
         let x = self.positions.add(&x, offset)?;
-        let mut x = dropout(x, self.cfg.embed_dropout, rng.as_deref_mut())?;
+        let x = self.finish_embeddings(x, rng.as_deref_mut())?;
         let key_bias = match mask {
             Some(m) => Some(((1.0 - m.to_dtype(x.dtype())?)? * MASKED)?.reshape((b, 1, 1, n))?),
             None => None,
@@ -147,16 +156,98 @@ impl Model {
             key_bias: key_bias.as_ref(),
             offset,
             rope: self.positions.rope(),
+            segments: None,
         };
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize_with(self.blocks.len(), MixerCache::default);
-        }
-        for (i, block) in self.blocks.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = block.forward(&x, &ctx, layer_cache, rng.as_deref_mut())?;
-        }
-        if let Some(c) = cache {
             c.len += n;
+        }
+        let layer_caches = cache.map(|c| &mut c.layers);
+        self.run_blocks(x, &ctx, layer_caches, rng)
+    }
+
+    /// Final hidden states `[total, d]` of a padding-free batch (ByteTransformer, Zhai et
+    /// al. 2023): every layer but attention sees one `[total, d]` matrix; attention sees
+    /// the sequence boundaries. No work is spent on padding.
+    pub fn hidden_packed(&self, batch: &Packed) -> Result<Tensor> {
+        let longest = batch.segments.iter().map(|s| s.1).max().unwrap_or(0);
+        self.check_len(longest)?;
+        let ids = Tensor::from_slice(&batch.ids, batch.ids.len(), &Device::Cpu)?;
+        let x = self.embed_tokens(&ids)?;
+        let pos = Tensor::from_slice(&batch.positions, batch.positions.len(), &Device::Cpu)?;
+        let x = self.positions.add_at(&x, &pos)?;
+        let x = self.finish_embeddings(x, None)?.unsqueeze(0)?;
+        let ctx = MixCtx {
+            key_bias: None,
+            offset: 0,
+            rope: self.positions.rope(),
+            segments: Some(&batch.segments),
+        };
+        Ok(self.run_blocks(x, &ctx, None, None)?.squeeze(0)?)
+    }
+
+    /// The head's output for a padding-free batch: one row per sequence for pooled heads
+    /// (`[sequences, ..]`), one per token for LM heads (`[total, vocab]`).
+    pub fn forward_packed(&self, batch: &Packed) -> Result<Tensor> {
+        let h = self.hidden_packed(batch)?;
+        match &self.head {
+            Head::Lm { .. } => Ok(self.head(&h.unsqueeze(0)?, None)?.squeeze(0)?),
+            _ => {
+                let pooled = batch
+                    .segments
+                    .iter()
+                    .map(|&(start, len)| h.narrow(0, start, len)?.unsqueeze(0))
+                    .map(|seq| self.head(&seq?, None))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&pooled, 0)?)
+            }
+        }
+    }
+
+    fn check_len(&self, n: usize) -> Result<()> {
+        if n > self.cfg.max_len {
+            return Err(Error::Input(format!(
+                "sequence of {n} tokens is longer than the model's max_len {}",
+                self.cfg.max_len
+            )));
+        }
+        Ok(())
+    }
+
+    /// Token (and token-type 0) embeddings of flat ids `[t]` → `[t, d]`.
+    fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
+        let vocab = self.embed.dim(0)?;
+        let max = ids.max_all()?.to_scalar::<u32>()? as usize;
+        if max >= vocab {
+            return Err(Error::Input(format!(
+                "token id {max} is outside the vocabulary of {vocab}"
+            )));
+        }
+        let x = self.embed.index_select(ids, 0)?;
+        Ok(match &self.type_embed {
+            Some(t) => x.broadcast_add(&t.narrow(0, 0, 1)?)?,
+            None => x,
+        })
+    }
+
+    fn finish_embeddings(&self, x: Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
+        let x = match &self.embed_norm {
+            Some(norm) => norm.forward(&x)?,
+            None => x,
+        };
+        dropout(x, self.cfg.embed_dropout, rng)
+    }
+
+    fn run_blocks(
+        &self,
+        mut x: Tensor,
+        ctx: &MixCtx,
+        mut caches: Option<&mut Vec<MixerCache>>,
+        mut rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        for (i, block) in self.blocks.iter().enumerate() {
+            let layer_cache = caches.as_deref_mut().map(|c| &mut c[i]);
+            x = block.forward(&x, ctx, layer_cache, rng.as_deref_mut())?;
         }
         match &self.final_norm {
             Some(norm) => norm.forward(&x),
@@ -173,15 +264,13 @@ impl Model {
                 Ok(logits.reshape((b, n, ()))?)
             }
             Head::Lm { untied: Some(l) } => l.forward(h),
-            Head::Classification { pooling, proj } => {
-                let pooled = match pooling {
-                    Pooling::Mean => mean_pool(h, mask)?,
-                    Pooling::First => h.narrow(1, 0, 1)?.squeeze(1)?,
-                };
-                proj.forward(&pooled)
-            }
-            Head::Embedding => {
-                let pooled = mean_pool(h, mask)?;
+            Head::Classification { pooling, proj } => proj.forward(&pool(h, mask, *pooling)?),
+            Head::Embedding { pooling, normalize } => {
+                let pooled = pool(h, mask, *pooling)?;
+                if !normalize {
+                    return Ok(pooled);
+                }
+                // As torch.nn.functional.normalize: x / max(||x||, 1e-12).
                 let norm = pooled
                     .sqr()?
                     .sum_keepdim(D::Minus1)?
@@ -190,6 +279,14 @@ impl Model {
                 Ok(pooled.broadcast_div(&norm)?)
             }
         }
+    }
+}
+
+/// One vector per sequence of `h [b, n, d]`.
+fn pool(h: &Tensor, mask: Option<&Tensor>, pooling: Pooling) -> Result<Tensor> {
+    match pooling {
+        Pooling::Mean => mean_pool(h, mask),
+        Pooling::First => Ok(h.narrow(1, 0, 1)?.squeeze(1)?),
     }
 }
 
@@ -203,6 +300,45 @@ pub fn mean_pool(h: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
             let count = m.sum(1)?.clamp(1e-9, f64::MAX)?;
             Ok(sum.broadcast_div(&count)?)
         }
+    }
+}
+
+/// A padding-free batch: the token ids of all sequences back to back, each token's
+/// position inside its sequence, and `(start, len)` of every sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packed {
+    /// `[total]` token ids.
+    pub ids: Vec<u32>,
+    /// `[total]` position of each token within its sequence.
+    pub positions: Vec<u32>,
+    /// `(start, len)` of each sequence in `ids`.
+    pub segments: Vec<(usize, usize)>,
+}
+
+impl Packed {
+    /// Packs sequences; empty sequences are an error (they have nothing to pool).
+    pub fn new<S: AsRef<[u32]>>(seqs: &[S]) -> Result<Self> {
+        let total = seqs.iter().map(|s| s.as_ref().len()).sum();
+        let mut p = Packed {
+            ids: Vec::with_capacity(total),
+            positions: Vec::with_capacity(total),
+            segments: Vec::with_capacity(seqs.len()),
+        };
+        for (i, s) in seqs.iter().enumerate() {
+            let s = s.as_ref();
+            if s.is_empty() {
+                return Err(Error::Input(format!("sequence {i} of the batch is empty")));
+            }
+            p.segments.push((p.ids.len(), s.len()));
+            p.ids.extend_from_slice(s);
+            p.positions.extend(0..s.len() as u32);
+        }
+        Ok(p)
+    }
+
+    /// Number of real tokens.
+    pub fn total(&self) -> usize {
+        self.ids.len()
     }
 }
 
@@ -324,6 +460,51 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!((norm - 1.0).abs() < 1e-5);
+    }
+
+    fn encoder(position: &str, causal: bool) -> Model {
+        let cfg = ModelConfig::from_json(&format!(
+            r#"{{"d_model": 12, "n_heads": 2, "n_layers": 2, "max_len": 16, "input": {{"kind": "tokens", "vocab_size": 11}},
+               "type_vocab_size": 2, "embed_norm": true, "position": {{"kind": "{position}"}},
+               "head": {{"kind": "embedding"}}, "defaults": {{"placement": "post", "mixer": {{"kind": "attention", "causal": {causal}, "q_chunk": 3, "k_chunk": 4}}}}}}"#
+        ))
+        .unwrap();
+        Model::new(&cfg, &Params::new(11, DType::F32, &Device::Cpu).frozen()).unwrap()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        #[test]
+        fn packed_and_padded_batches_equal_one_at_a_time(
+            lens in proptest::collection::vec(1usize..=16, 1..6),
+            seed in 0u64..1000,
+            rope in proptest::bool::ANY,
+            causal in proptest::bool::ANY,
+        ) {
+            let model = encoder(if rope { "rope" } else { "learned" }, causal);
+            let seqs: Vec<Vec<u32>> = lens.iter().enumerate().map(|(i, &n)| ids(n, seed + i as u64)).collect();
+            let packed = Packed::new(&seqs).unwrap();
+            let h = model.hidden_packed(&packed).unwrap();
+            let emb = model.forward_packed(&packed).unwrap();
+            let longest = *lens.iter().max().unwrap();
+            let mut padded_ids = Vec::new();
+            let mut mask = Vec::new();
+            for s in &seqs {
+                padded_ids.extend(s.iter().copied().chain(std::iter::repeat_n(0, longest - s.len())));
+                mask.extend((0..longest).map(|j| if j < s.len() { 1f32 } else { 0. }));
+            }
+            let padded_ids = Tensor::from_vec(padded_ids, (seqs.len(), longest), &Device::Cpu).unwrap();
+            let mask = Tensor::from_vec(mask, (seqs.len(), longest), &Device::Cpu).unwrap();
+            let padded = model.hidden(&padded_ids, Some(&mask), None, None).unwrap();
+            for (i, (s, &(start, len))) in seqs.iter().zip(&packed.segments).enumerate() {
+                let alone = model.hidden(&ids_tensor(s).unwrap(), None, None, None).unwrap().squeeze(0).unwrap();
+                proptest::prop_assert!(max_abs(&alone, &h.narrow(0, start, len).unwrap()) < 1e-5);
+                let row = padded.get(i).unwrap().narrow(0, 0, len).unwrap();
+                proptest::prop_assert!(max_abs(&alone, &row) < 1e-5);
+                let e = model.forward(&ids_tensor(s).unwrap(), None, None).unwrap();
+                proptest::prop_assert!(max_abs(&e, &emb.narrow(0, i, 1).unwrap()) < 1e-5);
+            }
+        }
     }
 
     #[test]

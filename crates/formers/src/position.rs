@@ -47,6 +47,18 @@ impl Positions {
         }
     }
 
+    /// Adds the positions `pos [t]` (u32) to `x [t, d]` (tables only; packed batches).
+    pub fn add_at(&self, x: &Tensor, pos: &Tensor) -> Result<Tensor> {
+        match self {
+            Positions::Table(t) => {
+                let max = pos.max_all()?.to_scalar::<u32>()? as usize;
+                check_len(max + 1, t.dim(0)?)?;
+                Ok((x + t.index_select(pos, 0)?)?)
+            }
+            _ => Ok(x.clone()),
+        }
+    }
+
     /// The rotary tables, when this scheme rotates queries and keys.
     pub fn rope(&self) -> Option<&Rope> {
         match self {

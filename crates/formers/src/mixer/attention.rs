@@ -158,9 +158,43 @@ impl Attention {
 impl TokenMixer for Attention {
     fn forward(&self, x: &Tensor, ctx: &MixCtx, cache: Option<&mut MixerCache>) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
-        let mut q = self.heads(&self.q.forward(x)?)?;
-        let mut k = self.heads(&self.k.forward(x)?)?;
-        let mut v = self.heads(&self.v.forward(x)?)?;
+        let q = self.heads(&self.q.forward(x)?)?;
+        let k = self.heads(&self.k.forward(x)?)?;
+        let v = self.heads(&self.v.forward(x)?)?;
+        let y = match ctx.segments {
+            Some(segments) => {
+                if cache.is_some() {
+                    return Err(Error::Input(
+                        "a KV cache takes one sequence, not a packed batch".into(),
+                    ));
+                }
+                let parts = segments
+                    .iter()
+                    .map(|&(start, len)| {
+                        let part = |t: &Tensor| t.narrow(2, start, len);
+                        self.attend_one(part(&q)?, part(&k)?, part(&v)?, ctx, None)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&parts, 2)?
+            }
+            None => self.attend_one(q, k, v, ctx, cache)?,
+        };
+        let y = y.transpose(1, 2)?.reshape((b, n, d))?;
+        self.o.forward(&y)
+    }
+}
+
+impl Attention {
+    /// Attention of one sequence (or a padded batch) given its heads `[b, h, n, dh]`.
+    fn attend_one(
+        &self,
+        mut q: Tensor,
+        mut k: Tensor,
+        mut v: Tensor,
+        ctx: &MixCtx,
+        cache: Option<&mut MixerCache>,
+    ) -> Result<Tensor> {
+        let n = q.dim(2)?;
         if let Some(rope) = ctx.rope {
             q = rope.apply(&q, ctx.offset)?;
             k = rope.apply(&k, ctx.offset)?;
@@ -182,9 +216,7 @@ impl TokenMixer for Attention {
             q_chunk: self.opts.q_chunk,
             k_chunk: self.opts.k_chunk,
         };
-        let y = attend(&q, &k, &v, &opts)?;
-        let y = y.transpose(1, 2)?.reshape((b, n, d))?;
-        self.o.forward(&y)
+        attend(&q, &k, &v, &opts)
     }
 }
 

@@ -19,6 +19,9 @@ pub struct MixCtx<'a> {
     pub offset: usize,
     /// Rotary tables when the model uses RoPE.
     pub rope: Option<&'a Rope>,
+    /// `(start, len)` of each sequence when the batch is packed padding-free into one
+    /// row (`x` is `[1, total, d]`); mixers must not mix across these boundaries.
+    pub segments: Option<&'a [(usize, usize)]>,
 }
 
 /// Score added to masked positions: finite, so fully masked rows stay NaN-free.

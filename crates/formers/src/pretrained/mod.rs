@@ -1,0 +1,148 @@
+//! Hugging Face checkpoints (`config.json`, `model.safetensors`, `tokenizer.json`) as formers
+//! models. One file per family maps the config to a [`ModelConfig`] and renames weights;
+//! the blocks are the same blocks every other model uses.
+
+pub mod bert;
+pub mod gpt2;
+mod weights;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use tokenizers::Tokenizer;
+
+use crate::config::ModelConfig;
+use crate::model::{Model, DTYPE};
+use crate::params::Params;
+use crate::{Error, Result};
+
+pub use weights::Weights;
+
+/// The model families formers loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// BERT-style encoders (BERT, MiniLM, sentence-transformers models built on them).
+    Bert,
+    /// GPT-2-style decoders.
+    Gpt2,
+}
+
+/// A loaded checkpoint: the model, its tokenizer and where it came from.
+#[derive(Debug)]
+pub struct Pretrained {
+    pub family: Family,
+    pub config: ModelConfig,
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub dir: PathBuf,
+}
+
+fn checkpoint_error(path: &Path, msg: impl Into<String>) -> Error {
+    Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+/// Reads a JSON file, naming it in every error.
+pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| checkpoint_error(path, format!("not valid JSON: {e}")))
+}
+
+/// Loads the checkpoint in `dir`.
+pub fn load(dir: &Path) -> Result<Pretrained> {
+    let config_path = dir.join("config.json");
+    let hf = read_json(&config_path)?;
+    let model_type = hf["model_type"].as_str().unwrap_or("");
+    let (family, config) = match model_type {
+        "bert" => (Family::Bert, bert::config(&hf, dir)?),
+        "gpt2" => (Family::Gpt2, gpt2::config(&hf, &config_path)?),
+        other => {
+            return Err(checkpoint_error(
+                &config_path,
+                format!("unsupported architecture (model_type `{other}`); formers loads `bert` and `gpt2` families"),
+            ))
+        }
+    };
+    let weights_path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&weights_path).map_err(|e| Error::io(&weights_path, e))?;
+    let weights = Weights::parse(&bytes, &weights_path)?;
+    let tensors = match family {
+        Family::Bert => bert::rename(&config, &weights)?,
+        Family::Gpt2 => gpt2::rename(&config, &weights)?,
+    };
+    let params = Params::new(0, DTYPE, &Device::Cpu);
+    let model = Model::new(&config, &params.frozen())?;
+    params.assign(&tensors, &weights_path)?;
+    let tokenizer = load_tokenizer(&dir.join("tokenizer.json"), config.input.vocab_size())?;
+    Ok(Pretrained {
+        family,
+        config,
+        model,
+        tokenizer,
+        dir: dir.to_path_buf(),
+    })
+}
+
+/// Reads `tokenizer.json` with padding and truncation off (batches are packed, and
+/// over-long inputs are reported, not cut silently).
+pub fn load_tokenizer(path: &Path, vocab_size: usize) -> Result<Tokenizer> {
+    if !path.is_file() {
+        return Err(Error::io(
+            path,
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        ));
+    }
+    let mut tok = Tokenizer::from_file(path)
+        .map_err(|e| checkpoint_error(path, format!("unreadable tokenizer: {e}")))?;
+    tok.with_padding(None);
+    tok.with_truncation(None)
+        .map_err(|e| checkpoint_error(path, format!("cannot turn truncation off: {e}")))?;
+    let n = tok.get_vocab_size(true);
+    if n > vocab_size {
+        return Err(checkpoint_error(
+            path,
+            format!("tokenizer has {n} tokens but the model's vocabulary (config.json vocab_size) has {vocab_size}"),
+        ));
+    }
+    Ok(tok)
+}
+
+/// Token ids of `text` (with the tokenizer's special tokens when `special`).
+pub fn encode(tok: &Tokenizer, text: &str, special: bool) -> Result<Vec<u32>> {
+    let enc = tok
+        .encode(text, special)
+        .map_err(|e| Error::Input(format!("cannot tokenize {text:?}: {e}")))?;
+    Ok(enc.get_ids().to_vec())
+}
+
+/// Text of token ids.
+pub fn decode(tok: &Tokenizer, ids: &[u32]) -> Result<String> {
+    tok.decode(ids, true)
+        .map_err(|e| Error::Input(format!("cannot decode tokens: {e}")))
+}
+
+/// `hf[key]` as a positive integer, or an error naming the file and key.
+pub(crate) fn usize_key(hf: &serde_json::Value, key: &str, path: &Path) -> Result<usize> {
+    hf[key]
+        .as_u64()
+        .filter(|&v| v > 0)
+        .map(|v| v as usize)
+        .ok_or_else(|| {
+            checkpoint_error(
+                path,
+                format!("`{key}` must be a positive integer, found {}", hf[key]),
+            )
+        })
+}
+
+/// `hf[key]` as a number, or `default` when absent.
+pub(crate) fn f64_key(hf: &serde_json::Value, key: &str, default: f64, path: &Path) -> Result<f64> {
+    match &hf[key] {
+        serde_json::Value::Null => Ok(default),
+        v => v
+            .as_f64()
+            .ok_or_else(|| checkpoint_error(path, format!("`{key}` must be a number, found {v}"))),
+    }
+}

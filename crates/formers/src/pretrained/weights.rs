@@ -1,0 +1,95 @@
+//! Named tensors of a Hugging Face safetensors file, checked for shape and dtype.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::Load;
+use candle_core::{DType, Device, Tensor};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::{Error, Result};
+
+/// The tensors of one file, looked up by Hugging Face name with an optional prefix
+/// (`bert.`, `transformer.`) stripped.
+pub struct Weights<'a> {
+    views: HashMap<String, safetensors::tensor::TensorView<'a>>,
+    path: PathBuf,
+}
+
+impl<'a> Weights<'a> {
+    /// Parses `bytes` read from `path`. The header is checked against the file size
+    /// before anything is allocated from it.
+    pub fn parse(bytes: &'a [u8], path: &Path) -> Result<Self> {
+        let st = SafeTensors::deserialize(bytes).map_err(|e| Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg: format!("not a valid safetensors file ({e})"),
+        })?;
+        let views = st.tensors().into_iter().collect();
+        Ok(Weights {
+            views,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn err(&self, msg: String) -> Error {
+        Error::Checkpoint {
+            path: self.path.clone(),
+            msg,
+        }
+    }
+
+    /// A second handle on the same tensors (views are cheap borrows of the file bytes).
+    pub fn clone_view(&self) -> Weights<'a> {
+        Weights {
+            views: self.views.clone(),
+            path: self.path.clone(),
+        }
+    }
+
+    /// Names that start with `prefix` are also found without it.
+    pub fn strip_prefix(&mut self, prefix: &str) {
+        let renamed: Vec<(String, String)> = self
+            .views
+            .keys()
+            .filter_map(|k| k.strip_prefix(prefix).map(|s| (k.clone(), s.to_string())))
+            .collect();
+        for (old, new) in renamed {
+            if let Some(v) = self.views.remove(&old) {
+                self.views.insert(new, v);
+            }
+        }
+    }
+
+    /// The tensor `name` (or its `gamma`/`beta` alias for norm weights) as f32, which
+    /// must have `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let alias = name
+            .strip_suffix(".weight")
+            .map(|s| format!("{s}.gamma"))
+            .or_else(|| name.strip_suffix(".bias").map(|s| format!("{s}.beta")));
+        let view = self
+            .views
+            .get(name)
+            .or_else(|| alias.as_ref().and_then(|a| self.views.get(a)))
+            .ok_or_else(|| self.err(format!("tensor `{name}` missing")))?;
+        if view.shape() != shape {
+            return Err(self.err(format!(
+                "tensor `{name}`: expected shape {shape:?}, found {:?}",
+                view.shape()
+            )));
+        }
+        if !matches!(
+            view.dtype(),
+            Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64
+        ) {
+            return Err(self.err(format!(
+                "tensor `{name}`: expected a floating-point dtype (F32, F16, BF16), found {:?}",
+                view.dtype()
+            )));
+        }
+        let t = view
+            .load(&Device::Cpu)
+            .map_err(|e| self.err(format!("tensor `{name}`: {e}")))?;
+        Ok(t.to_dtype(DType::F32)?)
+    }
+}

@@ -1,0 +1,291 @@
+//! Parity with Hugging Face `transformers` on the tiny random-weight checkpoints that
+//! `scripts/make_fixtures.py` made (tests/fixtures/tiny-{bert,gpt2}), and clear errors
+//! on broken checkpoints.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use formers::generate::{generate, Sampling};
+use formers::model::{ids_tensor, Packed};
+use formers::pretrained::{self, Family};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+struct Reference {
+    json: serde_json::Value,
+    tensors: HashMap<String, Tensor>,
+}
+
+fn reference(name: &str) -> Reference {
+    let dir = fixture(name);
+    let json = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+        .unwrap();
+    let tensors =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    Reference { json, tensors }
+}
+
+impl Reference {
+    fn ids(&self) -> Vec<Vec<u32>> {
+        serde_json::from_value(self.json["ids"].clone()).unwrap()
+    }
+    fn texts(&self) -> Vec<String> {
+        serde_json::from_value(self.json["texts"].clone()).unwrap()
+    }
+    fn t(&self, name: &str) -> &Tensor {
+        &self.tensors[name]
+    }
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn bert_matches_transformers_alone_packed_and_padded() {
+    let p = pretrained::load(&fixture("tiny-bert")).unwrap();
+    assert_eq!(p.family, Family::Bert);
+    assert_eq!(
+        p.config.head_dim(),
+        12,
+        "the fixture's head dimension is not a power of two"
+    );
+    let r = reference("tiny-bert");
+    let ids = r.ids();
+    let lengths: Vec<usize> = ids.iter().map(Vec::len).collect();
+    assert!(
+        lengths.contains(&5) && lengths.iter().any(|&n| n > 50),
+        "{lengths:?}"
+    );
+    for (i, (text, expect)) in r.texts().iter().zip(&ids).enumerate() {
+        assert_eq!(
+            &pretrained::encode(&p.tokenizer, text, true).unwrap(),
+            expect,
+            "tokens of {text:?}"
+        );
+        // Batch of one.
+        let h = p
+            .model
+            .hidden(&ids_tensor(expect).unwrap(), None, None, None)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let err = max_abs(&h, r.t(&format!("hidden_{i}")));
+        assert!(err < 1e-4, "hidden {i}: {err}");
+        let e = p
+            .model
+            .forward(&ids_tensor(expect).unwrap(), None, None)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let err = max_abs(&e, r.t(&format!("embedding_{i}")));
+        assert!(err < 1e-4, "embedding {i}: {err}");
+    }
+    // All lengths in one padding-free batch.
+    let packed = Packed::new(&ids).unwrap();
+    let h = p.model.hidden_packed(&packed).unwrap();
+    for (i, &(start, len)) in packed.segments.iter().enumerate() {
+        let err = max_abs(
+            &h.narrow(0, start, len).unwrap(),
+            r.t(&format!("hidden_{i}")),
+        );
+        assert!(err < 1e-4, "packed hidden {i}: {err}");
+    }
+    let err = max_abs(
+        &p.model.forward_packed(&packed).unwrap(),
+        r.t("batch_embedding"),
+    );
+    assert!(err < 1e-4, "packed embeddings: {err}");
+    // The same batch padded, as transformers ran it.
+    let batch_ids: Vec<Vec<u32>> = serde_json::from_value(r.json["batch_ids"].clone()).unwrap();
+    let (b, n) = (batch_ids.len(), batch_ids[0].len());
+    let flat: Vec<u32> = batch_ids.concat();
+    let ids_t = Tensor::from_vec(flat, (b, n), &Device::Cpu).unwrap();
+    let mask = r.t("batch_mask").to_dtype(candle_core::DType::F32).unwrap();
+    let h = p.model.hidden(&ids_t, Some(&mask), None, None).unwrap();
+    for (i, &len) in lengths.iter().enumerate() {
+        let got = h.get(i).unwrap().narrow(0, 0, len).unwrap();
+        let want = r
+            .t("batch_hidden")
+            .get(i)
+            .unwrap()
+            .narrow(0, 0, len)
+            .unwrap();
+        assert!(max_abs(&got, &want) < 1e-4, "padded hidden {i}");
+    }
+}
+
+#[test]
+fn gpt2_matches_transformers_logits_and_greedy_tokens() {
+    let p = pretrained::load(&fixture("tiny-gpt2")).unwrap();
+    assert_eq!(p.family, Family::Gpt2);
+    let r = reference("tiny-gpt2");
+    let greedy: Vec<Vec<u32>> = serde_json::from_value(r.json["greedy"].clone()).unwrap();
+    let ids = r.ids();
+    assert_eq!(ids[0].len(), 1, "a one-token prompt is covered");
+    for (i, (text, expect)) in r.texts().iter().zip(&ids).enumerate() {
+        assert_eq!(
+            &pretrained::encode(&p.tokenizer, text, false).unwrap(),
+            expect,
+            "tokens of {text:?}"
+        );
+        let x = ids_tensor(expect).unwrap();
+        let h = p
+            .model
+            .hidden(&x, None, None, None)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let err = max_abs(&h, r.t(&format!("hidden_{i}")));
+        assert!(err < 1e-4, "hidden {i}: {err}");
+        let logits = p.model.forward(&x, None, None).unwrap().squeeze(0).unwrap();
+        let err = max_abs(&logits, r.t(&format!("logits_{i}")));
+        assert!(err < 1e-3, "logits {i}: {err}");
+        if let Some(want) = greedy.get(i) {
+            let s = Sampling {
+                greedy: true,
+                ..Default::default()
+            };
+            let got = generate(&p.model, expect, want.len(), &s, true, |_| {}).unwrap();
+            assert_eq!(&got, want, "greedy continuation of prompt {i}");
+        }
+    }
+}
+
+/// A copy of a fixture in a temporary directory, to break.
+fn broken_copy(name: &str, tag: &str) -> PathBuf {
+    let src = fixture(name);
+    let dst = std::env::temp_dir().join(format!("formers-broken-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    copy_dir(&src, &dst);
+    dst
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), to).unwrap();
+        }
+    }
+}
+
+fn load_err(dir: &Path) -> String {
+    let e = pretrained::load(dir).unwrap_err().to_string();
+    let _ = std::fs::remove_dir_all(dir);
+    e
+}
+
+/// Rewrites `model.safetensors` in `dir` with `edit` applied to its tensors.
+fn edit_weights(dir: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
+    let path = dir.join("model.safetensors");
+    let mut t = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    edit(&mut t);
+    candle_core::safetensors::save(&t, &path).unwrap();
+}
+
+#[test]
+fn broken_checkpoints_fail_with_one_clear_line() {
+    let d = broken_copy("tiny-bert", "missing");
+    std::fs::remove_file(d.join("model.safetensors")).unwrap();
+    let e = load_err(&d);
+    assert!(
+        e.contains("model.safetensors") && e.contains("No such file"),
+        "{e}"
+    );
+
+    let d = broken_copy("tiny-gpt2", "arch");
+    let cfg = std::fs::read_to_string(d.join("config.json"))
+        .unwrap()
+        .replace("\"gpt2\"", "\"mamba\"");
+    std::fs::write(d.join("config.json"), cfg).unwrap();
+    let e = load_err(&d);
+    assert!(
+        e.contains("config.json") && e.contains("unsupported architecture") && e.contains("mamba"),
+        "{e}"
+    );
+
+    let d = broken_copy("tiny-gpt2", "shape");
+    edit_weights(&d, |t| {
+        t.insert(
+            "transformer.h.1.mlp.c_fc.weight".into(),
+            Tensor::zeros((36, 100), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    let e = load_err(&d);
+    assert!(
+        e.contains("h.1.mlp.c_fc.weight")
+            && e.contains("expected shape [36, 144], found [36, 100]"),
+        "{e}"
+    );
+
+    let d = broken_copy("tiny-bert", "dtype");
+    edit_weights(&d, |t| {
+        let ids = Tensor::zeros((36,), candle_core::DType::I64, &Device::Cpu).unwrap();
+        t.insert("encoder.layer.0.output.LayerNorm.bias".into(), ids);
+    });
+    let e = load_err(&d);
+    assert!(
+        e.contains("encoder.layer.0.output.LayerNorm.bias") && e.contains("found I64"),
+        "{e}"
+    );
+
+    let d = broken_copy("tiny-bert", "truncated");
+    let path = d.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let e = load_err(&d);
+    assert!(
+        e.contains("model.safetensors") && e.contains("not a valid safetensors"),
+        "{e}"
+    );
+
+    // A header that claims 2^62 bytes must not be believed (no huge allocation).
+    let d = broken_copy("tiny-bert", "header");
+    let mut evil = (1u64 << 62).to_le_bytes().to_vec();
+    evil.extend_from_slice(b"{}");
+    std::fs::write(d.join("model.safetensors"), evil).unwrap();
+    let e = load_err(&d);
+    assert!(e.contains("not a valid safetensors"), "{e}");
+
+    let d = broken_copy("tiny-bert", "tokenizer");
+    std::fs::copy(
+        fixture("tiny-gpt2").join("tokenizer.json"),
+        d.join("tokenizer.json"),
+    )
+    .unwrap();
+    let e = load_err(&d);
+    assert!(
+        e.contains("tokenizer.json") && e.contains("400 tokens") && e.contains("vocabulary"),
+        "{e}"
+    );
+
+    let d = broken_copy("tiny-bert", "badjson");
+    std::fs::write(
+        d.join("config.json"),
+        "{\"model_type\": \"bert\", \"hidden_size\": -3}",
+    )
+    .unwrap();
+    let e = load_err(&d);
+    assert!(
+        e.contains("config.json") && e.contains("hidden_size"),
+        "{e}"
+    );
+}
