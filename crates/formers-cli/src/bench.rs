@@ -18,6 +18,35 @@ use crate::progress::bar;
 pub enum BenchCommand {
     /// Time and peak memory of one attention forward at several sequence lengths.
     Attention(AttentionArgs),
+    /// Sentence-embedding throughput of a BERT-family checkpoint (optionally against PyTorch).
+    Embed(EmbedArgs),
+}
+
+/// The shipped benchmark sentences (data/sentences.txt, public domain; see data/README.md).
+const SENTENCES: &str = include_str!("../../../data/sentences.txt");
+
+/// Flags of `formers bench embed`.
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    /// Checkpoint directory (config.json, model.safetensors, tokenizer.json)
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// One sentence per line [default: the shipped data/sentences.txt, 999 KJV verses]
+    #[arg(long, value_name = "FILE")]
+    pub sentences: Option<PathBuf>,
+    /// Batch sizes to measure, comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "1,32")]
+    pub batch_sizes: Vec<usize>,
+    /// Compute threads (sets RAYON_NUM_THREADS for formers, torch.set_num_threads for PyTorch)
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Also run this PyTorch + transformers script on the same sentences and print the ratios
+    /// (needs python3 with torch and transformers; e.g. scripts/bench_torch.py)
+    #[arg(long, value_name = "SCRIPT")]
+    pub torch: Option<PathBuf>,
+    /// Also write the results as a JSON array to this file
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
 }
 
 /// Flags of `formers bench attention`.
@@ -76,6 +105,7 @@ struct AttentionRow {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Attention(a) => attention(a),
+        BenchCommand::Embed(a) => embed(a),
     }
 }
 
@@ -159,4 +189,108 @@ fn attention(a: AttentionArgs) -> Result<()> {
         eprintln!("wrote {}", path.display());
     }
     Ok(())
+}
+
+fn embed(a: EmbedArgs) -> Result<()> {
+    if a.batch_sizes.is_empty() || a.batch_sizes.contains(&0) || a.threads == 0 {
+        anyhow::bail!("--batch-sizes and --threads must be at least 1");
+    }
+    // candle sizes its thread pool from this variable on first use.
+    std::env::set_var("RAYON_NUM_THREADS", a.threads.to_string());
+    let text = match &a.sentences {
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+        }
+        None => SENTENCES.to_string(),
+    };
+    let sentences: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    if sentences.is_empty() {
+        anyhow::bail!("no sentences to embed");
+    }
+    let p = crate::embed::load_encoder(&a.model)?;
+    let tokens: usize = crate::embed::tokenize_lines(&p, &sentences, true)?
+        .iter()
+        .map(Vec::len)
+        .sum();
+    let mut rows = Vec::new();
+    for &bs in &a.batch_sizes {
+        crate::embed::embed_lines(&p, &sentences[..bs.min(sentences.len())], bs, true, |_| {})?; // warm-up
+        let pb = bar(sentences.len() as u64, &format!("formers batch {bs}"));
+        let t = Instant::now();
+        crate::embed::embed_lines(&p, &sentences, bs, true, |n| pb.inc(n as u64))?;
+        let secs = t.elapsed().as_secs_f64();
+        pb.finish_and_clear();
+        rows.push(serde_json::json!({
+            "impl": "formers", "batch_size": bs, "sentences": sentences.len(), "tokens": tokens,
+            "threads": a.threads, "seconds": secs, "sentences_per_s": sentences.len() as f64 / secs,
+        }));
+    }
+    if let Some(script) = &a.torch {
+        let list = tempfile_with(&sentences)?;
+        let sizes: Vec<String> = a.batch_sizes.iter().map(usize::to_string).collect();
+        eprintln!(
+            "running {} (PyTorch) on the same sentences...",
+            script.display()
+        );
+        let out = std::process::Command::new("python3")
+            .arg(script)
+            .arg("--model")
+            .arg(&a.model)
+            .arg("--sentences")
+            .arg(&list)
+            .arg("--batch-sizes")
+            .arg(sizes.join(","))
+            .arg("--threads")
+            .arg(a.threads.to_string())
+            .output()
+            .with_context(|| format!("running python3 {}", script.display()))?;
+        let _ = std::fs::remove_file(&list);
+        if !out.status.success() {
+            anyhow::bail!(
+                "{} failed: {}",
+                script.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                rows.push(v);
+            }
+        }
+    }
+    println!("| impl | batch | sentences/s | vs torch |");
+    println!("|---|---:|---:|---:|");
+    let rate = |impl_: &str, bs: usize| {
+        rows.iter()
+            .find(|r| r["impl"] == impl_ && r["batch_size"] == bs)
+            .and_then(|r| r["sentences_per_s"].as_f64())
+    };
+    for &bs in &a.batch_sizes {
+        let torch = rate("torch", bs);
+        for impl_ in ["formers", "torch"] {
+            if let Some(v) = rate(impl_, bs) {
+                let ratio = torch.map_or("-".to_string(), |t| format!("{:.2}x", v / t));
+                println!("| {impl_} | {bs} | {v:.1} | {ratio} |");
+            }
+        }
+    }
+    if let Some(path) = &a.json {
+        std::fs::write(path, serde_json::to_string_pretty(&rows)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Writes the sentences to a temporary file, so both implementations read the same list.
+fn tempfile_with(sentences: &[String]) -> Result<PathBuf> {
+    let path = std::env::temp_dir().join(format!("formers-sentences-{}.txt", std::process::id()));
+    std::fs::write(&path, sentences.join("\n") + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
 }

@@ -289,3 +289,37 @@ fn broken_checkpoints_fail_with_one_clear_line() {
         "{e}"
     );
 }
+
+/// The real all-MiniLM-L6-v2 against sentence-transformers, when `FORMERS_MINILM_DIR`
+/// points at it (its weights are not in the repo; see scripts/make_minilm_reference.py).
+#[test]
+fn real_minilm_matches_sentence_transformers_when_available() {
+    let Ok(dir) = std::env::var("FORMERS_MINILM_DIR") else {
+        eprintln!("FORMERS_MINILM_DIR not set: skipping the real-model parity check");
+        return;
+    };
+    let p = pretrained::load(Path::new(&dir)).unwrap();
+    let path = fixture("minilm-reference.json");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let sentences: Vec<String> = serde_json::from_value(r["sentences"].clone()).unwrap();
+    let ids: Vec<Vec<u32>> = serde_json::from_value(r["ids"].clone()).unwrap();
+    let want: Vec<Vec<f32>> = serde_json::from_value(r["embeddings"].clone()).unwrap();
+    for (s, expect) in sentences.iter().zip(&ids) {
+        assert_eq!(
+            &pretrained::encode(&p.tokenizer, s, true).unwrap(),
+            expect,
+            "tokens of {s:?}"
+        );
+    }
+    let got = p
+        .model
+        .forward_packed(&Packed::new(&ids).unwrap())
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        let err = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err < 1e-4, "sentence {i}: max abs difference {err}");
+    }
+}
