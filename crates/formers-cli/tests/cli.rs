@@ -353,3 +353,172 @@ fn help_explains_every_command() {
     let o = run(formers().args(["train", "--task", "poetry"]));
     assert!(!o.status.success() && text(&o).contains("unknown task"));
 }
+
+fn fixture(name: &str) -> String {
+    repo()
+        .join("tests/fixtures")
+        .join(name)
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn run_with_stdin(cmd: &mut Command, input: &str) -> Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn embed_writes_one_normalised_vector_per_line_as_json_or_npy() {
+    let lines =
+        "Hamlet\nTo be, or not to be.\nA third line, somewhat longer than the others were.\n";
+    let o = run_with_stdin(
+        formers().args([
+            "embed",
+            "--model",
+            &fixture("tiny-bert"),
+            "--batch-size",
+            "2",
+        ]),
+        lines,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let rows: Vec<Vec<f32>> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3);
+    for r in &rows {
+        assert_eq!(r.len(), 36);
+        let norm: f32 = r.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5);
+    }
+    assert!(String::from_utf8_lossy(&o.stderr).contains("sentences/s"));
+    // The batch size changes nothing.
+    let o1 = run_with_stdin(
+        formers().args([
+            "embed",
+            "--model",
+            &fixture("tiny-bert"),
+            "--batch-size",
+            "1",
+        ]),
+        lines,
+    );
+    let rows1: Vec<Vec<f32>> = String::from_utf8_lossy(&o1.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for (a, b) in rows.iter().zip(&rows1) {
+        assert!(a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5));
+    }
+
+    let dir = tmp("npy");
+    let npy = dir.join("e.npy");
+    let o = run_with_stdin(
+        formers().args([
+            "embed",
+            "--model",
+            &fixture("tiny-bert"),
+            "--out",
+            npy.to_str().unwrap(),
+        ]),
+        lines,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let bytes = std::fs::read(&npy).unwrap();
+    assert_eq!(&bytes[..6], b"\x93NUMPY");
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = String::from_utf8_lossy(&bytes[10..10 + header_len]);
+    assert!(
+        header.contains("'shape': (3, 36)") && (10 + header_len).is_multiple_of(64),
+        "{header}"
+    );
+    let first = f32::from_le_bytes(bytes[10 + header_len..14 + header_len].try_into().unwrap());
+    assert!((first - rows[0][0]).abs() < 1e-6);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn embed_rejects_inputs_longer_than_the_position_table() {
+    let long = "to be or not to be ".repeat(40);
+    let o = run_with_stdin(
+        formers().args(["embed", "--model", &fixture("tiny-bert")]),
+        &format!("short\n{long}\n"),
+    );
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(
+        t.contains("input line 2") && t.contains("64 positions") && !t.contains("panicked"),
+        "{t}"
+    );
+    assert!(
+        o.stdout.is_empty(),
+        "nothing is written before the input is checked"
+    );
+    let o = run_with_stdin(
+        formers().args(["embed", "--model", &fixture("tiny-bert"), "--truncate"]),
+        &format!("{long}\n"),
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run_with_stdin(
+        formers().args(["embed", "--model", &fixture("tiny-gpt2")]),
+        "x\n",
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("BERT-family"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn generate_from_a_gpt2_checkpoint_reproduces_transformers_greedy_tokens() {
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("tests/fixtures/tiny-gpt2/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let prompt = reference["texts"][1].as_str().unwrap();
+    let greedy: Vec<u32> = serde_json::from_value(reference["greedy"][1].clone()).unwrap();
+    let tok =
+        tokenizers::Tokenizer::from_file(repo().join("tests/fixtures/tiny-gpt2/tokenizer.json"))
+            .unwrap();
+    let want = tok.decode(&greedy, true).unwrap();
+    let o = run(formers().args([
+        "generate",
+        "--model",
+        &fixture("tiny-gpt2"),
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        &greedy.len().to_string(),
+        "--greedy",
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(out.trim_end_matches('\n'), format!("{prompt}{want}"));
+    let o = run(formers().args([
+        "generate",
+        "--model",
+        &fixture("tiny-bert"),
+        "--prompt",
+        "x",
+    ]));
+    assert!(
+        !o.status.success() && text(&o).contains("causal LM"),
+        "{}",
+        text(&o)
+    );
+}

@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod ffn;
 pub mod generate;
+pub mod kernels;
 pub mod linear;
 pub mod loss;
 pub mod mixer;

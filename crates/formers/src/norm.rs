@@ -34,8 +34,23 @@ impl Norm {
         })
     }
 
-    /// Normalises `[.., d]`; computes in at least f32.
+    /// Normalises `[.., d]`. Without an autodiff graph (inference) it takes candle's fused
+    /// kernels; otherwise the differentiable composition below, their tested reference.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let inference = !x.track_op() && x.dtype() == DType::F32 && x.device().is_cpu();
+        match self {
+            Norm::LayerNorm { weight, bias, eps } if inference && !weight.track_op() => Ok(
+                candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, *eps as f32)?,
+            ),
+            Norm::RmsNorm { weight, eps } if inference && !weight.track_op() => Ok(
+                candle_nn::ops::rms_norm(&x.contiguous()?, weight, *eps as f32)?,
+            ),
+            _ => self.forward_composed(x),
+        }
+    }
+
+    /// The norm from differentiable ops; computes in at least f32.
+    pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let x = if dtype == DType::F64 {
             x.clone()
@@ -77,6 +92,27 @@ mod tests {
         let var = y.sqr().unwrap().mean_keepdim(1).unwrap();
         for v in var.flatten_all().unwrap().to_vec1::<f64>().unwrap() {
             assert!((v - 1.0).abs() < 1e-9);
+        }
+    }
+
+    #[test]
+    fn fused_inference_kernels_equal_the_composed_reference() {
+        for spec in [
+            NormSpec::LayerNorm { eps: 1e-12 },
+            NormSpec::RmsNorm { eps: 1e-6 },
+        ] {
+            let p = Params::new(3, DType::F32, &Device::Cpu);
+            let n = Norm::new(&spec, &p.frozen(), 24).unwrap();
+            let x = (randn(&[3, 5, 24], 9).to_dtype(DType::F32).unwrap() * 3.0).unwrap();
+            let fused = n.forward(&x).unwrap();
+            let composed = n.forward_composed(&x).unwrap();
+            let err = (fused - composed)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            assert!(err.to_scalar::<f32>().unwrap() < 1e-5, "{spec:?}");
         }
     }
 

@@ -231,7 +231,7 @@ fn broken_checkpoints_fail_with_one_clear_line() {
     });
     let e = load_err(&d);
     assert!(
-        e.contains("h.1.mlp.c_fc.weight")
+        e.contains("`transformer.h.1.mlp.c_fc.weight`")
             && e.contains("expected shape [36, 144], found [36, 100]"),
         "{e}"
     );

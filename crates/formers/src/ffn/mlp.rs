@@ -44,7 +44,7 @@ impl ChannelMixer for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.up.forward(x)?;
         let h = match (self.activation, &self.gate) {
-            (Activation::Gelu, _) => h.gelu_erf()?,
+            (Activation::Gelu, _) => crate::kernels::gelu_erf(&h)?,
             (Activation::GeluTanh, _) => h.gelu()?,
             (Activation::Relu, _) => h.relu()?,
             (Activation::Swiglu, Some(g)) => (g.forward(x)?.silu()? * h)?,

@@ -35,6 +35,15 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttendOpts) -> Result<Tens
     let (_, _, n, dh) = q.dims4()?;
     let m = k.dim(2)?;
     let (qc, kc) = (o.q_chunk.max(1), o.k_chunk.max(1));
+    let inference = !(q.track_op() || k.track_op() || v.track_op());
+    if inference
+        && n <= qc
+        && m <= kc
+        && q.dtype() == candle_core::DType::F32
+        && q.device().is_cpu()
+    {
+        return attend_one_tile(q, k, v, o);
+    }
     let scale = 1.0 / (dh as f64).sqrt();
     let mut outs = Vec::with_capacity(n.div_ceil(qc));
     for qs in (0..n).step_by(qc) {
@@ -77,6 +86,21 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttendOpts) -> Result<Tens
         outs.push(acc.broadcast_div(&l)?);
     }
     Ok(Tensor::cat(&outs, 2)?)
+}
+
+/// Inference when all scores fit in one tile: one score matrix and candle's fused softmax
+/// (forward-only, so never used when a graph is tracked).
+fn attend_one_tile(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttendOpts) -> Result<Tensor> {
+    let (_, _, n, dh) = q.dims4()?;
+    let m = k.dim(2)?;
+    let mut s = (q * (1.0 / (dh as f64).sqrt()))?.matmul(&k.t()?)?;
+    if o.causal && m > 1 && m - 1 > o.q_offset {
+        s = s.broadcast_add(&causal_bias(o.q_offset, n, 0, m, &s)?)?;
+    }
+    if let Some(kb) = o.key_bias {
+        s = s.broadcast_add(kb)?;
+    }
+    Ok(candle_nn::ops::softmax_last_dim(&s)?.matmul(v)?)
 }
 
 /// The O(n²) reference for [`attend`]: the full score matrix, an explicit mask and a
@@ -276,6 +300,36 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn single_tile_inference_path_equals_the_reference() {
+        let f = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+        let (q, k, v) = (
+            f(randn(&[2, 3, 7, 6], 11)),
+            f(randn(&[2, 3, 9, 6], 12)),
+            f(randn(&[2, 3, 9, 6], 13)),
+        );
+        let kb = padding_bias(9, &[0, 3]).to_dtype(DType::F32).unwrap();
+        for (causal, offset, bias) in [(false, 2, Some(&kb)), (true, 2, None), (true, 2, Some(&kb))]
+        {
+            let opts = AttendOpts {
+                causal,
+                q_offset: offset,
+                key_bias: bias,
+                q_chunk: 64,
+                k_chunk: 64,
+            };
+            let fast = attend(&q, &k, &v, &opts)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap();
+            let want = reference_attend(&q, &k, &v, causal, offset, bias)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap();
+            assert!(max_rel(&fast, &want) < 1e-5, "causal={causal}");
         }
     }
 

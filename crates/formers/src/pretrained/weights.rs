@@ -13,6 +13,8 @@ use crate::{Error, Result};
 /// (`bert.`, `transformer.`) stripped.
 pub struct Weights<'a> {
     views: HashMap<String, safetensors::tensor::TensorView<'a>>,
+    /// Stored name of each tensor whose prefix was stripped (for error messages).
+    stored: HashMap<String, String>,
     path: PathBuf,
 }
 
@@ -27,6 +29,7 @@ impl<'a> Weights<'a> {
         let views = st.tensors().into_iter().collect();
         Ok(Weights {
             views,
+            stored: HashMap::new(),
             path: path.to_path_buf(),
         })
     }
@@ -42,6 +45,7 @@ impl<'a> Weights<'a> {
     pub fn clone_view(&self) -> Weights<'a> {
         Weights {
             views: self.views.clone(),
+            stored: self.stored.clone(),
             path: self.path.clone(),
         }
     }
@@ -55,7 +59,8 @@ impl<'a> Weights<'a> {
             .collect();
         for (old, new) in renamed {
             if let Some(v) = self.views.remove(&old) {
-                self.views.insert(new, v);
+                self.views.insert(new.clone(), v);
+                self.stored.insert(new, old);
             }
         }
     }
@@ -67,11 +72,12 @@ impl<'a> Weights<'a> {
             .strip_suffix(".weight")
             .map(|s| format!("{s}.gamma"))
             .or_else(|| name.strip_suffix(".bias").map(|s| format!("{s}.beta")));
-        let view = self
-            .views
-            .get(name)
-            .or_else(|| alias.as_ref().and_then(|a| self.views.get(a)))
+        let (key, view) = [Some(name), alias.as_deref()]
+            .into_iter()
+            .flatten()
+            .find_map(|k| self.views.get(k).map(|v| (k, v)))
             .ok_or_else(|| self.err(format!("tensor `{name}` missing")))?;
+        let name = self.stored.get(key).map_or(key, String::as_str);
         if view.shape() != shape {
             return Err(self.err(format!(
                 "tensor `{name}`: expected shape {shape:?}, found {:?}",
