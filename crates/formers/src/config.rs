@@ -255,6 +255,15 @@ impl Default for FfnSpec {
     }
 }
 
+impl FfnSpec {
+    /// Hidden width in a model of width `d_model`.
+    pub fn hidden(&self, d_model: usize) -> usize {
+        match self {
+            FfnSpec::Mlp { hidden, .. } => hidden.unwrap_or(4 * d_model),
+        }
+    }
+}
+
 /// MLP activations.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]

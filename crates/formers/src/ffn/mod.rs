@@ -19,13 +19,11 @@ pub trait ChannelMixer: std::fmt::Debug + Send + Sync {
 pub fn build(spec: &FfnSpec, cfg: &ModelConfig, p: &Params) -> Result<Box<dyn ChannelMixer>> {
     Ok(match spec {
         FfnSpec::Mlp {
-            hidden,
-            activation,
-            bias,
+            activation, bias, ..
         } => Box::new(mlp::Mlp::new(
             p,
             cfg.d_model,
-            hidden.unwrap_or(4 * cfg.d_model),
+            spec.hidden(cfg.d_model),
             *activation,
             *bias,
         )?),

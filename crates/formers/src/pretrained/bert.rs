@@ -111,14 +111,13 @@ fn pooling(dir: &Path) -> Result<(Pooling, bool)> {
     Ok((mode, normalize))
 }
 
+/// Prefix some checkpoints put before every tensor name (dropped when looking names up).
+pub const PREFIX: &str = "bert.";
+
 /// The checkpoint's tensors under formers names.
 pub fn rename(cfg: &ModelConfig, w: &Weights) -> Result<BTreeMap<String, Tensor>> {
-    let mut w = Weights::clone_view(w);
-    w.strip_prefix("bert.");
     let d = cfg.d_model;
-    let hidden = match cfg.defaults.ffn {
-        FfnSpec::Mlp { hidden, .. } => hidden.unwrap_or(4 * d),
-    };
+    let hidden = cfg.defaults.ffn.hidden(d);
     let mut out = BTreeMap::new();
     out.insert(
         "embed.weight".into(),
@@ -139,7 +138,7 @@ pub fn rename(cfg: &ModelConfig, w: &Weights) -> Result<BTreeMap<String, Tensor>
         )?,
     );
     linear_or_norm(
-        &w,
+        w,
         &mut out,
         "embeddings.LayerNorm",
         "embed_norm",
@@ -156,7 +155,7 @@ pub fn rename(cfg: &ModelConfig, w: &Weights) -> Result<BTreeMap<String, Tensor>
             ("attention.output.dense", "mixer.o"),
         ] {
             linear_or_norm(
-                &w,
+                w,
                 &mut out,
                 &format!("{hf}.{h}"),
                 &format!("{us}.{o}"),
@@ -165,7 +164,7 @@ pub fn rename(cfg: &ModelConfig, w: &Weights) -> Result<BTreeMap<String, Tensor>
             )?;
         }
         linear_or_norm(
-            &w,
+            w,
             &mut out,
             &format!("{hf}.attention.output.LayerNorm"),
             &format!("{us}.norm1"),
@@ -173,7 +172,7 @@ pub fn rename(cfg: &ModelConfig, w: &Weights) -> Result<BTreeMap<String, Tensor>
             None,
         )?;
         linear_or_norm(
-            &w,
+            w,
             &mut out,
             &format!("{hf}.intermediate.dense"),
             &format!("{us}.ffn.up"),
@@ -181,7 +180,7 @@ pub fn rename(cfg: &ModelConfig, w: &Weights) -> Result<BTreeMap<String, Tensor>
             Some(hidden),
         )?;
         linear_or_norm(
-            &w,
+            w,
             &mut out,
             &format!("{hf}.output.dense"),
             &format!("{us}.ffn.down"),
@@ -189,7 +188,7 @@ pub fn rename(cfg: &ModelConfig, w: &Weights) -> Result<BTreeMap<String, Tensor>
             Some(d),
         )?;
         linear_or_norm(
-            &w,
+            w,
             &mut out,
             &format!("{hf}.output.LayerNorm"),
             &format!("{us}.norm2"),

@@ -71,14 +71,13 @@ pub fn config(hf: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
+/// Prefix some checkpoints put before every tensor name (dropped when looking names up).
+pub const PREFIX: &str = "transformer.";
+
 /// The checkpoint's tensors under formers names.
 pub fn rename(cfg: &ModelConfig, w: &Weights) -> Result<BTreeMap<String, Tensor>> {
-    let mut w = Weights::clone_view(w);
-    w.strip_prefix("transformer.");
     let d = cfg.d_model;
-    let hidden = match cfg.defaults.ffn {
-        FfnSpec::Mlp { hidden, .. } => hidden.unwrap_or(4 * d),
-    };
+    let hidden = cfg.defaults.ffn.hidden(d);
     let mut out = BTreeMap::new();
     out.insert(
         "embed.weight".into(),

@@ -67,7 +67,11 @@ pub fn load(dir: &Path) -> Result<Pretrained> {
     };
     let weights_path = dir.join("model.safetensors");
     let bytes = std::fs::read(&weights_path).map_err(|e| Error::io(&weights_path, e))?;
-    let weights = Weights::parse(&bytes, &weights_path)?;
+    let prefix = match family {
+        Family::Bert => bert::PREFIX,
+        Family::Gpt2 => gpt2::PREFIX,
+    };
+    let weights = Weights::parse(&bytes, &weights_path, prefix)?;
     let tensors = match family {
         Family::Bert => bert::rename(&config, &weights)?,
         Family::Gpt2 => gpt2::rename(&config, &weights)?,

@@ -19,17 +19,29 @@ pub struct Weights<'a> {
 }
 
 impl<'a> Weights<'a> {
-    /// Parses `bytes` read from `path`. The header is checked against the file size
-    /// before anything is allocated from it.
-    pub fn parse(bytes: &'a [u8], path: &Path) -> Result<Self> {
+    /// Parses `bytes` read from `path`; names that start with `prefix` are found without
+    /// it. The header is checked against the file size before anything is allocated from it.
+    pub fn parse(bytes: &'a [u8], path: &Path, prefix: &str) -> Result<Self> {
         let st = SafeTensors::deserialize(bytes).map_err(|e| Error::Checkpoint {
             path: path.to_path_buf(),
             msg: format!("not a valid safetensors file ({e})"),
         })?;
-        let views = st.tensors().into_iter().collect();
+        let mut views = HashMap::new();
+        let mut stored = HashMap::new();
+        for (name, view) in st.tensors() {
+            match name.strip_prefix(prefix).filter(|_| !prefix.is_empty()) {
+                Some(short) => {
+                    stored.insert(short.to_string(), name.clone());
+                    views.insert(short.to_string(), view);
+                }
+                None => {
+                    views.insert(name, view);
+                }
+            }
+        }
         Ok(Weights {
             views,
-            stored: HashMap::new(),
+            stored,
             path: path.to_path_buf(),
         })
     }
@@ -38,30 +50,6 @@ impl<'a> Weights<'a> {
         Error::Checkpoint {
             path: self.path.clone(),
             msg,
-        }
-    }
-
-    /// A second handle on the same tensors (views are cheap borrows of the file bytes).
-    pub fn clone_view(&self) -> Weights<'a> {
-        Weights {
-            views: self.views.clone(),
-            stored: self.stored.clone(),
-            path: self.path.clone(),
-        }
-    }
-
-    /// Names that start with `prefix` are also found without it.
-    pub fn strip_prefix(&mut self, prefix: &str) {
-        let renamed: Vec<(String, String)> = self
-            .views
-            .keys()
-            .filter_map(|k| k.strip_prefix(prefix).map(|s| (k.clone(), s.to_string())))
-            .collect();
-        for (old, new) in renamed {
-            if let Some(v) = self.views.remove(&old) {
-                self.views.insert(new.clone(), v);
-                self.stored.insert(new, old);
-            }
         }
     }
 
