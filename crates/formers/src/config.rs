@@ -203,10 +203,65 @@ pub enum MixerSpec {
         #[serde(default = "yes")]
         bias: bool,
     },
+    /// Sliding-window attention (Longformer, Beltagy et al. 2020): query `i` sees keys
+    /// `j` with `|i - j| <= window` (and `j <= i` when causal), in blocks: O(n·window).
+    Local {
+        window: usize,
+        #[serde(default)]
+        causal: bool,
+        #[serde(default = "default_chunk")]
+        chunk: usize,
+        #[serde(default = "yes")]
+        bias: bool,
+    },
+    /// Linear attention with a positive feature map: `elu` (elu(x)+1, Katharopoulos et al.
+    /// 2020) or `favor` (FAVOR+ positive random features, Performer, Choromanski et al. 2021).
+    Linear {
+        feature: FeatureMap,
+        #[serde(default)]
+        causal: bool,
+        /// Random features per head (`favor` only).
+        #[serde(default = "default_features")]
+        features: usize,
+        /// Seed of the random features (`favor` only).
+        #[serde(default)]
+        seed: u64,
+        /// Tokens per block of the causal prefix sum.
+        #[serde(default = "default_linear_chunk")]
+        chunk: usize,
+        #[serde(default = "yes")]
+        bias: bool,
+    },
+    /// Average pooling over a window minus the identity (PoolFormer, Yu et al. 2022).
+    Pool {
+        #[serde(default = "default_pool")]
+        window: usize,
+        #[serde(default)]
+        causal: bool,
+    },
+}
+
+/// Feature maps of linear attention.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FeatureMap {
+    /// elu(x) + 1.
+    Elu,
+    /// Positive orthogonal random features approximating the softmax kernel.
+    Favor,
 }
 
 fn default_chunk() -> usize {
     256
+}
+fn default_features() -> usize {
+    64
+}
+fn default_linear_chunk() -> usize {
+    64
+}
+fn default_pool() -> usize {
+    3
 }
 
 impl Default for MixerSpec {
@@ -224,7 +279,10 @@ impl MixerSpec {
     /// Whether position i only sees positions <= i.
     pub fn is_causal(&self) -> bool {
         match self {
-            MixerSpec::Attention { causal, .. } => *causal,
+            MixerSpec::Attention { causal, .. }
+            | MixerSpec::Local { causal, .. }
+            | MixerSpec::Linear { causal, .. }
+            | MixerSpec::Pool { causal, .. } => *causal,
         }
     }
 }
@@ -438,22 +496,30 @@ fn check_dropout(key: &str, p: f32) -> Result<()> {
 
 fn validate_layer(at: &str, spec: &LayerSpec) -> Result<()> {
     check_dropout(&format!("{at}.dropout"), spec.dropout)?;
-    match spec.mixer {
+    let positive: Vec<(&str, usize)> = match spec.mixer {
         MixerSpec::Attention {
             q_chunk, k_chunk, ..
-        } => {
-            if q_chunk == 0 {
+        } => vec![("q_chunk", q_chunk), ("k_chunk", k_chunk)],
+        MixerSpec::Local { window, chunk, .. } => vec![("window", window), ("chunk", chunk)],
+        MixerSpec::Linear {
+            features, chunk, ..
+        } => vec![("features", features), ("chunk", chunk)],
+        MixerSpec::Pool { window, causal } => {
+            if !causal && window.is_multiple_of(2) {
                 return Err(Error::config(
-                    format!("{at}.mixer.q_chunk"),
-                    "must be at least 1",
+                    format!("{at}.mixer.window"),
+                    format!("a centred pooling window must be odd, found {window}"),
                 ));
             }
-            if k_chunk == 0 {
-                return Err(Error::config(
-                    format!("{at}.mixer.k_chunk"),
-                    "must be at least 1",
-                ));
-            }
+            vec![("window", window)]
+        }
+    };
+    for (key, v) in positive {
+        if v == 0 {
+            return Err(Error::config(
+                format!("{at}.mixer.{key}"),
+                "must be at least 1",
+            ));
         }
     }
     match spec.ffn {

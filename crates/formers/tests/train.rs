@@ -111,3 +111,36 @@ fn every_shipped_config_parses_and_builds() {
     }
     assert!(n >= 3);
 }
+
+#[test]
+fn every_token_mixer_trains_on_reverse_without_nan() {
+    let base = RunConfig::from_path(&repo().join("configs/reverse.json")).unwrap();
+    let mixers = [
+        r#"{"kind": "attention"}"#,
+        r#"{"kind": "local", "window": 3, "chunk": 4}"#,
+        r#"{"kind": "linear", "feature": "elu"}"#,
+        r#"{"kind": "linear", "feature": "favor", "features": 32}"#,
+        r#"{"kind": "pool", "window": 3}"#,
+    ];
+    for m in mixers {
+        let mut cfg = base.clone();
+        cfg.model.defaults.mixer = serde_json::from_str(m).unwrap();
+        cfg.train.steps = 40;
+        cfg.train.eval_every = 40;
+        let out = tmp("zoo");
+        let mut rec = Record::default();
+        let s =
+            train(&cfg, "reverse", &out, false, &mut rec).unwrap_or_else(|e| panic!("{m}: {e}"));
+        assert!(
+            rec.losses.iter().all(|l| l.is_finite()),
+            "{m}: {:?}",
+            rec.losses
+        );
+        assert!(
+            s.eval.loss.is_finite() && rec.losses[39] < rec.losses[0],
+            "{m}: {:?}",
+            rec.losses
+        );
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}

@@ -137,16 +137,27 @@ fn causal_bias(q_first: usize, ql: usize, ks: usize, kl: usize, like: &Tensor) -
     Ok(Tensor::from_vec(v, (ql, kl), like.device())?.to_dtype(like.dtype())?)
 }
 
-/// Settings of an [`Attention`] mixer.
-#[derive(Debug, Clone, Copy)]
-pub struct AttentionOpts {
-    pub causal: bool,
-    pub q_chunk: usize,
-    pub k_chunk: usize,
-    pub bias: bool,
+/// How an [`Attention`] mixer turns queries, keys and values into outputs.
+#[derive(Debug, Clone)]
+pub enum Kernel {
+    /// Exact softmax, chunked with an online softmax ([`attend`]).
+    Full { q_chunk: usize, k_chunk: usize },
+    /// Sliding-window softmax ([`super::local`]).
+    Local { window: usize, chunk: usize },
+    /// Linear attention with a feature map ([`super::linear`]).
+    Linear(super::linear::LinearKernel),
 }
 
-/// Multi-head attention with separate q, k, v, o projections.
+/// Settings of an [`Attention`] mixer.
+#[derive(Debug, Clone)]
+pub struct AttentionOpts {
+    pub causal: bool,
+    pub bias: bool,
+    pub kernel: Kernel,
+}
+
+/// Multi-head attention with separate q, k, v, o projections; the [`Kernel`] decides how
+/// queries meet keys.
 #[derive(Debug)]
 pub struct Attention {
     q: Linear,
@@ -223,6 +234,9 @@ impl Attention {
             q = rope.apply(&q, ctx.offset)?;
             k = rope.apply(&k, ctx.offset)?;
         }
+        if let Kernel::Linear(lin) = &self.opts.kernel {
+            return lin.attend(&q, &k, &v, self.opts.causal, ctx.key_bias, cache);
+        }
         if let Some(cache) = cache {
             if ctx.key_bias.is_some() {
                 return Err(Error::Input("a KV cache takes unpadded sequences".into()));
@@ -233,14 +247,30 @@ impl Attention {
             }
             cache.tensors = vec![k.clone(), v.clone()];
         }
-        let opts = AttendOpts {
-            causal: self.opts.causal,
-            q_offset: k.dim(2)? - n,
-            key_bias: ctx.key_bias,
-            q_chunk: self.opts.q_chunk,
-            k_chunk: self.opts.k_chunk,
-        };
-        attend(&q, &k, &v, &opts)
+        let q_offset = k.dim(2)? - n;
+        match self.opts.kernel {
+            Kernel::Full { q_chunk, k_chunk } => {
+                let opts = AttendOpts {
+                    causal: self.opts.causal,
+                    q_offset,
+                    key_bias: ctx.key_bias,
+                    q_chunk,
+                    k_chunk,
+                };
+                attend(&q, &k, &v, &opts)
+            }
+            Kernel::Local { window, chunk } => {
+                let opts = super::local::LocalOpts {
+                    window,
+                    chunk,
+                    causal: self.opts.causal,
+                    q_offset,
+                    key_bias: ctx.key_bias,
+                };
+                super::local::attend_local(&q, &k, &v, &opts)
+            }
+            Kernel::Linear(_) => unreachable!("handled above"),
+        }
     }
 }
 
@@ -380,17 +410,41 @@ mod tests {
             r#"{"d_model": 8, "n_heads": 2, "n_layers": 1, "input": {"kind": "bytes"}, "head": {"kind": "lm"}}"#,
         )
         .unwrap();
+        let linear = |feature| {
+            let k = crate::mixer::linear::LinearKernel::new(
+                feature,
+                8,
+                1,
+                4,
+                2,
+                DType::F64,
+                &Device::Cpu,
+            );
+            Kernel::Linear(k.unwrap())
+        };
         for causal in [false, true] {
-            let p = crate::params::Params::new(1, DType::F64, &Device::Cpu);
-            let opts = AttentionOpts {
-                causal,
-                q_chunk: 3,
-                k_chunk: 2,
-                bias: true,
-            };
-            let att = Attention::new(&cfg, &p, opts).unwrap();
-            let x = randn(&[2, 5, 8], 2);
-            crate::testutil::check_grad(&p, &x, |x| att.forward(x, &MixCtx::default(), None));
+            for kernel in [
+                Kernel::Full {
+                    q_chunk: 3,
+                    k_chunk: 2,
+                },
+                Kernel::Local {
+                    window: 1,
+                    chunk: 2,
+                },
+                linear(crate::config::FeatureMap::Elu),
+                linear(crate::config::FeatureMap::Favor),
+            ] {
+                let p = crate::params::Params::new(1, DType::F64, &Device::Cpu);
+                let opts = AttentionOpts {
+                    causal,
+                    bias: true,
+                    kernel,
+                };
+                let att = Attention::new(&cfg, &p, opts).unwrap();
+                let x = randn(&[2, 5, 8], 2);
+                crate::testutil::check_grad(&p, &x, |x| att.forward(x, &MixCtx::default(), None));
+            }
         }
     }
 }

@@ -2,6 +2,9 @@
 //! One file per mixer; [`build`] maps a [`MixerSpec`] to its implementation.
 
 pub mod attention;
+pub mod linear;
+pub mod local;
+pub mod pooling;
 
 use candle_core::Tensor;
 
@@ -42,21 +45,68 @@ pub trait TokenMixer: std::fmt::Debug + Send + Sync {
 
 /// Builds the mixer of `spec` with its parameters under `p`.
 pub fn build(spec: &MixerSpec, cfg: &ModelConfig, p: &Params) -> Result<Box<dyn TokenMixer>> {
-    Ok(match spec {
+    use attention::{Attention, Kernel};
+    let (causal, bias, kernel) = match spec {
         MixerSpec::Attention {
             causal,
             q_chunk,
             k_chunk,
             bias,
-        } => Box::new(attention::Attention::new(
-            cfg,
-            p,
-            attention::AttentionOpts {
-                causal: *causal,
+        } => (
+            *causal,
+            *bias,
+            Kernel::Full {
                 q_chunk: *q_chunk,
                 k_chunk: *k_chunk,
-                bias: *bias,
             },
-        )?),
-    })
+        ),
+        MixerSpec::Local {
+            window,
+            causal,
+            chunk,
+            bias,
+        } => (
+            *causal,
+            *bias,
+            Kernel::Local {
+                window: *window,
+                chunk: *chunk,
+            },
+        ),
+        MixerSpec::Linear {
+            feature,
+            causal,
+            features,
+            seed,
+            chunk,
+            bias,
+        } => (
+            *causal,
+            *bias,
+            Kernel::Linear(linear::LinearKernel::new(
+                *feature,
+                *features,
+                *seed,
+                cfg.head_dim(),
+                *chunk,
+                p.dtype(),
+                p.device(),
+            )?),
+        ),
+        MixerSpec::Pool { window, causal } => {
+            return Ok(Box::new(pooling::Pool {
+                window: *window,
+                causal: *causal,
+            }))
+        }
+    };
+    Ok(Box::new(Attention::new(
+        cfg,
+        p,
+        attention::AttentionOpts {
+            causal,
+            bias,
+            kernel,
+        },
+    )?))
 }
