@@ -20,6 +20,66 @@ pub enum BenchCommand {
     Attention(AttentionArgs),
     /// Sentence-embedding throughput of a BERT-family checkpoint (optionally against PyTorch).
     Embed(EmbedArgs),
+    /// Forward+backward time and peak memory of each token mixer, relative to exact attention.
+    Mixers(MixersArgs),
+    /// One mixer at one length (run by `bench mixers` in a child process, for a clean peak RSS).
+    #[command(hide = true)]
+    MixerOne(MixerOneArgs),
+}
+
+/// Flags of `formers bench mixers`.
+#[derive(Debug, Args)]
+pub struct MixersArgs {
+    /// Sequence lengths, comma-separated
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1024,2048,4096,8192,16384"
+    )]
+    pub lengths: Vec<usize>,
+    /// Mixers: attention, local, linear-elu, favor, pool
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "attention,local,linear-elu,favor,pool"
+    )]
+    pub mixers: Vec<String>,
+    /// Model width (heads × head width)
+    #[arg(long, default_value_t = 64)]
+    pub dim: usize,
+    /// Attention heads
+    #[arg(long, default_value_t = 1)]
+    pub heads: usize,
+    /// Window of `local` (each side) and its block size
+    #[arg(long, default_value_t = 128)]
+    pub window: usize,
+    /// Random features of `favor`
+    #[arg(long, default_value_t = 64)]
+    pub features: usize,
+    /// Causal variants
+    #[arg(long)]
+    pub causal: bool,
+    /// Timed repetitions (median reported)
+    #[arg(long, default_value_t = 2)]
+    pub repeats: usize,
+    /// Also write `[{mixer, length, seconds, peak_bytes}]` to this file
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+/// Flags of the hidden `formers bench mixer-one`.
+#[derive(Debug, Args)]
+pub struct MixerOneArgs {
+    #[arg(long)]
+    pub spec: String,
+    #[arg(long)]
+    pub length: usize,
+    #[arg(long)]
+    pub dim: usize,
+    #[arg(long)]
+    pub heads: usize,
+    #[arg(long)]
+    pub repeats: usize,
 }
 
 /// The shipped benchmark sentences (data/sentences.txt, public domain; see data/README.md).
@@ -106,6 +166,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Attention(a) => attention(a),
         BenchCommand::Embed(a) => embed(a),
+        BenchCommand::Mixers(a) => mixers(a),
+        BenchCommand::MixerOne(a) => mixer_one(a),
     }
 }
 
@@ -293,4 +355,143 @@ fn tempfile_with(sentences: &[String]) -> Result<PathBuf> {
     std::fs::write(&path, sentences.join("\n") + "\n")
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
+}
+
+/// The config of a named mixer in `bench mixers`.
+fn mixer_spec(name: &str, a: &MixersArgs) -> Result<String> {
+    let c = a.causal;
+    Ok(match name {
+        "attention" => format!(r#"{{"kind": "attention", "causal": {c}}}"#),
+        "local" => format!(
+            r#"{{"kind": "local", "window": {w}, "chunk": {w}, "causal": {c}}}"#,
+            w = a.window
+        ),
+        "linear-elu" => format!(r#"{{"kind": "linear", "feature": "elu", "causal": {c}}}"#),
+        "favor" => format!(
+            r#"{{"kind": "linear", "feature": "favor", "features": {}, "causal": {c}}}"#,
+            a.features
+        ),
+        "pool" => format!(r#"{{"kind": "pool", "window": 3, "causal": {c}}}"#),
+        other => anyhow::bail!(
+            "unknown mixer `{other}`; expected attention, local, linear-elu, favor, pool"
+        ),
+    })
+}
+
+fn mixers(a: MixersArgs) -> Result<()> {
+    if a.lengths.is_empty() || a.lengths.contains(&0) || a.repeats == 0 {
+        anyhow::bail!("--lengths must be positive and --repeats at least 1");
+    }
+    let specs = a
+        .mixers
+        .iter()
+        .map(|m| Ok((m.clone(), mixer_spec(m, &a)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let exe = std::env::current_exe().context("locating the formers binary")?;
+    let pb = bar((specs.len() * a.lengths.len()) as u64, "bench mixers");
+    let mut rows: Vec<serde_json::Value> = Vec::new();
+    for &n in &a.lengths {
+        for (name, spec) in &specs {
+            pb.set_message(format!("{name} n = {n}"));
+            let out = std::process::Command::new(&exe)
+                .args([
+                    "bench",
+                    "mixer-one",
+                    "--spec",
+                    spec,
+                    "--length",
+                    &n.to_string(),
+                ])
+                .args([
+                    "--dim",
+                    &a.dim.to_string(),
+                    "--heads",
+                    &a.heads.to_string(),
+                    "--repeats",
+                    &a.repeats.to_string(),
+                ])
+                .output()
+                .context("running a benchmark child process")?;
+            if !out.status.success() {
+                anyhow::bail!(
+                    "{name} at {n}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&out.stdout).context("reading a child's result")?;
+            v["mixer"] = name.clone().into();
+            pb.println(format!(
+                "{name:>10} n = {n:>6}: {:>9.2} ms fwd+bwd, peak RSS {}",
+                v["seconds"].as_f64().unwrap_or(0.0) * 1e3,
+                mem::human(v["peak_bytes"].as_u64().unwrap_or(0))
+            ));
+            rows.push(v);
+            pb.inc(1);
+        }
+    }
+    pb.finish_and_clear();
+    println!(
+        "| mixer | length | ms fwd+bwd | time vs attention | peak RSS | memory vs attention |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        let base = rows
+            .iter()
+            .find(|b| b["mixer"] == "attention" && b["length"] == r["length"]);
+        let ratio = |key: &str| {
+            base.and_then(|b| Some(r[key].as_f64()? / b[key].as_f64()?))
+                .map_or("-".to_string(), |x| format!("{x:.3}x"))
+        };
+        println!(
+            "| {} | {} | {:.2} | {} | {} | {} |",
+            r["mixer"].as_str().unwrap_or("?"),
+            r["length"],
+            r["seconds"].as_f64().unwrap_or(0.0) * 1e3,
+            ratio("seconds"),
+            mem::human(r["peak_bytes"].as_u64().unwrap_or(0)),
+            ratio("peak_bytes")
+        );
+    }
+    if let Some(path) = &a.json {
+        std::fs::write(path, serde_json::to_string_pretty(&rows)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn mixer_one(a: MixerOneArgs) -> Result<()> {
+    use formers::config::{MixerSpec, ModelConfig};
+    use formers::mixer::{self, MixCtx};
+    let cfg = ModelConfig::from_json(&format!(
+        r#"{{"d_model": {}, "n_heads": {}, "n_layers": 1, "max_len": {}, "input": {{"kind": "bytes"}}, "head": {{"kind": "lm"}}}}"#,
+        a.dim, a.heads, a.length
+    ))?;
+    let spec: MixerSpec = serde_json::from_str(&a.spec).context("--spec")?;
+    let params = formers::params::Params::new(0, DType::F32, &Device::Cpu);
+    let m = mixer::build(&spec, &cfg, &params)?;
+    let mut rng = Rng::new(1);
+    let v: Vec<f32> = (0..a.length * a.dim).map(|_| rng.normal() as f32).collect();
+    let x = candle_core::Var::from_vec(v, (1, a.length, a.dim), &Device::Cpu)?;
+    mem::reset_peak();
+    let mut times = Vec::new();
+    for i in 0..=a.repeats {
+        let t = Instant::now();
+        let y = m.forward(x.as_tensor(), &MixCtx::default(), None)?;
+        let grads = y.sqr()?.sum_all()?.backward()?;
+        assert!(
+            grads.get(x.as_tensor()).is_some(),
+            "the input gets a gradient"
+        );
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64()); // the first run warms up, untimed
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let out = serde_json::json!({
+        "length": a.length, "seconds": times[times.len() / 2], "peak_bytes": mem::peak_rss().unwrap_or(0),
+    });
+    println!("{out}");
+    Ok(())
 }

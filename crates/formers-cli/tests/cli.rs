@@ -522,3 +522,31 @@ fn generate_from_a_gpt2_checkpoint_reproduces_transformers_greedy_tokens() {
         text(&o)
     );
 }
+
+#[test]
+fn bench_mixers_writes_one_row_per_mixer_and_length() {
+    let dir = tmp("mixers");
+    let json = dir.join("m.json");
+    let o = run(formers().args([
+        "bench",
+        "mixers",
+        "--lengths",
+        "64,128",
+        "--repeats",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(rows.len(), 10);
+    for r in &rows {
+        assert!(r["mixer"].is_string() && r["length"].is_u64());
+        assert!(r["seconds"].as_f64().unwrap() > 0.0 && r["peak_bytes"].as_u64().unwrap() > 0);
+    }
+    assert!(String::from_utf8_lossy(&o.stdout).contains("time vs attention"));
+    let o = run(formers().args(["bench", "mixers", "--mixers", "telepathy"]));
+    assert!(!o.status.success() && text(&o).contains("unknown mixer"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
