@@ -200,6 +200,7 @@ fn attention(a: AttentionArgs) -> Result<()> {
             key_bias: None,
             q_chunk: a.chunk,
             k_chunk: a.chunk,
+            ..Default::default()
         };
         let mut times = Vec::with_capacity(a.repeats);
         for _ in 0..a.repeats {

@@ -97,6 +97,9 @@ pub enum PositionSpec {
     Learned,
     /// Fixed sinusoids added to the embeddings (Vaswani et al. 2017).
     Sinusoidal,
+    /// Linear distance penalties on attention scores, one slope per head (ALiBi, Press et
+    /// al. 2022, "Train Short, Test Long").
+    Alibi,
     /// Rotary embeddings applied to queries and keys (RoFormer, Su et al. 2021).
     Rope {
         #[serde(default = "default_rope_base")]
@@ -202,6 +205,17 @@ pub enum MixerSpec {
         k_chunk: usize,
         #[serde(default = "yes")]
         bias: bool,
+        /// One projection for queries and keys: symmetric scores, fewer parameters
+        /// (Key-Value Transformer).
+        #[serde(default)]
+        shared_qk: bool,
+        /// A per-head sigmoid gate on the output (gated attention, Bondarenko et al. 2023,
+        /// "Quantizable Transformers").
+        #[serde(default)]
+        gate: bool,
+        /// Clipped softmax `clip((ζ − γ)·softmax + γ, 0, 1)` (same paper).
+        #[serde(default)]
+        clip: Option<Clip>,
     },
     /// Sliding-window attention (Longformer, Beltagy et al. 2020): query `i` sees keys
     /// `j` with `|i - j| <= window` (and `j <= i` when causal), in blocks: O(n·window).
@@ -241,6 +255,16 @@ pub enum MixerSpec {
     },
 }
 
+/// Parameters of the clipped softmax: stretch to `[gamma, zeta]`, then clip to `[0, 1]`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Clip {
+    /// Lower end, ≤ 0 (e.g. -0.03).
+    pub gamma: f64,
+    /// Upper end, ≥ 1.
+    pub zeta: f64,
+}
+
 /// Feature maps of linear attention.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -271,6 +295,9 @@ impl Default for MixerSpec {
             q_chunk: default_chunk(),
             k_chunk: default_chunk(),
             bias: true,
+            shared_qk: false,
+            gate: false,
+            clip: None,
         }
     }
 }
@@ -475,6 +502,19 @@ impl ModelConfig {
             }
         }
         validate_layer("defaults", &self.defaults)?;
+        if self.position == PositionSpec::Alibi {
+            for i in 0..self.n_layers {
+                if matches!(
+                    self.layer(i).mixer,
+                    MixerSpec::Linear { .. } | MixerSpec::Pool { .. }
+                ) {
+                    return Err(Error::config(
+                        "position",
+                        format!("alibi biases softmax scores; layer {i}'s mixer has none"),
+                    ));
+                }
+            }
+        }
         for i in 0..self.n_layers {
             let at = if self.layers.contains_key(&i.to_string()) {
                 format!("layers.{i}")
@@ -498,8 +538,21 @@ fn validate_layer(at: &str, spec: &LayerSpec) -> Result<()> {
     check_dropout(&format!("{at}.dropout"), spec.dropout)?;
     let positive: Vec<(&str, usize)> = match spec.mixer {
         MixerSpec::Attention {
-            q_chunk, k_chunk, ..
-        } => vec![("q_chunk", q_chunk), ("k_chunk", k_chunk)],
+            q_chunk,
+            k_chunk,
+            clip,
+            ..
+        } => {
+            if let Some(Clip { gamma, zeta }) = clip {
+                if !(gamma <= 0.0 && zeta >= 1.0) {
+                    return Err(Error::config(
+                        format!("{at}.mixer.clip"),
+                        format!("needs gamma <= 0 and zeta >= 1, found gamma {gamma}, zeta {zeta}"),
+                    ));
+                }
+            }
+            vec![("q_chunk", q_chunk), ("k_chunk", k_chunk)]
+        }
         MixerSpec::Local { window, chunk, .. } => vec![("window", window), ("chunk", chunk)],
         MixerSpec::Linear {
             features, chunk, ..

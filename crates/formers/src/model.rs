@@ -156,6 +156,7 @@ impl Model {
             key_bias: key_bias.as_ref(),
             offset,
             rope: self.positions.rope(),
+            alibi: self.positions.alibi(),
             segments: None,
         };
         if let Some(c) = cache.as_deref_mut() {
@@ -181,6 +182,7 @@ impl Model {
             key_bias: None,
             offset: 0,
             rope: self.positions.rope(),
+            alibi: self.positions.alibi(),
             segments: Some(&batch.segments),
         };
         Ok(self.run_blocks(x, &ctx, None, None)?.squeeze(0)?)
@@ -386,7 +388,7 @@ mod tests {
 
     #[test]
     fn cached_decoding_equals_full_recomputation() {
-        for pos in ["learned", "rope", "sinusoidal"] {
+        for pos in ["learned", "rope", "sinusoidal", "alibi"] {
             let cfg = cfg(&format!(r#", "position": {{"kind": "{pos}"}}"#));
             let p = Params::new(1, DType::F32, &Device::Cpu);
             let model = Model::new(&cfg, &p.frozen()).unwrap();

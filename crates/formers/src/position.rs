@@ -15,6 +15,8 @@ pub enum Positions {
     Table(Tensor),
     /// Rotations of query/key pairs; nothing is added to the embeddings.
     Rope(Rope),
+    /// ALiBi slopes `[heads]`; attention subtracts `slope · distance` from its scores.
+    Alibi(Tensor),
     /// No positional information.
     None,
 }
@@ -31,6 +33,10 @@ impl Positions {
             PositionSpec::Rope { base } => {
                 Positions::Rope(Rope::new(len, cfg.head_dim(), base, p.dtype(), p.device())?)
             }
+            PositionSpec::Alibi => Positions::Alibi(
+                Tensor::from_vec(alibi_slopes(cfg.n_heads), cfg.n_heads, p.device())?
+                    .to_dtype(p.dtype())?,
+            ),
             PositionSpec::None => Positions::None,
         })
     }
@@ -59,6 +65,14 @@ impl Positions {
         }
     }
 
+    /// The ALiBi slopes, when this scheme biases attention scores.
+    pub fn alibi(&self) -> Option<&Tensor> {
+        match self {
+            Positions::Alibi(s) => Some(s),
+            _ => None,
+        }
+    }
+
     /// The rotary tables, when this scheme rotates queries and keys.
     pub fn rope(&self) -> Option<&Rope> {
         match self {
@@ -66,6 +80,43 @@ impl Positions {
             _ => None,
         }
     }
+}
+
+/// ALiBi's head slopes: the geometric sequence `2^(-8/n), 2^(-16/n), ...` for a power of
+/// two `n`; otherwise those of the next lower power of two, then every other slope of the
+/// next higher one (as in the paper's reference code).
+pub fn alibi_slopes(n: usize) -> Vec<f64> {
+    let pow2 = |n: usize| -> Vec<f64> {
+        let start = 2f64.powf(-8.0 / n as f64);
+        (1..=n).map(|i| start.powi(i as i32)).collect()
+    };
+    if n.is_power_of_two() {
+        return pow2(n);
+    }
+    let lower = 1 << (usize::BITS - 1 - n.leading_zeros());
+    let mut s = pow2(lower);
+    s.extend(pow2(2 * lower).into_iter().step_by(2).take(n - lower));
+    s
+}
+
+/// `[h, ql, kl]`: `-slope_h · |q_first + i − (k_first + j)|` (ALiBi scores penalty).
+pub fn alibi_bias(
+    slopes: &Tensor,
+    q_first: usize,
+    ql: usize,
+    k_first: usize,
+    kl: usize,
+    like: &Tensor,
+) -> Result<Tensor> {
+    let dist: Vec<f64> = (0..ql)
+        .flat_map(|i| (0..kl).map(move |j| -((q_first + i).abs_diff(k_first + j) as f64)))
+        .collect();
+    let dist = Tensor::from_vec(dist, (1, ql, kl), like.device())?.to_dtype(like.dtype())?;
+    let h = slopes.dim(0)?;
+    Ok(slopes
+        .to_dtype(like.dtype())?
+        .reshape((h, 1, 1))?
+        .broadcast_mul(&dist)?)
 }
 
 fn check_len(needed: usize, max_len: usize) -> Result<()> {
@@ -175,6 +226,17 @@ mod tests {
         let rope = Rope::new(16, 4, 10_000.0, DType::F64, &Device::Cpu).unwrap();
         let p = Params::new(0, DType::F64, &Device::Cpu);
         check_grad(&p, &randn(&[1, 2, 5, 4], 3), |x| rope.apply(x, 2));
+    }
+
+    #[test]
+    fn alibi_slopes_follow_the_paper() {
+        let s8 = alibi_slopes(8);
+        assert!((s8[0] - 0.5).abs() < 1e-12 && (s8[7] - 1.0 / 256.0).abs() < 1e-12);
+        let s6 = alibi_slopes(6);
+        assert_eq!(s6.len(), 6);
+        assert_eq!(&s6[..4], alibi_slopes(4).as_slice());
+        assert_eq!(s6[4], alibi_slopes(8)[0]);
+        assert_eq!(s6[5], alibi_slopes(8)[2]);
     }
 
     #[test]

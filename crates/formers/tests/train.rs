@@ -121,6 +121,7 @@ fn every_token_mixer_trains_on_reverse_without_nan() {
         r#"{"kind": "linear", "feature": "elu"}"#,
         r#"{"kind": "linear", "feature": "favor", "features": 32}"#,
         r#"{"kind": "pool", "window": 3}"#,
+        r#"{"kind": "attention", "shared_qk": true, "gate": true, "clip": {"gamma": -0.03, "zeta": 1.03}}"#,
     ];
     for m in mixers {
         let mut cfg = base.clone();
@@ -143,4 +144,20 @@ fn every_token_mixer_trains_on_reverse_without_nan() {
         );
         let _ = std::fs::remove_dir_all(&out);
     }
+}
+
+#[test]
+fn alibi_model_trains_and_rejects_mixers_without_scores() {
+    let mut cfg = RunConfig::from_path(&repo().join("configs/reverse.json")).unwrap();
+    cfg.model.position = formers::config::PositionSpec::Alibi;
+    cfg.model.defaults.mixer = serde_json::from_str(r#"{"kind": "local", "window": 4}"#).unwrap();
+    cfg.train.steps = 30;
+    let out = tmp("alibi");
+    let mut rec = Record::default();
+    train(&cfg, "reverse", &out, false, &mut rec).unwrap();
+    assert!(rec.losses.iter().all(|l| l.is_finite()) && rec.losses[29] < rec.losses[0]);
+    let _ = std::fs::remove_dir_all(&out);
+    cfg.model.defaults.mixer = serde_json::from_str(r#"{"kind": "pool"}"#).unwrap();
+    let e = cfg.model.validate().unwrap_err().to_string();
+    assert!(e.contains("`position`") && e.contains("alibi"), "{e}");
 }

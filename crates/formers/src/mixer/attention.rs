@@ -6,13 +6,14 @@
 use candle_core::{Tensor, D};
 
 use super::{MixCtx, MixerCache, TokenMixer, MASKED};
-use crate::config::ModelConfig;
+use crate::config::{Clip, ModelConfig};
 use crate::linear::Linear;
 use crate::params::Params;
+use crate::position::alibi_bias;
 use crate::{Error, Result};
 
-/// How [`attend`] masks and chunks.
-#[derive(Debug, Clone, Copy)]
+/// How [`attend`] masks, biases and chunks.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct AttendOpts<'a> {
     /// Query `i` sees key `j` only if `j <= i + q_offset`.
     pub causal: bool,
@@ -20,17 +21,51 @@ pub struct AttendOpts<'a> {
     pub q_offset: usize,
     /// Additive bias on keys, `[b, 1, 1, m]`.
     pub key_bias: Option<&'a Tensor>,
+    /// ALiBi slopes `[h]`: scores minus `slope · |i − j|`.
+    pub alibi: Option<&'a Tensor>,
+    /// Clipped softmax (Quantizable Transformers) instead of the plain one.
+    pub clip: Option<Clip>,
     /// Queries per chunk.
     pub q_chunk: usize,
     /// Keys per chunk.
     pub k_chunk: usize,
 }
 
+/// Scaled scores of the tile (queries `q_first..q_first + ql`, keys `ks..ks + kl`) with
+/// every mask and bias of `o`; `qi` is already scaled by `1 / sqrt(dh)`.
+fn tile_scores(
+    qi: &Tensor,
+    k: &Tensor,
+    q_first: usize,
+    ks: usize,
+    kl: usize,
+    o: &AttendOpts,
+) -> Result<Tensor> {
+    let ql = qi.dim(2)?;
+    let mut s = qi.matmul(&k.narrow(2, ks, kl)?.t()?)?;
+    if o.causal && ks + kl - 1 > q_first {
+        s = s.broadcast_add(&causal_bias(q_first, ql, ks, kl, &s)?)?;
+    }
+    if let Some(kb) = o.key_bias {
+        s = s.broadcast_add(&kb.narrow(3, ks, kl)?)?;
+    }
+    if let Some(slopes) = o.alibi {
+        s = s.broadcast_add(&alibi_bias(slopes, q_first, ql, ks, kl, &s)?)?;
+    }
+    Ok(s)
+}
+
+/// `clip((ζ − γ)·p + γ, 0, 1)`.
+fn clip_probs(p: &Tensor, c: Clip) -> Result<Tensor> {
+    Ok(((p * (c.zeta - c.gamma))? + c.gamma)?.clamp(0.0, 1.0)?)
+}
+
 /// `softmax(q kᵀ / sqrt(dh) + mask) v` for `q [b, h, n, dh]`, `k, v [b, h, m, dh]`.
 ///
 /// Scores exist one `q_chunk × k_chunk` tile at a time; a running max, normaliser and
 /// accumulator per query row make the result exact. The running max is detached: the
-/// output does not depend on it, so gradients stay exact and cheaper.
+/// output does not depend on it, so gradients stay exact and cheaper. The clipped softmax
+/// needs the final normaliser first, so it takes two passes over the tiles.
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttendOpts) -> Result<Tensor> {
     let (_, _, n, dh) = q.dims4()?;
     let m = k.dim(2)?;
@@ -39,10 +74,12 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttendOpts) -> Result<Tens
     if inference
         && n <= qc
         && m <= kc
+        && o.clip.is_none()
         && q.dtype() == candle_core::DType::F32
         && q.device().is_cpu()
     {
-        return attend_one_tile(q, k, v, o);
+        let s = tile_scores(&(q * (1.0 / (dh as f64).sqrt()))?, k, o.q_offset, 0, m, o)?;
+        return Ok(candle_nn::ops::softmax_last_dim(&s)?.matmul(v)?);
     }
     let scale = 1.0 / (dh as f64).sqrt();
     let mut outs = Vec::with_capacity(n.div_ceil(qc));
@@ -51,61 +88,79 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttendOpts) -> Result<Tens
         let q_first = qs + o.q_offset;
         let q_last = q_first + ql - 1;
         let qi = (q.narrow(2, qs, ql)? * scale)?;
+        let tiles: Vec<(usize, usize)> = (0..m)
+            .step_by(kc)
+            .take_while(|&ks| !(o.causal && ks > q_last))
+            .map(|ks| (ks, kc.min(m - ks)))
+            .collect();
         let mut state: Option<(Tensor, Tensor, Tensor)> = None;
-        for ks in (0..m).step_by(kc) {
-            if o.causal && ks > q_last {
-                break;
-            }
-            let kl = kc.min(m - ks);
-            let kj = k.narrow(2, ks, kl)?;
-            let vj = v.narrow(2, ks, kl)?;
-            let mut s = qi.matmul(&kj.t()?)?;
-            if o.causal && ks + kl - 1 > q_first {
-                s = s.broadcast_add(&causal_bias(q_first, ql, ks, kl, &s)?)?;
-            }
-            if let Some(kb) = o.key_bias {
-                s = s.broadcast_add(&kb.narrow(3, ks, kl)?)?;
-            }
+        for &(ks, kl) in &tiles {
+            let s = tile_scores(&qi, k, q_first, ks, kl, o)?;
             let chunk_max = s.max_keepdim(D::Minus1)?.detach();
             state = Some(match state {
                 None => {
                     let p = s.broadcast_sub(&chunk_max)?.exp()?;
-                    (chunk_max, p.sum_keepdim(D::Minus1)?, p.matmul(&vj)?)
+                    let acc = match o.clip {
+                        None => p.matmul(&v.narrow(2, ks, kl)?)?,
+                        Some(_) => p.zeros_like()?,
+                    };
+                    (chunk_max, p.sum_keepdim(D::Minus1)?, acc)
                 }
                 Some((run_max, l, acc)) => {
                     let new_max = run_max.maximum(&chunk_max)?;
                     let alpha = (run_max - &new_max)?.exp()?;
                     let p = s.broadcast_sub(&new_max)?.exp()?;
                     let l = ((l * &alpha)? + p.sum_keepdim(D::Minus1)?)?;
-                    let acc = (acc.broadcast_mul(&alpha)? + p.matmul(&vj)?)?;
+                    let acc = match o.clip {
+                        None => (acc.broadcast_mul(&alpha)? + p.matmul(&v.narrow(2, ks, kl)?)?)?,
+                        Some(_) => acc,
+                    };
                     (new_max, l, acc)
                 }
             });
         }
-        let (_, l, acc) = state.ok_or_else(|| Error::Input("attention over zero keys".into()))?;
-        outs.push(acc.broadcast_div(&l)?);
+        let (run_max, l, acc) =
+            state.ok_or_else(|| Error::Input("attention over zero keys".into()))?;
+        let out = match o.clip {
+            None => acc.broadcast_div(&l)?,
+            Some(c) => {
+                let mut out: Option<Tensor> = None;
+                for &(ks, kl) in &tiles {
+                    let s = tile_scores(&qi, k, q_first, ks, kl, o)?;
+                    let p = s.broadcast_sub(&run_max)?.exp()?.broadcast_div(&l)?;
+                    let y = clip_probs(&p, c)?.matmul(&v.narrow(2, ks, kl)?)?;
+                    out = Some(match out {
+                        None => y,
+                        Some(prev) => (prev + y)?,
+                    });
+                }
+                out.expect("at least one tile")
+            }
+        };
+        outs.push(out);
     }
     Ok(Tensor::cat(&outs, 2)?)
 }
 
-/// Inference when all scores fit in one tile: one score matrix and candle's fused softmax
-/// (forward-only, so never used when a graph is tracked).
-fn attend_one_tile(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttendOpts) -> Result<Tensor> {
-    let (_, _, n, dh) = q.dims4()?;
+/// The O(n²) reference for [`attend`]: the full score matrix, explicit masks and biases, a
+/// plain (or clipped) softmax. Tests check [`attend`] against it; `formers bench attention
+/// --naive` measures it.
+pub fn reference_attend_with(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttendOpts) -> Result<Tensor> {
+    let dh = q.dim(D::Minus1)?;
     let m = k.dim(2)?;
-    let mut s = (q * (1.0 / (dh as f64).sqrt()))?.matmul(&k.t()?)?;
-    if o.causal && m > 1 && m - 1 > o.q_offset {
-        s = s.broadcast_add(&causal_bias(o.q_offset, n, 0, m, &s)?)?;
-    }
-    if let Some(kb) = o.key_bias {
-        s = s.broadcast_add(kb)?;
-    }
-    Ok(candle_nn::ops::softmax_last_dim(&s)?.matmul(v)?)
+    let s = tile_scores(&(q / (dh as f64).sqrt())?, k, o.q_offset, 0, m, o)?;
+    let e = s
+        .broadcast_sub(&s.max_keepdim(D::Minus1)?.detach())?
+        .exp()?;
+    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+    let p = match o.clip {
+        Some(c) => clip_probs(&p, c)?,
+        None => p,
+    };
+    Ok(p.matmul(v)?)
 }
 
-/// The O(n²) reference for [`attend`]: the full score matrix, an explicit mask and a
-/// plain softmax. Tests check [`attend`] against it; `formers bench attention --naive`
-/// measures it.
+/// [`reference_attend_with`] for a mask alone.
 pub fn reference_attend(
     q: &Tensor,
     k: &Tensor,
@@ -114,19 +169,13 @@ pub fn reference_attend(
     q_offset: usize,
     key_bias: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let (_, _, n, dh) = q.dims4()?;
-    let m = k.dim(2)?;
-    let mut s = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?;
-    if causal {
-        s = s.broadcast_add(&causal_bias(q_offset, n, 0, m, &s)?)?;
-    }
-    if let Some(kb) = key_bias {
-        s = s.broadcast_add(kb)?;
-    }
-    let e = s
-        .broadcast_sub(&s.max_keepdim(D::Minus1)?.detach())?
-        .exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.matmul(v)?)
+    let o = AttendOpts {
+        causal,
+        q_offset,
+        key_bias,
+        ..Default::default()
+    };
+    reference_attend_with(q, k, v, &o)
 }
 
 /// `[ql, kl]` bias: 0 where key `ks + j <= q_first + i`, [`MASKED`] elsewhere.
@@ -141,7 +190,11 @@ fn causal_bias(q_first: usize, ql: usize, ks: usize, kl: usize, like: &Tensor) -
 #[derive(Debug, Clone)]
 pub enum Kernel {
     /// Exact softmax, chunked with an online softmax ([`attend`]).
-    Full { q_chunk: usize, k_chunk: usize },
+    Full {
+        q_chunk: usize,
+        k_chunk: usize,
+        clip: Option<Clip>,
+    },
     /// Sliding-window softmax ([`super::local`]).
     Local { window: usize, chunk: usize },
     /// Linear attention with a feature map ([`super::linear`]).
@@ -153,6 +206,10 @@ pub enum Kernel {
 pub struct AttentionOpts {
     pub causal: bool,
     pub bias: bool,
+    /// Queries use the key projection (Key-Value Transformer).
+    pub shared_qk: bool,
+    /// Per-head sigmoid output gate (gated attention).
+    pub gate: bool,
     pub kernel: Kernel,
 }
 
@@ -160,7 +217,10 @@ pub struct AttentionOpts {
 /// queries meet keys.
 #[derive(Debug)]
 pub struct Attention {
-    q: Linear,
+    /// `None` when queries share the key projection.
+    q: Option<Linear>,
+    /// `[d → heads]` gate logits, when gated.
+    gate: Option<Linear>,
     k: Linear,
     v: Linear,
     o: Linear,
@@ -172,8 +232,19 @@ impl Attention {
     /// Parameters `q`, `k`, `v`, `o` under `p`.
     pub fn new(cfg: &ModelConfig, p: &Params, opts: AttentionOpts) -> Result<Self> {
         let d = cfg.d_model;
+        let q = if opts.shared_qk {
+            None
+        } else {
+            Some(Linear::new(&p.pp("q"), d, d, opts.bias)?)
+        };
+        let gate = if opts.gate {
+            Some(Linear::new(&p.pp("gate"), d, cfg.n_heads, true)?)
+        } else {
+            None
+        };
         Ok(Attention {
-            q: Linear::new(&p.pp("q"), d, d, opts.bias)?,
+            q,
+            gate,
             k: Linear::new(&p.pp("k"), d, d, opts.bias)?,
             v: Linear::new(&p.pp("v"), d, d, opts.bias)?,
             o: Linear::new(&p.pp("o"), d, d, opts.bias)?,
@@ -193,8 +264,11 @@ impl Attention {
 impl TokenMixer for Attention {
     fn forward(&self, x: &Tensor, ctx: &MixCtx, cache: Option<&mut MixerCache>) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
-        let q = self.heads(&self.q.forward(x)?)?;
         let k = self.heads(&self.k.forward(x)?)?;
+        let q = match &self.q {
+            Some(q) => self.heads(&q.forward(x)?)?,
+            None => k.clone(),
+        };
         let v = self.heads(&self.v.forward(x)?)?;
         let y = match ctx.segments {
             Some(segments) => {
@@ -213,6 +287,15 @@ impl TokenMixer for Attention {
                 Tensor::cat(&parts, 2)?
             }
             None => self.attend_one(q, k, v, ctx, cache)?,
+        };
+        let y = match &self.gate {
+            // [b, n, h] → [b, h, n, 1]: one gate per head and token.
+            Some(g) => y.broadcast_mul(
+                &candle_nn::ops::sigmoid(&g.forward(x)?)?
+                    .transpose(1, 2)?
+                    .unsqueeze(3)?,
+            )?,
+            None => y,
         };
         let y = y.transpose(1, 2)?.reshape((b, n, d))?;
         self.o.forward(&y)
@@ -249,11 +332,17 @@ impl Attention {
         }
         let q_offset = k.dim(2)? - n;
         match self.opts.kernel {
-            Kernel::Full { q_chunk, k_chunk } => {
+            Kernel::Full {
+                q_chunk,
+                k_chunk,
+                clip,
+            } => {
                 let opts = AttendOpts {
                     causal: self.opts.causal,
                     q_offset,
                     key_bias: ctx.key_bias,
+                    alibi: ctx.alibi,
+                    clip,
                     q_chunk,
                     k_chunk,
                 };
@@ -266,6 +355,7 @@ impl Attention {
                     causal: self.opts.causal,
                     q_offset,
                     key_bias: ctx.key_bias,
+                    alibi: ctx.alibi,
                 };
                 super::local::attend_local(&q, &k, &v, &opts)
             }
@@ -315,6 +405,7 @@ mod tests {
                         key_bias: kb.as_ref(),
                         q_chunk: qc,
                         k_chunk: kc,
+                        ..Default::default()
                     };
                     let fast = attend(&q, &k, &v, &opts).unwrap();
                     let slow = reference_attend(&q, &k, &v, causal, 0, kb.as_ref()).unwrap();
@@ -350,6 +441,7 @@ mod tests {
                 key_bias: bias,
                 q_chunk: 64,
                 k_chunk: 64,
+                ..Default::default()
             };
             let fast = attend(&q, &k, &v, &opts)
                 .unwrap()
@@ -361,6 +453,77 @@ mod tests {
                 .unwrap();
             assert!(max_rel(&fast, &want) < 1e-5, "causal={causal}");
         }
+    }
+
+    #[test]
+    fn alibi_and_clipped_softmax_equal_the_reference_values_and_gradients() {
+        let slopes = Tensor::new(&[0.5f64, 0.125], &Device::Cpu).unwrap();
+        let kb = padding_bias(9, &[0, 2]);
+        let clip = Some(Clip {
+            gamma: -0.05,
+            zeta: 1.05,
+        });
+        for (causal, alibi, clip, kb) in [
+            (false, Some(&slopes), None, None),
+            (true, Some(&slopes), None, Some(&kb)),
+            (false, None, clip, Some(&kb)),
+            (true, Some(&slopes), clip, None),
+        ] {
+            let q = Var::from_tensor(&randn(&[2, 2, 9, 4], 21)).unwrap();
+            let k = Var::from_tensor(&randn(&[2, 2, 9, 4], 22)).unwrap();
+            let v = Var::from_tensor(&randn(&[2, 2, 9, 4], 23)).unwrap();
+            let o = AttendOpts {
+                causal,
+                key_bias: kb,
+                alibi,
+                clip,
+                q_chunk: 4,
+                k_chunk: 3,
+                ..Default::default()
+            };
+            let fast = attend(&q, &k, &v, &o).unwrap();
+            let slow = reference_attend_with(&q, &k, &v, &o).unwrap();
+            assert!(max_rel(&fast, &slow) < 1e-5, "values causal={causal}");
+            let r = randn(&[2, 2, 9, 4], 24);
+            let gf = (fast * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gs = (slow * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for var in [&q, &k, &v] {
+                assert!(
+                    max_rel(gf.get(var).unwrap(), gs.get(var).unwrap()) < 1e-5,
+                    "grads causal={causal}"
+                );
+            }
+        }
+        // Clipping lets rows reach exact zeros: outputs differ from the plain softmax.
+        let (q, k, v) = (
+            (randn(&[1, 1, 6, 4], 25) * 4.0).unwrap(),
+            randn(&[1, 1, 6, 4], 26),
+            randn(&[1, 1, 6, 4], 27),
+        );
+        let plain = attend(
+            &q,
+            &k,
+            &v,
+            &AttendOpts {
+                q_chunk: 8,
+                k_chunk: 8,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let clipped = attend(
+            &q,
+            &k,
+            &v,
+            &AttendOpts {
+                clip,
+                q_chunk: 8,
+                k_chunk: 8,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(max_rel(&plain, &clipped) > 1e-3);
     }
 
     #[test]
@@ -376,6 +539,7 @@ mod tests {
             key_bias: None,
             q_chunk: 2,
             k_chunk: 4,
+            ..Default::default()
         };
         let fast = attend(&q, &k, &v, &opts).unwrap();
         assert!(max_rel(&fast, &reference_attend(&q, &k, &v, true, 6, None).unwrap()) < 1e-5);
@@ -396,6 +560,7 @@ mod tests {
             key_bias: None,
             q_chunk: 64,
             k_chunk: 48,
+            ..Default::default()
         };
         let fast = attend(&f(&q), &f(&k), &f(&v), &opts)
             .unwrap()
@@ -422,23 +587,47 @@ mod tests {
             );
             Kernel::Linear(k.unwrap())
         };
+        let clip = Some(Clip {
+            gamma: -0.1,
+            zeta: 1.1,
+        });
         for causal in [false, true] {
-            for kernel in [
-                Kernel::Full {
-                    q_chunk: 3,
-                    k_chunk: 2,
-                },
-                Kernel::Local {
-                    window: 1,
-                    chunk: 2,
-                },
-                linear(crate::config::FeatureMap::Elu),
-                linear(crate::config::FeatureMap::Favor),
+            for (kernel, shared_qk, gate) in [
+                (
+                    Kernel::Full {
+                        q_chunk: 3,
+                        k_chunk: 2,
+                        clip: None,
+                    },
+                    false,
+                    false,
+                ),
+                (
+                    Kernel::Full {
+                        q_chunk: 3,
+                        k_chunk: 2,
+                        clip,
+                    },
+                    true,
+                    true,
+                ),
+                (
+                    Kernel::Local {
+                        window: 1,
+                        chunk: 2,
+                    },
+                    false,
+                    true,
+                ),
+                (linear(crate::config::FeatureMap::Elu), false, false),
+                (linear(crate::config::FeatureMap::Favor), true, false),
             ] {
                 let p = crate::params::Params::new(1, DType::F64, &Device::Cpu);
                 let opts = AttentionOpts {
                     causal,
                     bias: true,
+                    shared_qk,
+                    gate,
                     kernel,
                 };
                 let att = Attention::new(&cfg, &p, opts).unwrap();

@@ -18,6 +18,8 @@ pub struct LocalOpts<'a> {
     pub q_offset: usize,
     /// Additive bias on keys, `[b, 1, 1, m]`.
     pub key_bias: Option<&'a Tensor>,
+    /// ALiBi slopes `[h]`.
+    pub alibi: Option<&'a Tensor>,
 }
 
 /// Banded softmax attention of `q [b, h, n, dh]` over `k, v [b, h, m, dh]`.
@@ -44,6 +46,9 @@ pub fn attend_local(q: &Tensor, k: &Tensor, v: &Tensor, o: &LocalOpts) -> Result
         s = s.broadcast_add(&band_bias(first, ql, lo, kl, o.window, o.causal, &s)?)?;
         if let Some(kb) = o.key_bias {
             s = s.broadcast_add(&kb.narrow(3, lo, kl)?)?;
+        }
+        if let Some(slopes) = o.alibi {
+            s = s.broadcast_add(&crate::position::alibi_bias(slopes, first, ql, lo, kl, &s)?)?;
         }
         let p = s
             .broadcast_sub(&s.max_keepdim(D::Minus1)?.detach())?
@@ -135,6 +140,7 @@ mod tests {
                     causal,
                     q_offset: 0,
                     key_bias: None,
+                    alibi: None,
                 };
                 let fast = attend_local(&q, &k, &v, &o).unwrap();
                 let full = reference_attend(&q, &k, &v, causal, 0, None).unwrap();
@@ -165,6 +171,7 @@ mod tests {
                 causal,
                 q_offset: 0,
                 key_bias: None,
+                alibi: None,
             };
             let fast = attend_local(&q, &k, &v, &o).unwrap();
             assert!(

@@ -22,6 +22,8 @@ pub struct MixCtx<'a> {
     pub offset: usize,
     /// Rotary tables when the model uses RoPE.
     pub rope: Option<&'a Rope>,
+    /// ALiBi head slopes `[h]` when the model uses ALiBi.
+    pub alibi: Option<&'a Tensor>,
     /// `(start, len)` of each sequence when the batch is packed padding-free into one
     /// row (`x` is `[1, total, d]`); mixers must not mix across these boundaries.
     pub segments: Option<&'a [(usize, usize)]>,
@@ -46,18 +48,27 @@ pub trait TokenMixer: std::fmt::Debug + Send + Sync {
 /// Builds the mixer of `spec` with its parameters under `p`.
 pub fn build(spec: &MixerSpec, cfg: &ModelConfig, p: &Params) -> Result<Box<dyn TokenMixer>> {
     use attention::{Attention, Kernel};
+    let (shared_qk, gate) = match spec {
+        MixerSpec::Attention {
+            shared_qk, gate, ..
+        } => (*shared_qk, *gate),
+        _ => (false, false),
+    };
     let (causal, bias, kernel) = match spec {
         MixerSpec::Attention {
             causal,
             q_chunk,
             k_chunk,
             bias,
+            clip,
+            ..
         } => (
             *causal,
             *bias,
             Kernel::Full {
                 q_chunk: *q_chunk,
                 k_chunk: *k_chunk,
+                clip: *clip,
             },
         ),
         MixerSpec::Local {
@@ -106,6 +117,8 @@ pub fn build(spec: &MixerSpec, cfg: &ModelConfig, p: &Params) -> Result<Box<dyn 
         attention::AttentionOpts {
             causal,
             bias,
+            shared_qk,
+            gate,
             kernel,
         },
     )?))

@@ -57,6 +57,9 @@ pub fn config(hf: &serde_json::Value, dir: &Path) -> Result<ModelConfig> {
                 q_chunk: 256,
                 k_chunk: 256,
                 bias: true,
+                shared_qk: false,
+                gate: false,
+                clip: None,
             },
             ffn: FfnSpec::Mlp {
                 hidden: Some(usize_key(hf, "intermediate_size", &path)?),

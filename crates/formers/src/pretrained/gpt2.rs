@@ -52,6 +52,9 @@ pub fn config(hf: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
                 q_chunk: 256,
                 k_chunk: 256,
                 bias: true,
+                shared_qk: false,
+                gate: false,
+                clip: None,
             },
             ffn: FfnSpec::Mlp {
                 hidden: Some(hidden),
