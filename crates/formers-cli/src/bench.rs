@@ -37,11 +37,11 @@ pub struct MixersArgs {
         default_value = "1024,2048,4096,8192,16384"
     )]
     pub lengths: Vec<usize>,
-    /// Mixers: attention, local, linear-elu, favor, pool
+    /// Mixers: attention, local, linear-elu, favor, linformer, pool
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "attention,local,linear-elu,favor,pool"
+        default_value = "attention,local,linear-elu,favor,linformer,pool"
     )]
     pub mixers: Vec<String>,
     /// Model width (heads × head width)
@@ -56,6 +56,9 @@ pub struct MixersArgs {
     /// Random features of `favor`
     #[arg(long, default_value_t = 64)]
     pub features: usize,
+    /// Projected length of `linformer`
+    #[arg(long, default_value_t = 256)]
+    pub linformer_k: usize,
     /// Causal variants
     #[arg(long)]
     pub causal: bool,
@@ -372,9 +375,13 @@ fn mixer_spec(name: &str, a: &MixersArgs) -> Result<String> {
             r#"{{"kind": "linear", "feature": "favor", "features": {}, "causal": {c}}}"#,
             a.features
         ),
+        "linformer" if c => {
+            anyhow::bail!("linformer is bidirectional; drop it from --mixers with --causal")
+        }
+        "linformer" => format!(r#"{{"kind": "linformer", "k": {}}}"#, a.linformer_k),
         "pool" => format!(r#"{{"kind": "pool", "window": 3, "causal": {c}}}"#),
         other => anyhow::bail!(
-            "unknown mixer `{other}`; expected attention, local, linear-elu, favor, pool"
+            "unknown mixer `{other}`; expected attention, local, linear-elu, favor, linformer, pool"
         ),
     })
 }

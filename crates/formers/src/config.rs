@@ -246,6 +246,13 @@ pub enum MixerSpec {
         #[serde(default = "yes")]
         bias: bool,
     },
+    /// Keys and values projected along the sequence to `k` rows (Linformer, Wang et al.
+    /// 2020); bidirectional, O(n·k).
+    Linformer {
+        k: usize,
+        #[serde(default = "yes")]
+        bias: bool,
+    },
     /// Average pooling over a window minus the identity (PoolFormer, Yu et al. 2022).
     Pool {
         #[serde(default = "default_pool")]
@@ -310,6 +317,7 @@ impl MixerSpec {
             | MixerSpec::Local { causal, .. }
             | MixerSpec::Linear { causal, .. }
             | MixerSpec::Pool { causal, .. } => *causal,
+            MixerSpec::Linformer { .. } => false,
         }
     }
 }
@@ -557,6 +565,7 @@ fn validate_layer(at: &str, spec: &LayerSpec) -> Result<()> {
         MixerSpec::Linear {
             features, chunk, ..
         } => vec![("features", features), ("chunk", chunk)],
+        MixerSpec::Linformer { k, .. } => vec![("k", k)],
         MixerSpec::Pool { window, causal } => {
             if !causal && window.is_multiple_of(2) {
                 return Err(Error::config(

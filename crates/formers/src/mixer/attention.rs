@@ -199,6 +199,8 @@ pub enum Kernel {
     Local { window: usize, chunk: usize },
     /// Linear attention with a feature map ([`super::linear`]).
     Linear(super::linear::LinearKernel),
+    /// Softmax over keys and values projected along the sequence ([`super::linformer`]).
+    Linformer(super::linformer::LinformerProj),
 }
 
 /// Settings of an [`Attention`] mixer.
@@ -320,6 +322,27 @@ impl Attention {
         if let Kernel::Linear(lin) = &self.opts.kernel {
             return lin.attend(&q, &k, &v, self.opts.causal, ctx.key_bias, cache);
         }
+        if let Kernel::Linformer(proj) = &self.opts.kernel {
+            if cache.is_some() {
+                return Err(Error::Input(
+                    "Linformer is bidirectional: it does not decode with a cache".into(),
+                ));
+            }
+            let keep = match ctx.key_bias {
+                Some(kb) => {
+                    let (b, _, _, m) = kb.dims4()?;
+                    Some(kb.ge(-1.0)?.to_dtype(k.dtype())?.reshape((b, 1, m, 1))?)
+                }
+                None => None,
+            };
+            let (k, v) = proj.project(&k, &v, keep.as_ref())?;
+            let opts = AttendOpts {
+                q_chunk: 256,
+                k_chunk: 256,
+                ..Default::default()
+            };
+            return attend(&q, &k, &v, &opts);
+        }
         if let Some(cache) = cache {
             if ctx.key_bias.is_some() {
                 return Err(Error::Input("a KV cache takes unpadded sequences".into()));
@@ -359,7 +382,7 @@ impl Attention {
                 };
                 super::local::attend_local(&q, &k, &v, &opts)
             }
-            Kernel::Linear(_) => unreachable!("handled above"),
+            Kernel::Linear(_) | Kernel::Linformer(_) => unreachable!("handled above"),
         }
     }
 }
@@ -524,6 +547,49 @@ mod tests {
         )
         .unwrap();
         assert!(max_rel(&plain, &clipped) > 1e-3);
+    }
+
+    #[test]
+    fn linformer_with_identity_projections_equals_full_attention() {
+        let n = 7;
+        let cfg = crate::config::ModelConfig::from_json(&format!(
+            r#"{{"d_model": 8, "n_heads": 2, "n_layers": 1, "max_len": {n}, "input": {{"kind": "bytes"}}, "head": {{"kind": "lm"}}}}"#
+        ))
+        .unwrap();
+        let full_p = crate::params::Params::new(3, DType::F64, &Device::Cpu);
+        let opts = |kernel| AttentionOpts {
+            causal: false,
+            bias: true,
+            shared_qk: false,
+            gate: false,
+            kernel,
+        };
+        let full = Attention::new(
+            &cfg,
+            &full_p,
+            opts(Kernel::Full {
+                q_chunk: 4,
+                k_chunk: 4,
+                clip: None,
+            }),
+        )
+        .unwrap();
+        let lin_p = crate::params::Params::new(3, DType::F64, &Device::Cpu);
+        let proj = crate::mixer::linformer::LinformerProj::new(&lin_p.pp("x"), n, n).unwrap();
+        let lin = Attention::new(&cfg, &lin_p, opts(Kernel::Linformer(proj))).unwrap();
+        let eye = Tensor::eye(n, DType::F64, &Device::Cpu).unwrap();
+        let same = full_p.tensors();
+        for (name, var) in lin_p.vars() {
+            match same.get(&name) {
+                Some(t) => var.set(t).unwrap(),
+                None => var.set(&eye).unwrap(),
+            }
+        }
+        let x = randn(&[2, n, 8], 5);
+        let a = full.forward(&x, &MixCtx::default(), None).unwrap();
+        let b = lin.forward(&x, &MixCtx::default(), None).unwrap();
+        assert!(max_rel(&b, &a) < 1e-5);
+        crate::testutil::check_grad(&lin_p, &x, |x| lin.forward(x, &MixCtx::default(), None));
     }
 
     #[test]

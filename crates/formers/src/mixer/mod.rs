@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod linear;
+pub mod linformer;
 pub mod local;
 pub mod pooling;
 
@@ -103,6 +104,11 @@ pub fn build(spec: &MixerSpec, cfg: &ModelConfig, p: &Params) -> Result<Box<dyn 
                 p.dtype(),
                 p.device(),
             )?),
+        ),
+        MixerSpec::Linformer { k, bias } => (
+            false,
+            *bias,
+            Kernel::Linformer(linformer::LinformerProj::new(p, *k, cfg.max_len)?),
         ),
         MixerSpec::Pool { window, causal } => {
             return Ok(Box::new(pooling::Pool {
