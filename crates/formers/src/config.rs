@@ -216,6 +216,9 @@ pub enum MixerSpec {
         /// Clipped softmax `clip((ζ − γ)·softmax + γ, 0, 1)` (same paper).
         #[serde(default)]
         clip: Option<Clip>,
+        /// Factorise the q, k, v, o projections as `U·V` of this rank (Greenformers LRT).
+        #[serde(default)]
+        rank: Option<usize>,
     },
     /// Sliding-window attention (Longformer, Beltagy et al. 2020): query `i` sees keys
     /// `j` with `|i - j| <= window` (and `j <= i` when causal), in blocks: O(n·window).
@@ -305,6 +308,7 @@ impl Default for MixerSpec {
             shared_qk: false,
             gate: false,
             clip: None,
+            rank: None,
         }
     }
 }
@@ -335,6 +339,9 @@ pub enum FfnSpec {
         activation: Activation,
         #[serde(default = "yes")]
         bias: bool,
+        /// Factorise both layers as `U·V` of this rank (Greenformers LRT).
+        #[serde(default)]
+        rank: Option<usize>,
     },
 }
 
@@ -344,6 +351,7 @@ impl Default for FfnSpec {
             hidden: None,
             activation: Activation::default(),
             bias: true,
+            rank: None,
         }
     }
 }
@@ -549,8 +557,15 @@ fn validate_layer(at: &str, spec: &LayerSpec) -> Result<()> {
             q_chunk,
             k_chunk,
             clip,
+            rank,
             ..
         } => {
+            if rank == Some(0) {
+                return Err(Error::config(
+                    format!("{at}.mixer.rank"),
+                    "must be at least 1",
+                ));
+            }
             if let Some(Clip { gamma, zeta }) = clip {
                 if !(gamma <= 0.0 && zeta >= 1.0) {
                     return Err(Error::config(
@@ -585,6 +600,12 @@ fn validate_layer(at: &str, spec: &LayerSpec) -> Result<()> {
         }
     }
     match spec.ffn {
+        FfnSpec::Mlp { rank: Some(0), .. } => {
+            return Err(Error::config(
+                format!("{at}.ffn.rank"),
+                "must be at least 1",
+            ))
+        }
         FfnSpec::Mlp {
             hidden: Some(0), ..
         } => {

@@ -8,11 +8,15 @@ use crate::Result;
 /// Standard deviation of new weight matrices (GPT-2's 0.02).
 pub const INIT_STD: f64 = 0.02;
 
-/// A dense layer; `weight` is `[out, in]` as in PyTorch and Hugging Face checkpoints.
+/// A dense layer; `weight` is `[out, in]` as in PyTorch and Hugging Face checkpoints. A
+/// low-rank layer (Greenformers LRT, Winata et al. 2020) stores `W = weight · factor` with
+/// `weight [out, r]` and `factor [r, in]`.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// `[out, in]`.
+    /// `[out, in]`, or `[out, r]` when `factor` is present.
     pub weight: Tensor,
+    /// `[r, in]` of a low-rank layer.
+    pub factor: Option<Tensor>,
     /// `[out]`.
     pub bias: Option<Tensor>,
 }
@@ -20,13 +24,41 @@ pub struct Linear {
 impl Linear {
     /// Parameters `weight` (and `bias`) under `p`.
     pub fn new(p: &Params, d_in: usize, d_out: usize, bias: bool) -> Result<Self> {
-        let weight = p.get(&[d_out, d_in], "weight", Init::Normal(INIT_STD))?;
+        Self::with_rank(p, d_in, d_out, None, bias)
+    }
+
+    /// Like [`Linear::new`], factorised as `weight [out, r] · factor [r, in]` when `rank` is
+    /// given; each factor is drawn so that the product has the dense layer's scale.
+    pub fn with_rank(
+        p: &Params,
+        d_in: usize,
+        d_out: usize,
+        rank: Option<usize>,
+        bias: bool,
+    ) -> Result<Self> {
+        let (weight, factor) = match rank {
+            None => (
+                p.get(&[d_out, d_in], "weight", Init::Normal(INIT_STD))?,
+                None,
+            ),
+            Some(r) => {
+                let std = INIT_STD.sqrt() / (r as f64).powf(0.25);
+                (
+                    p.get(&[d_out, r], "weight", Init::Normal(std))?,
+                    Some(p.get(&[r, d_in], "factor", Init::Normal(std))?),
+                )
+            }
+        };
         let bias = if bias {
             Some(p.get(&[d_out], "bias", Init::Const(0.0))?)
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear {
+            weight,
+            factor,
+            bias,
+        })
     }
 
     /// Applies the layer to `[.., in]`.
@@ -40,7 +72,11 @@ impl Module for Linear {
         let dims = x.dims().to_vec();
         let d_in = *dims.last().expect("linear input has a last dimension");
         let rows = x.elem_count() / d_in.max(1);
-        let y = x.reshape((rows, d_in))?.matmul(&self.weight.t()?)?;
+        let x = x.reshape((rows, d_in))?;
+        let y = match &self.factor {
+            Some(f) => x.matmul(&f.t()?)?.matmul(&self.weight.t()?)?,
+            None => x.matmul(&self.weight.t()?)?,
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -48,5 +84,35 @@ impl Module for Linear {
         let mut out = dims;
         *out.last_mut().expect("non-empty") = self.weight.dim(0)?;
         y.reshape(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{check_grad, randn};
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn full_rank_factors_whose_product_is_w_equal_the_dense_layer() {
+        let p = Params::new(1, DType::F64, &Device::Cpu);
+        let dense = Linear::new(&p.pp("dense"), 5, 4, true).unwrap();
+        let lr = Linear::with_rank(&p.pp("lr"), 5, 4, Some(5), true).unwrap();
+        // U = W, V = I: U·V = W.
+        let vars: std::collections::BTreeMap<_, _> = p.vars().into_iter().collect();
+        vars["lr.weight"].set(&dense.weight).unwrap();
+        vars["lr.factor"]
+            .set(&Tensor::eye(5, DType::F64, &Device::Cpu).unwrap())
+            .unwrap();
+        vars["lr.bias"].set(dense.bias.as_ref().unwrap()).unwrap();
+        let x = randn(&[3, 2, 5], 2);
+        let err = (dense.forward(&x).unwrap() - lr.forward(&x).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(err.to_scalar::<f64>().unwrap() < 1e-12);
+        check_grad(&p, &x, |x| lr.forward(x));
     }
 }

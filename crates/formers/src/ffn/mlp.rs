@@ -26,15 +26,16 @@ impl Mlp {
         hidden: usize,
         activation: Activation,
         bias: bool,
+        rank: Option<usize>,
     ) -> Result<Self> {
         let gate = match activation {
-            Activation::Swiglu => Some(Linear::new(&p.pp("gate"), d, hidden, bias)?),
+            Activation::Swiglu => Some(Linear::with_rank(&p.pp("gate"), d, hidden, rank, bias)?),
             _ => None,
         };
         Ok(Mlp {
-            up: Linear::new(&p.pp("up"), d, hidden, bias)?,
+            up: Linear::with_rank(&p.pp("up"), d, hidden, rank, bias)?,
             gate,
-            down: Linear::new(&p.pp("down"), hidden, d, bias)?,
+            down: Linear::with_rank(&p.pp("down"), hidden, d, rank, bias)?,
             activation,
         })
     }
@@ -69,7 +70,7 @@ mod tests {
             Activation::Swiglu,
         ] {
             let p = Params::new(2, DType::F64, &Device::Cpu);
-            let mlp = Mlp::new(&p, 6, 10, act, true).unwrap();
+            let mlp = Mlp::new(&p, 6, 10, act, true, None).unwrap();
             let x = (randn(&[2, 3, 6], 5) * 3.0).unwrap();
             check_grad(&p, &x, |x| mlp.forward(x));
         }
@@ -78,7 +79,7 @@ mod tests {
     #[test]
     fn relu_mlp_matches_hand_computation() {
         let p = Params::new(2, DType::F64, &Device::Cpu);
-        let mlp = Mlp::new(&p, 3, 4, Activation::Relu, true).unwrap();
+        let mlp = Mlp::new(&p, 3, 4, Activation::Relu, true, None).unwrap();
         let x = randn(&[1, 3], 6);
         let w1 = mlp.up.weight.to_vec2::<f64>().unwrap();
         let w2 = mlp.down.weight.to_vec2::<f64>().unwrap();

@@ -19,13 +19,17 @@ pub trait ChannelMixer: std::fmt::Debug + Send + Sync {
 pub fn build(spec: &FfnSpec, cfg: &ModelConfig, p: &Params) -> Result<Box<dyn ChannelMixer>> {
     Ok(match spec {
         FfnSpec::Mlp {
-            activation, bias, ..
+            activation,
+            bias,
+            rank,
+            ..
         } => Box::new(mlp::Mlp::new(
             p,
             cfg.d_model,
             spec.hidden(cfg.d_model),
             *activation,
             *bias,
+            *rank,
         )?),
     })
 }

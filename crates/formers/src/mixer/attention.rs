@@ -212,6 +212,8 @@ pub struct AttentionOpts {
     pub shared_qk: bool,
     /// Per-head sigmoid output gate (gated attention).
     pub gate: bool,
+    /// Low-rank q, k, v, o projections (Greenformers LRT).
+    pub rank: Option<usize>,
     pub kernel: Kernel,
 }
 
@@ -237,7 +239,7 @@ impl Attention {
         let q = if opts.shared_qk {
             None
         } else {
-            Some(Linear::new(&p.pp("q"), d, d, opts.bias)?)
+            Some(Linear::with_rank(&p.pp("q"), d, d, opts.rank, opts.bias)?)
         };
         let gate = if opts.gate {
             Some(Linear::new(&p.pp("gate"), d, cfg.n_heads, true)?)
@@ -247,9 +249,9 @@ impl Attention {
         Ok(Attention {
             q,
             gate,
-            k: Linear::new(&p.pp("k"), d, d, opts.bias)?,
-            v: Linear::new(&p.pp("v"), d, d, opts.bias)?,
-            o: Linear::new(&p.pp("o"), d, d, opts.bias)?,
+            k: Linear::with_rank(&p.pp("k"), d, d, opts.rank, opts.bias)?,
+            v: Linear::with_rank(&p.pp("v"), d, d, opts.rank, opts.bias)?,
+            o: Linear::with_rank(&p.pp("o"), d, d, opts.rank, opts.bias)?,
             n_heads: cfg.n_heads,
             opts,
         })
@@ -562,6 +564,7 @@ mod tests {
             bias: true,
             shared_qk: false,
             gate: false,
+            rank: None,
             kernel,
         };
         let full = Attention::new(
@@ -694,6 +697,8 @@ mod tests {
                     bias: true,
                     shared_qk,
                     gate,
+                    // Low-rank projections ride along with the shared query-key cases.
+                    rank: shared_qk.then_some(3),
                     kernel,
                 };
                 let att = Attention::new(&cfg, &p, opts).unwrap();

@@ -49,11 +49,14 @@ pub trait TokenMixer: std::fmt::Debug + Send + Sync {
 /// Builds the mixer of `spec` with its parameters under `p`.
 pub fn build(spec: &MixerSpec, cfg: &ModelConfig, p: &Params) -> Result<Box<dyn TokenMixer>> {
     use attention::{Attention, Kernel};
-    let (shared_qk, gate) = match spec {
+    let (shared_qk, gate, rank) = match spec {
         MixerSpec::Attention {
-            shared_qk, gate, ..
-        } => (*shared_qk, *gate),
-        _ => (false, false),
+            shared_qk,
+            gate,
+            rank,
+            ..
+        } => (*shared_qk, *gate, *rank),
+        _ => (false, false, None),
     };
     let (causal, bias, kernel) = match spec {
         MixerSpec::Attention {
@@ -125,6 +128,7 @@ pub fn build(spec: &MixerSpec, cfg: &ModelConfig, p: &Params) -> Result<Box<dyn 
             bias,
             shared_qk,
             gate,
+            rank,
             kernel,
         },
     )?))

@@ -60,11 +60,13 @@ pub fn config(hf: &serde_json::Value, dir: &Path) -> Result<ModelConfig> {
                 shared_qk: false,
                 gate: false,
                 clip: None,
+                rank: None,
             },
             ffn: FfnSpec::Mlp {
                 hidden: Some(usize_key(hf, "intermediate_size", &path)?),
                 activation: act,
                 bias: true,
+                rank: None,
             },
             norm: NormSpec::LayerNorm {
                 eps: f64_key(hf, "layer_norm_eps", 1e-12, &path)?,

@@ -55,11 +55,13 @@ pub fn config(hf: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
                 shared_qk: false,
                 gate: false,
                 clip: None,
+                rank: None,
             },
             ffn: FfnSpec::Mlp {
                 hidden: Some(hidden),
                 activation: act,
                 bias: true,
+                rank: None,
             },
             norm: NormSpec::LayerNorm {
                 eps: f64_key(hf, "layer_norm_epsilon", 1e-5, path)?,
