@@ -53,6 +53,9 @@ pub struct ModelConfig {
     /// A norm (of the `defaults.norm` kind) right after the embeddings, as BERT.
     #[serde(default)]
     pub embed_norm: bool,
+    /// How blocks feed each other.
+    #[serde(default)]
+    pub residual: ResidualSpec,
     /// The spec of every layer unless overridden.
     #[serde(default)]
     pub defaults: LayerSpec,
@@ -66,6 +69,28 @@ fn default_max_len() -> usize {
 }
 fn yes() -> bool {
     true
+}
+
+/// Residual scheme between blocks.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ResidualSpec {
+    /// Each block's output is the next block's input.
+    #[default]
+    Plain,
+    /// After each block, a learned weighted average of the embeddings and all block outputs
+    /// so far, initialised to the identity (DenseFormer, Pagliardini et al. 2024).
+    DenseFormer,
+    /// Every attention layer's values mixed with the first layer's:
+    /// `v ← λ·v + (1 − λ)·v₁` (ResFormer, Zhou et al. 2024, "Value Residual Learning").
+    ValueResidual {
+        #[serde(default = "default_lambda")]
+        lambda: f64,
+    },
+}
+
+fn default_lambda() -> f64 {
+    0.5
 }
 
 /// What the model reads.
@@ -506,6 +531,14 @@ impl ModelConfig {
             }
         }
         check_dropout("embed_dropout", self.embed_dropout)?;
+        if let ResidualSpec::ValueResidual { lambda } = self.residual {
+            if !(0.0..=1.0).contains(&lambda) {
+                return Err(Error::config(
+                    "residual.lambda",
+                    format!("must be in [0, 1], found {lambda}"),
+                ));
+            }
+        }
         for key in self.layers.keys() {
             match key.parse::<usize>() {
                 Ok(i) if i < self.n_layers => {}

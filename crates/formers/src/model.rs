@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::block::{dropout, Block};
-use crate::config::{HeadSpec, ModelConfig, Pooling};
+use crate::config::{HeadSpec, ModelConfig, Pooling, ResidualSpec};
 use crate::linear::{Linear, INIT_STD};
 use crate::mixer::{MixCtx, MixerCache, MASKED};
 use crate::norm::Norm;
@@ -47,6 +47,9 @@ pub struct Model {
     embed_norm: Option<Norm>,
     positions: Positions,
     blocks: Vec<Block>,
+    /// DenseFormer averaging weights, one vector per block (over the embeddings and the
+    /// outputs of blocks 0..=i).
+    dwa: Option<Vec<Tensor>>,
     final_norm: Option<Norm>,
     head: Head,
 }
@@ -72,6 +75,20 @@ impl Model {
         let blocks = (0..cfg.n_layers)
             .map(|i| Block::new(&cfg.layer(i), cfg, &p.pp(format!("layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
+        let dwa = match cfg.residual {
+            ResidualSpec::DenseFormer => Some(
+                (0..cfg.n_layers)
+                    .map(|i| {
+                        // Identity: weight 1 on the newest block output, 0 elsewhere.
+                        let init = (0..i + 2)
+                            .map(|j| if j == i + 1 { 1.0 } else { 0.0 })
+                            .collect();
+                        p.get(&[i + 2], &format!("dwa.{i}"), Init::Values(init))
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+            _ => None,
+        };
         let final_norm = if cfg.final_norm {
             Some(Norm::new(&cfg.defaults.norm, &p.pp("final_norm"), d)?)
         } else {
@@ -98,6 +115,7 @@ impl Model {
             embed_norm,
             positions,
             blocks,
+            dwa,
             final_norm,
             head,
         })
@@ -148,6 +166,7 @@ impl Model {
             .reshape((b, n, self.cfg.d_model))?;
         let x = self.positions.add(&x, offset)?;
         let x = self.finish_embeddings(x, rng.as_deref_mut())?;
+        let first_values = std::cell::RefCell::new(None);
         let key_bias = match mask {
             Some(m) => Some(((1.0 - m.to_dtype(x.dtype())?)? * MASKED)?.reshape((b, 1, 1, n))?),
             None => None,
@@ -157,6 +176,8 @@ impl Model {
             offset,
             rope: self.positions.rope(),
             alibi: self.positions.alibi(),
+            first_values: self.value_residual().then_some(&first_values),
+            value_lambda: self.value_lambda(),
             segments: None,
         };
         if let Some(c) = cache.as_deref_mut() {
@@ -178,11 +199,14 @@ impl Model {
         let pos = Tensor::from_slice(&batch.positions, batch.positions.len(), &Device::Cpu)?;
         let x = self.positions.add_at(&x, &pos)?;
         let x = self.finish_embeddings(x, None)?.unsqueeze(0)?;
+        let first_values = std::cell::RefCell::new(None);
         let ctx = MixCtx {
             key_bias: None,
             offset: 0,
             rope: self.positions.rope(),
             alibi: self.positions.alibi(),
+            first_values: self.value_residual().then_some(&first_values),
+            value_lambda: self.value_lambda(),
             segments: Some(&batch.segments),
         };
         Ok(self.run_blocks(x, &ctx, None, None)?.squeeze(0)?)
@@ -203,6 +227,17 @@ impl Model {
                     .collect::<Result<Vec<_>>>()?;
                 Ok(Tensor::cat(&pooled, 0)?)
             }
+        }
+    }
+
+    fn value_residual(&self) -> bool {
+        matches!(self.cfg.residual, ResidualSpec::ValueResidual { .. })
+    }
+
+    fn value_lambda(&self) -> f64 {
+        match self.cfg.residual {
+            ResidualSpec::ValueResidual { lambda } => lambda,
+            _ => 1.0,
         }
     }
 
@@ -247,9 +282,25 @@ impl Model {
         mut caches: Option<&mut Vec<MixerCache>>,
         mut rng: Option<&mut Rng>,
     ) -> Result<Tensor> {
+        let mut history = Vec::new();
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = caches.as_deref_mut().map(|c| &mut c[i]);
-            x = block.forward(&x, ctx, layer_cache, rng.as_deref_mut())?;
+            let out = block.forward(&x, ctx, layer_cache, rng.as_deref_mut())?;
+            x = match &self.dwa {
+                Some(weights) => {
+                    if history.is_empty() {
+                        history.push(x);
+                    }
+                    history.push(out);
+                    let w = &weights[i];
+                    let mut avg = history[0].broadcast_mul(&w.narrow(0, 0, 1)?)?;
+                    for (j, h) in history.iter().enumerate().skip(1) {
+                        avg = (avg + h.broadcast_mul(&w.narrow(0, j, 1)?)?)?;
+                    }
+                    avg
+                }
+                None => out,
+            };
         }
         match &self.final_norm {
             Some(norm) => norm.forward(&x),
@@ -414,6 +465,73 @@ mod tests {
                 max_abs(&full, &inc)
             );
             assert_eq!(cache.len(), 12);
+        }
+    }
+
+    #[test]
+    fn residual_schemes_reduce_to_plain_at_their_identity_and_decode_with_the_cache() {
+        let toks = ids(12, 3);
+        let run = |residual: &str| {
+            let cfg = cfg(&format!(r#", "residual": {residual}"#));
+            let model =
+                Model::new(&cfg, &Params::new(1, DType::F32, &Device::Cpu).frozen()).unwrap();
+            let full = model
+                .forward(&ids_tensor(&toks).unwrap(), None, None)
+                .unwrap();
+            let mut cache = Cache::default();
+            let mut parts = vec![model
+                .forward_cached(&ids_tensor(&toks[..4]).unwrap(), &mut cache)
+                .unwrap()];
+            for t in &toks[4..] {
+                parts.push(
+                    model
+                        .forward_cached(&ids_tensor(&[*t]).unwrap(), &mut cache)
+                        .unwrap(),
+                );
+            }
+            let inc = Tensor::cat(&parts, 1).unwrap();
+            assert!(max_abs(&full, &inc) < 1e-5, "{residual}: cache");
+            full
+        };
+        let plain = run(r#"{"kind": "plain"}"#);
+        assert!(max_abs(&plain, &run(r#"{"kind": "dense_former"}"#)) < 1e-6);
+        assert!(max_abs(&plain, &run(r#"{"kind": "value_residual", "lambda": 1.0}"#)) < 1e-6);
+        assert!(max_abs(&plain, &run(r#"{"kind": "value_residual", "lambda": 0.5}"#)) > 1e-4);
+    }
+
+    #[test]
+    fn residual_scheme_gradients_match_finite_differences() {
+        for residual in [
+            r#"{"kind": "dense_former"}"#,
+            r#"{"kind": "value_residual", "lambda": 0.3}"#,
+        ] {
+            let cfg = ModelConfig::from_json(&format!(
+                r#"{{"d_model": 8, "n_heads": 2, "n_layers": 3, "max_len": 8, "input": {{"kind": "bytes"}}, "residual": {residual},
+                   "head": {{"kind": "classification", "n_classes": 3, "pooling": "mean"}},
+                   "defaults": {{"ffn": {{"kind": "mlp", "hidden": 8}}}}}}"#
+            ))
+            .unwrap();
+            let p = Params::new(6, DType::F64, &Device::Cpu);
+            let model = Model::new(&cfg, &p).unwrap();
+            // Move the DenseFormer weights off the identity so every term matters.
+            for (name, var) in p.vars() {
+                if name.starts_with("dwa.") {
+                    let n = var.elem_count();
+                    let v: Vec<f64> = (0..n).map(|j| 0.3 + 0.2 * j as f64).collect();
+                    var.set(&Tensor::from_vec(v, n, &Device::Cpu).unwrap())
+                        .unwrap();
+                }
+            }
+            let h = randn(&[2, 5, 8], 8);
+            crate::testutil::check_grad(&p, &h, |h| {
+                let first = std::cell::RefCell::new(None);
+                let ctx = MixCtx {
+                    first_values: model.value_residual().then_some(&first),
+                    value_lambda: model.value_lambda(),
+                    ..MixCtx::default()
+                };
+                model.head(&model.run_blocks(h.clone(), &ctx, None, None)?, None)
+            });
         }
     }
 

@@ -12,12 +12,14 @@ use crate::rng::Rng;
 use crate::{Error, Result};
 
 /// How a new parameter is filled.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Init {
     /// Normal with mean 0 and this standard deviation.
     Normal(f64),
     /// Every entry this value.
     Const(f64),
+    /// These values, in row-major order.
+    Values(Vec<f64>),
 }
 
 #[derive(Debug)]
@@ -108,6 +110,13 @@ impl Params {
         let values: Vec<f64> = match init {
             Init::Normal(std) => (0..n).map(|_| store.rng.normal() * std).collect(),
             Init::Const(c) => vec![c; n],
+            Init::Values(v) if v.len() == n => v,
+            Init::Values(v) => {
+                return Err(Error::config(
+                    full,
+                    format!("{} initial values for {n} entries", v.len()),
+                ));
+            }
         };
         let t = Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.dtype)?;
         let var = Var::from_tensor(&t)?;

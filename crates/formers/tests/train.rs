@@ -163,3 +163,23 @@ fn alibi_model_trains_and_rejects_mixers_without_scores() {
     let e = cfg.model.validate().unwrap_err().to_string();
     assert!(e.contains("`position`") && e.contains("alibi"), "{e}");
 }
+
+#[test]
+fn residual_schemes_train_without_nan() {
+    for residual in [
+        r#"{"kind": "dense_former"}"#,
+        r#"{"kind": "value_residual"}"#,
+    ] {
+        let mut cfg = RunConfig::from_path(&repo().join("configs/reverse.json")).unwrap();
+        cfg.model.residual = serde_json::from_str(residual).unwrap();
+        cfg.train.steps = 30;
+        let out = tmp("residual");
+        let mut rec = Record::default();
+        train(&cfg, "reverse", &out, false, &mut rec).unwrap();
+        assert!(
+            rec.losses.iter().all(|l| l.is_finite()) && rec.losses[29] < rec.losses[0],
+            "{residual}"
+        );
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}

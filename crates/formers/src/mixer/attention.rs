@@ -273,7 +273,14 @@ impl TokenMixer for Attention {
             Some(q) => self.heads(&q.forward(x)?)?,
             None => k.clone(),
         };
-        let v = self.heads(&self.v.forward(x)?)?;
+        let mut v = self.heads(&self.v.forward(x)?)?;
+        if let Some(cell) = ctx.first_values {
+            let mut first = cell.borrow_mut();
+            match first.as_ref() {
+                None => *first = Some(v.clone()),
+                Some(v1) => v = ((v * ctx.value_lambda)? + (v1 * (1.0 - ctx.value_lambda))?)?,
+            }
+        }
         let y = match ctx.segments {
             Some(segments) => {
                 if cache.is_some() {

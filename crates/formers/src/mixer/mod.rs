@@ -25,6 +25,11 @@ pub struct MixCtx<'a> {
     pub rope: Option<&'a Rope>,
     /// ALiBi head slopes `[h]` when the model uses ALiBi.
     pub alibi: Option<&'a Tensor>,
+    /// Value residual (ResFormer): the first attention layer leaves its values here; later
+    /// ones mix them into theirs with weight `1 − value_lambda`.
+    pub first_values: Option<&'a std::cell::RefCell<Option<Tensor>>>,
+    /// `λ` of the value residual.
+    pub value_lambda: f64,
     /// `(start, len)` of each sequence when the batch is packed padding-free into one
     /// row (`x` is `[1, total, d]`); mixers must not mix across these boundaries.
     pub segments: Option<&'a [(usize, usize)]>,

@@ -74,6 +74,7 @@ pub fn config(hf: &serde_json::Value, dir: &Path) -> Result<ModelConfig> {
             placement: Placement::Post,
             dropout: 0.0,
         },
+        residual: crate::config::ResidualSpec::Plain,
         layers: BTreeMap::new(),
     };
     cfg.validate()

@@ -69,6 +69,7 @@ pub fn config(hf: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
             placement: Placement::Pre,
             dropout: 0.0,
         },
+        residual: crate::config::ResidualSpec::Plain,
         layers: BTreeMap::new(),
     };
     cfg.validate()
