@@ -416,6 +416,12 @@ pub enum NormSpec {
         #[serde(default = "default_eps")]
         eps: f64,
     },
+    /// Compressed RMSNorm (Jiang et al. 2023, "Pre-RMSNorm and Pre-CRMSNorm Transformers"):
+    /// the RMS of a zero-mean vector from its first d−1 coordinates.
+    CrmsNorm {
+        #[serde(default = "default_eps")]
+        eps: f64,
+    },
 }
 
 fn default_eps() -> f64 {
@@ -650,7 +656,7 @@ fn validate_layer(at: &str, spec: &LayerSpec) -> Result<()> {
         FfnSpec::Mlp { .. } => {}
     }
     let eps = match spec.norm {
-        NormSpec::LayerNorm { eps } | NormSpec::RmsNorm { eps } => eps,
+        NormSpec::LayerNorm { eps } | NormSpec::RmsNorm { eps } | NormSpec::CrmsNorm { eps } => eps,
     };
     if eps.is_nan() || eps <= 0.0 {
         return Err(Error::config(

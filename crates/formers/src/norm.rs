@@ -18,6 +18,9 @@ pub enum Norm {
     },
     /// `x / sqrt(mean(x²) + eps) * weight`.
     RmsNorm { weight: Tensor, eps: f64 },
+    /// `x / sqrt((Σ_{i<d} x_i² + (Σ_{i<d} x_i)²) / d + eps) * weight`: RMSNorm of a zero-mean
+    /// `x` read from its first d−1 coordinates (the last one is minus their sum).
+    CrmsNorm { weight: Tensor, eps: f64 },
 }
 
 impl Norm {
@@ -31,6 +34,7 @@ impl Norm {
                 eps,
             },
             NormSpec::RmsNorm { eps } => Norm::RmsNorm { weight, eps },
+            NormSpec::CrmsNorm { eps } => Norm::CrmsNorm { weight, eps },
         })
     }
 
@@ -68,6 +72,14 @@ impl Norm {
             Norm::RmsNorm { weight, eps } => {
                 let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
                 let y = x.broadcast_div(&(ms + *eps)?.sqrt()?)?;
+                y.broadcast_mul(&weight.to_dtype(x.dtype())?)?
+            }
+            Norm::CrmsNorm { weight, eps } => {
+                let d = x.dim(D::Minus1)?;
+                let head = x.narrow(D::Minus1, 0, d - 1)?;
+                let sq =
+                    (head.sqr()?.sum_keepdim(D::Minus1)? + head.sum_keepdim(D::Minus1)?.sqr()?)?;
+                let y = x.broadcast_div(&((sq / d as f64)? + *eps)?.sqrt()?)?;
                 y.broadcast_mul(&weight.to_dtype(x.dtype())?)?
             }
         };
@@ -117,10 +129,27 @@ mod tests {
     }
 
     #[test]
+    fn crms_norm_equals_rms_norm_on_zero_mean_inputs() {
+        let p = Params::new(3, DType::F64, &Device::Cpu);
+        let rms = Norm::new(&NormSpec::RmsNorm { eps: 1e-6 }, &p.pp("a"), 7).unwrap();
+        let crms = Norm::new(&NormSpec::CrmsNorm { eps: 1e-6 }, &p.pp("a"), 7).unwrap();
+        let x = randn(&[4, 7], 5);
+        let x = x.broadcast_sub(&x.mean_keepdim(1).unwrap()).unwrap();
+        let err = (rms.forward(&x).unwrap() - crms.forward(&x).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(err.to_scalar::<f64>().unwrap() < 1e-12);
+    }
+
+    #[test]
     fn gradients_match_finite_differences() {
         for spec in [
             NormSpec::LayerNorm { eps: 1e-5 },
             NormSpec::RmsNorm { eps: 1e-5 },
+            NormSpec::CrmsNorm { eps: 1e-5 },
         ] {
             let p = Params::new(3, DType::F64, &Device::Cpu);
             let n = Norm::new(&spec, &p, 6).unwrap();
