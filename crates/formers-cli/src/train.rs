@@ -72,6 +72,10 @@ pub struct EvalArgs {
     /// Held-out batches to evaluate [default: train.eval_batches of the run]
     #[arg(long)]
     pub batches: Option<usize>,
+    /// MatFormer models: evaluate every nested layer at this granularity index
+    /// [default: each layer's configured `active` one (Mix'n'Match)]
+    #[arg(long)]
+    pub granularity: Option<usize>,
 }
 
 fn load_config(args: &TrainArgs, out: &Path) -> Result<(RunConfig, String)> {
@@ -194,10 +198,19 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let tc = &rec.config.train;
     let task = tasks::by_name(&rec.task, &rec.config.model, tc)?;
     let batches = args.batches.unwrap_or(tc.eval_batches);
+    if let Some(g) = args.granularity {
+        if g >= model.granularities() {
+            anyhow::bail!(
+                "--granularity {g}: the model has {} granularities",
+                model.granularities()
+            );
+        }
+        model.set_granularity(Some(g));
+    }
     let e = evaluate(&model, task.as_ref(), tc.seed, batches, tc.batch_size)?;
     println!(
         "{}",
-        serde_json::json!({"task": rec.task, "batches": batches, "loss": e.loss, "accuracy": e.accuracy})
+        serde_json::json!({"task": rec.task, "batches": batches, "granularity": args.granularity, "loss": e.loss, "accuracy": e.accuracy})
     );
     Ok(())
 }

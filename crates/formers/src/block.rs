@@ -35,6 +35,11 @@ impl Block {
         })
     }
 
+    /// The channel mixer.
+    pub fn ffn(&self) -> &dyn ChannelMixer {
+        self.ffn.as_ref()
+    }
+
     /// Applies the block to `x [b, n, d]`; `rng` turns dropout on (training).
     pub fn forward(
         &self,

@@ -368,6 +368,28 @@ pub enum FfnSpec {
         #[serde(default)]
         rank: Option<usize>,
     },
+    /// MatFormer nested MLP: granularity g uses the first ⌈g·hidden⌉ hidden units.
+    #[serde(rename = "matformer")]
+    MatFormer {
+        /// Full hidden width; 4 × d_model when absent.
+        #[serde(default)]
+        hidden: Option<usize>,
+        /// Fractions of `hidden`, ascending, the last 1.0.
+        #[serde(default = "default_granularities")]
+        granularities: Vec<f64>,
+        /// Index of the granularity used at inference (Mix'n'Match, per layer); the largest
+        /// when absent.
+        #[serde(default)]
+        active: Option<usize>,
+        #[serde(default)]
+        activation: Activation,
+        #[serde(default = "yes")]
+        bias: bool,
+    },
+}
+
+fn default_granularities() -> Vec<f64> {
+    vec![0.125, 0.25, 0.5, 1.0]
 }
 
 impl Default for FfnSpec {
@@ -385,7 +407,9 @@ impl FfnSpec {
     /// Hidden width in a model of width `d_model`.
     pub fn hidden(&self, d_model: usize) -> usize {
         match self {
-            FfnSpec::Mlp { hidden, .. } => hidden.unwrap_or(4 * d_model),
+            FfnSpec::Mlp { hidden, .. } | FfnSpec::MatFormer { hidden, .. } => {
+                hidden.unwrap_or(4 * d_model)
+            }
         }
     }
 }
@@ -644,6 +668,35 @@ fn validate_layer(at: &str, spec: &LayerSpec) -> Result<()> {
                 format!("{at}.ffn.rank"),
                 "must be at least 1",
             ))
+        }
+        FfnSpec::MatFormer {
+            ref granularities,
+            active,
+            activation,
+            ..
+        } => {
+            let ascending = granularities.windows(2).all(|w| w[0] < w[1]);
+            if granularities.is_empty()
+                || !ascending
+                || granularities.iter().any(|g| !(*g > 0.0 && *g <= 1.0))
+            {
+                return Err(Error::config(
+                    format!("{at}.ffn.granularities"),
+                    format!("need ascending fractions in (0, 1], found {granularities:?}"),
+                ));
+            }
+            if active.is_some_and(|a| a >= granularities.len()) {
+                return Err(Error::config(
+                    format!("{at}.ffn.active"),
+                    "not an index into granularities",
+                ));
+            }
+            if activation == Activation::Swiglu {
+                return Err(Error::config(
+                    format!("{at}.ffn.activation"),
+                    "the nested MLP takes gelu, gelu_tanh or relu",
+                ));
+            }
         }
         FfnSpec::Mlp {
             hidden: Some(0), ..

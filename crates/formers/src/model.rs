@@ -121,6 +121,23 @@ impl Model {
         })
     }
 
+    /// Number of nested MatFormer granularities (1 when no layer is nested).
+    pub fn granularities(&self) -> usize {
+        self.blocks
+            .iter()
+            .map(|b| b.ffn().granularities())
+            .max()
+            .unwrap_or(1)
+    }
+
+    /// Forces every nested layer to granularity `index` (clamped to each layer's list);
+    /// `None` returns each to its configured one (Mix'n'Match).
+    pub fn set_granularity(&self, index: Option<usize>) {
+        for b in &self.blocks {
+            b.ffn().set_granularity(index);
+        }
+    }
+
     /// The configuration the model was built from.
     pub fn config(&self) -> &ModelConfig {
         &self.cfg

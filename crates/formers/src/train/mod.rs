@@ -45,6 +45,9 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Seed of initialisation, data order and dropout.
     pub seed: u64,
+    /// MatFormer models: sum the losses of all granularities each step instead of
+    /// sampling one.
+    pub matformer_all: bool,
 }
 
 impl Default for TrainConfig {
@@ -66,6 +69,7 @@ impl Default for TrainConfig {
             eval_batches: 4,
             checkpoint_every: 100,
             seed: 0,
+            matformer_all: false,
         }
     }
 }

@@ -1,0 +1,138 @@
+//! MatFormer nested MLP (Devvrit et al. 2023, "MatFormer: Nested Transformer for Elastic
+//! Inference"): sub-MLPs of granularity g use the first ⌈g·hidden⌉ hidden units, so every
+//! smaller model is a prefix of the larger. Training samples one granularity per step (or
+//! sums the losses of all); inference picks one per layer (Mix'n'Match).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use candle_core::Tensor;
+
+use super::ChannelMixer;
+use crate::config::Activation;
+use crate::linear::Linear;
+use crate::params::Params;
+use crate::Result;
+
+/// No granularity forced: use the layer's configured one.
+const CONFIGURED: usize = usize::MAX;
+
+/// An MLP whose hidden layer can be cut to nested prefixes.
+#[derive(Debug)]
+pub struct MatMlp {
+    up: Linear,
+    down: Linear,
+    activation: Activation,
+    /// Hidden widths of the granularities, ascending.
+    widths: Vec<usize>,
+    /// Index into `widths` used unless one is forced.
+    configured: usize,
+    forced: AtomicUsize,
+}
+
+impl MatMlp {
+    /// Parameters `up`, `down` under `p`; `granularities` are fractions of `hidden`.
+    pub fn new(
+        p: &Params,
+        d: usize,
+        hidden: usize,
+        granularities: &[f64],
+        active: usize,
+        activation: Activation,
+        bias: bool,
+    ) -> Result<Self> {
+        let widths = granularities
+            .iter()
+            .map(|g| ((g * hidden as f64).ceil() as usize).clamp(1, hidden))
+            .collect();
+        Ok(MatMlp {
+            up: Linear::new(&p.pp("up"), d, hidden, bias)?,
+            down: Linear::new(&p.pp("down"), hidden, d, bias)?,
+            activation,
+            widths,
+            configured: active,
+            forced: AtomicUsize::new(CONFIGURED),
+        })
+    }
+
+    /// The hidden width in use.
+    pub fn width(&self) -> usize {
+        let i = match self.forced.load(Ordering::Relaxed) {
+            CONFIGURED => self.configured,
+            i => i.min(self.widths.len() - 1),
+        };
+        self.widths[i]
+    }
+}
+
+impl ChannelMixer for MatMlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.width();
+        let up = Linear {
+            weight: self.up.weight.narrow(0, 0, h)?,
+            factor: None,
+            bias: self
+                .up
+                .bias
+                .as_ref()
+                .map(|b| b.narrow(0, 0, h))
+                .transpose()?,
+        };
+        let down = Linear {
+            weight: self.down.weight.narrow(1, 0, h)?,
+            factor: None,
+            bias: self.down.bias.clone(),
+        };
+        let a = up.forward(x)?;
+        let a = match self.activation {
+            Activation::Gelu => crate::kernels::gelu_erf(&a)?,
+            Activation::GeluTanh => a.gelu()?,
+            Activation::Relu => a.relu()?,
+            Activation::Swiglu => a.silu()?,
+        };
+        down.forward(&a)
+    }
+
+    fn granularities(&self) -> usize {
+        self.widths.len()
+    }
+
+    fn set_granularity(&self, index: Option<usize>) {
+        self.forced
+            .store(index.unwrap_or(CONFIGURED), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ffn::mlp::Mlp;
+    use crate::testutil::{check_grad, randn};
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn full_granularity_equals_the_plain_mlp_and_smaller_ones_are_prefixes() {
+        let p = Params::new(1, DType::F64, &Device::Cpu);
+        let mat = MatMlp::new(&p, 6, 16, &[0.25, 0.5, 1.0], 2, Activation::Gelu, true).unwrap();
+        let q = Params::new(1, DType::F64, &Device::Cpu);
+        let plain = Mlp::new(&q, 6, 16, Activation::Gelu, true, None).unwrap();
+        let x = randn(&[2, 3, 6], 2);
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        assert!(diff(&mat.forward(&x).unwrap(), &plain.forward(&x).unwrap()) < 1e-12);
+        mat.set_granularity(Some(0));
+        assert_eq!(mat.width(), 4);
+        let small = mat.forward(&x).unwrap();
+        assert!(diff(&small, &plain.forward(&x).unwrap()) > 1e-6);
+        check_grad(&p, &x, |x| mat.forward(x));
+        mat.set_granularity(None);
+        assert_eq!(mat.width(), 16);
+    }
+}
