@@ -37,11 +37,11 @@ pub struct MixersArgs {
         default_value = "1024,2048,4096,8192,16384"
     )]
     pub lengths: Vec<usize>,
-    /// Mixers: attention, local, linear-elu, favor, linformer, pool
+    /// Mixers: attention, local, linear-elu, favor, linformer, flow, pool
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "attention,local,linear-elu,favor,linformer,pool"
+        default_value = "attention,local,linear-elu,favor,linformer,flow,pool"
     )]
     pub mixers: Vec<String>,
     /// Model width (heads × head width)
@@ -379,9 +379,11 @@ fn mixer_spec(name: &str, a: &MixersArgs) -> Result<String> {
             anyhow::bail!("linformer is bidirectional; drop it from --mixers with --causal")
         }
         "linformer" => format!(r#"{{"kind": "linformer", "k": {}}}"#, a.linformer_k),
+        "flow" if c => anyhow::bail!("flow is bidirectional; drop it from --mixers with --causal"),
+        "flow" => r#"{"kind": "flow"}"#.to_string(),
         "pool" => format!(r#"{{"kind": "pool", "window": 3, "causal": {c}}}"#),
         other => anyhow::bail!(
-            "unknown mixer `{other}`; expected attention, local, linear-elu, favor, linformer, pool"
+            "unknown mixer `{other}`; expected attention, local, linear-elu, favor, linformer, flow, pool"
         ),
     })
 }

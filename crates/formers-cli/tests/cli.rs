@@ -540,7 +540,7 @@ fn bench_mixers_writes_one_row_per_mixer_and_length() {
     assert!(o.status.success(), "{}", text(&o));
     let rows: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(rows.len(), 12);
+    assert_eq!(rows.len(), 14);
     for r in &rows {
         assert!(r["mixer"].is_string() && r["length"].is_u64());
         assert!(r["seconds"].as_f64().unwrap() > 0.0 && r["peak_bytes"].as_u64().unwrap() > 0);

@@ -278,6 +278,15 @@ pub enum MixerSpec {
     /// 2020); bidirectional, O(n·k).
     Linformer {
         k: usize,
+        /// One projection shared by all heads (else one per head).
+        #[serde(default = "yes")]
+        shared: bool,
+        #[serde(default = "yes")]
+        bias: bool,
+    },
+    /// Flow-Attention (Flowformer, Wu et al. 2022): conservation-normalised linear attention
+    /// with sigmoid features; bidirectional, O(n).
+    Flow {
         #[serde(default = "yes")]
         bias: bool,
     },
@@ -346,7 +355,7 @@ impl MixerSpec {
             | MixerSpec::Local { causal, .. }
             | MixerSpec::Linear { causal, .. }
             | MixerSpec::Pool { causal, .. } => *causal,
-            MixerSpec::Linformer { .. } => false,
+            MixerSpec::Linformer { .. } | MixerSpec::Flow { .. } => false,
         }
     }
 }
@@ -644,6 +653,7 @@ fn validate_layer(at: &str, spec: &LayerSpec) -> Result<()> {
             features, chunk, ..
         } => vec![("features", features), ("chunk", chunk)],
         MixerSpec::Linformer { k, .. } => vec![("k", k)],
+        MixerSpec::Flow { .. } => vec![],
         MixerSpec::Pool { window, causal } => {
             if !causal && window.is_multiple_of(2) {
                 return Err(Error::config(

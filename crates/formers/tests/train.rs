@@ -122,6 +122,8 @@ fn every_token_mixer_trains_on_reverse_without_nan() {
         r#"{"kind": "linear", "feature": "favor", "features": 32}"#,
         r#"{"kind": "pool", "window": 3}"#,
         r#"{"kind": "linformer", "k": 6}"#,
+        r#"{"kind": "linformer", "k": 6, "shared": false}"#,
+        r#"{"kind": "flow"}"#,
         r#"{"kind": "attention", "rank": 8}"#,
         r#"{"kind": "attention", "shared_qk": true, "gate": true, "clip": {"gamma": -0.03, "zeta": 1.03}}"#,
     ];

@@ -201,6 +201,8 @@ pub enum Kernel {
     Linear(super::linear::LinearKernel),
     /// Softmax over keys and values projected along the sequence ([`super::linformer`]).
     Linformer(super::linformer::LinformerProj),
+    /// Flow-Attention ([`super::flow`]).
+    Flow,
 }
 
 /// Settings of an [`Attention`] mixer.
@@ -331,6 +333,14 @@ impl Attention {
         if let Kernel::Linear(lin) = &self.opts.kernel {
             return lin.attend(&q, &k, &v, self.opts.causal, ctx.key_bias, cache);
         }
+        if let Kernel::Flow = self.opts.kernel {
+            if cache.is_some() || ctx.key_bias.is_some() {
+                return Err(Error::Input(
+                    "Flow-Attention takes unpadded (or packed) batches and does not decode with a cache".into(),
+                ));
+            }
+            return super::flow::attend_flow(&q, &k, &v);
+        }
         if let Kernel::Linformer(proj) = &self.opts.kernel {
             if cache.is_some() {
                 return Err(Error::Input(
@@ -391,7 +401,9 @@ impl Attention {
                 };
                 super::local::attend_local(&q, &k, &v, &opts)
             }
-            Kernel::Linear(_) | Kernel::Linformer(_) => unreachable!("handled above"),
+            Kernel::Linear(_) | Kernel::Linformer(_) | Kernel::Flow => {
+                unreachable!("handled above")
+            }
         }
     }
 }
@@ -585,7 +597,7 @@ mod tests {
         )
         .unwrap();
         let lin_p = crate::params::Params::new(3, DType::F64, &Device::Cpu);
-        let proj = crate::mixer::linformer::LinformerProj::new(&lin_p.pp("x"), n, n).unwrap();
+        let proj = crate::mixer::linformer::LinformerProj::new(&lin_p.pp("x"), n, n, None).unwrap();
         let lin = Attention::new(&cfg, &lin_p, opts(Kernel::Linformer(proj))).unwrap();
         let eye = Tensor::eye(n, DType::F64, &Device::Cpu).unwrap();
         let same = full_p.tensors();
@@ -697,7 +709,11 @@ mod tests {
                 ),
                 (linear(crate::config::FeatureMap::Elu), false, false),
                 (linear(crate::config::FeatureMap::Favor), true, false),
+                (Kernel::Flow, false, false),
             ] {
+                if causal && matches!(kernel, Kernel::Flow) {
+                    continue;
+                }
                 let p = crate::params::Params::new(1, DType::F64, &Device::Cpu);
                 let opts = AttentionOpts {
                     causal,

@@ -8,7 +8,8 @@ use crate::linear::INIT_STD;
 use crate::params::{Init, Params};
 use crate::Result;
 
-/// The sequence projections of keys (`e`) and values (`f`).
+/// The sequence projections of keys (`e`) and values (`f`): `[k, max_len]` shared by all
+/// heads, or `[heads, k, max_len]`.
 #[derive(Debug, Clone)]
 pub struct LinformerProj {
     pub e: Tensor,
@@ -16,12 +17,16 @@ pub struct LinformerProj {
 }
 
 impl LinformerProj {
-    /// Parameters `proj_k`, `proj_v` (`[k, max_len]`) under `p`.
-    pub fn new(p: &Params, k: usize, max_len: usize) -> Result<Self> {
+    /// Parameters `proj_k`, `proj_v` under `p`; one pair per head when `heads` is given.
+    pub fn new(p: &Params, k: usize, max_len: usize, heads: Option<usize>) -> Result<Self> {
         let std = (1.0 / k as f64).sqrt().max(INIT_STD);
+        let shape: Vec<usize> = match heads {
+            Some(h) => vec![h, k, max_len],
+            None => vec![k, max_len],
+        };
         Ok(LinformerProj {
-            e: p.get(&[k, max_len], "proj_k.weight", Init::Normal(std))?,
-            f: p.get(&[k, max_len], "proj_v.weight", Init::Normal(std))?,
+            e: p.get(&shape, "proj_k.weight", Init::Normal(std))?,
+            f: p.get(&shape, "proj_v.weight", Init::Normal(std))?,
         })
     }
 
@@ -38,8 +43,9 @@ impl LinformerProj {
             Some(m) => (k.broadcast_mul(m)?, v.broadcast_mul(m)?),
             None => (k.clone(), v.clone()),
         };
-        let e = self.e.narrow(1, 0, n)?.contiguous()?;
-        let f = self.f.narrow(1, 0, n)?.contiguous()?;
+        let last = self.e.rank() - 1;
+        let e = self.e.narrow(last, 0, n)?.contiguous()?;
+        let f = self.f.narrow(last, 0, n)?.contiguous()?;
         Ok((e.broadcast_matmul(&k)?, f.broadcast_matmul(&v)?))
     }
 }

@@ -2,6 +2,7 @@
 //! One file per mixer; [`build`] maps a [`MixerSpec`] to its implementation.
 
 pub mod attention;
+pub mod flow;
 pub mod linear;
 pub mod linformer;
 pub mod local;
@@ -113,11 +114,12 @@ pub fn build(spec: &MixerSpec, cfg: &ModelConfig, p: &Params) -> Result<Box<dyn 
                 p.device(),
             )?),
         ),
-        MixerSpec::Linformer { k, bias } => (
-            false,
-            *bias,
-            Kernel::Linformer(linformer::LinformerProj::new(p, *k, cfg.max_len)?),
-        ),
+        MixerSpec::Linformer { k, shared, bias } => {
+            let heads = if *shared { None } else { Some(cfg.n_heads) };
+            let proj = linformer::LinformerProj::new(p, *k, cfg.max_len, heads)?;
+            (false, *bias, Kernel::Linformer(proj))
+        }
+        MixerSpec::Flow { bias } => (false, *bias, Kernel::Flow),
         MixerSpec::Pool { window, causal } => {
             return Ok(Box::new(pooling::Pool {
                 window: *window,

@@ -1,0 +1,135 @@
+//! Flow-Attention (Flowformer, Wu et al. 2022, "Linearizing Transformers with
+//! Conservation Flows"): linear attention with sigmoid features whose incoming and
+//! outgoing flows are normalised (conservation), with competition among sources (a softmax
+//! over keys) and allocation to sinks (a sigmoid gate). Bidirectional, O(n).
+
+use candle_core::{Tensor, D};
+
+use crate::Result;
+
+const EPS: f64 = 1e-6;
+
+/// `Σ_d a[.., l, d] · b[.., d]` → `[.., l]` for `a [b, h, l, d]`, `b [b, h, d]`.
+fn dot_rows(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(a.broadcast_mul(&b.unsqueeze(2)?)?.sum(D::Minus1)?)
+}
+
+/// Flow-Attention of `q [b, h, n, dh]` over `k, v [b, h, m, dh]`.
+pub fn attend_flow(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (n, m) = (q.dim(2)? as f64, k.dim(2)? as f64);
+    let q = candle_nn::ops::sigmoid(q)?;
+    let k = candle_nn::ops::sigmoid(k)?;
+    // Incoming flow of each sink (query) and outgoing flow of each source (key).
+    let incoming = dot_rows(&(&q + EPS)?, &(k.sum(2)? + EPS)?)?.recip()?;
+    let outgoing = dot_rows(&(&k + EPS)?, &(q.sum(2)? + EPS)?)?.recip()?;
+    // Conservation: the flows after normalising the other side.
+    let conserved_sink = dot_rows(
+        &(&q + EPS)?,
+        &(k.broadcast_mul(&outgoing.unsqueeze(3)?)?.sum(2)? + EPS)?,
+    )?;
+    let conserved_source = dot_rows(
+        &(&k + EPS)?,
+        &(q.broadcast_mul(&incoming.unsqueeze(3)?)?.sum(2)? + EPS)?,
+    )?;
+    let conserved_source = conserved_source.clamp(-1.0, 1.0)?;
+    // Allocation (sinks) and competition (sources).
+    let allocation = candle_nn::ops::sigmoid(&(conserved_sink * (n / m))?)?;
+    let e = conserved_source
+        .broadcast_sub(&conserved_source.max_keepdim(D::Minus1)?.detach())?
+        .exp()?;
+    let competition = (e.broadcast_div(&e.sum_keepdim(D::Minus1)?)? * m)?;
+    let kv = k
+        .t()?
+        .matmul(&v.broadcast_mul(&competition.unsqueeze(3)?)?)?;
+    let y = q.matmul(&kv)?;
+    Ok(y.broadcast_mul(&(incoming * allocation)?.unsqueeze(3)?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::randn;
+    use candle_core::Var;
+
+    /// The same formulas with explicit loops over queries and keys (O(n·m)), in f64.
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor) -> Vec<f64> {
+        let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+        let (b, h, n, dh) = q.dims4().unwrap();
+        let m = k.dim(2).unwrap();
+        let qv: Vec<f64> = q.flatten_all().unwrap().to_vec1().unwrap();
+        let kv: Vec<f64> = k.flatten_all().unwrap().to_vec1().unwrap();
+        let vv: Vec<f64> = v.flatten_all().unwrap().to_vec1().unwrap();
+        let mut out = vec![0.0; b * h * n * dh];
+        for bh in 0..b * h {
+            let qs: Vec<Vec<f64>> = (0..n)
+                .map(|i| (0..dh).map(|d| sig(qv[(bh * n + i) * dh + d])).collect())
+                .collect();
+            let ks: Vec<Vec<f64>> = (0..m)
+                .map(|j| (0..dh).map(|d| sig(kv[(bh * m + j) * dh + d])).collect())
+                .collect();
+            let dot =
+                |a: &[f64], c: &[f64]| a.iter().zip(c).map(|(x, y)| (x + EPS) * y).sum::<f64>();
+            let ksum: Vec<f64> = (0..dh)
+                .map(|d| ks.iter().map(|r| r[d]).sum::<f64>() + EPS)
+                .collect();
+            let qsum: Vec<f64> = (0..dh)
+                .map(|d| qs.iter().map(|r| r[d]).sum::<f64>() + EPS)
+                .collect();
+            let inc: Vec<f64> = qs.iter().map(|r| 1.0 / dot(r, &ksum)).collect();
+            let outg: Vec<f64> = ks.iter().map(|r| 1.0 / dot(r, &qsum)).collect();
+            let kw: Vec<f64> = (0..dh)
+                .map(|d| (0..m).map(|j| ks[j][d] * outg[j]).sum::<f64>() + EPS)
+                .collect();
+            let qw: Vec<f64> = (0..dh)
+                .map(|d| (0..n).map(|i| qs[i][d] * inc[i]).sum::<f64>() + EPS)
+                .collect();
+            let sink: Vec<f64> = qs.iter().map(|r| dot(r, &kw)).collect();
+            let source: Vec<f64> = ks.iter().map(|r| dot(r, &qw).clamp(-1.0, 1.0)).collect();
+            let z: f64 = source.iter().map(|s| s.exp()).sum();
+            let comp: Vec<f64> = source.iter().map(|s| s.exp() / z * m as f64).collect();
+            for i in 0..n {
+                let alloc = sig(sink[i] * n as f64 / m as f64);
+                for d in 0..dh {
+                    let mut acc = 0.0;
+                    for j in 0..m {
+                        let w: f64 = qs[i].iter().zip(&ks[j]).map(|(a, c)| a * c).sum();
+                        acc += w * vv[(bh * m + j) * dh + d] * comp[j];
+                    }
+                    out[(bh * n + i) * dh + d] = acc * inc[i] * alloc;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn linear_form_equals_the_explicit_reference() {
+        let (q, k, v) = (
+            randn(&[2, 2, 7, 3], 1),
+            randn(&[2, 2, 9, 3], 2),
+            randn(&[2, 2, 9, 3], 3),
+        );
+        let got: Vec<f64> = attend_flow(&q, &k, &v)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want = reference(&q, &k, &v);
+        let scale = want.iter().fold(0f64, |a, b| a.max(b.abs()));
+        let err = got
+            .iter()
+            .zip(&want)
+            .fold(0f64, |a, (x, y)| a.max((x - y).abs()));
+        assert!(err / scale < 1e-10, "{err}");
+        // Gradients flow to all inputs (finite differences are checked at module level).
+        let qv = Var::from_tensor(&q).unwrap();
+        let g = attend_flow(&qv, &k, &v)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(g.get(&qv).is_some());
+    }
+}
