@@ -249,6 +249,9 @@ pub enum MixerSpec {
     /// `j` with `|i - j| <= window` (and `j <= i` when causal), in blocks: O(n·window).
     Local {
         window: usize,
+        /// Leading positions with global attention (Longformer's global tokens).
+        #[serde(default)]
+        global: usize,
         #[serde(default)]
         causal: bool,
         #[serde(default = "default_chunk")]

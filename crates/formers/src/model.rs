@@ -553,6 +553,42 @@ mod tests {
     }
 
     #[test]
+    fn every_causal_mixer_decodes_with_its_cache_like_recomputation() {
+        let toks = ids(14, 5);
+        for mixer in [
+            r#"{"kind": "local", "window": 3, "global": 2, "chunk": 4, "causal": true}"#,
+            r#"{"kind": "linear", "feature": "elu", "causal": true, "chunk": 4}"#,
+            r#"{"kind": "linear", "feature": "favor", "features": 16, "causal": true, "chunk": 3}"#,
+            r#"{"kind": "attention", "causal": true, "shared_qk": true, "gate": true, "clip": {"gamma": -0.1, "zeta": 1.1}}"#,
+        ] {
+            let mut cfg = cfg(r#", "residual": {"kind": "value_residual"}"#);
+            cfg.defaults.mixer = serde_json::from_str(mixer).unwrap();
+            let model =
+                Model::new(&cfg, &Params::new(2, DType::F32, &Device::Cpu).frozen()).unwrap();
+            let full = model
+                .forward(&ids_tensor(&toks).unwrap(), None, None)
+                .unwrap();
+            let mut cache = Cache::default();
+            let mut parts = vec![model
+                .forward_cached(&ids_tensor(&toks[..5]).unwrap(), &mut cache)
+                .unwrap()];
+            for t in &toks[5..] {
+                parts.push(
+                    model
+                        .forward_cached(&ids_tensor(&[*t]).unwrap(), &mut cache)
+                        .unwrap(),
+                );
+            }
+            let inc = Tensor::cat(&parts, 1).unwrap();
+            assert!(
+                max_abs(&full, &inc) < 1e-5,
+                "{mixer}: {}",
+                max_abs(&full, &inc)
+            );
+        }
+    }
+
+    #[test]
     fn causal_outputs_do_not_see_the_future() {
         let cfg = cfg("");
         let model = Model::new(&cfg, &Params::new(3, DType::F32, &Device::Cpu).frozen()).unwrap();

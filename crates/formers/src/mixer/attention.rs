@@ -195,8 +195,12 @@ pub enum Kernel {
         k_chunk: usize,
         clip: Option<Clip>,
     },
-    /// Sliding-window softmax ([`super::local`]).
-    Local { window: usize, chunk: usize },
+    /// Sliding-window softmax with leading global tokens ([`super::local`]).
+    Local {
+        window: usize,
+        global: usize,
+        chunk: usize,
+    },
     /// Linear attention with a feature map ([`super::linear`]).
     Linear(super::linear::LinearKernel),
     /// Softmax over keys and values projected along the sequence ([`super::linformer`]).
@@ -390,8 +394,13 @@ impl Attention {
                 };
                 attend(&q, &k, &v, &opts)
             }
-            Kernel::Local { window, chunk } => {
+            Kernel::Local {
+                window,
+                global,
+                chunk,
+            } => {
                 let opts = super::local::LocalOpts {
+                    global,
                     window,
                     chunk,
                     causal: self.opts.causal,
@@ -702,6 +711,7 @@ mod tests {
                 (
                     Kernel::Local {
                         window: 1,
+                        global: 1,
                         chunk: 2,
                     },
                     false,

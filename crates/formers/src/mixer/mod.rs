@@ -83,6 +83,7 @@ pub fn build(spec: &MixerSpec, cfg: &ModelConfig, p: &Params) -> Result<Box<dyn 
         ),
         MixerSpec::Local {
             window,
+            global,
             causal,
             chunk,
             bias,
@@ -91,6 +92,7 @@ pub fn build(spec: &MixerSpec, cfg: &ModelConfig, p: &Params) -> Result<Box<dyn 
             *bias,
             Kernel::Local {
                 window: *window,
+                global: *global,
                 chunk: *chunk,
             },
         ),
