@@ -454,6 +454,38 @@ mod tests {
             .unwrap()
     }
 
+    /// Logits of `toks` computed at once, after checking that decoding them with the cache
+    /// (a prefill of `prefix` tokens, then one at a time) gives the same.
+    fn decodes_like_recomputation(
+        model: &Model,
+        toks: &[u32],
+        prefix: usize,
+        what: &str,
+    ) -> Tensor {
+        let full = model
+            .forward(&ids_tensor(toks).unwrap(), None, None)
+            .unwrap();
+        let mut cache = Cache::default();
+        let mut parts = vec![model
+            .forward_cached(&ids_tensor(&toks[..prefix]).unwrap(), &mut cache)
+            .unwrap()];
+        for t in &toks[prefix..] {
+            parts.push(
+                model
+                    .forward_cached(&ids_tensor(&[*t]).unwrap(), &mut cache)
+                    .unwrap(),
+            );
+        }
+        let inc = Tensor::cat(&parts, 1).unwrap();
+        assert!(
+            max_abs(&full, &inc) < 1e-5,
+            "{what}: {}",
+            max_abs(&full, &inc)
+        );
+        assert_eq!(cache.len(), toks.len());
+        full
+    }
+
     #[test]
     fn cached_decoding_equals_full_recomputation() {
         for pos in ["learned", "rope", "sinusoidal", "alibi"] {
@@ -461,27 +493,7 @@ mod tests {
             let p = Params::new(1, DType::F32, &Device::Cpu);
             let model = Model::new(&cfg, &p.frozen()).unwrap();
             let toks = ids(12, 2);
-            let full = model
-                .forward(&ids_tensor(&toks).unwrap(), None, None)
-                .unwrap();
-            let mut cache = Cache::default();
-            let mut parts = vec![model
-                .forward_cached(&ids_tensor(&toks[..5]).unwrap(), &mut cache)
-                .unwrap()];
-            for t in &toks[5..] {
-                parts.push(
-                    model
-                        .forward_cached(&ids_tensor(&[*t]).unwrap(), &mut cache)
-                        .unwrap(),
-                );
-            }
-            let inc = Tensor::cat(&parts, 1).unwrap();
-            assert!(
-                max_abs(&full, &inc) < 1e-5,
-                "{pos}: {}",
-                max_abs(&full, &inc)
-            );
-            assert_eq!(cache.len(), 12);
+            decodes_like_recomputation(&model, &toks, 5, pos);
         }
     }
 
@@ -492,22 +504,7 @@ mod tests {
             let cfg = cfg(&format!(r#", "residual": {residual}"#));
             let model =
                 Model::new(&cfg, &Params::new(1, DType::F32, &Device::Cpu).frozen()).unwrap();
-            let full = model
-                .forward(&ids_tensor(&toks).unwrap(), None, None)
-                .unwrap();
-            let mut cache = Cache::default();
-            let mut parts = vec![model
-                .forward_cached(&ids_tensor(&toks[..4]).unwrap(), &mut cache)
-                .unwrap()];
-            for t in &toks[4..] {
-                parts.push(
-                    model
-                        .forward_cached(&ids_tensor(&[*t]).unwrap(), &mut cache)
-                        .unwrap(),
-                );
-            }
-            let inc = Tensor::cat(&parts, 1).unwrap();
-            assert!(max_abs(&full, &inc) < 1e-5, "{residual}: cache");
+            let full = decodes_like_recomputation(&model, &toks, 4, residual);
             full
         };
         let plain = run(r#"{"kind": "plain"}"#);
@@ -565,26 +562,7 @@ mod tests {
             cfg.defaults.mixer = serde_json::from_str(mixer).unwrap();
             let model =
                 Model::new(&cfg, &Params::new(2, DType::F32, &Device::Cpu).frozen()).unwrap();
-            let full = model
-                .forward(&ids_tensor(&toks).unwrap(), None, None)
-                .unwrap();
-            let mut cache = Cache::default();
-            let mut parts = vec![model
-                .forward_cached(&ids_tensor(&toks[..5]).unwrap(), &mut cache)
-                .unwrap()];
-            for t in &toks[5..] {
-                parts.push(
-                    model
-                        .forward_cached(&ids_tensor(&[*t]).unwrap(), &mut cache)
-                        .unwrap(),
-                );
-            }
-            let inc = Tensor::cat(&parts, 1).unwrap();
-            assert!(
-                max_abs(&full, &inc) < 1e-5,
-                "{mixer}: {}",
-                max_abs(&full, &inc)
-            );
+            decodes_like_recomputation(&model, &toks, 5, mixer);
         }
     }
 

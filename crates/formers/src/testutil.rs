@@ -14,6 +14,26 @@ pub fn randn(shape: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
+/// Largest absolute difference between `got` and `want`, over the largest magnitude of
+/// `want` (any float dtype).
+pub fn max_rel(got: &Tensor, want: &Tensor) -> f64 {
+    let f = |t: &Tensor| {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
+    let (a, b) = (f(got), f(want));
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-12);
+    a.iter()
+        .zip(&b)
+        .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
 /// Checks autodiff gradients of `sum(f(x) * R)` (fixed random `R`) with respect to every
 /// parameter in `p` and to `x` against central finite differences, on a few entries each.
 pub fn check_grad(p: &Params, x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) {

@@ -420,18 +420,8 @@ impl Attention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::randn;
+    use crate::testutil::{max_rel, randn};
     use candle_core::{DType, Device, Var};
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-        let a = a.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let b = b.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-12);
-        a.iter()
-            .zip(&b)
-            .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
-            / scale
-    }
 
     /// Key bias masking the last `pad[i]` keys of batch row `i`.
     fn padding_bias(m: usize, pad: &[usize]) -> Tensor {

@@ -171,28 +171,8 @@ fn orthogonal_gaussian(rows: usize, dim: usize, rng: &mut Rng) -> Vec<f64> {
 mod tests {
     use super::*;
     use crate::mixer::attention::reference_attend;
-    use crate::testutil::randn;
+    use crate::testutil::{max_rel, randn};
     use candle_core::Var;
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-        let scale = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-            .max(1e-12);
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-            / scale
-    }
 
     fn elu() -> LinearKernel {
         LinearKernel::new(FeatureMap::Elu, 0, 0, 4, 3, DType::F64, &Device::Cpu).unwrap()

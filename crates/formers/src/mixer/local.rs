@@ -132,28 +132,8 @@ pub fn band_bias(
 mod tests {
     use super::*;
     use crate::mixer::attention::reference_attend;
-    use crate::testutil::randn;
+    use crate::testutil::{max_rel, randn};
     use candle_core::Var;
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-        let scale = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-            .max(1e-12);
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-            / scale
-    }
 
     /// The O(n²) band reference: full scores, explicit band mask, plain softmax.
     fn reference_band(q: &Tensor, k: &Tensor, v: &Tensor, window: usize, causal: bool) -> Tensor {
