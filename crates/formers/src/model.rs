@@ -504,8 +504,7 @@ mod tests {
             let cfg = cfg(&format!(r#", "residual": {residual}"#));
             let model =
                 Model::new(&cfg, &Params::new(1, DType::F32, &Device::Cpu).frozen()).unwrap();
-            let full = decodes_like_recomputation(&model, &toks, 4, residual);
-            full
+            decodes_like_recomputation(&model, &toks, 4, residual)
         };
         let plain = run(r#"{"kind": "plain"}"#);
         assert!(max_abs(&plain, &run(r#"{"kind": "dense_former"}"#)) < 1e-6);
