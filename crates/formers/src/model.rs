@@ -566,6 +566,32 @@ mod tests {
     }
 
     #[test]
+    fn masformer_with_windows_covering_the_input_equals_all_full_attention() {
+        let full_cfg = cfg("");
+        let mut mixed = full_cfg.clone();
+        // MASFormer: full attention at layer 0, sliding windows at layer 1 (window >= n).
+        mixed.layers.insert(
+            "1".into(),
+            serde_json::from_str(
+                r#"{"mixer": {"kind": "local", "window": 32, "causal": true, "chunk": 5}}"#,
+            )
+            .unwrap(),
+        );
+        let a = Model::new(
+            &full_cfg,
+            &Params::new(8, DType::F32, &Device::Cpu).frozen(),
+        )
+        .unwrap();
+        let b = Model::new(&mixed, &Params::new(8, DType::F32, &Device::Cpu).frozen()).unwrap();
+        let x = ids_tensor(&ids(20, 9)).unwrap();
+        let (ya, yb) = (
+            a.forward(&x, None, None).unwrap(),
+            b.forward(&x, None, None).unwrap(),
+        );
+        assert!(max_abs(&ya, &yb) < 1e-5);
+    }
+
+    #[test]
     fn causal_outputs_do_not_see_the_future() {
         let cfg = cfg("");
         let model = Model::new(&cfg, &Params::new(3, DType::F32, &Device::Cpu).frozen()).unwrap();
