@@ -216,3 +216,30 @@ fn matformer_trains_every_granularity_sampled_or_summed() {
         let _ = std::fs::remove_dir_all(&out);
     }
 }
+
+#[test]
+fn norm_and_low_rank_variants_train_without_nan() {
+    for (norm, ffn) in [
+        (
+            r#"{"kind": "crms_norm"}"#,
+            r#"{"kind": "mlp", "hidden": 128, "rank": 16}"#,
+        ),
+        (
+            r#"{"kind": "rms_norm"}"#,
+            r#"{"kind": "mlp", "hidden": 128, "activation": "swiglu", "rank": 8}"#,
+        ),
+    ] {
+        let mut cfg = RunConfig::from_path(&repo().join("configs/reverse.json")).unwrap();
+        cfg.model.defaults.norm = serde_json::from_str(norm).unwrap();
+        cfg.model.defaults.ffn = serde_json::from_str(ffn).unwrap();
+        cfg.train.steps = 30;
+        let out = tmp("norms");
+        let mut rec = Record::default();
+        train(&cfg, "reverse", &out, false, &mut rec).unwrap();
+        assert!(
+            rec.losses.iter().all(|l| l.is_finite()) && rec.losses[29] < rec.losses[0],
+            "{norm} {ffn}"
+        );
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}
