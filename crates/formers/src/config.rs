@@ -337,8 +337,15 @@ fn default_pool() -> usize {
 
 impl Default for MixerSpec {
     fn default() -> Self {
+        MixerSpec::attention(false)
+    }
+}
+
+impl MixerSpec {
+    /// Plain exact attention with biases and default chunks.
+    pub fn attention(causal: bool) -> Self {
         MixerSpec::Attention {
-            causal: false,
+            causal,
             q_chunk: default_chunk(),
             k_chunk: default_chunk(),
             bias: true,
@@ -348,9 +355,7 @@ impl Default for MixerSpec {
             rank: None,
         }
     }
-}
 
-impl MixerSpec {
     /// Whether position i only sees positions <= i.
     pub fn is_causal(&self) -> bool {
         match self {
@@ -406,16 +411,21 @@ fn default_granularities() -> Vec<f64> {
 
 impl Default for FfnSpec {
     fn default() -> Self {
-        FfnSpec::Mlp {
-            hidden: None,
-            activation: Activation::default(),
-            bias: true,
-            rank: None,
-        }
+        FfnSpec::mlp(None, Activation::default())
     }
 }
 
 impl FfnSpec {
+    /// A dense MLP with biases.
+    pub fn mlp(hidden: Option<usize>, activation: Activation) -> Self {
+        FfnSpec::Mlp {
+            hidden,
+            activation,
+            bias: true,
+            rank: None,
+        }
+    }
+
     /// Hidden width in a model of width `d_model`.
     pub fn hidden(&self, d_model: usize) -> usize {
         match self {

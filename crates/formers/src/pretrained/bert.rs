@@ -52,22 +52,8 @@ pub fn config(hf: &serde_json::Value, dir: &Path) -> Result<ModelConfig> {
         type_vocab_size: hf["type_vocab_size"].as_u64().unwrap_or(2) as usize,
         embed_norm: true,
         defaults: LayerSpec {
-            mixer: MixerSpec::Attention {
-                causal: false,
-                q_chunk: 256,
-                k_chunk: 256,
-                bias: true,
-                shared_qk: false,
-                gate: false,
-                clip: None,
-                rank: None,
-            },
-            ffn: FfnSpec::Mlp {
-                hidden: Some(usize_key(hf, "intermediate_size", &path)?),
-                activation: act,
-                bias: true,
-                rank: None,
-            },
+            mixer: MixerSpec::attention(false),
+            ffn: FfnSpec::mlp(Some(usize_key(hf, "intermediate_size", &path)?), act),
             norm: NormSpec::LayerNorm {
                 eps: f64_key(hf, "layer_norm_eps", 1e-12, &path)?,
             },

@@ -47,22 +47,8 @@ pub fn config(hf: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
         type_vocab_size: 0,
         embed_norm: false,
         defaults: LayerSpec {
-            mixer: MixerSpec::Attention {
-                causal: true,
-                q_chunk: 256,
-                k_chunk: 256,
-                bias: true,
-                shared_qk: false,
-                gate: false,
-                clip: None,
-                rank: None,
-            },
-            ffn: FfnSpec::Mlp {
-                hidden: Some(hidden),
-                activation: act,
-                bias: true,
-                rank: None,
-            },
+            mixer: MixerSpec::attention(true),
+            ffn: FfnSpec::mlp(Some(hidden), act),
             norm: NormSpec::LayerNorm {
                 eps: f64_key(hf, "layer_norm_epsilon", 1e-5, path)?,
             },
