@@ -427,7 +427,7 @@ pub const DTYPE: DType = DType::F32;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::randn;
+    use crate::testutil::{max_abs, randn};
     use candle_core::Device;
 
     fn cfg(extra: &str) -> ModelConfig {
@@ -441,17 +441,6 @@ mod tests {
     fn ids(n: usize, seed: u64) -> Vec<u32> {
         let mut r = Rng::new(seed);
         (0..n).map(|_| r.below(11) as u32).collect()
-    }
-
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     /// Logits of `toks` computed at once, after checking that decoding them with the cache

@@ -14,6 +14,20 @@ pub fn randn(shape: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
+/// Largest absolute difference between two tensors of one float dtype.
+pub fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
 /// Largest absolute difference between `got` and `want`, over the largest magnitude of
 /// `want` (any float dtype).
 pub fn max_rel(got: &Tensor, want: &Tensor) -> f64 {

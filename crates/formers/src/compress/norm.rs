@@ -198,14 +198,7 @@ mod tests {
             let m2 = Model::new(&cfg2, &p2.frozen()).unwrap();
             p2.assign(&w2, std::path::Path::new("converted")).unwrap();
             let got = m2.forward(&x, None, None).unwrap();
-            let err = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let err = crate::testutil::max_abs(&got, &want);
             assert!(err < 1e-5, "{target:?}: {err}");
             assert!(!w2.keys().any(|k| k.contains("norm") && k.ends_with("bias")));
         }
