@@ -2,6 +2,9 @@
 //! for Efficient Transformers"), a runner over variants × tasks × seeds, a results store
 //! that survives a kill, and a report (Markdown tables, SVG charts, one HTML page).
 
+pub mod adapter;
+pub mod flops;
+pub mod mem;
 pub mod results;
 pub mod task;
 

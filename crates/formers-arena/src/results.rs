@@ -1,6 +1,11 @@
 //! The results store: one JSON line per finished run, appended as each run ends, so a killed
 //! arena loses no finished run; `merge` joins the files of sharded runs.
 
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
 use serde::{Deserialize, Serialize};
 
 /// One line of `results.jsonl`.
@@ -74,4 +79,89 @@ pub struct Skipped {
     pub suite: String,
     pub task: String,
     pub reason: String,
+}
+
+impl Record {
+    /// What identifies the job that made this record; a rerun skips jobs whose key is
+    /// already stored.
+    pub fn key(&self) -> String {
+        match self {
+            Record::Run(r) => run_key(&r.suite, &r.task, &r.variant, r.seed, &r.budget),
+            Record::Speed(s) => speed_key(&s.suite, &s.variant, s.length),
+            Record::Skipped(s) => format!("skipped/{}/{}", s.suite, s.task),
+        }
+    }
+}
+
+/// The key of a training run.
+pub fn run_key(suite: &str, task: &str, variant: &str, seed: u64, budget: &str) -> String {
+    format!("run/{suite}/{task}/{variant}/{seed}/{budget}")
+}
+
+/// The key of a speed measurement.
+pub fn speed_key(suite: &str, variant: &str, length: usize) -> String {
+    format!("speed/{suite}/{variant}/{length}")
+}
+
+/// File name of the store inside an arena directory.
+pub const FILE: &str = "results.jsonl";
+
+/// Reads the records of `path` (none when the file does not exist). A last line cut short
+/// by a kill is ignored; any other bad line is an error naming the file and line.
+pub fn load(path: &Path) -> Result<Vec<Record>, String> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str(line) {
+            Ok(r) => out.push(r),
+            Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => {}
+            Err(e) => return Err(format!("{}:{}: bad record: {e}", path.display(), i + 1)),
+        }
+    }
+    Ok(out)
+}
+
+/// Appends `record` as one line and syncs it to disk before returning.
+pub fn append(path: &Path, record: &Record) -> Result<(), String> {
+    let err = |e: io::Error| format!("{}: {e}", path.display());
+    // A kill mid-write can leave a partial last line: start ours on a fresh line.
+    let needs_newline = fs::read(path)
+        .map(|b| !b.is_empty() && !b.ends_with(b"\n"))
+        .unwrap_or(false);
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(err)?;
+    let mut line = serde_json::to_string(record).expect("records serialise");
+    if needs_newline {
+        line.insert(0, '\n');
+    }
+    line.push('\n');
+    f.write_all(line.as_bytes()).map_err(err)?;
+    f.sync_all().map_err(err)
+}
+
+/// The records of several arena directories (or result files), one per key: the first
+/// directory given wins when two hold the same job. Sorted by key.
+pub fn merge(paths: &[PathBuf]) -> Result<Vec<Record>, String> {
+    let mut by_key = BTreeMap::new();
+    for p in paths {
+        let file = if p.is_dir() { p.join(FILE) } else { p.clone() };
+        if !file.exists() {
+            return Err(format!("{}: no arena results here", file.display()));
+        }
+        for r in load(&file)? {
+            by_key.entry(r.key()).or_insert(r);
+        }
+    }
+    Ok(by_key.into_values().collect())
 }

@@ -4,7 +4,7 @@
 mod bench;
 mod embed;
 mod generate;
-mod mem;
+use formers_arena::mem;
 mod progress;
 mod train;
 

@@ -338,12 +338,13 @@ impl Attention {
             return lin.attend(&q, &k, &v, self.opts.causal, ctx.key_bias, cache);
         }
         if let Kernel::Flow = self.opts.kernel {
-            if cache.is_some() || ctx.key_bias.is_some() {
+            if cache.is_some() {
                 return Err(Error::Input(
-                    "Flow-Attention takes unpadded (or packed) batches and does not decode with a cache".into(),
+                    "Flow-Attention is bidirectional: it does not decode with a cache".into(),
                 ));
             }
-            return super::flow::attend_flow(&q, &k, &v);
+            let keep = keep_mask(ctx.key_bias, k.dtype())?;
+            return super::flow::attend_flow(&q, &k, &v, keep.as_ref());
         }
         if let Kernel::Linformer(proj) = &self.opts.kernel {
             if cache.is_some() {
@@ -351,13 +352,7 @@ impl Attention {
                     "Linformer is bidirectional: it does not decode with a cache".into(),
                 ));
             }
-            let keep = match ctx.key_bias {
-                Some(kb) => {
-                    let (b, _, _, m) = kb.dims4()?;
-                    Some(kb.ge(-1.0)?.to_dtype(k.dtype())?.reshape((b, 1, m, 1))?)
-                }
-                None => None,
-            };
+            let keep = keep_mask(ctx.key_bias, k.dtype())?;
             let (k, v) = proj.project(&k, &v, keep.as_ref())?;
             let opts = AttendOpts {
                 q_chunk: 256,
@@ -415,6 +410,16 @@ impl Attention {
             }
         }
     }
+}
+
+/// `[b, 1, m, 1]`: 1 for keys that a key bias `[b, 1, 1, m]` keeps, 0 for padding.
+fn keep_mask(key_bias: Option<&Tensor>, dtype: candle_core::DType) -> Result<Option<Tensor>> {
+    key_bias
+        .map(|kb| {
+            let (b, _, _, m) = kb.dims4()?;
+            Ok(kb.ge(-1.0)?.to_dtype(dtype)?.reshape((b, 1, m, 1))?)
+        })
+        .transpose()
 }
 
 #[cfg(test)]

@@ -14,11 +14,26 @@ fn dot_rows(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(a.broadcast_mul(&b.unsqueeze(2)?)?.sum(D::Minus1)?)
 }
 
-/// Flow-Attention of `q [b, h, n, dh]` over `k, v [b, h, m, dh]`.
-pub fn attend_flow(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let (n, m) = (q.dim(2)? as f64, k.dim(2)? as f64);
-    let q = candle_nn::ops::sigmoid(q)?;
-    let k = candle_nn::ops::sigmoid(k)?;
+/// Flow-Attention of `q [b, h, n, dh]` over `k, v [b, h, n, dh]` (self-attention);
+/// `keep [b, 1, n, 1]` (1 = token, 0 = padding) removes padded positions as sources and
+/// sinks, so a padded sequence gives the same outputs as the unpadded one.
+pub fn attend_flow(q: &Tensor, k: &Tensor, v: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
+    let mut q = candle_nn::ops::sigmoid(q)?;
+    let mut k = candle_nn::ops::sigmoid(k)?;
+    // Real sinks n and sources m per sequence, `[b, 1, 1]`.
+    let (n, m) = match keep {
+        Some(keep) => {
+            q = q.broadcast_mul(keep)?;
+            k = k.broadcast_mul(keep)?;
+            let count = keep.sum(2)?;
+            (count.clone(), count)
+        }
+        None => {
+            let b = q.dim(0)?;
+            let ones = Tensor::ones((b, 1, 1), q.dtype(), q.device())?;
+            ((&ones * q.dim(2)? as f64)?, (ones * k.dim(2)? as f64)?)
+        }
+    };
     // Incoming flow of each sink (query) and outgoing flow of each source (key).
     let incoming = dot_rows(&(&q + EPS)?, &(k.sum(2)? + EPS)?)?.recip()?;
     let outgoing = dot_rows(&(&k + EPS)?, &(q.sum(2)? + EPS)?)?.recip()?;
@@ -31,13 +46,20 @@ pub fn attend_flow(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         &(&k + EPS)?,
         &(q.broadcast_mul(&incoming.unsqueeze(3)?)?.sum(2)? + EPS)?,
     )?;
-    let conserved_source = conserved_source.clamp(-1.0, 1.0)?;
+    let mut conserved_source = conserved_source.clamp(-1.0, 1.0)?;
+    if let Some(keep) = keep {
+        // Padded sources take no share of the competition.
+        let pad = ((keep.squeeze(3)? - 1.0)? * 1e4)?;
+        conserved_source = conserved_source.broadcast_add(&pad)?;
+    }
     // Allocation (sinks) and competition (sources).
-    let allocation = candle_nn::ops::sigmoid(&(conserved_sink * (n / m))?)?;
+    let allocation = candle_nn::ops::sigmoid(&conserved_sink.broadcast_mul(&(n / &m)?)?)?;
     let e = conserved_source
         .broadcast_sub(&conserved_source.max_keepdim(D::Minus1)?.detach())?
         .exp()?;
-    let competition = (e.broadcast_div(&e.sum_keepdim(D::Minus1)?)? * m)?;
+    let competition = e
+        .broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+        .broadcast_mul(&m)?;
     let kv = k
         .t()?
         .matmul(&v.broadcast_mul(&competition.unsqueeze(3)?)?)?;
@@ -109,7 +131,7 @@ mod tests {
             randn(&[2, 2, 9, 3], 2),
             randn(&[2, 2, 9, 3], 3),
         );
-        let got: Vec<f64> = attend_flow(&q, &k, &v)
+        let got: Vec<f64> = attend_flow(&q, &k, &v, None)
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -124,12 +146,39 @@ mod tests {
         assert!(err / scale < 1e-10, "{err}");
         // Gradients flow to all inputs (finite differences are checked at module level).
         let qv = Var::from_tensor(&q).unwrap();
-        let g = attend_flow(&qv, &k, &v)
+        let g = attend_flow(&qv, &k, &v, None)
             .unwrap()
             .sum_all()
             .unwrap()
             .backward()
             .unwrap();
         assert!(g.get(&qv).is_some());
+    }
+
+    #[test]
+    fn padding_gives_the_outputs_of_the_unpadded_sequence() {
+        use crate::testutil::max_abs;
+        use candle_core::{DType, Device};
+        // Two sequences of 6 and 4 real tokens, both padded to 6.
+        let (q, k, v) = (
+            randn(&[2, 2, 6, 3], 4),
+            randn(&[2, 2, 6, 3], 5),
+            randn(&[2, 2, 6, 3], 6),
+        );
+        let keep = Tensor::from_vec(
+            vec![1f64, 1., 1., 1., 1., 1., 1., 1., 1., 1., 0., 0.],
+            (2, 1, 6, 1),
+            &Device::Cpu,
+        )
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+        let padded = attend_flow(&q, &k, &v, Some(&keep)).unwrap();
+        for (row, len) in [(0, 6), (1, 4)] {
+            let cut = |t: &Tensor| t.narrow(0, row, 1).unwrap().narrow(2, 0, len).unwrap();
+            let alone = attend_flow(&cut(&q), &cut(&k), &cut(&v), None).unwrap();
+            let err = max_abs(&cut(&padded), &alone);
+            assert!(err < 1e-10, "row {row}: {err}");
+        }
     }
 }

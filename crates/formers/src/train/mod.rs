@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
-pub use trainer::{train, Observer, Summary};
+pub use trainer::{train, train_task, Observer, Summary};
 
 /// Training hyper-parameters (the `train` section of a config file).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -99,8 +99,23 @@ pub fn train(
     obs: &mut dyn Observer,
 ) -> Result<Summary> {
     run.validate()?;
+    let task = tasks::by_name(task_name, &run.model, &run.train)?;
+    train_task(run, task.as_ref(), out, resume, obs)
+}
+
+/// Like [`train`], on any [`Task`] (its name is what `run.json` records). A MatFormer
+/// model trains one granularity per step, round-robin (`train.matformer_all`: the sum of
+/// all granularities' losses every step).
+pub fn train_task(
+    run: &RunConfig,
+    task: &dyn Task,
+    out: &Path,
+    resume: bool,
+    obs: &mut dyn Observer,
+) -> Result<Summary> {
+    run.validate()?;
     let tc = &run.train;
-    let task = tasks::by_name(task_name, &run.model, tc)?;
+    let task_name = task.name();
     let existing = checkpoint::locate(out);
     let record = RunRecord {
         task: task_name.to_string(),
@@ -178,12 +193,22 @@ pub fn train(
         for _ in 0..tc.grad_accum {
             let batch = task.train_batch(&mut state.data_rng, tc.batch_size)?;
             tokens += batch.tokens;
-            let logits = model.forward(
-                &batch.inputs,
-                batch.mask.as_ref(),
-                Some(&mut state.dropout_rng),
-            )?;
-            let loss = cross_entropy(&logits, &batch.targets, batch.weights.as_ref())?;
+            let mut loss: Option<Tensor> = None;
+            for g in granularity_schedule(model.granularities(), state.step, tc.matformer_all) {
+                model.set_granularity(g);
+                let logits = model.forward(
+                    &batch.inputs,
+                    batch.mask.as_ref(),
+                    Some(&mut state.dropout_rng),
+                )?;
+                let l = cross_entropy(&logits, &batch.targets, batch.weights.as_ref())?;
+                loss = Some(match loss {
+                    Some(prev) => (prev + l)?,
+                    None => l,
+                });
+            }
+            model.set_granularity(None);
+            let loss = loss.expect("at least one granularity");
             let value = loss.to_scalar::<f32>()?;
             if !value.is_finite() {
                 let kept = if saved_step > 0 {
@@ -234,13 +259,7 @@ pub fn train(
         obs.on_step(&report);
         let last = state.step == tc.steps;
         if state.step.is_multiple_of(tc.eval_every) || last {
-            let e = evaluate(
-                &model,
-                task.as_ref(),
-                tc.seed,
-                tc.eval_batches,
-                tc.batch_size,
-            )?;
+            let e = evaluate(&model, task, tc.seed, tc.eval_batches, tc.batch_size)?;
             metrics.write(&serde_json::json!({"step": state.step, "eval_loss": e.loss, "eval_accuracy": e.accuracy}))?;
             obs.on_eval(state.step, &e);
             last_eval = Some(e);
@@ -252,13 +271,7 @@ pub fn train(
     }
     let eval = match last_eval {
         Some(e) => e,
-        None => evaluate(
-            &model,
-            task.as_ref(),
-            tc.seed,
-            tc.eval_batches,
-            tc.batch_size,
-        )?,
+        None => evaluate(&model, task, tc.seed, tc.eval_batches, tc.batch_size)?,
     };
     Ok(Summary {
         steps: state.step,
@@ -268,6 +281,16 @@ pub fn train(
         checkpoint: last_ckpt,
         params: params.count(),
     })
+}
+
+/// The granularities a MatFormer step trains: `None` (the configured model) when nothing
+/// is nested, else one per step round-robin, or all of them.
+fn granularity_schedule(n: usize, step: usize, all: bool) -> Vec<Option<usize>> {
+    match (n, all) {
+        (0 | 1, _) => vec![None],
+        (n, true) => (0..n).map(Some).collect(),
+        (n, false) => vec![Some(step % n)],
+    }
 }
 
 /// Mean loss and token accuracy over `batches` held-out batches; the same batches every
