@@ -3,9 +3,20 @@
 //! that survives a kill, and a report (Markdown tables, SVG charts, one HTML page).
 
 pub mod adapter;
+pub mod corpus;
 pub mod flops;
+pub mod image;
+pub mod listops;
+pub mod lra;
 pub mod mem;
+pub mod pathfinder;
+pub mod report;
 pub mod results;
+pub mod retrieval;
+pub mod runner;
+pub mod suite;
 pub mod task;
+pub mod text;
+pub mod variants;
 
 pub use task::{example_rng, ArenaTask, Example, Setting, Split};

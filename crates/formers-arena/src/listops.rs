@@ -399,7 +399,10 @@ fn eval_ids(tokens: &[u8]) -> Result<u32, String> {
     for (position, &token) in tokens.iter().enumerate() {
         let value = if let Some(op) = Op::from_id(token) {
             if result.is_some() {
-                return Err(format!("token {} follows a complete expression", position + 1));
+                return Err(format!(
+                    "token {} follows a complete expression",
+                    position + 1
+                ));
             }
             frames.push((op, Vec::new()));
             continue;
@@ -420,7 +423,10 @@ fn eval_ids(tokens: &[u8]) -> Result<u32, String> {
             Some((_, args)) => args.push(value),
             None if result.is_none() => result = Some(value),
             None => {
-                return Err(format!("token {} follows a complete expression", position + 1));
+                return Err(format!(
+                    "token {} follows a complete expression",
+                    position + 1
+                ));
             }
         }
     }
@@ -660,7 +666,11 @@ mod tests {
                 s.tokens
             );
             assert!(s.tokens <= task.max_len());
-            assert!(s.depth <= 10 && depth(&source) == s.depth, "depth {}", s.depth);
+            assert!(
+                s.depth <= 10 && depth(&source) == s.depth,
+                "depth {}",
+                s.depth
+            );
             assert!((2..=10).contains(&s.max_args), "args {}", s.max_args);
             labels[label as usize] += 1;
             for (total, count) in ops.iter_mut().zip(s.op_counts) {
@@ -733,7 +743,10 @@ mod tests {
             assert_ne!(e, a.example(Split::Test, index));
             assert_ne!(e, a.example(Split::Val, index));
             assert_ne!(e, c.example(Split::Train, index));
-            assert!(e.ids.iter().all(|&id| id > 0 && (id as usize) < a.vocab_size()));
+            assert!(e
+                .ids
+                .iter()
+                .all(|&id| id > 0 && (id as usize) < a.vocab_size()));
             assert!(e.label < 10);
         }
         assert_eq!(a.len(Split::Train), 5_000);

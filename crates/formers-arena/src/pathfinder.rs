@@ -12,8 +12,8 @@
 //!   other path's dashes (no crossings or touching, so connectivity is visible), and keep
 //!   `dot_radius + half_width + 1` px from every target end, so a dot never touches a line.
 //!   Rendering is anti-aliased (pixel coverage of the thick segment / disc).
-//! - Every sample has two target paths A (path 0) and B (path 1) with the same length
-//!   distribution (`path_dashes` ± 1 dashes each), plus distractors: short paths of
+//! - Every sample has two target paths A (path 0) and B (path 1) of the same length
+//!   (`path_dashes` ± 1 dashes, drawn once per sample), plus distractors: short paths of
 //!   `distractor_dashes` dashes drawn exactly like target paths (same dash, gap, width, gray).
 //! - The first dot sits on a random end of A. B is started at a point whose distance from
 //!   the first dot equals the distance between A's two ends, so the distance between the two
@@ -57,7 +57,8 @@ pub struct Params {
     pub half_width: f64,
     /// Radius of the two marker dots.
     pub dot_radius: f64,
-    /// Dashes per target path (each target path draws this ± 1).
+    /// Dashes per target path: drawn once per sample as this ± 1 and shared by A and B;
+    /// rejection of layouts that do not fit favours the shorter draws.
     pub path_dashes: usize,
     /// Distractor paths attempted per image.
     pub distractors: usize,
@@ -80,7 +81,7 @@ impl Params {
                 gap: 1.7,
                 half_width: 0.5,
                 dot_radius: 1.1,
-                path_dashes: 5,
+                path_dashes: 4,
                 distractors: 2,
                 distractor_dashes: 2,
                 max_turn: 0.6,
@@ -92,7 +93,7 @@ impl Params {
                 gap: 2.0,
                 half_width: 0.5,
                 dot_radius: 1.5,
-                path_dashes: 9,
+                path_dashes: 7,
                 distractors: 5,
                 distractor_dashes: 3,
                 max_turn: 0.55,
@@ -104,7 +105,7 @@ impl Params {
                 gap: 2.5,
                 half_width: 0.75,
                 dot_radius: 2.5,
-                path_dashes: 12,
+                path_dashes: 10,
                 distractors: 9,
                 distractor_dashes: 4,
                 max_turn: 0.5,
@@ -327,8 +328,10 @@ impl Canvas {
         k: usize,
         path: usize,
     ) -> Option<(Pt, Pt, f64)> {
-        for _ in 0..12 {
-            let h2 = h + (2.0 * rng.uniform() - 1.0) * self.p.max_turn;
+        let tries = if k == 0 { 1 } else { 12 };
+        for _ in 0..tries {
+            let turn = if k == 0 { 0.0 } else { self.p.max_turn };
+            let h2 = h + (2.0 * rng.uniform() - 1.0) * turn;
             let (c, s) = (h2.cos(), h2.sin());
             let skip = if k == 0 { 0.0 } else { self.p.gap };
             let a = (pos.0 + skip * c, pos.1 + skip * s);
@@ -347,13 +350,19 @@ impl Canvas {
         (m + rng.uniform() * span, m + rng.uniform() * span)
     }
 
-    /// Grows a target path from `start` and protects both its ends.
-    fn target(&mut self, rng: &mut Rng, start: Pt, n: usize, path: usize) -> Option<Vec<Pt>> {
+    /// Grows a target path from `start`, first dash along `heading`, and protects both ends.
+    fn target(
+        &mut self,
+        rng: &mut Rng,
+        start: Pt,
+        heading: f64,
+        n: usize,
+        path: usize,
+    ) -> Option<Vec<Pt>> {
         if !self.inside(start) || !self.end_free(start, path, 0) {
             return None;
         }
         self.ends.push((start, path));
-        let heading = rng.uniform() * std::f64::consts::TAU;
         let grown = self
             .grow(rng, start, heading, n, path)
             .filter(|pts| pts.last().is_some_and(|&q| self.end_free(q, path, n - 1)));
@@ -382,24 +391,38 @@ struct Layout {
     other: (usize, usize),
 }
 
-/// Target path length in dashes: `path_dashes` ± 1.
+/// Target path length in dashes: `path_dashes` ± 1 (the same for A and B).
 fn target_len(rng: &mut Rng, p: &Params) -> usize {
     (p.path_dashes + rng.below(3)).saturating_sub(1).max(1)
 }
 
-/// One try at the two target paths; `shrink` dashes are taken off each.
+/// Direction of the vector `from` → `to`.
+fn angle(from: Pt, to: Pt) -> f64 {
+    (to.1 - from.1).atan2(to.0 - from.0)
+}
+
+/// One try at the two target paths, both of the same number of dashes (`shrink` fewer
+/// than drawn), so path length never tells A from B.
+///
+/// B starts at a point as far from A's first end `a0` as A's other end `a1` is, and its
+/// first dash makes the same angle (mirrored at random) with the line to `a0` as A's last
+/// dash, seen from `a1`. So the second dot's distance to the first and the direction its
+/// path leaves in are distributed alike whichever end gets it.
 fn try_targets(rng: &mut Rng, cv: &mut Canvas, shrink: usize) -> Option<(Vec<Pt>, Vec<Pt>)> {
     let p = cv.p;
-    let na = target_len(rng, &p).saturating_sub(shrink).max(1);
-    let nb = target_len(rng, &p).saturating_sub(shrink).max(1);
+    let n = target_len(rng, &p).saturating_sub(shrink).max(1);
     let start = cv.random_point(rng);
-    let a = cv.target(rng, start, na, 0)?;
-    let (a0, a1) = (a[0], a[a.len() - 1]);
+    let heading = rng.uniform() * std::f64::consts::TAU;
+    let a = cv.target(rng, start, heading, n, 0)?;
+    let (a0, a1, inward) = (a[0], a[a.len() - 1], a[a.len() - 2]);
     let reach = dist(a0, a1);
-    for _ in 0..30 {
+    let offset = angle(a1, inward) - angle(a1, a0);
+    for _ in 0..40 {
         let t = rng.uniform() * std::f64::consts::TAU;
         let b0 = (a0.0 + reach * t.cos(), a0.1 + reach * t.sin());
-        if let Some(b) = cv.target(rng, b0, nb, 1) {
+        let mirror = if rng.below(2) == 0 { 1.0 } else { -1.0 };
+        let heading = angle(b0, a0) + mirror * offset;
+        if let Some(b) = cv.target(rng, b0, heading, n, 1) {
             return Some((a, b));
         }
     }
@@ -412,7 +435,7 @@ fn add_distractors(rng: &mut Rng, cv: &mut Canvas) -> Vec<Vec<Pt>> {
     let mut out = Vec::new();
     for _ in 0..p.distractors {
         let id = 2 + out.len();
-        for _ in 0..20 {
+        for _ in 0..40 {
             let start = cv.random_point(rng);
             let heading = rng.uniform() * std::f64::consts::TAU;
             if let Some(pts) = cv.grow(rng, start, heading, p.distractor_dashes, id) {
@@ -424,12 +447,15 @@ fn add_distractors(rng: &mut Rng, cv: &mut Canvas) -> Vec<Vec<Pt>> {
     out
 }
 
+/// Scene attempts before the target paths are shortened by one dash.
+const TRIES_PER_LENGTH: usize = 100;
+
 /// The paths of one sample, drawn from `rng` alone (never from the label).
 fn layout(rng: &mut Rng, size: usize) -> Layout {
     let shrinks = Params::for_size(size).path_dashes;
-    for attempt in 0..(40 * shrinks) {
+    for attempt in 0..(TRIES_PER_LENGTH * shrinks) {
         let mut cv = Canvas::new(size);
-        if let Some((mut a, mut b)) = try_targets(rng, &mut cv, attempt / 40) {
+        if let Some((mut a, mut b)) = try_targets(rng, &mut cv, attempt / TRIES_PER_LENGTH) {
             let mut paths = add_distractors(rng, &mut cv);
             // Random orientation, so the dotted end is not always end 0.
             let (ea, eb) = (rng.below(2), rng.below(2));
@@ -778,6 +804,44 @@ mod tests {
             (neg - pos).abs() < 0.05 * pos,
             "mean dot distance {neg} vs {pos}"
         );
+    }
+
+    /// Cosine between the direction the second dot's path leaves in and the line to the
+    /// first dot.
+    fn aim(s: &Scene) -> f64 {
+        let (path, end) = s.dots[1];
+        let pts = &s.paths[path];
+        let (q, next) = if end == 0 {
+            (pts[0], pts[1])
+        } else {
+            (pts[pts.len() - 1], pts[pts.len() - 2])
+        };
+        let c = s.dot_centres().unwrap()[0];
+        (angle(q, next) - angle(q, c)).cos()
+    }
+
+    #[test]
+    fn second_dot_path_does_not_aim_differently() {
+        let t = lite(32);
+        let mean = |label: u32| {
+            let sum: f64 = (0..400)
+                .map(|i| aim(&t.scene_with_label(Split::Test, i, label)))
+                .sum();
+            sum / 400.0
+        };
+        let (neg, pos) = (mean(0), mean(1));
+        assert!((neg - pos).abs() < 0.1, "mean aim {neg} vs {pos}");
+    }
+
+    #[test]
+    fn target_paths_have_equal_length() {
+        for size in [16, 32] {
+            let t = lite(size);
+            for i in 0..50 {
+                let s = t.scene(Split::Train, i);
+                assert_eq!(s.paths[0].len(), s.paths[1].len());
+            }
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@
 //! overlap.
 //! * train: passages start at any line start of the train regions (drawn with
 //!   [`example_rng`]`(seed, Train, i)`); `3000` pairs (Lite) or `3 × m` (Full, `m` = the
-//!   smallest play's number of possible 4000-byte passage starts, ≈ 3,000).
+//!   smallest play's number of possible 4000-byte passage starts: 3 × 3007 = 9021).
 //! * val / test: passages come from the non-overlapping tiles of the val / test regions
 //!   (a passage may appear in several pairs, as AAN papers do); `300` / `600` pairs (Lite),
 //!   and in Full at most as many as there are distinct ordered same-play tile pairs (16 with
@@ -37,7 +37,9 @@
 //! `hamlet:1234`, the passage's offset in `shakespeare.txt`), so its output loads back
 //! unchanged.
 
+use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
@@ -83,6 +85,15 @@ struct Pair {
     label: u32,
     first: usize,
     second: usize,
+}
+
+/// A pair as written to / read from a file: label, ids and the two documents.
+struct Raw<'a> {
+    label: u32,
+    id1: String,
+    id2: String,
+    doc1: &'a [u8],
+    doc2: &'a [u8],
 }
 
 /// One pair read from a file: label, the two ids, and indices into the document store.
@@ -136,16 +147,24 @@ fn draw_pair(rng: &mut Rng, label: u32, pools: &[&[usize]], per_doc: usize) -> O
     let first = a[rng.below(a.len())];
     let second = b[rng.below(b.len())];
     let overlap = first < second + per_doc && second < first + per_doc;
-    (!overlap).then_some(Pair { label, first, second })
+    (!overlap).then_some(Pair {
+        label,
+        first,
+        second,
+    })
 }
 
 /// Distinct val / test pairs from the non-overlapping tiles of `split`.
 fn tiled_pairs(corpus: &Corpus, seed: u64, split: Split, setting: Setting) -> Vec<Pair> {
     let per_doc = max_len_for(setting) / 2;
-    let tiles: Vec<Vec<usize>> =
-        (0..corpus.plays().len()).map(|p| corpus.tile(p, split, per_doc)).collect();
+    let tiles: Vec<Vec<usize>> = (0..corpus.plays().len())
+        .map(|p| corpus.tile(p, split, per_doc))
+        .collect();
     let pools: Vec<&[usize]> = tiles.iter().map(Vec::as_slice).collect();
-    let ordered_same: usize = tiles.iter().map(|t| t.len() * t.len().saturating_sub(1)).sum();
+    let ordered_same: usize = tiles
+        .iter()
+        .map(|t| t.len() * t.len().saturating_sub(1))
+        .sum();
     let n = lite_size(split).min(ordered_same);
     let mut seen = HashSet::with_capacity(n);
     let mut out = Vec::with_capacity(n);
@@ -204,7 +223,8 @@ impl Retrieval {
         let max_len = max_len_for(setting);
         let per_doc = max_len / 2;
         let mut docs: Vec<Vec<u8>> = Vec::new();
-        let mut index: HashMap<Vec<u8>, usize> = HashMap::new();
+        // Content hash → indices into `docs` (documents repeat across AAN pairs).
+        let mut index: HashMap<u64, Vec<usize>> = HashMap::new();
         let mut rows: [Vec<Row>; 3] = Default::default();
         for (slot, file) in rows.iter_mut().zip(FILES) {
             let path = dir.join(file);
@@ -220,16 +240,25 @@ impl Retrieval {
                 let mut intern = |text: &[u8]| {
                     let mut doc = corpus::unescape(text);
                     doc.truncate(per_doc);
-                    let next = docs.len();
-                    let at = *index.entry(doc.clone()).or_insert(next);
-                    if at == next {
-                        docs.push(doc);
+                    let mut hasher = DefaultHasher::new();
+                    doc.hash(&mut hasher);
+                    let same = index.entry(hasher.finish()).or_default();
+                    if let Some(&at) = same.iter().find(|&&k| docs[k] == doc) {
+                        return at;
                     }
-                    at
+                    same.push(docs.len());
+                    docs.push(doc);
+                    docs.len() - 1
                 };
                 let (doc1, doc2) = (intern(text1), intern(text2));
                 let id = |f: &[u8]| String::from_utf8_lossy(&corpus::unescape(f)).into_owned();
-                slot.push(Row { label, id1: id(id1), id2: id(id2), doc1, doc2 });
+                slot.push(Row {
+                    label,
+                    id1: id(id1),
+                    id2: id(id2),
+                    doc1,
+                    doc2,
+                });
                 Ok(())
             })?;
             if slot.is_empty() {
@@ -239,7 +268,11 @@ impl Retrieval {
         Ok(Retrieval {
             setting,
             max_len,
-            data: Data::Files { dir: dir.to_path_buf(), docs, rows },
+            data: Data::Files {
+                dir: dir.to_path_buf(),
+                docs,
+                rows,
+            },
         })
     }
 
@@ -255,7 +288,14 @@ impl Retrieval {
     }
 
     fn offline_pair(&self, split: Split, index: usize) -> Option<Pair> {
-        let Data::Offline { corpus, seed, n_train, val, test } = &self.data else {
+        let Data::Offline {
+            corpus,
+            seed,
+            n_train,
+            val,
+            test,
+        } = &self.data
+        else {
             return None;
         };
         match split {
@@ -277,7 +317,7 @@ impl Retrieval {
     }
 
     /// Label, ids and the two documents of example `index` of `split`.
-    fn raw(&self, split: Split, index: usize) -> Option<(u32, String, String, &[u8], &[u8])> {
+    fn raw(&self, split: Split, index: usize) -> Option<Raw<'_>> {
         let per_doc = self.max_len / 2;
         match &self.data {
             Data::Offline { corpus, .. } => {
@@ -286,23 +326,23 @@ impl Retrieval {
                     let play = corpus.play_of(at).map_or("?", |k| corpus.plays()[k].name);
                     format!("{play}:{at}")
                 };
-                Some((
-                    p.label,
-                    id(p.first),
-                    id(p.second),
-                    corpus.passage(p.first, per_doc),
-                    corpus.passage(p.second, per_doc),
-                ))
+                Some(Raw {
+                    label: p.label,
+                    id1: id(p.first),
+                    id2: id(p.second),
+                    doc1: corpus.passage(p.first, per_doc),
+                    doc2: corpus.passage(p.second, per_doc),
+                })
             }
             Data::Files { docs, rows, .. } => {
                 let r = rows[split_index(split)].get(index)?;
-                Some((
-                    r.label,
-                    r.id1.clone(),
-                    r.id2.clone(),
-                    docs[r.doc1].as_slice(),
-                    docs[r.doc2].as_slice(),
-                ))
+                Some(Raw {
+                    label: r.label,
+                    id1: r.id1.clone(),
+                    id2: r.id2.clone(),
+                    doc1: docs[r.doc1].as_slice(),
+                    doc2: docs[r.doc2].as_slice(),
+                })
             }
         }
     }
@@ -321,7 +361,10 @@ impl ArenaTask for Retrieval {
                 self.max_len / 2
             ),
             Data::Files { dir, .. } => {
-                format!("LRA AAN files new_aan_pairs.{{train,eval,test}}.tsv in {}", dir.display())
+                format!(
+                    "LRA AAN files new_aan_pairs.{{train,eval,test}}.tsv in {}",
+                    dir.display()
+                )
             }
         }
     }
@@ -340,7 +383,9 @@ impl ArenaTask for Retrieval {
 
     fn len(&self, split: Split) -> usize {
         match &self.data {
-            Data::Offline { n_train, val, test, .. } => match split {
+            Data::Offline {
+                n_train, val, test, ..
+            } => match split {
                 Split::Train => *n_train,
                 Split::Val => val.len(),
                 Split::Test => test.len(),
@@ -351,7 +396,9 @@ impl ArenaTask for Retrieval {
 
     fn example(&self, split: Split, index: usize) -> Example {
         let per_doc = self.max_len / 2;
-        let (label, _, _, doc1, doc2) = self.raw(split, index).unwrap_or_else(|| {
+        let Raw {
+            label, doc1, doc2, ..
+        } = self.raw(split, index).unwrap_or_else(|| {
             panic!(
                 "retrieval: example {index} out of range for {} ({})",
                 split.name(),
@@ -370,7 +417,14 @@ impl ArenaTask for Retrieval {
     fn write_tsv(&self, split: Split, n: usize, out: &mut dyn Write) -> io::Result<()> {
         let mut line = Vec::new();
         for index in 0..n.min(self.len(split)) {
-            let Some((label, id1, id2, doc1, doc2)) = self.raw(split, index) else {
+            let Some(Raw {
+                label,
+                id1,
+                id2,
+                doc1,
+                doc2,
+            }) = self.raw(split, index)
+            else {
                 break;
             };
             line.clear();
@@ -391,8 +445,10 @@ mod tests {
     use super::*;
 
     fn temp_dir(tag: &str) -> PathBuf {
-        let dir = std::env::temp_dir()
-            .join(format!("formers-arena-retrieval-{tag}-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!(
+            "formers-arena-retrieval-{tag}-{}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
@@ -429,7 +485,10 @@ mod tests {
                     let play = c.play_of(s).unwrap();
                     assert!(c.region(play, split).contains_window(s, per_doc));
                 }
-                assert!(a + per_doc <= b || b + per_doc <= a, "{split:?} {i}: overlap");
+                assert!(
+                    a + per_doc <= b || b + per_doc <= a,
+                    "{split:?} {i}: overlap"
+                );
                 let same = c.play_of(a) == c.play_of(b);
                 assert_eq!(e.label, u32::from(same));
                 // The input is exactly the two passages.
@@ -461,7 +520,7 @@ mod tests {
         assert_eq!(t.max_len(), 8000);
         assert!(t.len(Split::Train) > 6000, "{}", t.len(Split::Train));
         let n = t.len(Split::Test);
-        assert!(n >= 8 && n <= 600, "{n}");
+        assert!((8..=600).contains(&n), "{n}");
         let e = t.example(Split::Test, 1);
         assert_eq!((e.ids.len(), e.label), (8000, 1));
         assert_eq!(t.example(Split::Train, 17).ids.len(), 8000);
@@ -509,9 +568,9 @@ mod tests {
             }
             // Written again from the files: byte-identical.
             let (mut x, mut y) = (Vec::new(), Vec::new());
-            t.write_tsv(split, 100, &mut x).unwrap();
-            back.write_tsv(split, 100, &mut y).unwrap();
-            assert_eq!(x, y);
+            t.write_tsv(split, back.len(split), &mut x).unwrap();
+            back.write_tsv(split, usize::MAX, &mut y).unwrap();
+            assert!(x == y, "{split:?}: rewritten TSV differs");
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -534,14 +593,28 @@ mod tests {
         assert_eq!(&e.ids[..4], &b"ab\tc".map(u32::from)[..]);
         assert_eq!(t.example(Split::Train, 1).ids.len(), 4 + 5);
         assert_eq!(t.example(Split::Test, 0).label, 1);
+        // Repeated documents are stored once.
+        let Data::Files { docs, .. } = &t.data else {
+            panic!("file data expected");
+        };
+        assert_eq!(docs.len(), 5);
 
-        std::fs::write(dir.join(FILES[2]), "1\ta\tb\tdoc one\tdoc two\n0\ta\tb\tonly four\n")
-            .unwrap();
+        std::fs::write(
+            dir.join(FILES[2]),
+            "1\ta\tb\tdoc one\tdoc two\n0\ta\tb\tonly four\n",
+        )
+        .unwrap();
         let err = Retrieval::from_dir(&dir, Setting::Lite).unwrap_err();
-        assert!(err.contains("new_aan_pairs.test.tsv:2") && err.contains("5"), "{err}");
+        assert!(
+            err.contains("new_aan_pairs.test.tsv:2") && err.contains("5"),
+            "{err}"
+        );
         std::fs::write(dir.join(FILES[2]), "2\ta\tb\tx\ty\n").unwrap();
         let err = Retrieval::from_dir(&dir, Setting::Lite).unwrap_err();
-        assert!(err.contains("new_aan_pairs.test.tsv:1") && err.contains("label"), "{err}");
+        assert!(
+            err.contains("new_aan_pairs.test.tsv:1") && err.contains("label"),
+            "{err}"
+        );
         std::fs::remove_file(dir.join(FILES[1])).unwrap();
         let err = Retrieval::from_dir(&dir, Setting::Lite).unwrap_err();
         assert!(err.contains("new_aan_pairs.eval.tsv"), "{err}");

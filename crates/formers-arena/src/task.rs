@@ -46,7 +46,10 @@ impl Split {
 }
 
 /// The two sizes of every task: `Lite` fits 2 CPU cores in minutes, `Full` is LRA's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum Setting {
     Lite,
     Full,

@@ -51,7 +51,12 @@ pub fn order_variants(present: &BTreeSet<String>, order: &[String]) -> Vec<Strin
             out.push(v.clone());
         }
     }
-    out.extend(present.iter().filter(|v| !out.contains(v)).cloned());
+    let rest: Vec<String> = present
+        .iter()
+        .filter(|v| !out.contains(v))
+        .cloned()
+        .collect();
+    out.extend(rest);
     out
 }
 
@@ -134,7 +139,9 @@ impl<'a> Runs<'a> {
             match rec {
                 Record::Run(r) => {
                     let key = (r.task.clone(), r.variant.clone(), r.seed);
-                    let keep = by_seed.get(&key).is_none_or(|old| run_key(r) > run_key(old));
+                    let keep = by_seed
+                        .get(&key)
+                        .is_none_or(|old| run_key(r) > run_key(old));
                     if keep {
                         by_seed.insert(key, r);
                     }

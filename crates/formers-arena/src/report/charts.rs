@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use super::agg::{bytes_to_mib, task_title, Runs, Speeds, BASELINE};
@@ -56,20 +57,48 @@ pub fn all(runs: &Runs, speeds: &Speeds, variants: &[String]) -> Vec<Chart> {
 
 /// A padded axis range over the finite values; a single value or zero range gets a unit pad.
 fn axis_range(values: impl IntoIterator<Item = f64>) -> Option<Range<f64>> {
-    let (lo, hi) = values
-        .into_iter()
-        .filter(|v| v.is_finite())
-        .fold(None, |acc: Option<(f64, f64)>, v| match acc {
-            None => Some((v, v)),
-            Some((lo, hi)) => Some((lo.min(v), hi.max(v))),
-        })?;
-    let span = hi - lo;
-    let pad = if span > 0.0 {
-        span * 0.08
-    } else {
-        lo.abs().max(1.0) * 0.1
+    padded_range(values, 0.08, 0.08)
+}
+
+/// Like [`axis_range`] with the low and high padding as fractions of the span.
+fn padded_range(values: impl IntoIterator<Item = f64>, low: f64, high: f64) -> Option<Range<f64>> {
+    let (lo, hi) =
+        values
+            .into_iter()
+            .filter(|v| v.is_finite())
+            .fold(None, |acc: Option<(f64, f64)>, v| match acc {
+                None => Some((v, v)),
+                Some((lo, hi)) => Some((lo.min(v), hi.max(v))),
+            })?;
+    let span = match hi - lo {
+        s if s > 0.0 => s,
+        _ => lo.abs().max(1.0),
     };
-    Some(lo - pad..hi + pad)
+    Some(lo - span * low..hi + span * high)
+}
+
+/// Tick label: the number without trailing zeros (`100`, `2.5`, `0.125`).
+fn tick(x: &f64) -> String {
+    let s = super::tables::fmt_num(*x);
+    match s.contains('.') {
+        true => s.trim_end_matches('0').trim_end_matches('.').to_string(),
+        false => s,
+    }
+}
+
+/// Legend corner away from the data: upper left when the lines mostly rise, else upper right.
+fn legend_corner(lines: &[(String, Vec<(f64, f64)>)]) -> SeriesLabelPosition {
+    let rising = lines
+        .iter()
+        .filter(|(_, p)| p.len() >= 2)
+        .map(|(_, p)| p[p.len() - 1].1 - p[0].1)
+        .filter(|d| d.is_finite())
+        .sum::<f64>();
+    if rising > 0.0 {
+        SeriesLabelPosition::UpperLeft
+    } else {
+        SeriesLabelPosition::UpperRight
+    }
 }
 
 /// A point for the accuracy-vs-speed chart.
@@ -115,8 +144,8 @@ fn bubbles(runs: &Runs) -> (Vec<Bubble>, &'static str) {
 /// LRA Figure 3 style: x = speed, y = average accuracy, marker area ∝ peak memory.
 pub fn accuracy_vs_speed(runs: &Runs, variants: &[String]) -> Option<Chart> {
     let (pts, x_desc) = bubbles(runs);
-    let xr = axis_range(pts.iter().map(|p| p.x))?;
-    let yr = axis_range(pts.iter().map(|p| p.y))?;
+    let xr = padded_range(pts.iter().map(|p| p.x), 0.12, 0.35)?;
+    let yr = padded_range(pts.iter().map(|p| p.y), 0.12, 0.12)?;
     let max_mem = pts.iter().map(|p| p.mem).fold(0.0, f64::max);
     let title = "Average accuracy vs training speed (marker area ∝ peak memory)";
     let svg = render(|root| {
@@ -130,6 +159,8 @@ pub fn accuracy_vs_speed(runs: &Runs, variants: &[String]) -> Option<Chart> {
             .configure_mesh()
             .x_desc(x_desc)
             .y_desc("average test accuracy (%)")
+            .x_label_formatter(&tick)
+            .y_label_formatter(&tick)
             .draw()?;
         for p in &pts {
             let radius = marker_radius(p.mem, max_mem);
@@ -201,10 +232,12 @@ fn thin(pts: Vec<(f64, f64)>) -> Vec<(f64, f64)> {
 pub fn slug(s: &str) -> String {
     let out: String = s
         .chars()
-        .map(|c| match c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-            true => c.to_ascii_lowercase(),
-            false => '_',
-        })
+        .map(
+            |c| match c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                true => c.to_ascii_lowercase(),
+                false => '_',
+            },
+        )
         .collect();
     if out.is_empty() {
         "task".to_string()
@@ -222,7 +255,12 @@ pub fn loss_curves(runs: &Runs, task: &str, variants: &[String]) -> Option<Chart
         .filter(|(_, c)| !c.is_empty())
         .collect();
     let xr = axis_range(curves.iter().flat_map(|(_, c)| c.iter().map(|p| p.0)))?;
-    let yr = axis_range(curves.iter().flat_map(|(_, c)| c.iter().map(|p| p.1)))?;
+    let yr = padded_range(
+        curves.iter().flat_map(|(_, c)| c.iter().map(|p| p.1)),
+        0.05,
+        0.2,
+    )?;
+    let corner = legend_corner(&curves);
     let title = format!("Training loss — {} (mean over seeds)", task_title(task));
     let svg = render(|root| {
         let mut chart = ChartBuilder::on(root)
@@ -235,6 +273,8 @@ pub fn loss_curves(runs: &Runs, task: &str, variants: &[String]) -> Option<Chart
             .configure_mesh()
             .x_desc("step")
             .y_desc("training loss")
+            .x_label_formatter(&tick)
+            .y_label_formatter(&tick)
             .draw()?;
         for (v, c) in &curves {
             let col = color(variants, v);
@@ -243,7 +283,7 @@ pub fn loss_curves(runs: &Runs, task: &str, variants: &[String]) -> Option<Chart
                 .label(v.as_str())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], col));
         }
-        draw_legend(&mut chart)
+        draw_legend(&mut chart, corner)
     })?;
     Some(Chart {
         file: format!("loss_{}.svg", slug(task)),
@@ -275,7 +315,12 @@ pub fn speed_vs_length(speeds: &Speeds, variants: &[String], memory: bool) -> Op
         .filter(|(_, p)| !p.is_empty())
         .collect();
     let xr = axis_range(lines.iter().flat_map(|(_, p)| p.iter().map(|q| q.0)))?;
-    let yr = axis_range(lines.iter().flat_map(|(_, p)| p.iter().map(|q| q.1)))?;
+    let yr = padded_range(
+        lines.iter().flat_map(|(_, p)| p.iter().map(|q| q.1)),
+        0.05,
+        0.2,
+    )?;
+    let corner = legend_corner(&lines);
     let (file, title, y_desc) = if memory {
         (
             "memory_vs_length.svg",
@@ -300,6 +345,8 @@ pub fn speed_vs_length(speeds: &Speeds, variants: &[String], memory: bool) -> Op
             .configure_mesh()
             .x_desc("sequence length")
             .y_desc(y_desc)
+            .x_label_formatter(&tick)
+            .y_label_formatter(&tick)
             .draw()?;
         for (v, pts) in &lines {
             let col = color(variants, v);
@@ -307,12 +354,9 @@ pub fn speed_vs_length(speeds: &Speeds, variants: &[String], memory: bool) -> Op
                 .draw_series(LineSeries::new(pts.iter().copied(), col.stroke_width(2)))?
                 .label(v.as_str())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], col));
-            chart.draw_series(
-                pts.iter()
-                    .map(|&p| Circle::new(p, 3, col.filled())),
-            )?;
+            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, col.filled())))?;
         }
-        draw_legend(&mut chart)
+        draw_legend(&mut chart, corner)
     })?;
     Some(Chart {
         file: file.to_string(),
@@ -324,14 +368,15 @@ pub fn speed_vs_length(speeds: &Speeds, variants: &[String], memory: bool) -> Op
 type DrawResult = Result<(), Box<dyn std::error::Error>>;
 
 fn draw_legend<'a, DB: DrawingBackend + 'a>(
-    chart: &mut ChartContext<'a, DB, Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>>,
+    chart: &mut ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    corner: SeriesLabelPosition,
 ) -> DrawResult
 where
     DB::ErrorType: 'static,
 {
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(corner)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK.mix(0.4))
         .label_font(("sans-serif", 13))
@@ -340,7 +385,9 @@ where
 }
 
 /// Renders onto a white SVG canvas; `None` if plotting fails.
-fn render(draw: impl FnOnce(&DrawingArea<SVGBackend, plotters::coord::Shift>) -> DrawResult) -> Option<String> {
+fn render(
+    draw: impl FnOnce(&DrawingArea<SVGBackend, plotters::coord::Shift>) -> DrawResult,
+) -> Option<String> {
     let mut buf = String::new();
     {
         let root = SVGBackend::with_string(&mut buf, SIZE).into_drawing_area();

@@ -89,7 +89,10 @@ impl Table {
     pub fn to_html(&self) -> String {
         let mut s = String::from("<table>\n");
         if !self.title.is_empty() {
-            s.push_str(&format!("<caption>{}</caption>\n", html_escape(&self.title)));
+            s.push_str(&format!(
+                "<caption>{}</caption>\n",
+                html_escape(&self.title)
+            ));
         }
         s.push_str("<thead>\n");
         if !self.groups.is_empty() {

@@ -51,7 +51,7 @@ pub fn fmt_si(x: f64) -> String {
 
 /// A sequence length: `1K` for multiples of 1024, the number otherwise.
 pub fn fmt_len(n: usize) -> String {
-    if n >= 1024 && n % 1024 == 0 {
+    if n >= 1024 && n.is_multiple_of(1024) {
         format!("{}K", n / 1024)
     } else {
         n.to_string()
@@ -308,7 +308,10 @@ pub fn details(runs: &Runs) -> Table {
     ]
     .map(String::from)
     .to_vec();
-    let mut t = Table::new("Per task and variant (means over seeds; peak RSS: max)", header);
+    let mut t = Table::new(
+        "Per task and variant (means over seeds; peak RSS: max)",
+        header,
+    );
     t.align[1] = Align::Left;
     for task in &runs.tasks {
         for v in &runs.variants {

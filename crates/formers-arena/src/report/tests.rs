@@ -1,0 +1,294 @@
+use super::*;
+use crate::results::{RunResult, Skipped, SpeedResult};
+
+fn run(task: &str, variant: &str, seed: u64, acc: f64) -> Record {
+    Record::Run(RunResult {
+        suite: "lite".into(),
+        task: task.into(),
+        variant: variant.into(),
+        seed,
+        budget: "300".into(),
+        source: "generated".into(),
+        seq_len: 512,
+        batch_size: 8,
+        steps: 300,
+        test_accuracy: acc,
+        test_examples: 1000,
+        val_accuracy: acc,
+        train_steps_per_s: if variant == "vanilla" { 2.0 } else { 3.0 },
+        infer_tokens_per_s: 12345.0,
+        peak_rss_bytes: 200 << 20,
+        params: 123_456,
+        flops_per_token: 2.5e6,
+        wall_s: 150.0,
+        loss_curve: (0..50)
+            .map(|s| (s, 2.0 / (1.0 + s as f32) + seed as f32 * 0.01))
+            .collect(),
+    })
+}
+
+fn speed(variant: &str, length: usize, steps: f64, mib: u64) -> Record {
+    Record::Speed(SpeedResult {
+        suite: "lite".into(),
+        variant: variant.into(),
+        length,
+        batch_size: 4,
+        steps_per_s: steps,
+        peak_rss_bytes: mib << 20,
+        params: 1000,
+    })
+}
+
+fn skipped(task: &str, reason: &str) -> Record {
+    Record::Skipped(Skipped {
+        suite: "lite".into(),
+        task: task.into(),
+        reason: reason.into(),
+    })
+}
+
+fn meta() -> ReportMeta {
+    ReportMeta {
+        title: "formers arena — test <suite>".into(),
+        notes: vec!["suite: lite".into(), "budget: 300 steps & more".into()],
+        variant_order: vec!["vanilla".into(), "performer".into(), "local".into()],
+    }
+}
+
+fn sample() -> Vec<Record> {
+    let mut r = vec![];
+    for (i, v) in ["vanilla", "performer", "local", "zeta"].iter().enumerate() {
+        for seed in 0..2 {
+            r.push(run(
+                "listops",
+                v,
+                seed,
+                0.3 + 0.01 * i as f64 + 0.003 * seed as f64,
+            ));
+            r.push(run(
+                "text",
+                v,
+                seed,
+                0.6 + 0.02 * i as f64 - 0.001 * seed as f64,
+            ));
+        }
+    }
+    r.push(run("pathfinder", "vanilla", 0, 0.7));
+    r.push(skipped("image", "CIFAR-10 files absent"));
+    for (v, f) in [("vanilla", 1.0), ("performer", 1.7), ("local", 1.3)] {
+        for len in [256, 1024] {
+            r.push(speed(
+                v,
+                len,
+                4.0 * f * 256.0 / len as f64,
+                100 + (len as u64) / (f as u64),
+            ));
+        }
+    }
+    r
+}
+
+/// A deterministic permutation (no rand dependency).
+fn shuffled(mut v: Vec<Record>, seed: u64) -> Vec<Record> {
+    let mut s = seed;
+    for i in (1..v.len()).rev() {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        v.swap(i, (s >> 33) as usize % (i + 1));
+    }
+    v
+}
+
+#[test]
+fn table1_is_independent_of_record_order() {
+    let recs = sample();
+    let want = table1_markdown(&recs, &meta());
+    for seed in 1..6 {
+        let got = table1_markdown(&shuffled(recs.clone(), seed), &meta());
+        assert_eq!(got, want);
+    }
+    let mut rev = recs.clone();
+    rev.reverse();
+    assert_eq!(table1_markdown(&rev, &meta()), want);
+    // A record merged twice (overlapping shards) counts once.
+    let mut dup = recs.clone();
+    dup.extend(recs.iter().take(5).cloned());
+    assert_eq!(table1_markdown(&dup, &meta()), want);
+    assert_eq!(
+        table2_markdown(&dup, &meta()),
+        table2_markdown(&recs, &meta())
+    );
+    assert_eq!(
+        details_markdown(&dup, &meta()),
+        details_markdown(&recs, &meta())
+    );
+}
+
+#[test]
+fn table1_layout_rows_columns_and_notes() {
+    let md = table1_markdown(&sample(), &meta());
+    let header = md.lines().find(|l| l.starts_with("| Variant")).unwrap();
+    assert_eq!(
+        header,
+        "| Variant | ListOps | Text | Image | Pathfinder | Avg |"
+    );
+    let rows: Vec<&str> = md
+        .lines()
+        .skip_while(|l| !l.starts_with("| Variant"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| l.split('|').nth(1).unwrap().trim())
+        .collect();
+    assert_eq!(rows, ["vanilla", "performer", "local", "zeta"]);
+    assert!(md.contains("Image skipped: CIFAR-10 files absent"));
+    assert!(md.contains("| skipped |"));
+    // performer has 2 of the 3 tasks that ran.
+    assert!(md.contains("(2/3)"));
+    assert!(md.contains("LRA paper (Tay et al. 2021, Table 1, full setting"));
+    assert!(md.contains(
+        "| Transformer | vanilla | 36.37 | 64.27 | 57.46 | 42.44 | 71.40 | FAIL | 54.39 |"
+    ));
+    assert!(md.contains(
+        "| Performer | performer | 18.01 | 65.40 | 53.82 | 42.77 | 77.05 | FAIL | 51.41 |"
+    ));
+}
+
+#[test]
+fn mean_and_std_over_two_seeds() {
+    let recs = vec![
+        run("listops", "vanilla", 0, 0.60),
+        run("listops", "vanilla", 1, 0.70),
+    ];
+    let md = table1_markdown(&recs, &meta());
+    // mean 65.00, sample std sqrt(((−5)² + 5²) / 1) = 7.07
+    assert!(md.contains("| vanilla | 65.00 ± 7.07 | 65.00 |"), "{md}");
+    let one = table1_markdown(&recs[..1], &meta());
+    assert!(one.contains("| vanilla | 60.00 | 60.00 |"), "{one}");
+}
+
+#[test]
+fn relative_speed_and_memory() {
+    let recs = vec![
+        speed("vanilla", 1024, 2.0, 1000),
+        speed("performer", 1024, 3.4, 450),
+        speed("vanilla", 2048, 1.0, 2000),
+        speed("performer", 2048, 3.0, 500),
+        speed("local", 4096, 5.0, 300),
+    ];
+    let md = table2_markdown(&recs, &meta());
+    let head = md.lines().find(|l| l.starts_with("| Variant")).unwrap();
+    assert!(head.contains("Steps per second · 1K") && head.contains("Peak memory · 4K"));
+    assert!(
+        md.contains("| vanilla | 2.00 | 1.00 | — | 1000 MiB | 2000 MiB | — |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| performer | 1.70× | 3.00× | — | 0.45× | 0.25× | — |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| local | — | — | 5.00 (abs) | — | — | 300 MiB |"),
+        "{md}"
+    );
+    assert!(md.contains("No `vanilla` measurement at length 4K"));
+    assert!(md.contains("| Linformer | linformer | 9.3 (1.2×) | 9.1 (1.9×) | 8.5 (3.7×) | 7.7 (5.5×) | 0.37 | 0.55 | 0.99 | 0.99 |"), "{md}");
+}
+
+fn tmp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("formers-report-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+#[test]
+fn write_report_is_self_contained() {
+    let dir = tmp_dir("full");
+    let index = write_report(&sample(), &meta(), &dir).unwrap();
+    assert_eq!(index, dir.join("index.html"));
+    let html = std::fs::read_to_string(&index).unwrap();
+    for bad in ["src=\"http", "<link", "@import", "url(", "<script", "<img"] {
+        assert!(!html.contains(bad), "{bad}");
+    }
+    assert!(!html.contains("http"), "no http at all in this page");
+    assert!(html.contains("<svg"));
+    assert!(html.contains("formers arena — test &lt;suite&gt;"));
+    assert!(html.contains("budget: 300 steps &amp; more"));
+    for caption in [
+        "formers — test accuracy (%)",
+        "LRA paper (Tay et al. 2021, Table 1",
+        "formers — training speed and peak memory",
+        "LRA paper (Tay et al. 2021, Table 2",
+        "Per task and variant",
+    ] {
+        assert!(
+            html.contains(&format!("<caption>{}", html_escape(caption))),
+            "{caption}"
+        );
+    }
+    let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    let svgs = [
+        "accuracy_vs_speed.svg",
+        "loss_listops.svg",
+        "loss_text.svg",
+        "loss_pathfinder.svg",
+        "speed_vs_length.svg",
+        "memory_vs_length.svg",
+    ];
+    for f in svgs {
+        let svg = std::fs::read_to_string(dir.join(f)).unwrap();
+        let head = svg.trim_start();
+        assert!(head.starts_with("<svg") || head.starts_with("<?xml"), "{f}");
+        assert!(svg.trim_end().ends_with("</svg>"), "{f}");
+        assert!(md.contains(&format!("]({f})")), "{f}");
+    }
+    assert_eq!(html.matches("<svg").count(), svgs.len());
+    assert!(!dir.join("loss_image.svg").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn degenerate_inputs_do_not_panic() {
+    let nan = {
+        let mut r = run("listops", "vanilla", 0, f64::NAN);
+        if let Record::Run(x) = &mut r {
+            x.train_steps_per_s = f64::NAN;
+            x.loss_curve = vec![(0, f32::NAN), (1, f32::INFINITY)];
+        }
+        r
+    };
+    let cases: Vec<(&str, Vec<Record>)> = vec![
+        ("empty", vec![]),
+        (
+            "skipped",
+            vec![skipped("pathx", "too long"), skipped("pathx", "no data")],
+        ),
+        ("single", vec![run("text", "performer", 0, 0.5)]),
+        (
+            "one-point",
+            vec![
+                speed("vanilla", 1024, 1.0, 10),
+                run("text", "vanilla", 0, 0.5),
+            ],
+        ),
+        (
+            "zero",
+            vec![speed("vanilla", 1024, 0.0, 0), speed("local", 1024, 0.0, 0)],
+        ),
+        ("nan", vec![nan, speed("vanilla", 512, f64::NAN, 0)]),
+    ];
+    for (name, recs) in cases {
+        let m = ReportMeta::default();
+        let _ = table1_markdown(&recs, &m);
+        let _ = table2_markdown(&recs, &m);
+        let _ = details_markdown(&recs, &m);
+        let dir = tmp_dir(name);
+        let index = write_report(&recs, &m, &dir).unwrap();
+        let html = std::fs::read_to_string(index).unwrap();
+        assert!(html.contains("</html>"), "{name}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    let md = table1_markdown(&[skipped("pathx", "b"), skipped("pathx", "a")], &meta());
+    assert!(md.contains("Path-X skipped: a; b"), "{md}");
+    assert!(charts(&[], &meta()).is_empty());
+}
