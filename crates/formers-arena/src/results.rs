@@ -129,22 +129,21 @@ pub fn load(path: &Path) -> Result<Vec<Record>, String> {
     Ok(out)
 }
 
-/// Appends `record` as one line and syncs it to disk before returning.
+/// Appends `record` as one line and syncs it to disk before returning. A partial last line
+/// left by a kill mid-write is dropped first, so it never ends up inside the file.
 pub fn append(path: &Path, record: &Record) -> Result<(), String> {
     let err = |e: io::Error| format!("{}: {e}", path.display());
-    // A kill mid-write can leave a partial last line: start ours on a fresh line.
-    let needs_newline = fs::read(path)
-        .map(|b| !b.is_empty() && !b.ends_with(b"\n"))
-        .unwrap_or(false);
     let mut f = fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .map_err(err)?;
-    let mut line = serde_json::to_string(record).expect("records serialise");
-    if needs_newline {
-        line.insert(0, '\n');
+    let bytes = fs::read(path).map_err(err)?;
+    if !bytes.is_empty() && !bytes.ends_with(b"\n") {
+        let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+        f.set_len(keep as u64).map_err(err)?;
     }
+    let mut line = serde_json::to_string(record).expect("records serialise");
     line.push('\n');
     f.write_all(line.as_bytes()).map_err(err)?;
     f.sync_all().map_err(err)

@@ -1,6 +1,7 @@
 //! `formers`: the command-line front of the formers library. It wires flags to library
 //! calls and draws progress; it holds no model logic.
 
+mod arena;
 mod bench;
 mod embed;
 mod generate;
@@ -28,6 +29,8 @@ enum Command {
     Embed(embed::EmbedArgs),
     /// Continue a prompt with a causal LM: a formers run or a GPT-2-family checkpoint (uses the KV cache).
     Generate(generate::GenerateArgs),
+    /// The arena: train every variant on Long-Range-Arena tasks and report accuracy, speed and memory.
+    Arena(arena::ArenaArgs),
     /// Measure speed and memory.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -49,6 +52,7 @@ fn main() {
         Command::Embed(a) => embed::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Bench(c) => bench::run(c),
+        Command::Arena(a) => arena::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

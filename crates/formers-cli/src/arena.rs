@@ -1,0 +1,602 @@
+//! `formers arena`: the Long-Range-Arena-style benchmark — run it (each job in its own
+//! worker process, so memory is measured per job), write task data, look at Pathfinder,
+//! merge shards and write the report.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use formers_arena::pathfinder::{self, Pathfinder};
+use formers_arena::report;
+use formers_arena::results::{self, Record};
+use formers_arena::runner::{self, Budget, Event, Job, Options, Outcome, Progress, Tasks};
+use formers_arena::suite::{open_task, DataDirs, SuiteSpec, DEFAULT_TASKS, TASKS};
+use formers_arena::task::{ArenaTask, Setting, Split};
+use formers_arena::variants;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+/// Train every variant on every task with the same budget and report accuracy, speed and
+/// memory side by side (LRA's Table 1, Table 2 and Figure 3). Without a subcommand, runs the
+/// arena; `formers arena` alone runs the lite suite offline in minutes on 2 cores.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ArenaArgs {
+    #[command(subcommand)]
+    command: Option<ArenaCommand>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum ArenaCommand {
+    /// Write a task's examples in LRA's file layout (`Source<TAB>Target` for ListOps).
+    Data(DataArgs),
+    /// Write a PNG grid of Pathfinder (or Path-X) samples, framed green if connected.
+    Show(ShowArgs),
+    /// Join the results of arena directories (e.g. shards) into one directory and report it.
+    Merge(MergeArgs),
+    /// (Re)write the report of an arena directory from its results.
+    Report(ReportArgs),
+    /// Internal: run one job read from stdin, print progress as JSON lines.
+    #[command(hide = true)]
+    Worker,
+}
+
+/// Data sources shared by running and `data`.
+#[derive(Debug, Args, Clone)]
+struct DataFlags {
+    /// LRA's ListOps files (`basic_{train,val,test}.tsv`); default: generated.
+    #[arg(long, value_name = "DIR")]
+    listops_dir: Option<PathBuf>,
+    /// Text classification files (`train.tsv`, `test.tsv`: `label<TAB>text`, e.g. IMDb);
+    /// default: passages of the shipped Shakespeare plays, labelled by play.
+    #[arg(long, value_name = "DIR")]
+    text_dir: Option<PathBuf>,
+    /// LRA's AAN files (`new_aan_pairs.{train,eval,test}.tsv`); default: passage pairs of
+    /// the shipped plays, labelled same play or not.
+    #[arg(long, value_name = "DIR")]
+    retrieval_dir: Option<PathBuf>,
+    /// CIFAR-10 binary version (or set FORMERS_CIFAR10_DIR); the image task is skipped
+    /// without it.
+    #[arg(long, value_name = "DIR")]
+    cifar_dir: Option<PathBuf>,
+}
+
+impl DataFlags {
+    fn dirs(&self) -> DataDirs {
+        DataDirs {
+            listops: self.listops_dir.clone(),
+            text: self.text_dir.clone(),
+            retrieval: self.retrieval_dir.clone(),
+            cifar: self.cifar_dir.clone(),
+        }
+    }
+}
+
+fn parse_setting(s: &str) -> Result<Setting, String> {
+    Setting::parse(s).ok_or_else(|| format!("`{s}`: expected lite or full"))
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// `lite`: ≤256-token inputs, small splits and models (minutes on 2 cores); `full`:
+    /// LRA's lengths and splits (for a GPU or days).
+    #[arg(long, default_value = "lite", value_parser = parse_setting)]
+    suite: Setting,
+    /// Tasks, comma-separated: listops, text, retrieval, image, pathfinder, pathx.
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_TASKS.iter().map(|s| s.to_string()).collect::<Vec<_>>())]
+    tasks: Vec<String>,
+    /// Variants, comma-separated: names under configs/arena/ or paths to variant .json
+    /// files. Default: all shipped variants.
+    #[arg(long, value_delimiter = ',')]
+    variants: Vec<String>,
+    /// Training per run: optimizer steps (`300`) or minutes (`2m`, `90s`). Default: 150
+    /// steps (lite) or 5000 (full).
+    #[arg(long)]
+    budget: Option<String>,
+    /// Seeds per (task, variant); tables show mean ± std.
+    #[arg(long, default_value_t = 1)]
+    seeds: u64,
+    /// Run only slice i of N (1-based), e.g. `--shard 2/4` on the second of four machines;
+    /// join the directories with `formers arena merge`.
+    #[arg(long, default_value = "1/1")]
+    shard: String,
+    /// Arena directory: results.jsonl, run directories, report/. Default: arena/<suite>.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Skip the speed and memory measurements (Table 2).
+    #[arg(long)]
+    no_speed: bool,
+    /// Run jobs in this process instead of one worker process each (memory numbers then
+    /// include earlier jobs).
+    #[arg(long)]
+    in_process: bool,
+    #[command(flatten)]
+    data: DataFlags,
+}
+
+#[derive(Debug, Args)]
+struct DataArgs {
+    /// Task: listops, text, retrieval, image, pathfinder, pathx.
+    task: String,
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Examples to write (default: the whole split).
+    #[arg(long)]
+    n: Option<usize>,
+    #[arg(long, default_value = "lite", value_parser = parse_setting)]
+    suite: Setting,
+    /// Output file.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    data: DataFlags,
+}
+
+#[derive(Debug, Args)]
+struct ShowArgs {
+    /// pathfinder or pathx.
+    task: String,
+    /// Image side: 16, 32, 64 or 128 (default: the suite's).
+    #[arg(long)]
+    size: Option<usize>,
+    #[arg(long, default_value = "lite", value_parser = parse_setting)]
+    suite: Setting,
+    /// Samples in the grid.
+    #[arg(long, default_value_t = 24)]
+    n: usize,
+    #[arg(long, default_value_t = 6)]
+    cols: usize,
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Output PNG.
+    #[arg(long, default_value = "pathfinder.png")]
+    out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct MergeArgs {
+    /// Arena directories (or results.jsonl files) to join.
+    #[arg(required = true)]
+    dirs: Vec<PathBuf>,
+    /// Directory to write the merged results and report to.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct ReportArgs {
+    /// Arena directory.
+    dir: PathBuf,
+}
+
+pub fn run(a: ArenaArgs) -> Result<()> {
+    match a.command {
+        None => run_arena(a.run),
+        Some(ArenaCommand::Data(d)) => data(d),
+        Some(ArenaCommand::Show(s)) => show(s),
+        Some(ArenaCommand::Merge(m)) => merge(m),
+        Some(ArenaCommand::Report(r)) => {
+            let path = write_report(&r.dir)?;
+            println!("report: {}", path.display());
+            Ok(())
+        }
+        Some(ArenaCommand::Worker) => worker(),
+    }
+}
+
+fn parse_split(s: &str) -> Result<Split> {
+    Split::parse(s).ok_or_else(|| anyhow!("split `{s}`: expected train, val or test"))
+}
+
+fn parse_shard(s: &str) -> Result<(usize, usize)> {
+    let bad = || anyhow!("shard `{s}`: expected i/N with 1 ≤ i ≤ N, e.g. 2/4");
+    let (i, n) = s.split_once('/').ok_or_else(bad)?;
+    let (i, n): (usize, usize) = (
+        i.trim().parse().map_err(|_| bad())?,
+        n.trim().parse().map_err(|_| bad())?,
+    );
+    if i == 0 || n == 0 || i > n {
+        return Err(bad());
+    }
+    Ok((i, n))
+}
+
+fn options(a: &RunArgs) -> Result<Options> {
+    let suite = SuiteSpec::new(a.suite);
+    for t in &a.tasks {
+        if !TASKS.contains(&t.as_str()) {
+            bail!("unknown task `{t}`; expected some of {}", TASKS.join(", "));
+        }
+    }
+    let variants = if a.variants.is_empty() {
+        variants::builtin()
+    } else {
+        variants::resolve(&a.variants).map_err(|e| anyhow!(e))?
+    };
+    let budget = match &a.budget {
+        Some(b) => Budget::parse(b).map_err(|e| anyhow!(e))?,
+        None => Budget::Steps(suite.default_steps),
+    };
+    if a.seeds == 0 {
+        bail!("--seeds must be at least 1");
+    }
+    Ok(Options {
+        suite,
+        tasks: a.tasks.clone(),
+        variants,
+        budget,
+        seeds: a.seeds,
+        shard: parse_shard(&a.shard)?,
+        speed: !a.no_speed,
+        data: a.data.dirs(),
+    })
+}
+
+fn style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template)
+        .expect("valid template")
+        .progress_chars("=> ")
+}
+
+/// One overall bar (jobs, ETA) and one bar for the job running.
+struct Bars {
+    multi: MultiProgress,
+    overall: ProgressBar,
+    job: ProgressBar,
+}
+
+impl Bars {
+    fn new() -> Self {
+        let multi = MultiProgress::new();
+        let overall = multi.add(ProgressBar::new(0));
+        overall.set_style(style(
+            "arena   [{bar:30}] {pos}/{len} jobs, {elapsed} elapsed (ETA {eta}) {msg}",
+        ));
+        let job = multi.add(ProgressBar::new(0));
+        job.set_style(style("{prefix:>28} [{bar:30}] {pos}/{len} {msg}"));
+        Bars {
+            multi,
+            overall,
+            job,
+        }
+    }
+
+    fn event(&self, e: &Event) {
+        match e {
+            Event::Start { steps } => {
+                self.job.set_length(*steps as u64);
+                self.job.set_position(0);
+                self.job.set_message("");
+            }
+            Event::Step { step, loss } => {
+                self.job.set_position(*step as u64);
+                let acc = self
+                    .job
+                    .message()
+                    .split_once("| ")
+                    .map(|(_, a)| format!(" | {a}"))
+                    .unwrap_or_default();
+                self.job.set_message(format!("loss {loss:.4}{acc}"));
+            }
+            Event::Eval { accuracy, .. } => {
+                let loss = self.job.message();
+                let loss = loss.split(" |").next().unwrap_or("");
+                self.job
+                    .set_message(format!("{loss} | val acc {:.1}%", accuracy * 100.0));
+            }
+            Event::Testing => self.job.set_message("testing"),
+            Event::Done { .. } | Event::Failed { .. } => {}
+        }
+    }
+}
+
+impl Progress for Bars {
+    fn start(&mut self, total: usize, done: usize) {
+        self.overall.set_length(total as u64);
+        self.overall.set_position(done as u64);
+        self.overall.reset_eta();
+        if done > 0 {
+            self.overall
+                .println(format!("{done} of {total} jobs already done: not rerun"));
+        }
+    }
+    fn skipped(&mut self, task: &str, reason: &str) {
+        self.overall
+            .println(format!("skipping task `{task}`: {reason}"));
+    }
+    fn job(&mut self, job: &Job) {
+        self.job.set_prefix(job.label());
+    }
+    fn finished(&mut self, _job: &Job, record: &Record) {
+        self.overall.inc(1);
+        let line = match record {
+            Record::Run(r) => format!(
+                "{:<10} {:<12} seed {}: test accuracy {:.2}% ({} steps, {:.1} steps/s, {}, {:.0} s)",
+                r.task,
+                r.variant,
+                r.seed,
+                r.test_accuracy * 100.0,
+                r.steps,
+                r.train_steps_per_s,
+                formers_arena::mem::human(r.peak_rss_bytes),
+                r.wall_s
+            ),
+            Record::Speed(s) => format!(
+                "speed      {:<12} length {}: {:.2} steps/s, {}",
+                s.variant,
+                s.length,
+                s.steps_per_s,
+                formers_arena::mem::human(s.peak_rss_bytes)
+            ),
+            Record::Skipped(_) => return,
+        };
+        self.overall.println(line);
+    }
+    fn failed(&mut self, job: &Job, error: &str) {
+        self.overall.inc(1);
+        self.overall
+            .println(format!("FAILED {}: {error}", job.label()));
+    }
+}
+
+fn run_arena(a: RunArgs) -> Result<()> {
+    let opts = options(&a)?;
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| Path::new("arena").join(opts.suite.setting.name()));
+    let started = Instant::now();
+    fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    if let Some(prev) = runner::load_options(&out) {
+        if prev.suite != opts.suite {
+            bail!(
+                "{} holds a {} arena; use another --out for the {} suite",
+                out.display(),
+                prev.suite.setting.name(),
+                opts.suite.setting.name()
+            );
+        }
+    }
+    runner::save_options(&opts, &out).map_err(|e| anyhow!(e))?;
+    let mut bars = Bars::new();
+    let work = out.join("runs");
+    let outcome: Outcome = if a.in_process {
+        let mut tasks = Tasks::default();
+        let job_bar = bars.job.clone();
+        let overall = bars.overall.clone();
+        let multi = bars.multi.clone();
+        let view = Bars {
+            multi,
+            overall,
+            job: job_bar,
+        };
+        runner::run_arena(
+            &opts,
+            &out,
+            &mut |job| runner::run_job(job, &opts, &mut tasks, &work, &mut |e| view.event(&e)),
+            &mut bars,
+        )
+    } else {
+        let view = Bars {
+            multi: bars.multi.clone(),
+            overall: bars.overall.clone(),
+            job: bars.job.clone(),
+        };
+        runner::run_arena(
+            &opts,
+            &out,
+            &mut |job| run_worker(job, &opts, &work, &view),
+            &mut bars,
+        )
+    }
+    .map_err(|e| anyhow!(e))?;
+    bars.job.finish_and_clear();
+    bars.overall.finish();
+    let report = write_report(&out)?;
+    eprintln!(
+        "{} jobs run now, {} found done, {} failed, in {:.1} minutes",
+        outcome.ran,
+        outcome.already_done,
+        outcome.failed.len(),
+        started.elapsed().as_secs_f64() / 60.0
+    );
+    println!("report: {}", report.display());
+    if !outcome.failed.is_empty() {
+        bail!(
+            "{} job(s) failed: {}; rerun the same command to retry them",
+            outcome.failed.len(),
+            outcome
+                .failed
+                .iter()
+                .map(|(j, _)| j.label())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// What the arena hands a worker process.
+#[derive(Serialize, Deserialize)]
+struct WorkOrder {
+    opts: Options,
+    job: Job,
+    work: PathBuf,
+}
+
+/// Runs `job` in a fresh `formers arena worker` process and follows its progress.
+fn run_worker(job: &Job, opts: &Options, work: &Path, bars: &Bars) -> Result<Record, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("locating the formers binary: {e}"))?;
+    let mut child = Command::new(exe)
+        .args(["arena", "worker"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting a worker: {e}"))?;
+    let order = WorkOrder {
+        opts: opts.clone(),
+        job: job.clone(),
+        work: work.to_path_buf(),
+    };
+    {
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        serde_json::to_writer(&mut stdin, &order).map_err(|e| e.to_string())?;
+        stdin.flush().map_err(|e| e.to_string())?;
+    }
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let errors = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut result = Err("the worker ended without a result".to_string());
+    for line in BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
+        let Ok(line) = line else { break };
+        match serde_json::from_str::<Event>(&line) {
+            Ok(Event::Done { record }) => result = Ok(*record),
+            Ok(Event::Failed { message }) => result = Err(message),
+            Ok(e) => bars.event(&e),
+            Err(_) => {}
+        }
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    let stderr = errors.join().unwrap_or_default();
+    match result {
+        Ok(r) if status.success() => Ok(r),
+        Ok(_) | Err(_) if !status.success() && !stderr.trim().is_empty() => Err(format!(
+            "worker exited with {status}: {}",
+            stderr.trim().lines().last().unwrap_or("")
+        )),
+        other => other,
+    }
+}
+
+fn worker() -> Result<()> {
+    let mut input = String::new();
+    std::io::stdin().read_to_string(&mut input)?;
+    let order: WorkOrder = serde_json::from_str(&input).context("reading the work order")?;
+    let stdout = std::io::stdout();
+    let mut emit = |e: Event| {
+        let mut out = stdout.lock();
+        let _ = writeln!(
+            out,
+            "{}",
+            serde_json::to_string(&e).expect("events serialise")
+        );
+        let _ = out.flush();
+    };
+    let mut tasks = Tasks::default();
+    match runner::run_job(&order.job, &order.opts, &mut tasks, &order.work, &mut emit) {
+        Ok(record) => {
+            emit(Event::Done {
+                record: Box::new(record),
+            });
+            Ok(())
+        }
+        Err(message) => {
+            emit(Event::Failed {
+                message: message.clone(),
+            });
+            Err(anyhow!(message))
+        }
+    }
+}
+
+/// Writes `dir/report/` from `dir`'s results; returns the HTML page's path.
+fn write_report(dir: &Path) -> Result<PathBuf> {
+    let store = dir.join(results::FILE);
+    if !store.exists() {
+        bail!("{}: no arena results here", store.display());
+    }
+    let records = results::load(&store).map_err(|e| anyhow!(e))?;
+    let opts = runner::load_options(dir);
+    let meta = runner::report_meta(opts.as_ref(), &records);
+    let out = dir.join("report");
+    report::write_report(&records, &meta, &out)
+        .with_context(|| format!("writing the report into {}", out.display()))
+}
+
+fn merge(m: MergeArgs) -> Result<()> {
+    let records = results::merge(&m.dirs).map_err(|e| anyhow!(e))?;
+    fs::create_dir_all(&m.out).with_context(|| format!("creating {}", m.out.display()))?;
+    let store = m.out.join(results::FILE);
+    if store.exists() {
+        bail!("{} exists; merge into a new directory", store.display());
+    }
+    for r in &records {
+        results::append(&store, r).map_err(|e| anyhow!(e))?;
+    }
+    if let Some(opts) = m.dirs.iter().find_map(|d| runner::load_options(d)) {
+        let mut opts = opts;
+        opts.shard = (1, 1);
+        runner::save_options(&opts, &m.out).map_err(|e| anyhow!(e))?;
+    }
+    eprintln!(
+        "{} records from {} directories",
+        records.len(),
+        m.dirs.len()
+    );
+    let report = write_report(&m.out)?;
+    println!("report: {}", report.display());
+    Ok(())
+}
+
+fn data(d: DataArgs) -> Result<()> {
+    let split = parse_split(&d.split)?;
+    let task = open_task(&d.task, d.suite, &d.data.dirs()).map_err(|e| anyhow!(e))?;
+    let n = d.n.unwrap_or(task.len(split)).min(task.len(split));
+    let file = fs::File::create(&d.out).with_context(|| format!("creating {}", d.out.display()))?;
+    let mut w = std::io::BufWriter::new(file);
+    let pb = crate::progress::bar(1, "writing");
+    pb.set_message(format!("{n} examples"));
+    task.write_tsv(split, n, &mut w)
+        .and_then(|_| w.flush())
+        .with_context(|| format!("writing {}", d.out.display()))?;
+    pb.finish_and_clear();
+    eprintln!(
+        "wrote {n} {} examples of `{}` ({}) to {}",
+        split.name(),
+        task.name(),
+        task.source(),
+        d.out.display()
+    );
+    Ok(())
+}
+
+fn show(s: ShowArgs) -> Result<()> {
+    let split = parse_split(&s.split)?;
+    let pf = match s.size {
+        Some(size) => Pathfinder::new(s.suite, runner_data_seed(), size),
+        None => Pathfinder::for_task(&s.task, s.suite, runner_data_seed()),
+    }
+    .map_err(|e| anyhow!(e))?;
+    let n = s.n.min(pf.len(split)).max(1);
+    let images: Vec<(Vec<u8>, u32)> = (0..n)
+        .map(|i| {
+            let ex = pf.example(split, i);
+            (ex.ids.iter().map(|&p| p as u8).collect(), ex.label)
+        })
+        .collect();
+    pathfinder::write_grid_png(&s.out, &images, pf.size(), s.cols.max(1))
+        .with_context(|| format!("writing {}", s.out.display()))?;
+    let connected = images.iter().filter(|(_, l)| *l == 1).count();
+    println!(
+        "{}: {n} {}×{} samples ({connected} connected, framed green; {} not, red)",
+        s.out.display(),
+        pf.size(),
+        pf.size(),
+        n - connected
+    );
+    Ok(())
+}
+
+fn runner_data_seed() -> u64 {
+    formers_arena::suite::DATA_SEED
+}
