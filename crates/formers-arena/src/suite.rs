@@ -52,7 +52,7 @@ impl SuiteSpec {
                 n_layers: 2,
                 batch_size: 16,
                 lr: 2e-3,
-                default_steps: 150,
+                default_steps: 100,
                 speed_lengths: vec![256, 512, 1024],
                 speed_batch: 4,
             },

@@ -95,7 +95,7 @@ struct RunArgs {
     /// files. Default: all shipped variants.
     #[arg(long, value_delimiter = ',')]
     variants: Vec<String>,
-    /// Training per run: optimizer steps (`300`) or minutes (`2m`, `90s`). Default: 150
+    /// Training per run: optimizer steps (`300`) or minutes (`2m`, `90s`). Default: 100
     /// steps (lite) or 5000 (full).
     #[arg(long)]
     budget: Option<String>,
@@ -258,12 +258,23 @@ impl Bars {
         overall.set_style(style(
             "arena   [{bar:30}] {pos}/{len} jobs, {elapsed} elapsed (ETA {eta}) {msg}",
         ));
+        // Redraw every second so elapsed time and ETA move during long runs.
+        overall.enable_steady_tick(std::time::Duration::from_secs(1));
         let job = multi.add(ProgressBar::new(0));
         job.set_style(style("{prefix:>28} [{bar:30}] {pos}/{len} {msg}"));
         Bars {
             multi,
             overall,
             job,
+        }
+    }
+
+    /// A line above the bars, or on stderr when they are hidden (not a terminal).
+    fn say(&self, line: String) {
+        if self.overall.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            self.overall.println(line);
         }
     }
 
@@ -302,13 +313,11 @@ impl Progress for Bars {
         self.overall.set_position(done as u64);
         self.overall.reset_eta();
         if done > 0 {
-            self.overall
-                .println(format!("{done} of {total} jobs already done: not rerun"));
+            self.say(format!("{done} of {total} jobs already done: not rerun"));
         }
     }
     fn skipped(&mut self, task: &str, reason: &str) {
-        self.overall
-            .println(format!("skipping task `{task}`: {reason}"));
+        self.say(format!("skipping task `{task}`: {reason}"));
     }
     fn job(&mut self, job: &Job) {
         self.job.set_prefix(job.label());
@@ -336,12 +345,11 @@ impl Progress for Bars {
             ),
             Record::Skipped(_) => return,
         };
-        self.overall.println(line);
+        self.say(line);
     }
     fn failed(&mut self, job: &Job, error: &str) {
         self.overall.inc(1);
-        self.overall
-            .println(format!("FAILED {}: {error}", job.label()));
+        self.say(format!("FAILED {}: {error}", job.label()));
     }
 }
 

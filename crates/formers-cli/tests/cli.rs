@@ -1,5 +1,5 @@
 //! End-to-end tests of the `formers` binary: training, kill and resume, bad input,
-//! generation and the attention benchmark.
+//! generation, the benchmarks and the arena.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -345,6 +345,11 @@ fn help_explains_every_command() {
         &["eval", "--help"],
         &["generate", "--help"],
         &["bench", "attention", "--help"],
+        &["arena", "--help"],
+        &["arena", "data", "--help"],
+        &["arena", "show", "--help"],
+        &["arena", "merge", "--help"],
+        &["arena", "report", "--help"],
     ] {
         let o = run(formers().args(cmd));
         assert!(o.status.success());
@@ -548,5 +553,151 @@ fn bench_mixers_writes_one_row_per_mixer_and_length() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("time vs attention"));
     let o = run(formers().args(["bench", "mixers", "--mixers", "telepathy"]));
     assert!(!o.status.success() && text(&o).contains("unknown mixer"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn arena_args(out: &Path) -> Vec<String> {
+    [
+        "arena",
+        "--tasks",
+        "listops,text",
+        "--variants",
+        "vanilla,poolformer",
+        "--budget",
+        "3",
+        "--no-speed",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn result_lines(out: &Path) -> Vec<String> {
+    std::fs::read_to_string(out.join("results.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn killed_arena_reruns_only_the_unfinished_runs_and_reports() {
+    let out = tmp("arena-kill");
+    // SIGKILL the arena as soon as its first run is stored.
+    let mut child = formers()
+        .args(arena_args(&out))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while result_lines(&out).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "no run finished"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = result_lines(&out);
+    assert!(!before.is_empty() && before.len() < 4, "{before:?}");
+    let o = run(formers().args(arena_args(&out)));
+    assert!(o.status.success(), "{}", text(&o));
+    let log = text(&o);
+    assert!(
+        log.contains(&format!("{} of 4 jobs already done", before.len())),
+        "{log}"
+    );
+    let after = result_lines(&out);
+    assert_eq!(after.len(), 4, "{after:?}");
+    assert_eq!(
+        &after[..before.len()],
+        &before[..],
+        "finished runs were rewritten"
+    );
+    let keys: std::collections::BTreeSet<String> = after
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            format!("{}/{}/{}", v["task"], v["variant"], v["seed"])
+        })
+        .collect();
+    assert_eq!(keys.len(), 4);
+    // The report: Markdown tables, SVG charts, one self-contained page.
+    let report = out.join("report");
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
+    assert!(
+        md.contains("| vanilla |") && md.contains("LRA paper"),
+        "{md}"
+    );
+    let html = std::fs::read_to_string(report.join("index.html")).unwrap();
+    assert!(html.contains("<svg") && !html.contains("<script"));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("index.html"));
+    // Running again does nothing.
+    let o = run(formers().args(arena_args(&out)));
+    assert!(
+        text(&o).contains("4 of 4 jobs already done"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(result_lines(&out), after);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn arena_data_writes_lra_tsv_and_show_writes_a_png() {
+    let dir = tmp("arena-data");
+    let tsv = dir.join("listops.tsv");
+    let o = run(formers().args([
+        "arena",
+        "data",
+        "listops",
+        "--split",
+        "test",
+        "--n",
+        "5",
+        "--out",
+        tsv.to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+    let body = std::fs::read_to_string(&tsv).unwrap();
+    let lines: Vec<&str> = body.lines().collect();
+    assert_eq!(lines[0], "Source\tTarget");
+    assert_eq!(lines.len(), 6);
+    assert!(
+        lines[1].contains("[MAX")
+            || lines[1].contains("[MIN")
+            || lines[1].contains("[MED")
+            || lines[1].contains("[SM")
+    );
+    let png = dir.join("grid.png");
+    let o = run(formers().args([
+        "arena",
+        "show",
+        "pathfinder",
+        "--n",
+        "8",
+        "--out",
+        png.to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(&std::fs::read(&png).unwrap()[..4], b"\x89PNG");
+    let o = run(formers().args(["arena", "data", "sudoku", "--out", tsv.to_str().unwrap()]));
+    assert!(
+        !o.status.success() && text(&o).contains("unknown task"),
+        "{}",
+        text(&o)
+    );
+    let o = run(formers().args(["arena", "--shard", "3/2"]));
+    assert!(
+        !o.status.success() && text(&o).contains("shard"),
+        "{}",
+        text(&o)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
