@@ -92,11 +92,53 @@ pub struct Corpus {
     line_starts: Vec<usize>,
 }
 
-fn split_index(split: Split) -> usize {
+/// The position of `split` in [`Split::ALL`].
+pub(crate) fn split_index(split: Split) -> usize {
     match split {
         Split::Train => 0,
         Split::Val => 1,
         Split::Test => 2,
+    }
+}
+
+/// The examples of a task's three splits: stored rows, except that the train split may
+/// instead be generated on demand, so that only its size is kept.
+#[derive(Debug, Clone)]
+pub struct Splits<T> {
+    /// Rows per split, indexed like [`Split::ALL`] (train empty when generated).
+    rows: [Vec<T>; 3],
+    /// The size of a generated train split.
+    generated_train: Option<usize>,
+}
+
+impl<T> Splits<T> {
+    /// Every split stored, indexed like [`Split::ALL`].
+    pub fn stored(rows: [Vec<T>; 3]) -> Splits<T> {
+        Splits {
+            rows,
+            generated_train: None,
+        }
+    }
+
+    /// `n_train` generated train examples, stored val and test ones.
+    pub fn generated_train(n_train: usize, val: Vec<T>, test: Vec<T>) -> Splits<T> {
+        Splits {
+            rows: [Vec::new(), val, test],
+            generated_train: Some(n_train),
+        }
+    }
+
+    /// Examples in `split`.
+    pub fn len(&self, split: Split) -> usize {
+        match (split, self.generated_train) {
+            (Split::Train, Some(n)) => n,
+            _ => self.rows[split_index(split)].len(),
+        }
+    }
+
+    /// Stored example `index` of `split` (`None` for a generated split or out of range).
+    pub fn get(&self, split: Split, index: usize) -> Option<&T> {
+        self.rows[split_index(split)].get(index)
     }
 }
 

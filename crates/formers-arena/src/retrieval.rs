@@ -45,7 +45,7 @@ use std::path::{Path, PathBuf};
 
 use formers::rng::Rng;
 
-use crate::corpus::{self, Corpus};
+use crate::corpus::{self, Corpus, Splits};
 use crate::task::{example_rng, ArenaTask, Example, Setting, Split};
 
 const FILES: [&str; 3] = [
@@ -68,14 +68,6 @@ fn lite_size(split: Split) -> usize {
         Split::Train => 3000,
         Split::Val => 300,
         Split::Test => 600,
-    }
-}
-
-fn split_index(split: Split) -> usize {
-    match split {
-        Split::Train => 0,
-        Split::Val => 1,
-        Split::Test => 2,
     }
 }
 
@@ -111,14 +103,13 @@ enum Data {
     Offline {
         corpus: &'static Corpus,
         seed: u64,
-        n_train: usize,
-        val: Vec<Pair>,
-        test: Vec<Pair>,
+        /// Train size and the stored val / test pairs.
+        pairs: Splits<Pair>,
     },
     Files {
         dir: PathBuf,
         docs: Vec<Vec<u8>>,
-        rows: [Vec<Row>; 3],
+        rows: Splits<Row>,
     },
 }
 
@@ -211,9 +202,11 @@ impl Retrieval {
             data: Data::Offline {
                 corpus,
                 seed,
-                n_train,
-                val: tiled_pairs(corpus, seed, Split::Val, setting),
-                test: tiled_pairs(corpus, seed, Split::Test, setting),
+                pairs: Splits::generated_train(
+                    n_train,
+                    tiled_pairs(corpus, seed, Split::Val, setting),
+                    tiled_pairs(corpus, seed, Split::Test, setting),
+                ),
             },
         }
     }
@@ -271,7 +264,7 @@ impl Retrieval {
             data: Data::Files {
                 dir: dir.to_path_buf(),
                 docs,
-                rows,
+                rows: Splits::stored(rows),
             },
         })
     }
@@ -291,16 +284,14 @@ impl Retrieval {
         let Data::Offline {
             corpus,
             seed,
-            n_train,
-            val,
-            test,
+            pairs,
         } = &self.data
         else {
             return None;
         };
         match split {
             Split::Train => {
-                if index >= *n_train {
+                if index >= pairs.len(split) {
                     return None;
                 }
                 let per_doc = self.max_len / 2;
@@ -311,8 +302,7 @@ impl Retrieval {
                 let label = (index % 2) as u32;
                 (0..ATTEMPTS).find_map(|a| draw_pair(&mut rng.fork(a), label, &pools, per_doc))
             }
-            Split::Val => val.get(index).copied(),
-            Split::Test => test.get(index).copied(),
+            Split::Val | Split::Test => pairs.get(split, index).copied(),
         }
     }
 
@@ -335,7 +325,7 @@ impl Retrieval {
                 })
             }
             Data::Files { docs, rows, .. } => {
-                let r = rows[split_index(split)].get(index)?;
+                let r = rows.get(split, index)?;
                 Some(Raw {
                     label: r.label,
                     id1: r.id1.clone(),
@@ -383,14 +373,8 @@ impl ArenaTask for Retrieval {
 
     fn len(&self, split: Split) -> usize {
         match &self.data {
-            Data::Offline {
-                n_train, val, test, ..
-            } => match split {
-                Split::Train => *n_train,
-                Split::Val => val.len(),
-                Split::Test => test.len(),
-            },
-            Data::Files { rows, .. } => rows[split_index(split)].len(),
+            Data::Offline { pairs, .. } => pairs.len(split),
+            Data::Files { rows, .. } => rows.len(split),
         }
     }
 
@@ -443,6 +427,7 @@ impl ArenaTask for Retrieval {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::corpus::split_index;
 
     fn temp_dir(tag: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!(

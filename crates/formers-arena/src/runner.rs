@@ -174,8 +174,11 @@ pub enum Event {
         step: usize,
         accuracy: f64,
     },
-    /// Training is over; the test split is being scored.
-    Testing,
+    /// Training is over; `done` of the `total` test examples are scored.
+    Testing {
+        done: usize,
+        total: usize,
+    },
     Done {
         record: Box<Record>,
     },
@@ -378,14 +381,13 @@ fn train_and_test(
         events,
         ..
     } = timer;
-    events(Event::Testing);
     let (_, model) = load_trained(&dir).map_err(|e| e.to_string())?;
     let (test_accuracy, test_examples, infer_tokens_per_s) = split_accuracy(
         &model,
         task.as_ref(),
         Split::Test,
         suite.batch_size,
-        |_, _| {},
+        |done, total| events(Event::Testing { done, total }),
     )
     .map_err(|e| e.to_string())?;
     let train_seconds: f64 = step_seconds.iter().sum();

@@ -34,7 +34,7 @@
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use crate::corpus::{self, Corpus};
+use crate::corpus::{self, Corpus, Splits};
 use crate::task::{example_rng, ArenaTask, Example, Setting, Split};
 
 const LITE_TRAIN: usize = 3000;
@@ -53,16 +53,14 @@ enum Data {
     Offline {
         corpus: &'static Corpus,
         seed: u64,
-        n_train: usize,
-        /// (class, start) of each val / test passage.
-        val: Vec<(u32, usize)>,
-        test: Vec<(u32, usize)>,
+        /// Train size and (class, start) of each val / test passage.
+        passages: Splits<(u32, usize)>,
     },
     Files {
         dir: PathBuf,
         n_classes: usize,
-        /// (label, text truncated to max_len) per split, indexed like `Split::ALL`.
-        rows: [Vec<(u32, Vec<u8>)>; 3],
+        /// (label, text truncated to max_len) per split.
+        rows: Splits<(u32, Vec<u8>)>,
     },
 }
 
@@ -72,14 +70,6 @@ pub struct TextClassification {
     setting: Setting,
     max_len: usize,
     data: Data,
-}
-
-fn split_index(split: Split) -> usize {
-    match split {
-        Split::Train => 0,
-        Split::Val => 1,
-        Split::Test => 2,
-    }
 }
 
 /// `n` picks from `tiles`, evenly spaced.
@@ -124,9 +114,11 @@ impl TextClassification {
             data: Data::Offline {
                 corpus,
                 seed,
-                n_train,
-                val: balanced_tiles(corpus, Split::Val, max_len),
-                test: balanced_tiles(corpus, Split::Test, max_len),
+                passages: Splits::generated_train(
+                    n_train,
+                    balanced_tiles(corpus, Split::Val, max_len),
+                    balanced_tiles(corpus, Split::Test, max_len),
+                ),
             },
         }
     }
@@ -166,7 +158,7 @@ impl TextClassification {
             data: Data::Files {
                 dir: dir.to_path_buf(),
                 n_classes: (max_label as usize + 1).max(2),
-                rows,
+                rows: Splits::stored(rows),
             },
         })
     }
@@ -187,16 +179,14 @@ impl TextClassification {
         let Data::Offline {
             corpus,
             seed,
-            n_train,
-            val,
-            test,
+            passages,
         } = &self.data
         else {
             return None;
         };
         match split {
             Split::Train => {
-                if index >= *n_train {
+                if index >= passages.len(split) {
                     return None;
                 }
                 let n_plays = corpus.plays().len();
@@ -208,8 +198,7 @@ impl TextClassification {
                 let mut rng = example_rng(*seed, split, index);
                 Some((class as u32, starts[rng.below(starts.len())]))
             }
-            Split::Val => val.get(index).copied(),
-            Split::Test => test.get(index).copied(),
+            Split::Val | Split::Test => passages.get(split, index).copied(),
         }
     }
 
@@ -220,9 +209,7 @@ impl TextClassification {
                 let (class, start) = self.offline_passage(split, index)?;
                 Some((class, corpus.passage(start, self.max_len)))
             }
-            Data::Files { rows, .. } => rows[split_index(split)]
-                .get(index)
-                .map(|(l, t)| (*l, t.as_slice())),
+            Data::Files { rows, .. } => rows.get(split, index).map(|(l, t)| (*l, t.as_slice())),
         }
     }
 }
@@ -285,14 +272,8 @@ impl ArenaTask for TextClassification {
 
     fn len(&self, split: Split) -> usize {
         match &self.data {
-            Data::Offline {
-                n_train, val, test, ..
-            } => match split {
-                Split::Train => *n_train,
-                Split::Val => val.len(),
-                Split::Test => test.len(),
-            },
-            Data::Files { rows, .. } => rows[split_index(split)].len(),
+            Data::Offline { passages, .. } => passages.len(split),
+            Data::Files { rows, .. } => rows.len(split),
         }
     }
 
@@ -335,6 +316,7 @@ impl ArenaTask for TextClassification {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::corpus::split_index;
 
     fn temp_dir(tag: &str) -> PathBuf {
         let dir =

@@ -575,5 +575,6 @@ fn a_trained_run_record_is_sane() {
         .filter(|e| matches!(e, Event::Step { .. }))
         .count();
     assert_eq!(step_events, steps);
-    assert_eq!(events.last(), Some(&Event::Testing));
+    let total = r.test_examples;
+    assert_eq!(events.last(), Some(&Event::Testing { done: total, total }));
 }

@@ -301,7 +301,9 @@ impl Bars {
                 self.job
                     .set_message(format!("{loss} | val acc {:.1}%", accuracy * 100.0));
             }
-            Event::Testing => self.job.set_message("testing"),
+            Event::Testing { done, total } => {
+                self.job.set_message(format!("testing {done}/{total}"))
+            }
             Event::Done { .. } | Event::Failed { .. } => {}
         }
     }

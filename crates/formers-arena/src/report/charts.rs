@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use plotters::coord::types::RangedCoordf64;
+use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use super::agg::{bytes_to_mib, task_title, Runs, Speeds, BASELINE};
@@ -149,19 +150,7 @@ pub fn accuracy_vs_speed(runs: &Runs, variants: &[String]) -> Option<Chart> {
     let max_mem = pts.iter().map(|p| p.mem).fold(0.0, f64::max);
     let title = "Average accuracy vs training speed (marker area ∝ peak memory)";
     let svg = render(|root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(title, ("sans-serif", 18))
-            .margin(16)
-            .x_label_area_size(44)
-            .y_label_area_size(56)
-            .build_cartesian_2d(xr.clone(), yr.clone())?;
-        chart
-            .configure_mesh()
-            .x_desc(x_desc)
-            .y_desc("average test accuracy (%)")
-            .x_label_formatter(&tick)
-            .y_label_formatter(&tick)
-            .draw()?;
+        let mut chart = frame(root, title, (xr, yr), (x_desc, "average test accuracy (%)"))?;
         for p in &pts {
             let radius = marker_radius(p.mem, max_mem);
             let c = color(variants, &p.label);
@@ -263,19 +252,7 @@ pub fn loss_curves(runs: &Runs, task: &str, variants: &[String]) -> Option<Chart
     let corner = legend_corner(&curves);
     let title = format!("Training loss — {} (mean over seeds)", task_title(task));
     let svg = render(|root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(&title, ("sans-serif", 18))
-            .margin(16)
-            .x_label_area_size(44)
-            .y_label_area_size(56)
-            .build_cartesian_2d(xr.clone(), yr.clone())?;
-        chart
-            .configure_mesh()
-            .x_desc("step")
-            .y_desc("training loss")
-            .x_label_formatter(&tick)
-            .y_label_formatter(&tick)
-            .draw()?;
+        let mut chart = frame(root, &title, (xr, yr), ("step", "training loss"))?;
         for (v, c) in &curves {
             let col = color(variants, v);
             chart
@@ -335,19 +312,7 @@ pub fn speed_vs_length(speeds: &Speeds, variants: &[String], memory: bool) -> Op
         )
     };
     let svg = render(|root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(title, ("sans-serif", 18))
-            .margin(16)
-            .x_label_area_size(44)
-            .y_label_area_size(56)
-            .build_cartesian_2d(xr.clone(), yr.clone())?;
-        chart
-            .configure_mesh()
-            .x_desc("sequence length")
-            .y_desc(y_desc)
-            .x_label_formatter(&tick)
-            .y_label_formatter(&tick)
-            .draw()?;
+        let mut chart = frame(root, title, (xr, yr), ("sequence length", y_desc))?;
         for (v, pts) in &lines {
             let col = color(variants, v);
             chart
@@ -367,6 +332,32 @@ pub fn speed_vs_length(speeds: &Speeds, variants: &[String], memory: bool) -> Op
 
 type DrawResult = Result<(), Box<dyn std::error::Error>>;
 
+type Frame<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// The frame every chart shares: caption, margin, label areas, the `x` × `y` ranges and a mesh
+/// with `desc` (x, y) axis descriptions and [`tick`] labels.
+fn frame<'a, 'b>(
+    root: &'a DrawingArea<SVGBackend<'b>, Shift>,
+    title: &str,
+    (x, y): (Range<f64>, Range<f64>),
+    (x_desc, y_desc): (&str, &str),
+) -> Result<Frame<'a, 'b>, Box<dyn std::error::Error>> {
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 18))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(56)
+        .build_cartesian_2d(x, y)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .x_label_formatter(&tick)
+        .y_label_formatter(&tick)
+        .draw()?;
+    Ok(chart)
+}
+
 fn draw_legend<'a, DB: DrawingBackend + 'a>(
     chart: &mut ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
     corner: SeriesLabelPosition,
@@ -385,9 +376,7 @@ where
 }
 
 /// Renders onto a white SVG canvas; `None` if plotting fails.
-fn render(
-    draw: impl FnOnce(&DrawingArea<SVGBackend, plotters::coord::Shift>) -> DrawResult,
-) -> Option<String> {
+fn render(draw: impl FnOnce(&DrawingArea<SVGBackend, Shift>) -> DrawResult) -> Option<String> {
     let mut buf = String::new();
     {
         let root = SVGBackend::with_string(&mut buf, SIZE).into_drawing_area();
