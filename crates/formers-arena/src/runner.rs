@@ -677,6 +677,13 @@ pub fn report_meta(opts: Option<&Options>, records: &[Record]) -> crate::report:
             r.seq_len, r.test_examples, r.source
         ));
     }
+    if by_task.contains_key("retrieval") {
+        notes.push(
+            "`retrieval` reads its two documents as one sequence (document 1, then \
+             document 2), not with LRA's two separate encoders (towers)."
+                .into(),
+        );
+    }
     for r in records {
         if let Record::Skipped(s) = r {
             notes.push(format!("`{}` skipped: {}", s.task, s.reason));
