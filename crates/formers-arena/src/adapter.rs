@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use formers::loss::accuracy;
 use formers::model::Model;
 use formers::rng::Rng;
@@ -69,7 +69,7 @@ pub fn batch(task: &dyn ArenaTask, split: Split, indices: &[usize]) -> formers::
         inputs: Tensor::from_vec(ids, (b, n), &Device::Cpu)?,
         targets: Tensor::from_vec(labels, b, &Device::Cpu)?,
         weights: None,
-        mask: Some(Tensor::from_vec(mask, (b, n), &Device::Cpu)?.to_dtype(DType::F32)?),
+        mask: Some(Tensor::from_vec(mask, (b, n), &Device::Cpu)?),
         tokens,
     })
 }

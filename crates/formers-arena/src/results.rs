@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -138,8 +138,8 @@ pub fn append(path: &Path, record: &Record) -> Result<(), String> {
         .append(true)
         .open(path)
         .map_err(err)?;
-    let bytes = fs::read(path).map_err(err)?;
-    if !bytes.is_empty() && !bytes.ends_with(b"\n") {
+    if !ends_with_newline(path).map_err(err)? {
+        let bytes = fs::read(path).map_err(err)?;
         let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
         f.set_len(keep as u64).map_err(err)?;
     }
@@ -147,6 +147,20 @@ pub fn append(path: &Path, record: &Record) -> Result<(), String> {
     line.push('\n');
     f.write_all(line.as_bytes()).map_err(err)?;
     f.sync_all().map_err(err)
+}
+
+/// Whether the file is empty or ends a line: only its last byte is read, so an append
+/// costs the same however long the store grows.
+fn ends_with_newline(path: &Path) -> io::Result<bool> {
+    let mut f = fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    if len == 0 {
+        return Ok(true);
+    }
+    f.seek(SeekFrom::Start(len - 1))?;
+    let mut last = [0u8; 1];
+    f.read_exact(&mut last)?;
+    Ok(last[0] == b'\n')
 }
 
 /// The records of several arena directories (or result files), one per key: the first

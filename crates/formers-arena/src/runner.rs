@@ -2,6 +2,7 @@
 //! measurements, keeps a shard of them, skips those already in the results store, runs the
 //! rest and appends each record the moment it finishes.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -187,16 +188,21 @@ pub enum Event {
     },
 }
 
-/// The tasks a process has opened, each opened once.
+/// A task opened, or why it cannot run here.
+type Opened = Result<Arc<dyn ArenaTask>, String>;
+
+/// The tasks a process has opened, each opened once (shared by the arena loop, which
+/// checks which tasks can run, and in-process jobs).
 #[derive(Default)]
 pub struct Tasks {
-    opened: BTreeMap<String, Result<Arc<dyn ArenaTask>, String>>,
+    opened: RefCell<BTreeMap<String, Opened>>,
 }
 
 impl Tasks {
     /// Task `name` of the suite, or why it cannot run here.
-    pub fn get(&mut self, name: &str, opts: &Options) -> Result<Arc<dyn ArenaTask>, String> {
+    pub fn get(&self, name: &str, opts: &Options) -> Opened {
         self.opened
+            .borrow_mut()
             .entry(name.to_string())
             .or_insert_with(|| open_task(name, opts.suite.setting, &opts.data))
             .clone()
@@ -230,7 +236,7 @@ pub fn configure(
 pub fn run_job(
     job: &Job,
     opts: &Options,
-    tasks: &mut Tasks,
+    tasks: &Tasks,
     work: &Path,
     events: &mut dyn FnMut(Event),
 ) -> Result<Record, String> {
@@ -520,10 +526,12 @@ pub struct Outcome {
 }
 
 /// Runs the shard of `opts` into arena directory `out` (`results.jsonl` plus run
-/// directories), with `exec` running each job (in this process or a worker process).
+/// directories), with `exec` running each job (in this process or a worker process);
+/// `tasks` are opened here to find which can run.
 pub fn run_arena(
     opts: &Options,
     out: &Path,
+    tasks: &Tasks,
     exec: &mut dyn FnMut(&Job) -> Result<Record, String>,
     progress: &mut dyn Progress,
 ) -> Result<Outcome, String> {
@@ -537,7 +545,6 @@ pub fn run_arena(
     let mut done: BTreeSet<String> = records.iter().map(Record::key).collect();
     let jobs = shard(plan(opts), i, n);
     // Tasks that cannot run here are noted once and their jobs left out.
-    let mut tasks = Tasks::default();
     let mut unavailable = BTreeSet::new();
     for t in &opts.tasks {
         if let Err(reason) = tasks.get(t, opts) {
@@ -596,11 +603,12 @@ pub fn run_in_process(
     events: &mut dyn FnMut(Event),
 ) -> Result<Outcome, String> {
     let work: PathBuf = out.join("runs");
-    let mut tasks = Tasks::default();
+    let tasks = Tasks::default();
     run_arena(
         opts,
         out,
-        &mut |job| run_job(job, opts, &mut tasks, &work, events),
+        &tasks,
+        &mut |job| run_job(job, opts, &tasks, &work, events),
         progress,
     )
 }

@@ -164,7 +164,7 @@ fn a_rerun_after_a_kill_does_not_redo_finished_runs() {
     let k = 3;
 
     // First invocation: dies (panics) as it starts job k.
-    let mut tasks = Tasks::default();
+    let tasks = Tasks::default();
     let mut started = 0;
     let killed = panic::catch_unwind(AssertUnwindSafe(|| {
         let mut exec = |job: &Job| {
@@ -172,9 +172,9 @@ fn a_rerun_after_a_kill_does_not_redo_finished_runs() {
                 panic!("simulated kill before job {k}");
             }
             started += 1;
-            runner::run_job(job, &opts, &mut tasks, &work, &mut |_| {})
+            runner::run_job(job, &opts, &tasks, &work, &mut |_| {})
         };
-        runner::run_arena(&opts, dir.path(), &mut exec, &mut Quiet)
+        runner::run_arena(&opts, dir.path(), &Tasks::default(), &mut exec, &mut Quiet)
     }));
     assert!(
         killed.is_err(),
@@ -194,7 +194,8 @@ fn a_rerun_after_a_kill_does_not_redo_finished_runs() {
         ran_keys.push(job.key(&opts));
         Ok(stand_in(job, &opts))
     };
-    let out = runner::run_arena(&opts, dir.path(), &mut exec, &mut Quiet).unwrap();
+    let out =
+        runner::run_arena(&opts, dir.path(), &Tasks::default(), &mut exec, &mut Quiet).unwrap();
     assert!(out.failed.is_empty(), "{:?}", out.failed);
     assert_eq!(calls, total - k);
     assert_eq!(out.ran, total - k);
@@ -224,7 +225,8 @@ fn a_rerun_after_a_kill_does_not_redo_finished_runs() {
         calls += 1;
         Err("nothing should run".into())
     };
-    let out = runner::run_arena(&opts, dir.path(), &mut exec, &mut Quiet).unwrap();
+    let out =
+        runner::run_arena(&opts, dir.path(), &Tasks::default(), &mut exec, &mut Quiet).unwrap();
     assert_eq!((calls, out.ran, out.already_done), (0, 0, total));
     assert_eq!(fs::read_to_string(dir.store()).unwrap(), after);
 }
@@ -335,16 +337,36 @@ fn an_append_after_a_cut_last_line_leaves_a_valid_file() {
     let opts = options(&["listops"], &["vanilla", "poolformer"], 1, 2);
     let arena = TempDir::new("cut-arena");
     let mut exec = |job: &Job| Ok(stand_in(job, &opts));
-    let once = runner::run_arena(&opts, arena.path(), &mut exec, &mut Quiet).unwrap();
+    let once = runner::run_arena(
+        &opts,
+        arena.path(),
+        &Tasks::default(),
+        &mut exec,
+        &mut Quiet,
+    )
+    .unwrap();
     assert_eq!(once.ran, 4);
     let mut text = fs::read_to_string(arena.store()).unwrap();
     let last = text.trim_end().rsplit('\n').next().unwrap().to_string();
     text.truncate(text.len() - last.len() / 2 - 1);
     fs::write(arena.store(), &text).unwrap();
-    let rerun = runner::run_arena(&opts, arena.path(), &mut exec, &mut Quiet).unwrap();
+    let rerun = runner::run_arena(
+        &opts,
+        arena.path(),
+        &Tasks::default(),
+        &mut exec,
+        &mut Quiet,
+    )
+    .unwrap();
     assert_eq!((rerun.ran, rerun.already_done), (1, 3));
-    let again = runner::run_arena(&opts, arena.path(), &mut exec, &mut Quiet)
-        .expect("the store stays readable after a rerun");
+    let again = runner::run_arena(
+        &opts,
+        arena.path(),
+        &Tasks::default(),
+        &mut exec,
+        &mut Quiet,
+    )
+    .expect("the store stays readable after a rerun");
     assert_eq!((again.ran, again.already_done), (0, 4));
 }
 
@@ -400,7 +422,8 @@ fn shards_are_disjoint_and_cover_the_plan() {
         let mut o = opts.clone();
         o.shard = bad;
         let mut exec = |j: &Job| -> Result<Record, String> { panic!("ran {j:?}") };
-        let err = runner::run_arena(&o, dir.path(), &mut exec, &mut Quiet).unwrap_err();
+        let err = runner::run_arena(&o, dir.path(), &Tasks::default(), &mut exec, &mut Quiet)
+            .unwrap_err();
         assert!(err.contains("shard"), "{err}");
         assert!(!dir.path().exists(), "an invalid shard created the arena");
     }
@@ -530,7 +553,7 @@ fn a_trained_run_record_is_sane() {
     let rec = runner::run_job(
         &job,
         &opts,
-        &mut Tasks::default(),
+        &Tasks::default(),
         dir.path(),
         &mut |e: Event| events.push(e),
     )

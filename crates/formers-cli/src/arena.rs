@@ -2,6 +2,7 @@
 //! worker process, so memory is measured per job), write task data, look at Pathfinder,
 //! merge shards and write the report.
 
+use std::cell::Cell;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -14,7 +15,7 @@ use formers_arena::pathfinder::{self, Pathfinder};
 use formers_arena::report;
 use formers_arena::results::{self, Record};
 use formers_arena::runner::{self, Budget, Event, Job, Options, Outcome, Progress, Tasks};
-use formers_arena::suite::{open_task, DataDirs, SuiteSpec, DEFAULT_TASKS, TASKS};
+use formers_arena::suite::{open_task, DataDirs, SuiteSpec, DATA_SEED, DEFAULT_TASKS, TASKS};
 use formers_arena::task::{ArenaTask, Setting, Split};
 use formers_arena::variants;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -246,7 +247,6 @@ fn style(template: &str) -> ProgressStyle {
 
 /// One overall bar (jobs, ETA) and one bar for the job running.
 struct Bars {
-    multi: MultiProgress,
     overall: ProgressBar,
     job: ProgressBar,
 }
@@ -262,11 +262,8 @@ impl Bars {
         overall.enable_steady_tick(std::time::Duration::from_secs(1));
         let job = multi.add(ProgressBar::new(0));
         job.set_style(style("{prefix:>28} [{bar:30}] {pos}/{len} {msg}"));
-        Bars {
-            multi,
-            overall,
-            job,
-        }
+        // The bars keep their shared multi-bar state alive themselves.
+        Bars { overall, job }
     }
 
     /// A line above the bars, or on stderr when they are hidden (not a terminal).
@@ -277,32 +274,55 @@ impl Bars {
             self.overall.println(line);
         }
     }
+}
+
+/// The running job's bar, drawn from its progress events; keeps the latest loss and
+/// validation accuracy to show both.
+struct JobView {
+    bar: ProgressBar,
+    loss: Cell<Option<f32>>,
+    accuracy: Cell<Option<f64>>,
+}
+
+impl JobView {
+    fn new(bar: ProgressBar) -> Self {
+        JobView {
+            bar,
+            loss: Cell::new(None),
+            accuracy: Cell::new(None),
+        }
+    }
+
+    fn show_training(&self) {
+        let loss = self.loss.get().map(|l| format!("loss {l:.4}"));
+        let acc = self
+            .accuracy
+            .get()
+            .map(|a| format!("val acc {:.1}%", a * 100.0));
+        let parts: Vec<String> = loss.into_iter().chain(acc).collect();
+        self.bar.set_message(parts.join(" | "));
+    }
 
     fn event(&self, e: &Event) {
         match e {
             Event::Start { steps } => {
-                self.job.set_length(*steps as u64);
-                self.job.set_position(0);
-                self.job.set_message("");
+                self.bar.set_length(*steps as u64);
+                self.bar.set_position(0);
+                self.loss.set(None);
+                self.accuracy.set(None);
+                self.show_training();
             }
             Event::Step { step, loss } => {
-                self.job.set_position(*step as u64);
-                let acc = self
-                    .job
-                    .message()
-                    .split_once("| ")
-                    .map(|(_, a)| format!(" | {a}"))
-                    .unwrap_or_default();
-                self.job.set_message(format!("loss {loss:.4}{acc}"));
+                self.bar.set_position(*step as u64);
+                self.loss.set(Some(*loss));
+                self.show_training();
             }
             Event::Eval { accuracy, .. } => {
-                let loss = self.job.message();
-                let loss = loss.split(" |").next().unwrap_or("");
-                self.job
-                    .set_message(format!("{loss} | val acc {:.1}%", accuracy * 100.0));
+                self.accuracy.set(Some(*accuracy));
+                self.show_training();
             }
             Event::Testing { done, total } => {
-                self.job.set_message(format!("testing {done}/{total}"))
+                self.bar.set_message(format!("testing {done}/{total}"))
             }
             Event::Done { .. } | Event::Failed { .. } => {}
         }
@@ -375,32 +395,22 @@ fn run_arena(a: RunArgs) -> Result<()> {
     }
     runner::save_options(&opts, &out).map_err(|e| anyhow!(e))?;
     let mut bars = Bars::new();
+    let view = JobView::new(bars.job.clone());
     let work = out.join("runs");
+    let tasks = Tasks::default();
     let outcome: Outcome = if a.in_process {
-        let mut tasks = Tasks::default();
-        let job_bar = bars.job.clone();
-        let overall = bars.overall.clone();
-        let multi = bars.multi.clone();
-        let view = Bars {
-            multi,
-            overall,
-            job: job_bar,
-        };
         runner::run_arena(
             &opts,
             &out,
-            &mut |job| runner::run_job(job, &opts, &mut tasks, &work, &mut |e| view.event(&e)),
+            &tasks,
+            &mut |job| runner::run_job(job, &opts, &tasks, &work, &mut |e| view.event(&e)),
             &mut bars,
         )
     } else {
-        let view = Bars {
-            multi: bars.multi.clone(),
-            overall: bars.overall.clone(),
-            job: bars.job.clone(),
-        };
         runner::run_arena(
             &opts,
             &out,
+            &tasks,
             &mut |job| run_worker(job, &opts, &work, &view),
             &mut bars,
         )
@@ -441,7 +451,7 @@ struct WorkOrder {
 }
 
 /// Runs `job` in a fresh `formers arena worker` process and follows its progress.
-fn run_worker(job: &Job, opts: &Options, work: &Path, bars: &Bars) -> Result<Record, String> {
+fn run_worker(job: &Job, opts: &Options, work: &Path, view: &JobView) -> Result<Record, String> {
     let exe = std::env::current_exe().map_err(|e| format!("locating the formers binary: {e}"))?;
     let mut child = Command::new(exe)
         .args(["arena", "worker"])
@@ -466,25 +476,27 @@ fn run_worker(job: &Job, opts: &Options, work: &Path, bars: &Bars) -> Result<Rec
         let _ = stderr.read_to_string(&mut s);
         s
     });
-    let mut result = Err("the worker ended without a result".to_string());
+    // The worker's own verdict: its record, or the error it reported.
+    let mut result: Option<Result<Record, String>> = None;
     for line in BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
         let Ok(line) = line else { break };
         match serde_json::from_str::<Event>(&line) {
-            Ok(Event::Done { record }) => result = Ok(*record),
-            Ok(Event::Failed { message }) => result = Err(message),
-            Ok(e) => bars.event(&e),
+            Ok(Event::Done { record }) => result = Some(Ok(*record)),
+            Ok(Event::Failed { message }) => result = Some(Err(message)),
+            Ok(e) => view.event(&e),
             Err(_) => {}
         }
     }
     let status = child.wait().map_err(|e| e.to_string())?;
     let stderr = errors.join().unwrap_or_default();
-    match result {
-        Ok(r) if status.success() => Ok(r),
-        Ok(_) | Err(_) if !status.success() && !stderr.trim().is_empty() => Err(format!(
-            "worker exited with {status}: {}",
-            stderr.trim().lines().last().unwrap_or("")
+    match (result, status.success()) {
+        (Some(Ok(record)), true) => Ok(record),
+        (Some(Err(message)), _) => Err(message),
+        // Killed, crashed, or exited without saying why: stderr's last line is the clue.
+        _ => Err(format!(
+            "worker exited with {status} without a result: {}",
+            stderr.trim().lines().last().unwrap_or("(no message)")
         )),
-        other => other,
     }
 }
 
@@ -502,8 +514,13 @@ fn worker() -> Result<()> {
         );
         let _ = out.flush();
     };
-    let mut tasks = Tasks::default();
-    match runner::run_job(&order.job, &order.opts, &mut tasks, &order.work, &mut emit) {
+    match runner::run_job(
+        &order.job,
+        &order.opts,
+        &Tasks::default(),
+        &order.work,
+        &mut emit,
+    ) {
         Ok(record) => {
             emit(Event::Done {
                 record: Box::new(record),
@@ -543,8 +560,7 @@ fn merge(m: MergeArgs) -> Result<()> {
     for r in &records {
         results::append(&store, r).map_err(|e| anyhow!(e))?;
     }
-    if let Some(opts) = m.dirs.iter().find_map(|d| runner::load_options(d)) {
-        let mut opts = opts;
+    if let Some(mut opts) = m.dirs.iter().find_map(|d| runner::load_options(d)) {
         opts.shard = (1, 1);
         runner::save_options(&opts, &m.out).map_err(|e| anyhow!(e))?;
     }
@@ -564,8 +580,9 @@ fn data(d: DataArgs) -> Result<()> {
     let n = d.n.unwrap_or(task.len(split)).min(task.len(split));
     let file = fs::File::create(&d.out).with_context(|| format!("creating {}", d.out.display()))?;
     let mut w = std::io::BufWriter::new(file);
-    let pb = crate::progress::bar(1, "writing");
-    pb.set_message(format!("{n} examples"));
+    let pb = ProgressBar::new_spinner();
+    pb.set_message(format!("writing {n} examples"));
+    pb.enable_steady_tick(std::time::Duration::from_millis(200));
     task.write_tsv(split, n, &mut w)
         .and_then(|_| w.flush())
         .with_context(|| format!("writing {}", d.out.display()))?;
@@ -583,8 +600,8 @@ fn data(d: DataArgs) -> Result<()> {
 fn show(s: ShowArgs) -> Result<()> {
     let split = parse_split(&s.split)?;
     let pf = match s.size {
-        Some(size) => Pathfinder::new(s.suite, runner_data_seed(), size),
-        None => Pathfinder::for_task(&s.task, s.suite, runner_data_seed()),
+        Some(size) => Pathfinder::new(s.suite, DATA_SEED, size),
+        None => Pathfinder::for_task(&s.task, s.suite, DATA_SEED),
     }
     .map_err(|e| anyhow!(e))?;
     let n = s.n.min(pf.len(split)).max(1);
@@ -605,8 +622,4 @@ fn show(s: ShowArgs) -> Result<()> {
         n - connected
     );
     Ok(())
-}
-
-fn runner_data_seed() -> u64 {
-    formers_arena::suite::DATA_SEED
 }

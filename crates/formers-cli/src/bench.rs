@@ -8,9 +8,9 @@ use candle_core::{DType, Device, Tensor};
 use clap::{Args, Subcommand};
 use formers::mixer::attention::{attend, reference_attend, AttendOpts};
 use formers::rng::Rng;
+use formers_arena::mem;
 use serde::Serialize;
 
-use crate::mem;
 use crate::progress::bar;
 
 /// Benchmarks.

@@ -5,7 +5,6 @@ mod arena;
 mod bench;
 mod embed;
 mod generate;
-use formers_arena::mem;
 mod progress;
 mod train;
 
@@ -37,7 +36,7 @@ enum Command {
 }
 
 fn main() {
-    mem::tune_allocator();
+    formers_arena::mem::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
