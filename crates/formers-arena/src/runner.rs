@@ -258,7 +258,13 @@ pub fn run_job(
         Job::Speed {
             variant: name,
             length,
-        } => speed(opts, variant(name)?, *length, work, events),
+        } => speed(
+            opts,
+            variant(name)?,
+            *length,
+            &work.join(job.label()),
+            events,
+        ),
     }
 }
 
@@ -466,7 +472,7 @@ fn speed(
     opts: &Options,
     variant: &Variant,
     length: usize,
-    work: &Path,
+    dir: &Path,
     events: &mut dyn FnMut(Event),
 ) -> Result<Record, String> {
     let suite = &opts.suite;
@@ -479,15 +485,14 @@ fn speed(
         model: configure(variant, suite, 256, length, 2),
         train,
     };
-    let dir = work.join(format!("speed-{}-{length}", variant.name));
-    fresh_dir(&dir)?;
+    fresh_dir(dir)?;
     mem::reset_peak();
     events(Event::Start { steps });
     let mut timer = Timer::new(events);
-    let summary = train_task(&run, &RandomBytes { len: length }, &dir, false, &mut timer)
+    let summary = train_task(&run, &RandomBytes { len: length }, dir, false, &mut timer)
         .map_err(|e| e.to_string())?;
     let peak = mem::peak_rss().unwrap_or(0);
-    fresh_dir(&dir)?;
+    fresh_dir(dir)?;
     let t = median(&timer.step_seconds[SPEED_WARMUP..]);
     Ok(Record::Speed(SpeedResult {
         suite: suite.setting.name().into(),
