@@ -90,7 +90,7 @@ impl Norm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{check_grad, randn};
+    use crate::testutil::{check_grad, max_abs, randn};
     use candle_core::Device;
 
     #[test]
@@ -118,13 +118,7 @@ mod tests {
             let x = (randn(&[3, 5, 24], 9).to_dtype(DType::F32).unwrap() * 3.0).unwrap();
             let fused = n.forward(&x).unwrap();
             let composed = n.forward_composed(&x).unwrap();
-            let err = (fused - composed)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap();
-            assert!(err.to_scalar::<f32>().unwrap() < 1e-5, "{spec:?}");
+            assert!(max_abs(&fused, &composed) < 1e-5, "{spec:?}");
         }
     }
 
@@ -135,13 +129,7 @@ mod tests {
         let crms = Norm::new(&NormSpec::CrmsNorm { eps: 1e-6 }, &p.pp("a"), 7).unwrap();
         let x = randn(&[4, 7], 5);
         let x = x.broadcast_sub(&x.mean_keepdim(1).unwrap()).unwrap();
-        let err = (rms.forward(&x).unwrap() - crms.forward(&x).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        assert!(err.to_scalar::<f64>().unwrap() < 1e-12);
+        assert!(max_abs(&rms.forward(&x).unwrap(), &crms.forward(&x).unwrap()) < 1e-12);
     }
 
     #[test]
