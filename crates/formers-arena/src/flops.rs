@@ -2,7 +2,7 @@
 //! multiply-add of the matrix products (projections, scores, mixing, MLP); norms,
 //! activations and softmax exponentials are left out, as is usual (Kaplan et al. 2020).
 
-use formers::config::{Activation, FeatureMap, FfnSpec, HeadSpec, MixerSpec, ModelConfig};
+use formers::config::{Activation, FfnSpec, HeadSpec, ModelConfig};
 
 /// Forward FLOPs per token of `cfg` on sequences of `n` tokens.
 pub fn per_token(cfg: &ModelConfig, n: usize) -> f64 {
@@ -10,7 +10,7 @@ pub fn per_token(cfg: &ModelConfig, n: usize) -> f64 {
     let mut total = 0.0;
     for i in 0..cfg.n_layers {
         let layer = cfg.layer(i);
-        total += mixer(&layer.mixer, d, cfg.head_dim() as f64, n as f64);
+        total += layer.mixer.kind().flops_per_token(&cfg.mixer_dims(), n);
         total += ffn(&layer.ffn, cfg.d_model);
     }
     total
@@ -27,65 +27,6 @@ fn matmul(d_in: f64, d_out: f64, rank: Option<usize>) -> f64 {
     match rank {
         Some(r) => 2.0 * r as f64 * (d_in + d_out),
         None => 2.0 * d_in * d_out,
-    }
-}
-
-fn mixer(spec: &MixerSpec, d: f64, head_dim: f64, n: f64) -> f64 {
-    // q, k, v and output projections of the attention family.
-    let proj = |rank: Option<usize>, shared_qk: bool, gate: bool| {
-        let count = if shared_qk { 3.0 } else { 4.0 } + if gate { 1.0 } else { 0.0 };
-        count * matmul(d, d, rank)
-    };
-    match spec {
-        MixerSpec::Attention {
-            causal,
-            shared_qk,
-            gate,
-            rank,
-            ..
-        } => {
-            // Scores q·k and the weighted sum of values over the keys each query sees.
-            let keys = if *causal { (n + 1.0) / 2.0 } else { n };
-            proj(*rank, *shared_qk, *gate) + 4.0 * keys * d
-        }
-        MixerSpec::Local {
-            window,
-            global,
-            causal,
-            ..
-        } => {
-            let w = *window as f64;
-            let span = if *causal { w + 1.0 } else { 2.0 * w + 1.0 };
-            let g = *global as f64;
-            // Windowed keys, plus the global keys for every query and all keys for the
-            // global queries (amortised over the n tokens).
-            proj(None, false, false) + 4.0 * d * (span.min(n) + g + g)
-        }
-        MixerSpec::Linear {
-            feature, features, ..
-        } => {
-            let m = match feature {
-                FeatureMap::Elu => head_dim,
-                FeatureMap::Favor => *features as f64,
-            };
-            // φ(k)ᵀv and φ(q)·(φ(k)ᵀv) per head (m × head_dim each), plus the normaliser;
-            // FAVOR+ also projects q and k onto m random features.
-            let feature_map = match feature {
-                FeatureMap::Elu => 0.0,
-                FeatureMap::Favor => 2.0 * 2.0 * m * d,
-            };
-            proj(None, false, false) + 4.0 * m * d + 4.0 * m * d / head_dim + feature_map
-        }
-        MixerSpec::Linformer { k, .. } => {
-            let k = *k as f64;
-            // E·K and F·V (k × n by n × d, amortised per token), then attention over k keys.
-            proj(None, false, false) + 2.0 * 2.0 * k * d + 4.0 * k * d
-        }
-        MixerSpec::Flow { .. } => {
-            // Linear attention with sigmoid features plus incoming/outgoing flow sums.
-            proj(None, false, false) + 4.0 * head_dim * d + 8.0 * d
-        }
-        MixerSpec::Pool { window, .. } => *window as f64 * d,
     }
 }
 

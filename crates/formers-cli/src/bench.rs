@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Subcommand};
-use formers::mixer::attention::{attend, reference_attend, AttendOpts};
+use formers::mixer::softmax::{attend, reference_attend, AttendOpts};
 use formers::rng::Rng;
 use formers_arena::mem;
 use serde::Serialize;
@@ -83,6 +83,9 @@ pub struct MixerOneArgs {
     pub heads: usize,
     #[arg(long)]
     pub repeats: usize,
+    /// A causal model.
+    #[arg(long)]
+    pub causal: bool,
 }
 
 /// The shipped benchmark sentences (data/sentences.txt, public domain; see data/README.md).
@@ -203,6 +206,8 @@ fn attention(a: AttentionArgs) -> Result<()> {
             key_bias: None,
             q_chunk: a.chunk,
             k_chunk: a.chunk,
+            // A forward-only benchmark: the inference form.
+            inference: true,
             ..Default::default()
         };
         let mut times = Vec::with_capacity(a.repeats);
@@ -365,14 +370,14 @@ fn tempfile_with(sentences: &[String]) -> Result<PathBuf> {
 fn mixer_spec(name: &str, a: &MixersArgs) -> Result<String> {
     let c = a.causal;
     Ok(match name {
-        "attention" => format!(r#"{{"kind": "attention", "causal": {c}}}"#),
+        "attention" => r#"{"kind": "attention"}"#.to_string(),
         "local" => format!(
-            r#"{{"kind": "local", "window": {w}, "chunk": {w}, "causal": {c}}}"#,
+            r#"{{"kind": "local", "window": {w}, "chunk": {w}}}"#,
             w = a.window
         ),
-        "linear-elu" => format!(r#"{{"kind": "linear", "feature": "elu", "causal": {c}}}"#),
+        "linear-elu" => r#"{"kind": "linear", "feature": "elu"}"#.to_string(),
         "favor" => format!(
-            r#"{{"kind": "linear", "feature": "favor", "features": {}, "causal": {c}}}"#,
+            r#"{{"kind": "linear", "feature": "favor", "features": {}}}"#,
             a.features
         ),
         "linformer" if c => {
@@ -381,7 +386,7 @@ fn mixer_spec(name: &str, a: &MixersArgs) -> Result<String> {
         "linformer" => format!(r#"{{"kind": "linformer", "k": {}}}"#, a.linformer_k),
         "flow" if c => anyhow::bail!("flow is bidirectional; drop it from --mixers with --causal"),
         "flow" => r#"{"kind": "flow"}"#.to_string(),
-        "pool" => format!(r#"{{"kind": "pool", "window": 3, "causal": {c}}}"#),
+        "pool" => r#"{"kind": "pool", "window": 3}"#.to_string(),
         other => anyhow::bail!(
             "unknown mixer `{other}`; expected attention, local, linear-elu, favor, linformer, flow, pool"
         ),
@@ -420,6 +425,7 @@ fn mixers(a: MixersArgs) -> Result<()> {
                     "--repeats",
                     &a.repeats.to_string(),
                 ])
+                .args(a.causal.then_some("--causal"))
                 .output()
                 .context("running a benchmark child process")?;
             if !out.status.success() {
@@ -473,14 +479,14 @@ fn mixers(a: MixersArgs) -> Result<()> {
 
 fn mixer_one(a: MixerOneArgs) -> Result<()> {
     use formers::config::{MixerSpec, ModelConfig};
-    use formers::mixer::{self, MixCtx};
+    use formers::mixer::MixCtx;
     let cfg = ModelConfig::from_json(&format!(
-        r#"{{"d_model": {}, "n_heads": {}, "n_layers": 1, "max_len": {}, "input": {{"kind": "bytes"}}, "head": {{"kind": "lm"}}}}"#,
-        a.dim, a.heads, a.length
+        r#"{{"d_model": {}, "n_heads": {}, "n_layers": 1, "max_len": {}, "causal": {}, "input": {{"kind": "bytes"}}, "head": {{"kind": "lm"}}}}"#,
+        a.dim, a.heads, a.length, a.causal
     ))?;
     let spec: MixerSpec = serde_json::from_str(&a.spec).context("--spec")?;
     let params = formers::params::Params::new(0, DType::F32, &Device::Cpu);
-    let m = mixer::build(&spec, &cfg, &params)?;
+    let m = spec.build(&cfg.mixer_dims(), &params)?;
     let mut rng = Rng::new(1);
     let v: Vec<f32> = (0..a.length * a.dim).map(|_| rng.normal() as f32).collect();
     let x = candle_core::Var::from_vec(v, (1, a.length, a.dim), &Device::Cpu)?;

@@ -5,7 +5,7 @@ use candle_core::Tensor;
 
 use crate::config::{LayerSpec, ModelConfig, Placement};
 use crate::ffn::{self, ChannelMixer};
-use crate::mixer::{self, MixCtx, MixerCache, TokenMixer};
+use crate::mixer::{MixCtx, MixerCache, TokenMixer};
 use crate::norm::Norm;
 use crate::params::Params;
 use crate::rng::Rng;
@@ -27,7 +27,7 @@ impl Block {
     pub fn new(spec: &LayerSpec, cfg: &ModelConfig, p: &Params) -> Result<Self> {
         Ok(Block {
             norm1: Norm::new(&spec.norm, &p.pp("norm1"), cfg.d_model)?,
-            mixer: mixer::build(&spec.mixer, cfg, &p.pp("mixer"))?,
+            mixer: spec.mixer.build(&cfg.mixer_dims(), &p.pp("mixer"))?,
             norm2: Norm::new(&spec.norm, &p.pp("norm2"), cfg.d_model)?,
             ffn: ffn::build(&spec.ffn, cfg, &p.pp("ffn"))?,
             placement: spec.placement,
@@ -86,8 +86,8 @@ mod tests {
 
     fn cfg(placement: &str, causal: bool) -> ModelConfig {
         ModelConfig::from_json(&format!(
-            r#"{{"d_model": 8, "n_heads": 2, "n_layers": 1, "input": {{"kind": "bytes"}}, "head": {{"kind": "lm"}},
-               "defaults": {{"placement": "{placement}", "mixer": {{"kind": "attention", "causal": {causal}, "q_chunk": 2, "k_chunk": 3}},
+            r#"{{"d_model": 8, "n_heads": 2, "n_layers": 1, "input": {{"kind": "bytes"}}, "head": {{"kind": "lm"}}, "causal": {causal},
+               "defaults": {{"placement": "{placement}", "mixer": {{"kind": "attention", "q_chunk": 2, "k_chunk": 3}},
                              "ffn": {{"kind": "mlp", "hidden": 12, "activation": "swiglu"}}, "norm": {{"kind": "rms_norm"}}}}}}"#
         ))
         .unwrap()

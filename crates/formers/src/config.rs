@@ -7,6 +7,10 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::mixer::linear::FeatureMap;
+pub use crate::mixer::softmax::Clip;
+use crate::mixer::MixerDims;
+pub use crate::mixer::MixerSpec;
 use crate::train::TrainConfig;
 use crate::{Error, Result};
 
@@ -31,6 +35,10 @@ pub struct ModelConfig {
     pub n_heads: usize,
     /// Number of blocks.
     pub n_layers: usize,
+    /// A decoder: position `i` sees only positions `<= i`, in every layer. Every mixer
+    /// obeys it, and a config whose mixers cannot is refused.
+    #[serde(default)]
+    pub causal: bool,
     /// Longest sequence the model takes (size of learned / precomputed position tables).
     #[serde(default = "default_max_len")]
     pub max_len: usize,
@@ -216,158 +224,6 @@ pub struct LayerOverride {
     pub dropout: Option<f32>,
 }
 
-/// Token mixers.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum MixerSpec {
-    /// Exact softmax attention in query/key chunks with an online softmax.
-    Attention {
-        #[serde(default)]
-        causal: bool,
-        #[serde(default = "default_chunk")]
-        q_chunk: usize,
-        #[serde(default = "default_chunk")]
-        k_chunk: usize,
-        #[serde(default = "yes")]
-        bias: bool,
-        /// One projection for queries and keys: symmetric scores, fewer parameters
-        /// (Key-Value Transformer).
-        #[serde(default)]
-        shared_qk: bool,
-        /// A per-head sigmoid gate on the output (gated attention, Bondarenko et al. 2023,
-        /// "Quantizable Transformers").
-        #[serde(default)]
-        gate: bool,
-        /// Clipped softmax `clip((ζ − γ)·softmax + γ, 0, 1)` (same paper).
-        #[serde(default)]
-        clip: Option<Clip>,
-        /// Factorise the q, k, v, o projections as `U·V` of this rank (Greenformers LRT).
-        #[serde(default)]
-        rank: Option<usize>,
-    },
-    /// Sliding-window attention (Longformer, Beltagy et al. 2020): query `i` sees keys
-    /// `j` with `|i - j| <= window` (and `j <= i` when causal), in blocks: O(n·window).
-    Local {
-        window: usize,
-        /// Leading positions with global attention (Longformer's global tokens).
-        #[serde(default)]
-        global: usize,
-        #[serde(default)]
-        causal: bool,
-        #[serde(default = "default_chunk")]
-        chunk: usize,
-        #[serde(default = "yes")]
-        bias: bool,
-    },
-    /// Linear attention with a positive feature map: `elu` (elu(x)+1, Katharopoulos et al.
-    /// 2020) or `favor` (FAVOR+ positive random features, Performer, Choromanski et al. 2021).
-    Linear {
-        feature: FeatureMap,
-        #[serde(default)]
-        causal: bool,
-        /// Random features per head (`favor` only).
-        #[serde(default = "default_features")]
-        features: usize,
-        /// Seed of the random features (`favor` only).
-        #[serde(default)]
-        seed: u64,
-        /// Tokens per block of the causal prefix sum.
-        #[serde(default = "default_linear_chunk")]
-        chunk: usize,
-        #[serde(default = "yes")]
-        bias: bool,
-    },
-    /// Keys and values projected along the sequence to `k` rows (Linformer, Wang et al.
-    /// 2020); bidirectional, O(n·k).
-    Linformer {
-        k: usize,
-        /// One projection shared by all heads (else one per head).
-        #[serde(default = "yes")]
-        shared: bool,
-        #[serde(default = "yes")]
-        bias: bool,
-    },
-    /// Flow-Attention (Flowformer, Wu et al. 2022): conservation-normalised linear attention
-    /// with sigmoid features; bidirectional, O(n).
-    Flow {
-        #[serde(default = "yes")]
-        bias: bool,
-    },
-    /// Average pooling over a window minus the identity (PoolFormer, Yu et al. 2022).
-    Pool {
-        #[serde(default = "default_pool")]
-        window: usize,
-        #[serde(default)]
-        causal: bool,
-    },
-}
-
-/// Parameters of the clipped softmax: stretch to `[gamma, zeta]`, then clip to `[0, 1]`.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Clip {
-    /// Lower end, ≤ 0 (e.g. -0.03).
-    pub gamma: f64,
-    /// Upper end, ≥ 1.
-    pub zeta: f64,
-}
-
-/// Feature maps of linear attention.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum FeatureMap {
-    /// elu(x) + 1.
-    Elu,
-    /// Positive orthogonal random features approximating the softmax kernel.
-    Favor,
-}
-
-fn default_chunk() -> usize {
-    256
-}
-fn default_features() -> usize {
-    64
-}
-fn default_linear_chunk() -> usize {
-    64
-}
-fn default_pool() -> usize {
-    3
-}
-
-impl Default for MixerSpec {
-    fn default() -> Self {
-        MixerSpec::attention(false)
-    }
-}
-
-impl MixerSpec {
-    /// Plain exact attention with biases and default chunks.
-    pub fn attention(causal: bool) -> Self {
-        MixerSpec::Attention {
-            causal,
-            q_chunk: default_chunk(),
-            k_chunk: default_chunk(),
-            bias: true,
-            shared_qk: false,
-            gate: false,
-            clip: None,
-            rank: None,
-        }
-    }
-
-    /// Whether position i only sees positions <= i.
-    pub fn is_causal(&self) -> bool {
-        match self {
-            MixerSpec::Attention { causal, .. }
-            | MixerSpec::Local { causal, .. }
-            | MixerSpec::Linear { causal, .. }
-            | MixerSpec::Pool { causal, .. } => *causal,
-            MixerSpec::Linformer { .. } | MixerSpec::Flow { .. } => false,
-        }
-    }
-}
-
 /// Channel mixers.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
@@ -527,9 +383,19 @@ impl ModelConfig {
         spec
     }
 
-    /// Whether any layer is causal (then the model is a decoder).
+    /// Whether the model is a decoder.
     pub fn is_causal(&self) -> bool {
-        (0..self.n_layers).any(|i| self.layer(i).mixer.is_causal())
+        self.causal
+    }
+
+    /// What every mixer of this model is configured against.
+    pub fn mixer_dims(&self) -> MixerDims {
+        MixerDims {
+            d_model: self.d_model,
+            n_heads: self.n_heads,
+            max_len: self.max_len,
+            causal: self.causal,
+        }
     }
 
     /// Rejects impossible shapes and values, naming the key.
@@ -602,27 +468,44 @@ impl ModelConfig {
                 }
             }
         }
-        validate_layer("defaults", &self.defaults)?;
-        if self.position == PositionSpec::Alibi {
-            for i in 0..self.n_layers {
-                if matches!(
-                    self.layer(i).mixer,
-                    MixerSpec::Linear { .. } | MixerSpec::Pool { .. }
-                ) {
-                    return Err(Error::config(
-                        "position",
-                        format!("alibi biases softmax scores; layer {i}'s mixer has none"),
-                    ));
-                }
-            }
-        }
+        validate_layer("defaults", &self.defaults, &self.mixer_dims())?;
         for i in 0..self.n_layers {
             let at = if self.layers.contains_key(&i.to_string()) {
                 format!("layers.{i}")
             } else {
                 "defaults".to_string()
             };
-            validate_layer(&at, &self.layer(i))?;
+            let layer = self.layer(i);
+            validate_layer(&at, &layer, &self.mixer_dims())?;
+            self.check_capabilities(i, &at, &layer.mixer)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses a layer whose mixer cannot honour the model's causality or position scheme.
+    fn check_capabilities(&self, i: usize, at: &str, mixer: &MixerSpec) -> Result<()> {
+        let kind = mixer.kind();
+        let can = kind.capabilities();
+        let name = kind.name();
+        if self.causal && !can.causal {
+            return Err(Error::config(
+                format!("{at}.mixer"),
+                format!(
+                    "layer {i}'s `{name}` mixer is bidirectional and has no causal form, \
+                     but the model is causal (`causal: true`): every layer must be"
+                ),
+            ));
+        }
+        let refused = match self.position {
+            PositionSpec::Alibi if !can.alibi => Some("alibi biases softmax scores"),
+            PositionSpec::Rope { .. } if !can.rope => Some("rope rotates queries and keys"),
+            _ => None,
+        };
+        if let Some(why) = refused {
+            return Err(Error::config(
+                "position",
+                format!("{why}; layer {i}'s `{name}` mixer has none to apply it to"),
+            ));
         }
         Ok(())
     }
@@ -635,56 +518,9 @@ fn check_dropout(key: &str, p: f32) -> Result<()> {
     Ok(())
 }
 
-fn validate_layer(at: &str, spec: &LayerSpec) -> Result<()> {
+fn validate_layer(at: &str, spec: &LayerSpec, dims: &MixerDims) -> Result<()> {
     check_dropout(&format!("{at}.dropout"), spec.dropout)?;
-    let positive: Vec<(&str, usize)> = match spec.mixer {
-        MixerSpec::Attention {
-            q_chunk,
-            k_chunk,
-            clip,
-            rank,
-            ..
-        } => {
-            if rank == Some(0) {
-                return Err(Error::config(
-                    format!("{at}.mixer.rank"),
-                    "must be at least 1",
-                ));
-            }
-            if let Some(Clip { gamma, zeta }) = clip {
-                if !(gamma <= 0.0 && zeta >= 1.0) {
-                    return Err(Error::config(
-                        format!("{at}.mixer.clip"),
-                        format!("needs gamma <= 0 and zeta >= 1, found gamma {gamma}, zeta {zeta}"),
-                    ));
-                }
-            }
-            vec![("q_chunk", q_chunk), ("k_chunk", k_chunk)]
-        }
-        MixerSpec::Local { window, chunk, .. } => vec![("window", window), ("chunk", chunk)],
-        MixerSpec::Linear {
-            features, chunk, ..
-        } => vec![("features", features), ("chunk", chunk)],
-        MixerSpec::Linformer { k, .. } => vec![("k", k)],
-        MixerSpec::Flow { .. } => vec![],
-        MixerSpec::Pool { window, causal } => {
-            if !causal && window.is_multiple_of(2) {
-                return Err(Error::config(
-                    format!("{at}.mixer.window"),
-                    format!("a centred pooling window must be odd, found {window}"),
-                ));
-            }
-            vec![("window", window)]
-        }
-    };
-    for (key, v) in positive {
-        if v == 0 {
-            return Err(Error::config(
-                format!("{at}.mixer.{key}"),
-                "must be at least 1",
-            ));
-        }
-    }
+    spec.mixer.kind().validate(&format!("{at}.mixer"), dims)?;
     match spec.ffn {
         FfnSpec::Mlp { rank: Some(0), .. } => {
             return Err(Error::config(
@@ -794,7 +630,13 @@ fn path_error<E: std::fmt::Display>(origin: &str, e: serde_path_to_error::Error<
     } else {
         key
     };
-    Error::config(key, format!("{} (in {origin})", e.inner()))
+    let msg = e.inner().to_string();
+    let hint = if msg.starts_with("unknown field `causal`") {
+        "; causality belongs to the whole model: set `\"causal\": true` next to `d_model`"
+    } else {
+        ""
+    };
+    Error::config(key, format!("{msg}{hint} (in {origin})"))
 }
 
 #[cfg(test)]
@@ -818,11 +660,69 @@ mod tests {
     #[test]
     fn defaults_and_overrides() {
         let mut v = base();
-        v["layers"] = serde_json::json!({"1": {"mixer": {"kind": "attention", "causal": true}}});
+        v["layers"] = serde_json::json!({"1": {"mixer": {"kind": "local", "window": 4}}});
         let cfg = ModelConfig::from_json(&v.to_string()).unwrap();
-        assert!(!cfg.layer(0).mixer.is_causal());
-        assert!(cfg.layer(1).mixer.is_causal());
+        assert_eq!(cfg.layer(0).mixer, MixerSpec::attention());
+        assert!(matches!(cfg.layer(1).mixer, MixerSpec::Local(_)));
+        assert!(!cfg.is_causal());
         assert_eq!(cfg.position, PositionSpec::Learned);
+    }
+
+    #[test]
+    fn causality_is_one_model_setting() {
+        // The README's example: a causal model whose layer 3 is a sliding window.
+        let mut v = base();
+        v["n_layers"] = 4.into();
+        v["causal"] = true.into();
+        v["layers"] = serde_json::json!({"3": {"mixer": {"kind": "local", "window": 32}}});
+        let cfg = ModelConfig::from_json(&v.to_string()).unwrap();
+        assert!(cfg.is_causal() && cfg.mixer_dims().causal);
+        // A per-mixer `causal` is refused with a pointer to the model-level key.
+        let mut v = base();
+        v["defaults"] = serde_json::json!({"mixer": {"kind": "attention", "causal": true}});
+        let e = err_of(v);
+        assert!(
+            e.contains("defaults.mixer") && e.contains("whole model"),
+            "{e}"
+        );
+        // Mixers without a causal form are refused in a causal model.
+        for mixer in [
+            serde_json::json!({"kind": "linformer", "k": 8}),
+            serde_json::json!({"kind": "flow"}),
+        ] {
+            let mut v = base();
+            v["causal"] = true.into();
+            v["layers"] = serde_json::json!({"1": {"mixer": mixer}});
+            let e = err_of(v);
+            assert!(
+                e.contains("layers.1.mixer") && e.contains("no causal form"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn position_schemes_a_mixer_cannot_apply_are_refused() {
+        for (position, mixer) in [
+            ("alibi", serde_json::json!({"kind": "linformer", "k": 8})),
+            ("alibi", serde_json::json!({"kind": "flow"})),
+            (
+                "alibi",
+                serde_json::json!({"kind": "linear", "feature": "elu"}),
+            ),
+            ("alibi", serde_json::json!({"kind": "pool"})),
+            ("rope", serde_json::json!({"kind": "pool"})),
+        ] {
+            let mut v = base();
+            v["position"] = serde_json::json!({"kind": position});
+            v["defaults"] = serde_json::json!({"mixer": mixer});
+            let e = err_of(v);
+            assert!(e.contains("`position`") && e.contains("layer 0"), "{e}");
+        }
+        let mut v = base();
+        v["position"] = serde_json::json!({"kind": "alibi"});
+        v["defaults"] = serde_json::json!({"mixer": {"kind": "local", "window": 2}});
+        ModelConfig::from_json(&v.to_string()).unwrap();
     }
 
     #[test]

@@ -152,7 +152,7 @@ mod tests {
     fn cached_generation_equals_recomputation() {
         let cfg = ModelConfig::from_json(
             r#"{"d_model": 16, "n_heads": 2, "n_layers": 2, "max_len": 40, "input": {"kind": "bytes"},
-               "head": {"kind": "lm"}, "defaults": {"mixer": {"kind": "attention", "causal": true, "q_chunk": 4, "k_chunk": 4}}}"#,
+               "head": {"kind": "lm"}, "causal": true, "defaults": {"mixer": {"kind": "attention", "q_chunk": 4, "k_chunk": 4}}}"#,
         )
         .unwrap();
         let model = Model::new(&cfg, &Params::new(9, DType::F32, &Device::Cpu).frozen()).unwrap();
@@ -200,7 +200,7 @@ mod tests {
     fn prompts_past_max_len_are_errors() {
         let cfg = ModelConfig::from_json(
             r#"{"d_model": 8, "n_heads": 2, "n_layers": 1, "max_len": 8, "input": {"kind": "bytes"},
-               "head": {"kind": "lm"}, "defaults": {"mixer": {"kind": "attention", "causal": true}}}"#,
+               "head": {"kind": "lm"}, "causal": true}"#,
         )
         .unwrap();
         let model = Model::new(&cfg, &Params::new(9, DType::F32, &Device::Cpu).frozen()).unwrap();

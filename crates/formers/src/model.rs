@@ -158,9 +158,9 @@ impl Model {
 
     /// LM logits `[b, n, vocab]` of `ids`, which continue the sequence held in `cache`.
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
-        if !matches!(self.head, Head::Lm { .. }) {
+        if !matches!(self.head, Head::Lm { .. }) || !self.cfg.causal {
             return Err(Error::Input(
-                "decoding needs a model with an `lm` head".into(),
+                "decoding needs a causal model with an `lm` head".into(),
             ));
         }
         let h = self.hidden(ids, None, Some(cache), None)?;
@@ -433,7 +433,7 @@ mod tests {
     fn cfg(extra: &str) -> ModelConfig {
         ModelConfig::from_json(&format!(
             r#"{{"d_model": 16, "n_heads": 2, "n_layers": 2, "max_len": 32, "input": {{"kind": "tokens", "vocab_size": 11}},
-               "head": {{"kind": "lm"}}, "defaults": {{"mixer": {{"kind": "attention", "causal": true, "q_chunk": 3, "k_chunk": 5}}}} {extra}}}"#
+               "head": {{"kind": "lm"}}, "causal": true, "defaults": {{"mixer": {{"kind": "attention", "q_chunk": 3, "k_chunk": 5}}}} {extra}}}"#
         ))
         .unwrap()
     }
@@ -537,21 +537,118 @@ mod tests {
         }
     }
 
+    /// Every mixer kind that has a causal form, with a few extra settings per kind.
+    fn causal_mixers() -> Vec<crate::config::MixerSpec> {
+        let mut all: Vec<_> = crate::config::MixerSpec::examples()
+            .into_iter()
+            .filter(|m| m.kind().capabilities().causal)
+            .collect();
+        for extra in [
+            r#"{"kind": "local", "window": 3, "global": 2, "chunk": 4}"#,
+            r#"{"kind": "local", "window": 1, "chunk": 3}"#,
+            r#"{"kind": "linear", "feature": "elu", "chunk": 4}"#,
+            r#"{"kind": "pool", "window": 4}"#,
+        ] {
+            all.push(serde_json::from_str(extra).unwrap());
+        }
+        all
+    }
+
     #[test]
     fn every_causal_mixer_decodes_with_its_cache_like_recomputation() {
         let toks = ids(14, 5);
-        for mixer in [
-            r#"{"kind": "local", "window": 3, "global": 2, "chunk": 4, "causal": true}"#,
-            r#"{"kind": "linear", "feature": "elu", "causal": true, "chunk": 4}"#,
-            r#"{"kind": "linear", "feature": "favor", "features": 16, "causal": true, "chunk": 3}"#,
-            r#"{"kind": "attention", "causal": true, "shared_qk": true, "gate": true, "clip": {"gamma": -0.1, "zeta": 1.1}}"#,
-        ] {
-            let mut cfg = cfg(r#", "residual": {"kind": "value_residual"}"#);
-            cfg.defaults.mixer = serde_json::from_str(mixer).unwrap();
-            let model =
-                Model::new(&cfg, &Params::new(2, DType::F32, &Device::Cpu).frozen()).unwrap();
-            decodes_like_recomputation(&model, &toks, 5, mixer);
+        for mixer in causal_mixers() {
+            for pos in ["learned", "alibi"] {
+                if pos == "alibi" && !mixer.kind().capabilities().alibi {
+                    continue;
+                }
+                let mut cfg = cfg(&format!(
+                    r#", "residual": {{"kind": "value_residual"}}, "position": {{"kind": "{pos}"}}"#
+                ));
+                cfg.defaults.mixer = mixer.clone();
+                cfg.validate().unwrap();
+                let model =
+                    Model::new(&cfg, &Params::new(2, DType::F32, &Device::Cpu).frozen()).unwrap();
+                decodes_like_recomputation(&model, &toks, 5, &format!("{mixer:?} {pos}"));
+            }
         }
+    }
+
+    #[test]
+    fn no_causal_mixer_sees_the_future() {
+        for mixer in causal_mixers() {
+            let mut cfg = cfg("");
+            cfg.defaults.mixer = mixer.clone();
+            let model = Model::new(&cfg, &Params::new(3, DType::F32, &Device::Cpu)).unwrap();
+            let a = ids(12, 4);
+            let mut b = a.clone();
+            b[7] = (b[7] + 1) % 11;
+            let la = model.forward(&ids_tensor(&a).unwrap(), None, None).unwrap();
+            let lb = model.forward(&ids_tensor(&b).unwrap(), None, None).unwrap();
+            let past = max_abs(&la.narrow(1, 0, 7).unwrap(), &lb.narrow(1, 0, 7).unwrap());
+            assert!(past == 0.0, "{mixer:?}: earlier logits moved by {past}");
+            let now = max_abs(&la.narrow(1, 7, 5).unwrap(), &lb.narrow(1, 7, 5).unwrap());
+            assert!(now > 1e-4, "{mixer:?}: the changed token changed nothing");
+        }
+    }
+
+    #[test]
+    fn a_sliding_window_cache_keeps_only_the_window_and_the_global_keys() {
+        let mut cfg = cfg("");
+        cfg.defaults.mixer =
+            serde_json::from_str(r#"{"kind": "local", "window": 3, "global": 2, "chunk": 4}"#)
+                .unwrap();
+        let model = Model::new(&cfg, &Params::new(2, DType::F32, &Device::Cpu).frozen()).unwrap();
+        let toks = ids(20, 6);
+        decodes_like_recomputation(&model, &toks, 6, "local");
+        let mut cache = Cache::default();
+        for t in &toks {
+            model
+                .forward_cached(&ids_tensor(&[*t]).unwrap(), &mut cache)
+                .unwrap();
+        }
+        for layer in &cache.layers {
+            let held: Vec<usize> = layer.tensors.iter().map(|t| t.dim(2).unwrap()).collect();
+            assert_eq!(
+                held,
+                vec![2, 2, 3, 3],
+                "global keys, global values, window keys, values"
+            );
+        }
+    }
+
+    #[test]
+    fn a_causal_model_refuses_mixers_without_a_causal_form() {
+        for mixer in crate::config::MixerSpec::examples() {
+            let mut cfg = cfg("");
+            cfg.layers.insert(
+                "1".into(),
+                crate::config::LayerOverride {
+                    mixer: Some(mixer.clone()),
+                    ..Default::default()
+                },
+            );
+            let name = mixer.kind().name();
+            match (cfg.validate(), mixer.kind().capabilities().causal) {
+                (Ok(()), true) => {}
+                (Err(e), false) => {
+                    let e = e.to_string();
+                    assert!(e.contains("layers.1.mixer") && e.contains(name), "{e}");
+                }
+                (r, _) => panic!("{name}: {r:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn decoding_an_encoder_is_refused() {
+        let mut cfg = cfg("");
+        cfg.causal = false;
+        let model = Model::new(&cfg, &Params::new(2, DType::F32, &Device::Cpu).frozen()).unwrap();
+        let e = model
+            .forward_cached(&ids_tensor(&[1, 2]).unwrap(), &mut Cache::default())
+            .unwrap_err();
+        assert!(e.to_string().contains("causal"), "{e}");
     }
 
     #[test]
@@ -561,10 +658,8 @@ mod tests {
         // MASFormer: full attention at layer 0, sliding windows at layer 1 (window >= n).
         mixed.layers.insert(
             "1".into(),
-            serde_json::from_str(
-                r#"{"mixer": {"kind": "local", "window": 32, "causal": true, "chunk": 5}}"#,
-            )
-            .unwrap(),
+            serde_json::from_str(r#"{"mixer": {"kind": "local", "window": 32, "chunk": 5}}"#)
+                .unwrap(),
         );
         let a = Model::new(
             &full_cfg,
@@ -631,7 +726,7 @@ mod tests {
         let cfg = ModelConfig::from_json(&format!(
             r#"{{"d_model": 12, "n_heads": 2, "n_layers": 2, "max_len": 16, "input": {{"kind": "tokens", "vocab_size": 11}},
                "type_vocab_size": 2, "embed_norm": true, "position": {{"kind": "{position}"}},
-               "head": {{"kind": "embedding"}}, "defaults": {{"placement": "post", "mixer": {{"kind": "attention", "causal": {causal}, "q_chunk": 3, "k_chunk": 4}}}}}}"#
+               "head": {{"kind": "embedding"}}, "causal": {causal}, "defaults": {{"placement": "post", "mixer": {{"kind": "attention", "q_chunk": 3, "k_chunk": 4}}}}}}"#
         ))
         .unwrap();
         Model::new(&cfg, &Params::new(11, DType::F32, &Device::Cpu).frozen()).unwrap()

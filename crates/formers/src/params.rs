@@ -62,6 +62,12 @@ impl Params {
         }
     }
 
+    /// Whether modules built from this handle train (else they are built for inference:
+    /// plain tensors, forward-only fast kernels).
+    pub fn is_trainable(&self) -> bool {
+        self.trainable
+    }
+
     /// A handle whose names start with `prefix.`.
     pub fn pp(&self, name: impl AsRef<str>) -> Self {
         let prefix = if self.prefix.is_empty() {

@@ -59,8 +59,8 @@ pub fn by_name(name: &str, cfg: &ModelConfig, train: &TrainConfig) -> Result<Box
         "copy" | "reverse" => {
             if name == "reverse" && cfg.is_causal() {
                 return Err(Error::config(
-                    "model.defaults.mixer.causal",
-                    "task `reverse` needs bidirectional attention: set causal to false",
+                    "model.causal",
+                    "task `reverse` needs a bidirectional model: set causal to false",
                 ));
             }
             Ok(Box::new(SeqTask {
@@ -79,7 +79,7 @@ pub fn by_name(name: &str, cfg: &ModelConfig, train: &TrainConfig) -> Result<Box
             }
             if !cfg.is_causal() {
                 return Err(Error::config(
-                    "model.defaults.mixer.causal",
+                    "model.causal",
                     "task `charlm` is a causal LM: set causal to true",
                 ));
             }

@@ -147,7 +147,7 @@ fn check(cfg: &ModelConfig) -> Result<()> {
                 "conversion starts from Pre-LN layers",
             ));
         }
-        if matches!(l.mixer, MixerSpec::Pool { .. }) {
+        if matches!(l.mixer, MixerSpec::Pool(_)) {
             return Err(Error::config(
                 format!("layers.{i}.mixer"),
                 "the pooling mixer writes its normalised input into the stream, which is not zero-mean",

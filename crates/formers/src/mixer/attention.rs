@@ -1,738 +1,190 @@
-//! Exact softmax attention (Vaswani et al. 2017), computed in query/key chunks with an
-//! online softmax (Rabe & Staats 2021; FlashAttention, Dao et al. 2022) so memory grows
-//! linearly with sequence length. Bidirectional or causal, with a key-padding mask and a
-//! KV cache for decoding.
+//! Exact multi-head softmax attention (Vaswani et al. 2017), memory-linear through the
+//! chunked online softmax of [`super::softmax`], with the Quantizable Transformers'
+//! clipped softmax and output gate, the Key-Value Transformer's shared query-key projection
+//! and Greenformers' low-rank projections as options. Decodes with a KV cache.
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
 
-use super::{MixCtx, MixerCache, TokenMixer, MASKED};
-use crate::config::{Clip, ModelConfig};
-use crate::linear::Linear;
+use super::heads::{HeadKernel, MultiHead, Projections};
+use super::softmax::{append_kv, attend, no_padding_in_cache, AttendOpts, Clip};
+use super::{positive, Capabilities, MixCtx, MixerCache, MixerDims, MixerKind, TokenMixer};
 use crate::params::Params;
-use crate::position::alibi_bias;
 use crate::{Error, Result};
 
-/// How [`attend`] masks, biases and chunks.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct AttendOpts<'a> {
-    /// Query `i` sees key `j` only if `j <= i + q_offset`.
-    pub causal: bool,
-    /// Position of the first query among the keys (keys before it come from a cache).
-    pub q_offset: usize,
-    /// Additive bias on keys, `[b, 1, 1, m]`.
-    pub key_bias: Option<&'a Tensor>,
-    /// ALiBi slopes `[h]`: scores minus `slope · |i − j|`.
-    pub alibi: Option<&'a Tensor>,
-    /// Clipped softmax (Quantizable Transformers) instead of the plain one.
+/// Config of exact attention.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AttentionSpec {
+    /// Queries per chunk of the online softmax.
+    #[serde(default = "default_chunk")]
+    pub q_chunk: usize,
+    /// Keys per chunk of the online softmax.
+    #[serde(default = "default_chunk")]
+    pub k_chunk: usize,
+    /// Biases on the projections.
+    #[serde(default = "super::yes")]
+    pub bias: bool,
+    /// One projection for queries and keys: symmetric scores, fewer parameters
+    /// (Key-Value Transformer).
+    #[serde(default)]
+    pub shared_qk: bool,
+    /// A per-head sigmoid gate on the output (gated attention, Bondarenko et al. 2023,
+    /// "Quantizable Transformers").
+    #[serde(default)]
+    pub gate: bool,
+    /// Clipped softmax `clip((ζ − γ)·softmax + γ, 0, 1)` (same paper).
+    #[serde(default)]
     pub clip: Option<Clip>,
+    /// Factorise the q, k, v, o projections as `U·V` of this rank (Greenformers LRT).
+    #[serde(default)]
+    pub rank: Option<usize>,
+}
+
+/// Default chunk of the online softmax.
+pub fn default_chunk() -> usize {
+    256
+}
+
+impl Default for AttentionSpec {
+    fn default() -> Self {
+        AttentionSpec {
+            q_chunk: default_chunk(),
+            k_chunk: default_chunk(),
+            bias: true,
+            shared_qk: false,
+            gate: false,
+            clip: None,
+            rank: None,
+        }
+    }
+}
+
+impl AttentionSpec {
+    /// A small spec with every option on (what tests sweep over).
+    pub fn example() -> Self {
+        AttentionSpec {
+            q_chunk: 3,
+            k_chunk: 2,
+            shared_qk: true,
+            gate: true,
+            clip: Some(Clip {
+                gamma: -0.1,
+                zeta: 1.1,
+            }),
+            rank: Some(3),
+            ..AttentionSpec::default()
+        }
+    }
+
+    fn projections(&self) -> Projections {
+        Projections {
+            bias: self.bias,
+            shared_qk: self.shared_qk,
+            gate: self.gate,
+            rank: self.rank,
+        }
+    }
+}
+
+impl MixerKind for AttentionSpec {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            causal: true,
+            alibi: true,
+            rope: true,
+        }
+    }
+
+    fn validate(&self, at: &str, _dims: &MixerDims) -> Result<()> {
+        positive(
+            at,
+            &[
+                ("q_chunk", self.q_chunk),
+                ("k_chunk", self.k_chunk),
+                ("rank", self.rank.unwrap_or(1)),
+            ],
+        )?;
+        if let Some(Clip { gamma, zeta }) = self.clip {
+            if !(gamma <= 0.0 && zeta >= 1.0) {
+                return Err(Error::config(
+                    format!("{at}.clip"),
+                    format!("needs gamma <= 0 and zeta >= 1, found gamma {gamma}, zeta {zeta}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn build(&self, dims: &MixerDims, p: &Params) -> Result<Box<dyn TokenMixer>> {
+        let kernel = FullKernel {
+            q_chunk: self.q_chunk,
+            k_chunk: self.k_chunk,
+            clip: self.clip,
+            causal: dims.causal,
+            inference: !p.is_trainable(),
+        };
+        Ok(Box::new(MultiHead::new(
+            dims,
+            p,
+            self.projections(),
+            Box::new(kernel),
+        )?))
+    }
+
+    fn flops_per_token(&self, dims: &MixerDims, n: usize) -> f64 {
+        let n = n as f64;
+        // Scores q·k and the weighted sum of values over the keys each query sees.
+        let keys = if dims.causal { (n + 1.0) / 2.0 } else { n };
+        self.projections().flops_per_token(dims.d_model) + 4.0 * keys * dims.d_model as f64
+    }
+}
+
+/// Exact softmax over every key a query may see.
+#[derive(Debug, Clone)]
+pub struct FullKernel {
     /// Queries per chunk.
     pub q_chunk: usize,
     /// Keys per chunk.
     pub k_chunk: usize,
-}
-
-/// Scaled scores of the tile (queries `q_first..q_first + ql`, keys `ks..ks + kl`) with
-/// every mask and bias of `o`; `qi` is already scaled by `1 / sqrt(dh)`.
-fn tile_scores(
-    qi: &Tensor,
-    k: &Tensor,
-    q_first: usize,
-    ks: usize,
-    kl: usize,
-    o: &AttendOpts,
-) -> Result<Tensor> {
-    let ql = qi.dim(2)?;
-    let mut s = qi.matmul(&k.narrow(2, ks, kl)?.t()?)?;
-    if o.causal && ks + kl - 1 > q_first {
-        s = s.broadcast_add(&causal_bias(q_first, ql, ks, kl, &s)?)?;
-    }
-    if let Some(kb) = o.key_bias {
-        s = s.broadcast_add(&kb.narrow(3, ks, kl)?)?;
-    }
-    if let Some(slopes) = o.alibi {
-        s = s.broadcast_add(&alibi_bias(slopes, q_first, ql, ks, kl, &s)?)?;
-    }
-    Ok(s)
-}
-
-/// `clip((ζ − γ)·p + γ, 0, 1)`.
-fn clip_probs(p: &Tensor, c: Clip) -> Result<Tensor> {
-    Ok(((p * (c.zeta - c.gamma))? + c.gamma)?.clamp(0.0, 1.0)?)
-}
-
-/// `softmax(q kᵀ / sqrt(dh) + mask) v` for `q [b, h, n, dh]`, `k, v [b, h, m, dh]`.
-///
-/// Scores exist one `q_chunk × k_chunk` tile at a time; a running max, normaliser and
-/// accumulator per query row make the result exact. The running max is detached: the
-/// output does not depend on it, so gradients stay exact and cheaper. The clipped softmax
-/// needs the final normaliser first, so it takes two passes over the tiles.
-pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttendOpts) -> Result<Tensor> {
-    let (_, _, n, dh) = q.dims4()?;
-    let m = k.dim(2)?;
-    let (qc, kc) = (o.q_chunk.max(1), o.k_chunk.max(1));
-    let inference = !(q.track_op() || k.track_op() || v.track_op());
-    if inference
-        && n <= qc
-        && m <= kc
-        && o.clip.is_none()
-        && q.dtype() == candle_core::DType::F32
-        && q.device().is_cpu()
-    {
-        let s = tile_scores(&(q * (1.0 / (dh as f64).sqrt()))?, k, o.q_offset, 0, m, o)?;
-        return Ok(candle_nn::ops::softmax_last_dim(&s)?.matmul(v)?);
-    }
-    let scale = 1.0 / (dh as f64).sqrt();
-    let mut outs = Vec::with_capacity(n.div_ceil(qc));
-    for qs in (0..n).step_by(qc) {
-        let ql = qc.min(n - qs);
-        let q_first = qs + o.q_offset;
-        let q_last = q_first + ql - 1;
-        let qi = (q.narrow(2, qs, ql)? * scale)?;
-        let tiles: Vec<(usize, usize)> = (0..m)
-            .step_by(kc)
-            .take_while(|&ks| !(o.causal && ks > q_last))
-            .map(|ks| (ks, kc.min(m - ks)))
-            .collect();
-        let mut state: Option<(Tensor, Tensor, Tensor)> = None;
-        for &(ks, kl) in &tiles {
-            let s = tile_scores(&qi, k, q_first, ks, kl, o)?;
-            let chunk_max = s.max_keepdim(D::Minus1)?.detach();
-            state = Some(match state {
-                None => {
-                    let p = s.broadcast_sub(&chunk_max)?.exp()?;
-                    let acc = match o.clip {
-                        None => p.matmul(&v.narrow(2, ks, kl)?)?,
-                        Some(_) => p.zeros_like()?,
-                    };
-                    (chunk_max, p.sum_keepdim(D::Minus1)?, acc)
-                }
-                Some((run_max, l, acc)) => {
-                    let new_max = run_max.maximum(&chunk_max)?;
-                    let alpha = (run_max - &new_max)?.exp()?;
-                    let p = s.broadcast_sub(&new_max)?.exp()?;
-                    let l = ((l * &alpha)? + p.sum_keepdim(D::Minus1)?)?;
-                    let acc = match o.clip {
-                        None => (acc.broadcast_mul(&alpha)? + p.matmul(&v.narrow(2, ks, kl)?)?)?,
-                        Some(_) => acc,
-                    };
-                    (new_max, l, acc)
-                }
-            });
-        }
-        let (run_max, l, acc) =
-            state.ok_or_else(|| Error::Input("attention over zero keys".into()))?;
-        let out = match o.clip {
-            None => acc.broadcast_div(&l)?,
-            Some(c) => {
-                let mut out: Option<Tensor> = None;
-                for &(ks, kl) in &tiles {
-                    let s = tile_scores(&qi, k, q_first, ks, kl, o)?;
-                    let p = s.broadcast_sub(&run_max)?.exp()?.broadcast_div(&l)?;
-                    let y = clip_probs(&p, c)?.matmul(&v.narrow(2, ks, kl)?)?;
-                    out = Some(match out {
-                        None => y,
-                        Some(prev) => (prev + y)?,
-                    });
-                }
-                out.expect("at least one tile")
-            }
-        };
-        outs.push(out);
-    }
-    Ok(Tensor::cat(&outs, 2)?)
-}
-
-/// The O(n²) reference for [`attend`]: the full score matrix, explicit masks and biases, a
-/// plain (or clipped) softmax. Tests check [`attend`] against it; `formers bench attention
-/// --naive` measures it.
-pub fn reference_attend_with(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttendOpts) -> Result<Tensor> {
-    let dh = q.dim(D::Minus1)?;
-    let m = k.dim(2)?;
-    let s = tile_scores(&(q / (dh as f64).sqrt())?, k, o.q_offset, 0, m, o)?;
-    let e = s
-        .broadcast_sub(&s.max_keepdim(D::Minus1)?.detach())?
-        .exp()?;
-    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-    let p = match o.clip {
-        Some(c) => clip_probs(&p, c)?,
-        None => p,
-    };
-    Ok(p.matmul(v)?)
-}
-
-/// [`reference_attend_with`] for a mask alone.
-pub fn reference_attend(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    causal: bool,
-    q_offset: usize,
-    key_bias: Option<&Tensor>,
-) -> Result<Tensor> {
-    let o = AttendOpts {
-        causal,
-        q_offset,
-        key_bias,
-        ..Default::default()
-    };
-    reference_attend_with(q, k, v, &o)
-}
-
-/// `[ql, kl]` bias: 0 where key `ks + j <= q_first + i`, [`MASKED`] elsewhere.
-fn causal_bias(q_first: usize, ql: usize, ks: usize, kl: usize, like: &Tensor) -> Result<Tensor> {
-    let v: Vec<f64> = (0..ql)
-        .flat_map(|i| (0..kl).map(move |j| if ks + j <= q_first + i { 0.0 } else { MASKED }))
-        .collect();
-    Ok(Tensor::from_vec(v, (ql, kl), like.device())?.to_dtype(like.dtype())?)
-}
-
-/// How an [`Attention`] mixer turns queries, keys and values into outputs.
-#[derive(Debug, Clone)]
-pub enum Kernel {
-    /// Exact softmax, chunked with an online softmax ([`attend`]).
-    Full {
-        q_chunk: usize,
-        k_chunk: usize,
-        clip: Option<Clip>,
-    },
-    /// Sliding-window softmax with leading global tokens ([`super::local`]).
-    Local {
-        window: usize,
-        global: usize,
-        chunk: usize,
-    },
-    /// Linear attention with a feature map ([`super::linear`]).
-    Linear(super::linear::LinearKernel),
-    /// Softmax over keys and values projected along the sequence ([`super::linformer`]).
-    Linformer(super::linformer::LinformerProj),
-    /// Flow-Attention ([`super::flow`]).
-    Flow,
-}
-
-/// Settings of an [`Attention`] mixer.
-#[derive(Debug, Clone)]
-pub struct AttentionOpts {
+    /// Clipped softmax.
+    pub clip: Option<Clip>,
+    /// Query `i` sees keys `<= i`.
     pub causal: bool,
-    pub bias: bool,
-    /// Queries use the key projection (Key-Value Transformer).
-    pub shared_qk: bool,
-    /// Per-head sigmoid output gate (gated attention).
-    pub gate: bool,
-    /// Low-rank q, k, v, o projections (Greenformers LRT).
-    pub rank: Option<usize>,
-    pub kernel: Kernel,
+    /// Built for inference (forward-only fast paths allowed).
+    pub inference: bool,
 }
 
-/// Multi-head attention with separate q, k, v, o projections; the [`Kernel`] decides how
-/// queries meet keys.
-#[derive(Debug)]
-pub struct Attention {
-    /// `None` when queries share the key projection.
-    q: Option<Linear>,
-    /// `[d → heads]` gate logits, when gated.
-    gate: Option<Linear>,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    n_heads: usize,
-    opts: AttentionOpts,
-}
-
-impl Attention {
-    /// Parameters `q`, `k`, `v`, `o` under `p`.
-    pub fn new(cfg: &ModelConfig, p: &Params, opts: AttentionOpts) -> Result<Self> {
-        let d = cfg.d_model;
-        let q = if opts.shared_qk {
-            None
-        } else {
-            Some(Linear::with_rank(&p.pp("q"), d, d, opts.rank, opts.bias)?)
-        };
-        let gate = if opts.gate {
-            Some(Linear::new(&p.pp("gate"), d, cfg.n_heads, true)?)
-        } else {
-            None
-        };
-        Ok(Attention {
-            q,
-            gate,
-            k: Linear::with_rank(&p.pp("k"), d, d, opts.rank, opts.bias)?,
-            v: Linear::with_rank(&p.pp("v"), d, d, opts.rank, opts.bias)?,
-            o: Linear::with_rank(&p.pp("o"), d, d, opts.rank, opts.bias)?,
-            n_heads: cfg.n_heads,
-            opts,
-        })
-    }
-
-    fn heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, d) = x.dims3()?;
-        Ok(x.reshape((b, n, self.n_heads, d / self.n_heads))?
-            .transpose(1, 2)?
-            .contiguous()?)
-    }
-}
-
-impl TokenMixer for Attention {
-    fn forward(&self, x: &Tensor, ctx: &MixCtx, cache: Option<&mut MixerCache>) -> Result<Tensor> {
-        let (b, n, d) = x.dims3()?;
-        let k = self.heads(&self.k.forward(x)?)?;
-        let q = match &self.q {
-            Some(q) => self.heads(&q.forward(x)?)?,
-            None => k.clone(),
-        };
-        let mut v = self.heads(&self.v.forward(x)?)?;
-        if let Some(cell) = ctx.first_values {
-            let mut first = cell.borrow_mut();
-            match first.as_ref() {
-                None => *first = Some(v.clone()),
-                Some(v1) => v = ((v * ctx.value_lambda)? + (v1 * (1.0 - ctx.value_lambda))?)?,
-            }
-        }
-        let y = match ctx.segments {
-            Some(segments) => {
-                if cache.is_some() {
-                    return Err(Error::Input(
-                        "a KV cache takes one sequence, not a packed batch".into(),
-                    ));
-                }
-                let parts = segments
-                    .iter()
-                    .map(|&(start, len)| {
-                        let part = |t: &Tensor| t.narrow(2, start, len);
-                        self.attend_one(part(&q)?, part(&k)?, part(&v)?, ctx, None)
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Tensor::cat(&parts, 2)?
-            }
-            None => self.attend_one(q, k, v, ctx, cache)?,
-        };
-        let y = match &self.gate {
-            // [b, n, h] → [b, h, n, 1]: one gate per head and token.
-            Some(g) => y.broadcast_mul(
-                &candle_nn::ops::sigmoid(&g.forward(x)?)?
-                    .transpose(1, 2)?
-                    .unsqueeze(3)?,
-            )?,
-            None => y,
-        };
-        let y = y.transpose(1, 2)?.reshape((b, n, d))?;
-        self.o.forward(&y)
-    }
-}
-
-impl Attention {
-    /// Attention of one sequence (or a padded batch) given its heads `[b, h, n, dh]`.
-    fn attend_one(
+impl HeadKernel for FullKernel {
+    fn attend(
         &self,
-        mut q: Tensor,
-        mut k: Tensor,
-        mut v: Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
         ctx: &MixCtx,
         cache: Option<&mut MixerCache>,
     ) -> Result<Tensor> {
-        let n = q.dim(2)?;
-        if let Some(rope) = ctx.rope {
-            q = rope.apply(&q, ctx.offset)?;
-            k = rope.apply(&k, ctx.offset)?;
-        }
-        if let Kernel::Linear(lin) = &self.opts.kernel {
-            return lin.attend(&q, &k, &v, self.opts.causal, ctx.key_bias, cache);
-        }
-        if let Kernel::Flow = self.opts.kernel {
-            if cache.is_some() {
-                return Err(Error::Input(
-                    "Flow-Attention is bidirectional: it does not decode with a cache".into(),
-                ));
+        let (k, v) = match cache {
+            Some(cache) => {
+                no_padding_in_cache(ctx.key_bias)?;
+                append_kv(cache, k, v, None)?
             }
-            let keep = keep_mask(ctx.key_bias, k.dtype())?;
-            return super::flow::attend_flow(&q, &k, &v, keep.as_ref());
-        }
-        if let Kernel::Linformer(proj) = &self.opts.kernel {
-            if cache.is_some() {
-                return Err(Error::Input(
-                    "Linformer is bidirectional: it does not decode with a cache".into(),
-                ));
-            }
-            let keep = keep_mask(ctx.key_bias, k.dtype())?;
-            let (k, v) = proj.project(&k, &v, keep.as_ref())?;
-            let opts = AttendOpts {
-                q_chunk: 256,
-                k_chunk: 256,
-                ..Default::default()
-            };
-            return attend(&q, &k, &v, &opts);
-        }
-        if let Some(cache) = cache {
-            if ctx.key_bias.is_some() {
-                return Err(Error::Input("a KV cache takes unpadded sequences".into()));
-            }
-            if let [ck, cv] = cache.tensors.as_slice() {
-                k = Tensor::cat(&[ck, &k], 2)?;
-                v = Tensor::cat(&[cv, &v], 2)?;
-            }
-            cache.tensors = vec![k.clone(), v.clone()];
-        }
-        let q_offset = k.dim(2)? - n;
-        match self.opts.kernel {
-            Kernel::Full {
-                q_chunk,
-                k_chunk,
-                clip,
-            } => {
-                let opts = AttendOpts {
-                    causal: self.opts.causal,
-                    q_offset,
-                    key_bias: ctx.key_bias,
-                    alibi: ctx.alibi,
-                    clip,
-                    q_chunk,
-                    k_chunk,
-                };
-                attend(&q, &k, &v, &opts)
-            }
-            Kernel::Local {
-                window,
-                global,
-                chunk,
-            } => {
-                let opts = super::local::LocalOpts {
-                    global,
-                    window,
-                    chunk,
-                    causal: self.opts.causal,
-                    q_offset,
-                    key_bias: ctx.key_bias,
-                    alibi: ctx.alibi,
-                };
-                super::local::attend_local(&q, &k, &v, &opts)
-            }
-            Kernel::Linear(_) | Kernel::Linformer(_) | Kernel::Flow => {
-                unreachable!("handled above")
-            }
-        }
-    }
-}
-
-/// `[b, 1, m, 1]`: 1 for keys that a key bias `[b, 1, 1, m]` keeps, 0 for padding.
-fn keep_mask(key_bias: Option<&Tensor>, dtype: candle_core::DType) -> Result<Option<Tensor>> {
-    key_bias
-        .map(|kb| {
-            let (b, _, _, m) = kb.dims4()?;
-            Ok(kb.ge(-1.0)?.to_dtype(dtype)?.reshape((b, 1, m, 1))?)
-        })
-        .transpose()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::testutil::{max_rel, randn};
-    use candle_core::{DType, Device, Var};
-
-    /// Key bias masking the last `pad[i]` keys of batch row `i`.
-    fn padding_bias(m: usize, pad: &[usize]) -> Tensor {
-        let v: Vec<f64> = pad
-            .iter()
-            .flat_map(|&p| (0..m).map(move |j| if j >= m - p { MASKED } else { 0.0 }))
-            .collect();
-        Tensor::from_vec(v, (pad.len(), 1, 1, m), &Device::Cpu).unwrap()
-    }
-
-    #[test]
-    fn chunked_equals_naive_values_and_gradients() {
-        let (b, h, n, dh) = (2, 2, 13, 5);
-        for causal in [false, true] {
-            for masked in [false, true] {
-                for (qc, kc) in [(13, 13), (4, 4), (5, 3), (1, 7), (16, 2)] {
-                    let q = Var::from_tensor(&randn(&[b, h, n, dh], 1)).unwrap();
-                    let k = Var::from_tensor(&randn(&[b, h, n, dh], 2)).unwrap();
-                    let v = Var::from_tensor(&randn(&[b, h, n, dh], 3)).unwrap();
-                    let kb = masked.then(|| padding_bias(n, &[0, 4]));
-                    let opts = AttendOpts {
-                        causal,
-                        q_offset: 0,
-                        key_bias: kb.as_ref(),
-                        q_chunk: qc,
-                        k_chunk: kc,
-                        ..Default::default()
-                    };
-                    let fast = attend(&q, &k, &v, &opts).unwrap();
-                    let slow = reference_attend(&q, &k, &v, causal, 0, kb.as_ref()).unwrap();
-                    let what = format!("causal={causal} masked={masked} chunks=({qc},{kc})");
-                    assert!(max_rel(&fast, &slow) < 1e-5, "values {what}");
-                    let r = randn(&[b, h, n, dh], 4);
-                    let gf = (fast * &r).unwrap().sum_all().unwrap().backward().unwrap();
-                    let gs = (slow * &r).unwrap().sum_all().unwrap().backward().unwrap();
-                    for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
-                        let a = gf.get(var).unwrap();
-                        let e = gs.get(var).unwrap();
-                        assert!(max_rel(a, e) < 1e-5, "grad {name} {what}");
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn single_tile_inference_path_equals_the_reference() {
-        let f = |t: Tensor| t.to_dtype(DType::F32).unwrap();
-        let (q, k, v) = (
-            f(randn(&[2, 3, 7, 6], 11)),
-            f(randn(&[2, 3, 9, 6], 12)),
-            f(randn(&[2, 3, 9, 6], 13)),
-        );
-        let kb = padding_bias(9, &[0, 3]).to_dtype(DType::F32).unwrap();
-        for (causal, offset, bias) in [(false, 2, Some(&kb)), (true, 2, None), (true, 2, Some(&kb))]
-        {
-            let opts = AttendOpts {
-                causal,
-                q_offset: offset,
-                key_bias: bias,
-                q_chunk: 64,
-                k_chunk: 64,
-                ..Default::default()
-            };
-            let fast = attend(&q, &k, &v, &opts)
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap();
-            let want = reference_attend(&q, &k, &v, causal, offset, bias)
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap();
-            assert!(max_rel(&fast, &want) < 1e-5, "causal={causal}");
-        }
-    }
-
-    #[test]
-    fn alibi_and_clipped_softmax_equal_the_reference_values_and_gradients() {
-        let slopes = Tensor::new(&[0.5f64, 0.125], &Device::Cpu).unwrap();
-        let kb = padding_bias(9, &[0, 2]);
-        let clip = Some(Clip {
-            gamma: -0.05,
-            zeta: 1.05,
-        });
-        for (causal, alibi, clip, kb) in [
-            (false, Some(&slopes), None, None),
-            (true, Some(&slopes), None, Some(&kb)),
-            (false, None, clip, Some(&kb)),
-            (true, Some(&slopes), clip, None),
-        ] {
-            let q = Var::from_tensor(&randn(&[2, 2, 9, 4], 21)).unwrap();
-            let k = Var::from_tensor(&randn(&[2, 2, 9, 4], 22)).unwrap();
-            let v = Var::from_tensor(&randn(&[2, 2, 9, 4], 23)).unwrap();
-            let o = AttendOpts {
-                causal,
-                key_bias: kb,
-                alibi,
-                clip,
-                q_chunk: 4,
-                k_chunk: 3,
-                ..Default::default()
-            };
-            let fast = attend(&q, &k, &v, &o).unwrap();
-            let slow = reference_attend_with(&q, &k, &v, &o).unwrap();
-            assert!(max_rel(&fast, &slow) < 1e-5, "values causal={causal}");
-            let r = randn(&[2, 2, 9, 4], 24);
-            let gf = (fast * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let gs = (slow * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            for var in [&q, &k, &v] {
-                assert!(
-                    max_rel(gf.get(var).unwrap(), gs.get(var).unwrap()) < 1e-5,
-                    "grads causal={causal}"
-                );
-            }
-        }
-        // Clipping lets rows reach exact zeros: outputs differ from the plain softmax.
-        let (q, k, v) = (
-            (randn(&[1, 1, 6, 4], 25) * 4.0).unwrap(),
-            randn(&[1, 1, 6, 4], 26),
-            randn(&[1, 1, 6, 4], 27),
-        );
-        let plain = attend(
-            &q,
-            &k,
-            &v,
-            &AttendOpts {
-                q_chunk: 8,
-                k_chunk: 8,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let clipped = attend(
-            &q,
-            &k,
-            &v,
-            &AttendOpts {
-                clip,
-                q_chunk: 8,
-                k_chunk: 8,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        assert!(max_rel(&plain, &clipped) > 1e-3);
-    }
-
-    #[test]
-    fn linformer_with_identity_projections_equals_full_attention() {
-        let n = 7;
-        let cfg = crate::config::ModelConfig::from_json(&format!(
-            r#"{{"d_model": 8, "n_heads": 2, "n_layers": 1, "max_len": {n}, "input": {{"kind": "bytes"}}, "head": {{"kind": "lm"}}}}"#
-        ))
-        .unwrap();
-        let full_p = crate::params::Params::new(3, DType::F64, &Device::Cpu);
-        let opts = |kernel| AttentionOpts {
-            causal: false,
-            bias: true,
-            shared_qk: false,
-            gate: false,
-            rank: None,
-            kernel,
+            None => (k.clone(), v.clone()),
         };
-        let full = Attention::new(
-            &cfg,
-            &full_p,
-            opts(Kernel::Full {
-                q_chunk: 4,
-                k_chunk: 4,
-                clip: None,
-            }),
-        )
-        .unwrap();
-        let lin_p = crate::params::Params::new(3, DType::F64, &Device::Cpu);
-        let proj = crate::mixer::linformer::LinformerProj::new(&lin_p.pp("x"), n, n, None).unwrap();
-        let lin = Attention::new(&cfg, &lin_p, opts(Kernel::Linformer(proj))).unwrap();
-        let eye = Tensor::eye(n, DType::F64, &Device::Cpu).unwrap();
-        let same = full_p.tensors();
-        for (name, var) in lin_p.vars() {
-            match same.get(&name) {
-                Some(t) => var.set(t).unwrap(),
-                None => var.set(&eye).unwrap(),
-            }
-        }
-        let x = randn(&[2, n, 8], 5);
-        let a = full.forward(&x, &MixCtx::default(), None).unwrap();
-        let b = lin.forward(&x, &MixCtx::default(), None).unwrap();
-        assert!(max_rel(&b, &a) < 1e-5);
-        crate::testutil::check_grad(&lin_p, &x, |x| lin.forward(x, &MixCtx::default(), None));
-    }
-
-    #[test]
-    fn queries_after_a_cache_see_the_right_keys() {
-        let (q, k, v) = (
-            randn(&[1, 2, 3, 4], 5),
-            randn(&[1, 2, 9, 4], 6),
-            randn(&[1, 2, 9, 4], 7),
-        );
         let opts = AttendOpts {
-            causal: true,
-            q_offset: 6,
-            key_bias: None,
-            q_chunk: 2,
-            k_chunk: 4,
-            ..Default::default()
+            causal: self.causal,
+            q_offset: k.dim(2)? - q.dim(2)?,
+            key_bias: ctx.key_bias,
+            alibi: ctx.alibi,
+            clip: self.clip,
+            q_chunk: self.q_chunk,
+            k_chunk: self.k_chunk,
+            inference: self.inference,
         };
-        let fast = attend(&q, &k, &v, &opts).unwrap();
-        assert!(max_rel(&fast, &reference_attend(&q, &k, &v, true, 6, None).unwrap()) < 1e-5);
-    }
-
-    #[test]
-    fn f32_matches_f64_reference() {
-        let (q, k, v) = (
-            randn(&[1, 1, 300, 8], 8),
-            randn(&[1, 1, 300, 8], 9),
-            randn(&[1, 1, 300, 8], 10),
-        );
-        let slow = reference_attend(&q, &k, &v, true, 0, None).unwrap();
-        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-        let opts = AttendOpts {
-            causal: true,
-            q_offset: 0,
-            key_bias: None,
-            q_chunk: 64,
-            k_chunk: 48,
-            ..Default::default()
-        };
-        let fast = attend(&f(&q), &f(&k), &f(&v), &opts)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap();
-        assert!(max_rel(&fast, &slow) < 1e-5);
-    }
-
-    #[test]
-    fn module_gradients_match_finite_differences() {
-        let cfg = crate::config::ModelConfig::from_json(
-            r#"{"d_model": 8, "n_heads": 2, "n_layers": 1, "input": {"kind": "bytes"}, "head": {"kind": "lm"}}"#,
-        )
-        .unwrap();
-        let linear = |feature| {
-            let k = crate::mixer::linear::LinearKernel::new(
-                feature,
-                8,
-                1,
-                4,
-                2,
-                DType::F64,
-                &Device::Cpu,
-            );
-            Kernel::Linear(k.unwrap())
-        };
-        let clip = Some(Clip {
-            gamma: -0.1,
-            zeta: 1.1,
-        });
-        for causal in [false, true] {
-            for (kernel, shared_qk, gate) in [
-                (
-                    Kernel::Full {
-                        q_chunk: 3,
-                        k_chunk: 2,
-                        clip: None,
-                    },
-                    false,
-                    false,
-                ),
-                (
-                    Kernel::Full {
-                        q_chunk: 3,
-                        k_chunk: 2,
-                        clip,
-                    },
-                    true,
-                    true,
-                ),
-                (
-                    Kernel::Local {
-                        window: 1,
-                        global: 1,
-                        chunk: 2,
-                    },
-                    false,
-                    true,
-                ),
-                (linear(crate::config::FeatureMap::Elu), false, false),
-                (linear(crate::config::FeatureMap::Favor), true, false),
-                (Kernel::Flow, false, false),
-            ] {
-                if causal && matches!(kernel, Kernel::Flow) {
-                    continue;
-                }
-                let p = crate::params::Params::new(1, DType::F64, &Device::Cpu);
-                let opts = AttentionOpts {
-                    causal,
-                    bias: true,
-                    shared_qk,
-                    gate,
-                    // Low-rank projections ride along with the shared query-key cases.
-                    rank: shared_qk.then_some(3),
-                    kernel,
-                };
-                let att = Attention::new(&cfg, &p, opts).unwrap();
-                let x = randn(&[2, 5, 8], 2);
-                crate::testutil::check_grad(&p, &x, |x| att.forward(x, &MixCtx::default(), None));
-            }
-        }
+        attend(q, &k, &v, &opts)
     }
 }

@@ -4,8 +4,86 @@
 //! over keys) and allocation to sinks (a sigmoid gate). Bidirectional, O(n).
 
 use candle_core::{Tensor, D};
+use serde::{Deserialize, Serialize};
 
+use super::heads::{HeadKernel, MultiHead, Projections};
+use super::{
+    keep_mask, no_cache, Capabilities, MixCtx, MixerCache, MixerDims, MixerKind, TokenMixer,
+};
+use crate::params::Params;
 use crate::Result;
+
+/// Config of Flow-Attention.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FlowSpec {
+    /// Biases on the projections.
+    #[serde(default = "super::yes")]
+    pub bias: bool,
+}
+
+impl FlowSpec {
+    /// The spec tests sweep over.
+    pub fn example() -> Self {
+        FlowSpec { bias: true }
+    }
+}
+
+impl MixerKind for FlowSpec {
+    fn name(&self) -> &'static str {
+        "flow"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            causal: false,
+            alibi: false,
+            rope: true,
+        }
+    }
+
+    fn validate(&self, _at: &str, _dims: &MixerDims) -> Result<()> {
+        Ok(())
+    }
+
+    fn build(&self, dims: &MixerDims, p: &Params) -> Result<Box<dyn TokenMixer>> {
+        Ok(Box::new(MultiHead::new(
+            dims,
+            p,
+            Projections::plain(self.bias),
+            Box::new(FlowKernel),
+        )?))
+    }
+
+    fn flops_per_token(&self, dims: &MixerDims, _n: usize) -> f64 {
+        let d = dims.d_model as f64;
+        // Linear attention with sigmoid features plus incoming/outgoing flow sums.
+        Projections::plain(self.bias).flops_per_token(dims.d_model)
+            + 4.0 * dims.head_dim() as f64 * d
+            + 8.0 * d
+    }
+}
+
+/// [`attend_flow`] as the kernel of the multi-head shell.
+#[derive(Debug, Clone)]
+struct FlowKernel;
+
+impl HeadKernel for FlowKernel {
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        ctx: &MixCtx,
+        cache: Option<&mut MixerCache>,
+    ) -> Result<Tensor> {
+        if cache.is_some() {
+            return Err(no_cache("Flow-Attention"));
+        }
+        let keep = keep_mask(ctx.key_bias, k.dtype())?;
+        attend_flow(q, k, v, keep.as_ref())
+    }
+}
 
 const EPS: f64 = 1e-6;
 

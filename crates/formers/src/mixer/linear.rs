@@ -6,11 +6,141 @@
 //! decoding cache.
 
 use candle_core::{DType, Device, Tensor, D};
+use serde::{Deserialize, Serialize};
 
-use super::MixerCache;
-use crate::config::FeatureMap;
+use super::heads::{HeadKernel, MultiHead, Projections};
+use super::{positive, Capabilities, MixCtx, MixerCache, MixerDims, MixerKind, TokenMixer};
+use crate::params::Params;
 use crate::rng::Rng;
-use crate::{Error, Result};
+use crate::Result;
+
+/// Config of linear attention.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LinearSpec {
+    /// The feature map.
+    pub feature: FeatureMap,
+    /// Random features per head (`favor` only).
+    #[serde(default = "default_features")]
+    pub features: usize,
+    /// Seed of the random features (`favor` only).
+    #[serde(default)]
+    pub seed: u64,
+    /// Tokens per block of the causal prefix sum.
+    #[serde(default = "default_chunk")]
+    pub chunk: usize,
+    /// Biases on the projections.
+    #[serde(default = "super::yes")]
+    pub bias: bool,
+}
+
+fn default_features() -> usize {
+    64
+}
+
+fn default_chunk() -> usize {
+    64
+}
+
+/// Feature maps of linear attention.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FeatureMap {
+    /// elu(x) + 1.
+    Elu,
+    /// Positive orthogonal random features approximating the softmax kernel.
+    Favor,
+}
+
+impl LinearSpec {
+    /// A small FAVOR+ spec (what tests sweep over).
+    pub fn example() -> Self {
+        LinearSpec {
+            feature: FeatureMap::Favor,
+            features: 8,
+            seed: 1,
+            chunk: 2,
+            bias: true,
+        }
+    }
+}
+
+impl MixerKind for LinearSpec {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            causal: true,
+            alibi: false,
+            rope: true,
+        }
+    }
+
+    fn validate(&self, at: &str, _dims: &MixerDims) -> Result<()> {
+        positive(at, &[("features", self.features), ("chunk", self.chunk)])
+    }
+
+    fn build(&self, dims: &MixerDims, p: &Params) -> Result<Box<dyn TokenMixer>> {
+        let kernel = LinearKernel::new(
+            self.feature,
+            self.features,
+            self.seed,
+            dims.head_dim(),
+            self.chunk,
+            p.dtype(),
+            p.device(),
+        )?;
+        Ok(Box::new(MultiHead::new(
+            dims,
+            p,
+            Projections::plain(self.bias),
+            Box::new(LinearHeads {
+                kernel,
+                causal: dims.causal,
+            }),
+        )?))
+    }
+
+    fn flops_per_token(&self, dims: &MixerDims, _n: usize) -> f64 {
+        let (d, head_dim) = (dims.d_model as f64, dims.head_dim() as f64);
+        let m = match self.feature {
+            FeatureMap::Elu => head_dim,
+            FeatureMap::Favor => self.features as f64,
+        };
+        // φ(k)ᵀv and φ(q)·(φ(k)ᵀv) per head (m × head_dim each), plus the normaliser;
+        // FAVOR+ also projects q and k onto m random features.
+        let feature_map = match self.feature {
+            FeatureMap::Elu => 0.0,
+            FeatureMap::Favor => 2.0 * 2.0 * m * d,
+        };
+        Projections::plain(self.bias).flops_per_token(dims.d_model)
+            + 4.0 * m * d
+            + 4.0 * m * d / head_dim
+            + feature_map
+    }
+}
+
+/// [`LinearKernel`] as the kernel of the multi-head shell.
+#[derive(Debug, Clone)]
+struct LinearHeads {
+    kernel: LinearKernel,
+    causal: bool,
+}
+
+impl HeadKernel for LinearHeads {
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        ctx: &MixCtx,
+        cache: Option<&mut MixerCache>,
+    ) -> Result<Tensor> {
+        self.kernel.mix(q, k, v, self.causal, ctx.key_bias, cache)
+    }
+}
 
 /// A feature map and, for FAVOR+, its fixed random projection `[features, head_dim]`.
 #[derive(Debug, Clone)]
@@ -71,7 +201,7 @@ impl LinearKernel {
 
     /// Linear attention of `q [b, h, n, dh]` over `k, v [b, h, n, dh]`. With `cache`
     /// (causal only) the sequence continues the state the cache holds.
-    pub fn attend(
+    pub fn mix(
         &self,
         q: &Tensor,
         k: &Tensor,
@@ -90,9 +220,7 @@ impl LinearKernel {
         }
         if !causal {
             if cache.is_some() {
-                return Err(Error::Input(
-                    "bidirectional linear attention does not decode with a cache".into(),
-                ));
+                return Err(super::no_cache("bidirectional linear attention"));
             }
             let kv = fk.t()?.matmul(v)?;
             let z = fk.sum_keepdim(2)?;
@@ -170,7 +298,7 @@ fn orthogonal_gaussian(rows: usize, dim: usize, rng: &mut Rng) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mixer::attention::reference_attend;
+    use crate::mixer::softmax::reference_attend;
     use crate::testutil::{max_rel, randn};
     use candle_core::Var;
 
@@ -211,7 +339,7 @@ mod tests {
                 let q = Var::from_tensor(&randn(&[2, 2, 10, 4], 1)).unwrap();
                 let k = Var::from_tensor(&randn(&[2, 2, 10, 4], 2)).unwrap();
                 let v = Var::from_tensor(&randn(&[2, 2, 10, 4], 3)).unwrap();
-                let fast = kernel.attend(&q, &k, &v, causal, None, None).unwrap();
+                let fast = kernel.mix(&q, &k, &v, causal, None, None).unwrap();
                 let slow = reference(&kernel, &q, &k, &v, causal);
                 assert!(
                     max_rel(&fast, &slow) < 1e-5,
@@ -236,12 +364,12 @@ mod tests {
                 randn(&[1, 2, 9, 4], 6),
                 randn(&[1, 2, 9, 4], 7),
             );
-            let whole = kernel.attend(&q, &k, &v, true, None, None).unwrap();
+            let whole = kernel.mix(&q, &k, &v, true, None, None).unwrap();
             let mut cache = MixerCache::default();
             for t in 0..9 {
                 let one = |x: &Tensor| x.narrow(2, t, 1).unwrap();
                 let y = kernel
-                    .attend(&one(&q), &one(&k), &one(&v), true, None, Some(&mut cache))
+                    .mix(&one(&q), &one(&k), &one(&v), true, None, Some(&mut cache))
                     .unwrap();
                 assert!(max_rel(&y, &one(&whole)) < 1e-5, "{feature:?} token {t}");
             }
@@ -271,7 +399,7 @@ mod tests {
                         &Device::Cpu,
                     )
                     .unwrap();
-                    let y = kernel.attend(&q, &k, &v, false, None, None).unwrap();
+                    let y = kernel.mix(&q, &k, &v, false, None, None).unwrap();
                     (y - &exact)
                         .unwrap()
                         .abs()
@@ -302,10 +430,10 @@ mod tests {
             .map(|j| if j < 4 { 0.0 } else { super::super::MASKED })
             .collect();
         let kb = Tensor::from_vec(bias, (1, 1, 1, 6), &Device::Cpu).unwrap();
-        let masked = kernel.attend(&q, &k, &v, false, Some(&kb), None).unwrap();
+        let masked = kernel.mix(&q, &k, &v, false, Some(&kb), None).unwrap();
         let cut = |x: &Tensor| x.narrow(2, 0, 4).unwrap();
         let short = kernel
-            .attend(&q, &cut(&k), &cut(&v), false, None, None)
+            .mix(&q, &cut(&k), &cut(&v), false, None, None)
             .unwrap();
         assert!(max_rel(&masked, &short) < 1e-10);
     }

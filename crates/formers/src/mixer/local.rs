@@ -5,9 +5,195 @@
 //! O(n·(window + global)), not a masked O(n²).
 
 use candle_core::{Tensor, D};
+use serde::{Deserialize, Serialize};
 
-use super::MASKED;
+use super::heads::{HeadKernel, MultiHead, Projections};
+use super::softmax::no_padding_in_cache;
+use super::{
+    positive, Capabilities, MixCtx, MixerCache, MixerDims, MixerKind, TokenMixer, MASKED,
+};
+use crate::params::Params;
 use crate::Result;
+
+/// Config of sliding-window attention.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LocalSpec {
+    /// Keys at most this far from the query are seen.
+    pub window: usize,
+    /// Leading positions with global attention (Longformer's global tokens).
+    #[serde(default)]
+    pub global: usize,
+    /// Queries per block.
+    #[serde(default = "super::attention::default_chunk")]
+    pub chunk: usize,
+    /// Biases on the projections.
+    #[serde(default = "super::yes")]
+    pub bias: bool,
+}
+
+impl LocalSpec {
+    /// A small spec with global tokens (what tests sweep over).
+    pub fn example() -> Self {
+        LocalSpec {
+            window: 2,
+            global: 1,
+            chunk: 2,
+            bias: true,
+        }
+    }
+}
+
+impl MixerKind for LocalSpec {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            causal: true,
+            alibi: true,
+            rope: true,
+        }
+    }
+
+    fn validate(&self, at: &str, _dims: &MixerDims) -> Result<()> {
+        positive(at, &[("window", self.window), ("chunk", self.chunk)])
+    }
+
+    fn build(&self, dims: &MixerDims, p: &Params) -> Result<Box<dyn TokenMixer>> {
+        let kernel = LocalKernel {
+            window: self.window,
+            global: self.global,
+            chunk: self.chunk,
+            causal: dims.causal,
+        };
+        Ok(Box::new(MultiHead::new(
+            dims,
+            p,
+            Projections::plain(self.bias),
+            Box::new(kernel),
+        )?))
+    }
+
+    fn flops_per_token(&self, dims: &MixerDims, n: usize) -> f64 {
+        let w = self.window as f64;
+        let span = if dims.causal { w + 1.0 } else { 2.0 * w + 1.0 };
+        let g = self.global as f64;
+        // Windowed keys, plus the global keys for every query and all keys for the global
+        // queries (amortised over the n tokens).
+        Projections::plain(self.bias).flops_per_token(dims.d_model)
+            + 4.0 * dims.d_model as f64 * (span.min(n as f64) + g + g)
+    }
+}
+
+/// Banded softmax with global tokens; its decoding cache keeps only the global keys and
+/// the last `window` keys.
+#[derive(Debug, Clone)]
+pub struct LocalKernel {
+    window: usize,
+    global: usize,
+    chunk: usize,
+    causal: bool,
+}
+
+impl HeadKernel for LocalKernel {
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        ctx: &MixCtx,
+        cache: Option<&mut MixerCache>,
+    ) -> Result<Tensor> {
+        let opts = LocalOpts {
+            window: self.window,
+            chunk: self.chunk,
+            causal: self.causal,
+            q_offset: 0,
+            key_bias: ctx.key_bias,
+            alibi: ctx.alibi,
+            global: self.global,
+        };
+        let Some(cache) = cache else {
+            return attend_local(q, k, v, &opts);
+        };
+        no_padding_in_cache(ctx.key_bias)?;
+        let n = q.dim(2)?;
+        let (y, pos, k, v) = match cache.tensors.as_slice() {
+            [] => {
+                let pos: Vec<usize> = (0..n).collect();
+                (attend_local(q, k, v, &opts)?, pos, k.clone(), v.clone())
+            }
+            [gk, gv, rk, rv] => {
+                // Held keys: global positions 0..g, then the recent ones just before offset.
+                let (g, r) = (gk.dim(2)?, rk.dim(2)?);
+                let pos: Vec<usize> = (0..g)
+                    .chain(ctx.offset - r..ctx.offset)
+                    .chain(ctx.offset..ctx.offset + n)
+                    .collect();
+                let k = Tensor::cat(&[gk, rk, k], 2)?;
+                let v = Tensor::cat(&[gv, rv, v], 2)?;
+                (self.attend_at(q, &k, &v, ctx, &pos)?, pos, k, v)
+            }
+            _ => unreachable!("the local cache holds four tensors"),
+        };
+        // Future queries see the global keys and keys less than `window` behind them.
+        let end = ctx.offset + n;
+        let is_global = |p: usize| p < self.global;
+        let is_recent = |p: usize| !is_global(p) && p + self.window >= end;
+        let pick = |t: &Tensor, keep: &dyn Fn(usize) -> bool| -> Result<Tensor> {
+            let idx: Vec<u32> = (0..pos.len())
+                .filter(|&i| keep(pos[i]))
+                .map(|i| i as u32)
+                .collect();
+            let idx = Tensor::from_vec(idx.clone(), idx.len(), t.device())?;
+            Ok(t.index_select(&idx, 2)?)
+        };
+        cache.tensors = vec![
+            pick(&k, &is_global)?,
+            pick(&v, &is_global)?,
+            pick(&k, &is_recent)?,
+            pick(&v, &is_recent)?,
+        ];
+        Ok(y)
+    }
+}
+
+impl LocalKernel {
+    /// Causal banded attention of queries at `ctx.offset..` over keys at positions `pos`.
+    fn attend_at(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        ctx: &MixCtx,
+        pos: &[usize],
+    ) -> Result<Tensor> {
+        let (_, h, n, dh) = q.dims4()?;
+        let m = pos.len();
+        let mut bias = Vec::with_capacity(n * m);
+        let mut dist = Vec::with_capacity(n * m);
+        for qi in ctx.offset..ctx.offset + n {
+            for &kj in pos {
+                let seen = kj <= qi && (qi - kj <= self.window || kj < self.global || qi < self.global);
+                bias.push(if seen { 0.0 } else { MASKED });
+                dist.push(-(qi.abs_diff(kj) as f64));
+            }
+        }
+        let scores = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?;
+        let like = |v: Vec<f64>| -> Result<Tensor> {
+            Ok(Tensor::from_vec(v, (1, n, m), q.device())?.to_dtype(q.dtype())?)
+        };
+        let mut s = scores.broadcast_add(&like(bias)?)?;
+        if let Some(slopes) = ctx.alibi {
+            let slopes = slopes.to_dtype(q.dtype())?.reshape((h, 1, 1))?;
+            s = s.broadcast_add(&slopes.broadcast_mul(&like(dist)?)?)?;
+        }
+        let p = s.broadcast_sub(&s.max_keepdim(D::Minus1)?)?.exp()?;
+        Ok(p.matmul(v)?.broadcast_div(&p.sum_keepdim(D::Minus1)?)?)
+    }
+}
 
 /// How [`attend_local`] bands and blocks.
 #[derive(Debug, Clone, Copy)]
@@ -83,7 +269,7 @@ pub fn attend_local(q: &Tensor, k: &Tensor, v: &Tensor, o: &LocalOpts) -> Result
     if gq == 0 {
         return Ok(out);
     }
-    let full = super::attention::AttendOpts {
+    let full = super::softmax::AttendOpts {
         causal: o.causal,
         q_offset: o.q_offset,
         key_bias: o.key_bias,
@@ -92,7 +278,7 @@ pub fn attend_local(q: &Tensor, k: &Tensor, v: &Tensor, o: &LocalOpts) -> Result
         k_chunk: c,
         ..Default::default()
     };
-    let rows = super::attention::attend(&q.narrow(2, 0, gq)?, k, v, &full)?;
+    let rows = super::softmax::attend(&q.narrow(2, 0, gq)?, k, v, &full)?;
     if gq == n {
         return Ok(rows);
     }
@@ -131,7 +317,7 @@ pub fn band_bias(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mixer::attention::reference_attend;
+    use crate::mixer::softmax::reference_attend;
     use crate::testutil::{max_rel, randn};
     use candle_core::Var;
 

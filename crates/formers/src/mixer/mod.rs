@@ -1,19 +1,20 @@
 //! Token mixers: the part of a block that moves information between positions.
-//! One file per mixer; [`build`] maps a [`MixerSpec`] to its implementation.
+//!
+//! Each mixer is one file that owns its config (a serde struct), its validation, its
+//! [`Capabilities`], its construction, its FLOPs and its forward pass, behind the
+//! [`MixerKind`] trait. [`MixerSpec`] is the thin tagged list of them: adding a mixer is one
+//! new file plus one line in the `mixers!` list below. The attention family shares the
+//! multi-head shell of [`heads`] and the exact softmax kernel of [`softmax`].
 
-pub mod attention;
-pub mod flow;
-pub mod linear;
-pub mod linformer;
-pub mod local;
-pub mod pooling;
+pub mod heads;
+pub mod softmax;
 
 use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
 
-use crate::config::{MixerSpec, ModelConfig};
 use crate::params::Params;
 use crate::position::Rope;
-use crate::Result;
+use crate::{Error, Result};
 
 /// What a mixer needs to know besides its input.
 #[derive(Debug, Clone, Copy, Default)]
@@ -48,97 +49,193 @@ pub struct MixerCache {
 
 /// A token mixer maps `[b, n, d]` to `[b, n, d]`.
 pub trait TokenMixer: std::fmt::Debug + Send + Sync {
-    /// Mixes `x`; with `cache`, `x` continues the sequence the cache holds.
+    /// Mixes `x`; with `cache` (causal models only), `x` continues the sequence the cache
+    /// holds.
     fn forward(&self, x: &Tensor, ctx: &MixCtx, cache: Option<&mut MixerCache>) -> Result<Tensor>;
 }
 
-/// Builds the mixer of `spec` with its parameters under `p`.
-pub fn build(spec: &MixerSpec, cfg: &ModelConfig, p: &Params) -> Result<Box<dyn TokenMixer>> {
-    use attention::{Attention, Kernel};
-    let (shared_qk, gate, rank) = match spec {
-        MixerSpec::Attention {
-            shared_qk,
-            gate,
-            rank,
-            ..
-        } => (*shared_qk, *gate, *rank),
-        _ => (false, false, None),
-    };
-    let (causal, bias, kernel) = match spec {
-        MixerSpec::Attention {
-            causal,
-            q_chunk,
-            k_chunk,
-            bias,
-            clip,
-            ..
-        } => (
-            *causal,
-            *bias,
-            Kernel::Full {
-                q_chunk: *q_chunk,
-                k_chunk: *k_chunk,
-                clip: *clip,
-            },
-        ),
-        MixerSpec::Local {
-            window,
-            global,
-            causal,
-            chunk,
-            bias,
-        } => (
-            *causal,
-            *bias,
-            Kernel::Local {
-                window: *window,
-                global: *global,
-                chunk: *chunk,
-            },
-        ),
-        MixerSpec::Linear {
-            feature,
-            causal,
-            features,
-            seed,
-            chunk,
-            bias,
-        } => (
-            *causal,
-            *bias,
-            Kernel::Linear(linear::LinearKernel::new(
-                *feature,
-                *features,
-                *seed,
-                cfg.head_dim(),
-                *chunk,
-                p.dtype(),
-                p.device(),
-            )?),
-        ),
-        MixerSpec::Linformer { k, shared, bias } => {
-            let heads = if *shared { None } else { Some(cfg.n_heads) };
-            let proj = linformer::LinformerProj::new(p, *k, cfg.max_len, heads)?;
-            (false, *bias, Kernel::Linformer(proj))
+/// The model-level facts a mixer is configured against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MixerDims {
+    /// Width of the residual stream.
+    pub d_model: usize,
+    /// Attention heads (divides `d_model`).
+    pub n_heads: usize,
+    /// Longest sequence.
+    pub max_len: usize,
+    /// The model is a decoder: position `i` may only see positions `<= i`.
+    pub causal: bool,
+}
+
+impl MixerDims {
+    /// Width of one head.
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads
+    }
+}
+
+/// What a mixer can do; config validation refuses a model that asks for more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// It has a causal form (then it also decodes with a cache).
+    pub causal: bool,
+    /// It applies ALiBi's distance penalties to softmax scores.
+    pub alibi: bool,
+    /// It has queries and keys for RoPE to rotate.
+    pub rope: bool,
+}
+
+/// One kind of token mixer: its config struct implements this.
+pub trait MixerKind {
+    /// Its `kind` tag, for messages.
+    fn name(&self) -> &'static str;
+    /// What it can honour.
+    fn capabilities(&self) -> Capabilities;
+    /// Rejects impossible values; `at` is the key of the spec (e.g. `defaults.mixer`).
+    fn validate(&self, at: &str, dims: &MixerDims) -> Result<()>;
+    /// The mixer with its parameters under `p`; a frozen `p` builds the inference form.
+    fn build(&self, dims: &MixerDims, p: &Params) -> Result<Box<dyn TokenMixer>>;
+    /// Forward FLOPs per token on sequences of `n` tokens (two per multiply-add of the
+    /// matrix products; softmax and activations left out).
+    fn flops_per_token(&self, dims: &MixerDims, n: usize) -> f64;
+}
+
+/// Declares the mixer modules and the tagged [`MixerSpec`] enum over their config structs.
+macro_rules! mixers {
+    ($($(#[$doc:meta])* $variant:ident($module:ident::$spec:ident)),* $(,)?) => {
+        $(pub mod $module;)*
+
+        /// Token mixers, tagged by `kind`.
+        #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+        #[serde(tag = "kind", rename_all = "snake_case")]
+        pub enum MixerSpec {
+            $($(#[$doc])* $variant($module::$spec),)*
         }
-        MixerSpec::Flow { bias } => (false, *bias, Kernel::Flow),
-        MixerSpec::Pool { window, causal } => {
-            return Ok(Box::new(pooling::Pool {
-                window: *window,
-                causal: *causal,
-            }))
+
+        impl MixerSpec {
+            /// The mixer's own description.
+            pub fn kind(&self) -> &dyn MixerKind {
+                match self {
+                    $(MixerSpec::$variant(s) => s,)*
+                }
+            }
+
+            /// One small valid spec of every kind (what tests sweep over).
+            pub fn examples() -> Vec<MixerSpec> {
+                vec![$(MixerSpec::$variant($module::$spec::example()),)*]
+            }
         }
     };
-    Ok(Box::new(Attention::new(
-        cfg,
-        p,
-        attention::AttentionOpts {
+}
+
+mixers! {
+    /// Exact softmax attention, memory-linear (chunked online softmax).
+    Attention(attention::AttentionSpec),
+    /// Sliding-window attention with global tokens (Longformer).
+    Local(local::LocalSpec),
+    /// Linear attention: elu + 1 or FAVOR+ features (Performer).
+    Linear(linear::LinearSpec),
+    /// Keys and values projected along the sequence (Linformer).
+    Linformer(linformer::LinformerSpec),
+    /// Flow-Attention (Flowformer).
+    Flow(flow::FlowSpec),
+    /// Average pooling (PoolFormer).
+    Pool(pooling::PoolSpec),
+}
+
+impl Default for MixerSpec {
+    fn default() -> Self {
+        MixerSpec::Attention(attention::AttentionSpec::default())
+    }
+}
+
+impl MixerSpec {
+    /// Plain exact attention with biases and default chunks.
+    pub fn attention() -> Self {
+        MixerSpec::default()
+    }
+
+    /// Builds the mixer with its parameters under `p`.
+    pub fn build(&self, dims: &MixerDims, p: &Params) -> Result<Box<dyn TokenMixer>> {
+        self.kind().build(dims, p)
+    }
+}
+
+/// Each `(key, value)` must be at least 1.
+pub(crate) fn positive(at: &str, pairs: &[(&str, usize)]) -> Result<()> {
+    for (key, v) in pairs {
+        if *v == 0 {
+            return Err(Error::config(format!("{at}.{key}"), "must be at least 1"));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn yes() -> bool {
+    true
+}
+
+/// `[b, 1, m, 1]`: 1 for keys that a key bias `[b, 1, 1, m]` keeps, 0 for padding.
+pub(crate) fn keep_mask(
+    key_bias: Option<&Tensor>,
+    dtype: candle_core::DType,
+) -> Result<Option<Tensor>> {
+    key_bias
+        .map(|kb| {
+            let (b, _, _, m) = kb.dims4()?;
+            Ok(kb.ge(-1.0)?.to_dtype(dtype)?.reshape((b, 1, m, 1))?)
+        })
+        .transpose()
+}
+
+/// The error of a bidirectional mixer asked to decode.
+pub(crate) fn no_cache(name: &str) -> Error {
+    Error::Input(format!(
+        "{name} is bidirectional: it does not decode with a cache"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{check_grad, randn};
+    use candle_core::{DType, Device};
+
+    fn dims(causal: bool) -> MixerDims {
+        MixerDims {
+            d_model: 8,
+            n_heads: 2,
+            max_len: 8,
             causal,
-            bias,
-            shared_qk,
-            gate,
-            rank,
-            kernel,
-        },
-    )?))
+        }
+    }
+
+    #[test]
+    fn every_mixer_gradient_matches_finite_differences() {
+        for spec in MixerSpec::examples() {
+            for causal in [false, true] {
+                if causal && !spec.kind().capabilities().causal {
+                    continue;
+                }
+                let p = Params::new(1, DType::F64, &Device::Cpu);
+                let mixer = spec.build(&dims(causal), &p).unwrap();
+                let x = randn(&[2, 5, 8], 2);
+                check_grad(&p, &x, |x| mixer.forward(x, &MixCtx::default(), None));
+            }
+        }
+    }
+
+    #[test]
+    fn every_spec_survives_json_and_validates() {
+        for spec in MixerSpec::examples() {
+            let json = serde_json::to_string(&spec).unwrap();
+            assert!(
+                json.contains(&format!(r#""kind":"{}""#, spec.kind().name())),
+                "{json}"
+            );
+            let back: MixerSpec = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, spec);
+            spec.kind().validate("m", &dims(false)).unwrap();
+        }
+    }
 }

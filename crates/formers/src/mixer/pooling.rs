@@ -3,9 +3,67 @@
 //! parameters; O(n·window).
 
 use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
 
-use super::{MixCtx, MixerCache, TokenMixer};
+use super::{positive, Capabilities, MixCtx, MixerCache, MixerDims, MixerKind, TokenMixer};
+use crate::params::Params;
 use crate::{Error, Result};
+
+/// Config of the pooling mixer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSpec {
+    /// Positions averaged: centred (odd) in an encoder, the last `window` in a decoder.
+    #[serde(default = "default_window")]
+    pub window: usize,
+}
+
+fn default_window() -> usize {
+    3
+}
+
+impl PoolSpec {
+    /// The spec tests sweep over.
+    pub fn example() -> Self {
+        PoolSpec { window: 3 }
+    }
+}
+
+impl MixerKind for PoolSpec {
+    fn name(&self) -> &'static str {
+        "pool"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            causal: true,
+            alibi: false,
+            rope: false,
+        }
+    }
+
+    fn validate(&self, at: &str, dims: &MixerDims) -> Result<()> {
+        positive(at, &[("window", self.window)])?;
+        if !dims.causal && self.window.is_multiple_of(2) {
+            return Err(Error::config(
+                format!("{at}.window"),
+                format!("a centred pooling window must be odd, found {}", self.window),
+            ));
+        }
+        Ok(())
+    }
+
+    fn build(&self, dims: &MixerDims, _p: &Params) -> Result<Box<dyn TokenMixer>> {
+        Ok(Box::new(Pool {
+            window: self.window,
+            causal: dims.causal,
+        }))
+    }
+
+    fn flops_per_token(&self, dims: &MixerDims, _n: usize) -> f64 {
+        (self.window * dims.d_model) as f64
+    }
+}
 
 /// Average pooling over `window` positions (centred, or the `window` last ones if causal).
 #[derive(Debug, Clone)]
@@ -45,6 +103,26 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// Causal pooling of `x`, which continues the inputs the cache holds (the last
+    /// `window − 1` of them).
+    fn decode(&self, x: &Tensor, ctx: &MixCtx, cache: &mut MixerCache) -> Result<Tensor> {
+        if !self.causal {
+            return Err(super::no_cache("centred pooling"));
+        }
+        super::softmax::no_padding_in_cache(ctx.key_bias)?;
+        let n = x.dim(1)?;
+        let all = match cache.tensors.as_slice() {
+            [held] => Tensor::cat(&[held, x], 1)?,
+            _ => x.clone(),
+        };
+        let m = all.dim(1)?;
+        let kept = (self.window - 1).min(m);
+        cache.tensors = vec![all.narrow(1, m - kept, kept)?];
+        Ok(self.pool(&all, None)?.narrow(1, m - n, n)?)
+    }
+}
+
 /// `y[i] = x[i + o]` along dim 1, zero where `i + o` is outside.
 fn shift(x: &Tensor, o: isize) -> Result<Tensor> {
     let n = x.dim(1)?;
@@ -64,10 +142,8 @@ fn shift(x: &Tensor, o: isize) -> Result<Tensor> {
 
 impl TokenMixer for Pool {
     fn forward(&self, x: &Tensor, ctx: &MixCtx, cache: Option<&mut MixerCache>) -> Result<Tensor> {
-        if cache.is_some() {
-            return Err(Error::Input(
-                "the pooling mixer does not decode with a cache".into(),
-            ));
+        if let Some(cache) = cache {
+            return self.decode(x, ctx, cache);
         }
         let keep = match ctx.key_bias {
             Some(kb) => {

@@ -41,6 +41,7 @@ pub fn config(hf: &serde_json::Value, dir: &Path) -> Result<ModelConfig> {
         d_model: usize_key(hf, "hidden_size", &path)?,
         n_heads: usize_key(hf, "num_attention_heads", &path)?,
         n_layers: usize_key(hf, "num_hidden_layers", &path)?,
+        causal: false,
         max_len: usize_key(hf, "max_position_embeddings", &path)?,
         input: InputSpec::Tokens {
             vocab_size: usize_key(hf, "vocab_size", &path)?,
@@ -52,7 +53,7 @@ pub fn config(hf: &serde_json::Value, dir: &Path) -> Result<ModelConfig> {
         type_vocab_size: hf["type_vocab_size"].as_u64().unwrap_or(2) as usize,
         embed_norm: true,
         defaults: LayerSpec {
-            mixer: MixerSpec::attention(false),
+            mixer: MixerSpec::attention(),
             ffn: FfnSpec::mlp(Some(usize_key(hf, "intermediate_size", &path)?), act),
             norm: NormSpec::LayerNorm {
                 eps: f64_key(hf, "layer_norm_eps", 1e-12, &path)?,

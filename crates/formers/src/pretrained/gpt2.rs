@@ -36,6 +36,7 @@ pub fn config(hf: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
         d_model: d,
         n_heads: usize_key(hf, "n_head", path)?,
         n_layers: usize_key(hf, "n_layer", path)?,
+        causal: true,
         max_len: usize_key(hf, "n_positions", path)?,
         input: InputSpec::Tokens {
             vocab_size: usize_key(hf, "vocab_size", path)?,
@@ -47,7 +48,7 @@ pub fn config(hf: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
         type_vocab_size: 0,
         embed_norm: false,
         defaults: LayerSpec {
-            mixer: MixerSpec::attention(true),
+            mixer: MixerSpec::attention(),
             ffn: FfnSpec::mlp(Some(hidden), act),
             norm: NormSpec::LayerNorm {
                 eps: f64_key(hf, "layer_norm_epsilon", 1e-5, path)?,

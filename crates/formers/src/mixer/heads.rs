@@ -1,0 +1,177 @@
+//! The multi-head shell shared by the attention family (Vaswani et al. 2017): q, k, v, o
+//! projections, the split into heads, RoPE, the value residual, padding-free segments and
+//! the optional per-head output gate. A [`HeadKernel`] decides how queries meet keys.
+
+use candle_core::Tensor;
+
+use super::{MixCtx, MixerCache, MixerDims, TokenMixer};
+use crate::linear::Linear;
+use crate::params::Params;
+use crate::{Error, Result};
+
+/// How queries meet keys and values, per head.
+pub trait HeadKernel: std::fmt::Debug + Send + Sync {
+    /// Mixes `q [b, h, n, dh]` with `k, v [b, h, n, dh]` of the same tokens (RoPE already
+    /// applied). `ctx.offset` is the position of the first token; with `cache` the tokens
+    /// continue what earlier calls left there (causal models only).
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        ctx: &MixCtx,
+        cache: Option<&mut MixerCache>,
+    ) -> Result<Tensor>;
+}
+
+/// The projections around a kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Projections {
+    /// Biases on q, k, v and o.
+    pub bias: bool,
+    /// Queries use the key projection (Key-Value Transformer).
+    pub shared_qk: bool,
+    /// Per-head sigmoid output gate (gated attention, Bondarenko et al. 2023).
+    pub gate: bool,
+    /// Low-rank q, k, v, o projections `U·V` (Greenformers LRT).
+    pub rank: Option<usize>,
+}
+
+impl Projections {
+    /// Dense q, k, v, o.
+    pub fn plain(bias: bool) -> Self {
+        Projections {
+            bias,
+            shared_qk: false,
+            gate: false,
+            rank: None,
+        }
+    }
+
+    /// Forward FLOPs per token of the projections in a model of width `d`.
+    pub fn flops_per_token(&self, d: usize) -> f64 {
+        let d = d as f64;
+        let one = match self.rank {
+            Some(r) => 2.0 * r as f64 * (d + d),
+            None => 2.0 * d * d,
+        };
+        // The gate (`d → heads`) is counted as one more projection, an upper bound.
+        let count = if self.shared_qk { 3.0 } else { 4.0 } + if self.gate { 1.0 } else { 0.0 };
+        count * one
+    }
+}
+
+/// Multi-head mixing with projections `q`, `k`, `v`, `o` (and `gate`) under its prefix.
+#[derive(Debug)]
+pub struct MultiHead {
+    /// `None` when queries share the key projection.
+    q: Option<Linear>,
+    /// `[d → heads]` gate logits, when gated.
+    gate: Option<Linear>,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    n_heads: usize,
+    kernel: Box<dyn HeadKernel>,
+}
+
+impl MultiHead {
+    /// The shell around `kernel` with parameters under `p`.
+    pub fn new(
+        dims: &MixerDims,
+        p: &Params,
+        proj: Projections,
+        kernel: Box<dyn HeadKernel>,
+    ) -> Result<Self> {
+        let d = dims.d_model;
+        let lin = |name: &str| Linear::with_rank(&p.pp(name), d, d, proj.rank, proj.bias);
+        Ok(MultiHead {
+            q: if proj.shared_qk {
+                None
+            } else {
+                Some(lin("q")?)
+            },
+            gate: if proj.gate {
+                Some(Linear::new(&p.pp("gate"), d, dims.n_heads, true)?)
+            } else {
+                None
+            },
+            k: lin("k")?,
+            v: lin("v")?,
+            o: lin("o")?,
+            n_heads: dims.n_heads,
+            kernel,
+        })
+    }
+
+    fn heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, d) = x.dims3()?;
+        Ok(x.reshape((b, n, self.n_heads, d / self.n_heads))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    }
+
+    /// One sequence (or a padded batch) given its heads `[b, h, n, dh]`.
+    fn attend_one(
+        &self,
+        mut q: Tensor,
+        mut k: Tensor,
+        v: Tensor,
+        ctx: &MixCtx,
+        cache: Option<&mut MixerCache>,
+    ) -> Result<Tensor> {
+        if let Some(rope) = ctx.rope {
+            q = rope.apply(&q, ctx.offset)?;
+            k = rope.apply(&k, ctx.offset)?;
+        }
+        self.kernel.attend(&q, &k, &v, ctx, cache)
+    }
+}
+
+impl TokenMixer for MultiHead {
+    fn forward(&self, x: &Tensor, ctx: &MixCtx, cache: Option<&mut MixerCache>) -> Result<Tensor> {
+        let (b, n, d) = x.dims3()?;
+        let k = self.heads(&self.k.forward(x)?)?;
+        let q = match &self.q {
+            Some(q) => self.heads(&q.forward(x)?)?,
+            None => k.clone(),
+        };
+        let mut v = self.heads(&self.v.forward(x)?)?;
+        if let Some(cell) = ctx.first_values {
+            let mut first = cell.borrow_mut();
+            match first.as_ref() {
+                None => *first = Some(v.clone()),
+                Some(v1) => v = ((v * ctx.value_lambda)? + (v1 * (1.0 - ctx.value_lambda))?)?,
+            }
+        }
+        let y = match ctx.segments {
+            Some(segments) => {
+                if cache.is_some() {
+                    return Err(Error::Input(
+                        "a KV cache takes one sequence, not a packed batch".into(),
+                    ));
+                }
+                let parts = segments
+                    .iter()
+                    .map(|&(start, len)| {
+                        let part = |t: &Tensor| t.narrow(2, start, len);
+                        self.attend_one(part(&q)?, part(&k)?, part(&v)?, ctx, None)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&parts, 2)?
+            }
+            None => self.attend_one(q, k, v, ctx, cache)?,
+        };
+        let y = match &self.gate {
+            // [b, n, h] → [b, h, n, 1]: one gate per head and token.
+            Some(g) => y.broadcast_mul(
+                &candle_nn::ops::sigmoid(&g.forward(x)?)?
+                    .transpose(1, 2)?
+                    .unsqueeze(3)?,
+            )?,
+            None => y,
+        };
+        let y = y.transpose(1, 2)?.reshape((b, n, d))?;
+        self.o.forward(&y)
+    }
+}
