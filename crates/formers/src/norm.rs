@@ -9,7 +9,14 @@ use crate::Result;
 
 /// A norm over the last dimension with a learned gain (and, for LayerNorm, a bias).
 #[derive(Debug, Clone)]
-pub enum Norm {
+pub struct Norm {
+    kind: Kind,
+    /// Built for inference (from frozen parameters): candle's fused, forward-only kernels.
+    inference: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
     /// `(x - mean) / sqrt(var + eps) * weight + bias`.
     LayerNorm {
         weight: Tensor,
@@ -27,26 +34,30 @@ impl Norm {
     /// Parameters `weight` (and `bias`) under `p`.
     pub fn new(spec: &NormSpec, p: &Params, d: usize) -> Result<Self> {
         let weight = p.get(&[d], "weight", Init::Const(1.0))?;
-        Ok(match *spec {
-            NormSpec::LayerNorm { eps } => Norm::LayerNorm {
+        let kind = match *spec {
+            NormSpec::LayerNorm { eps } => Kind::LayerNorm {
                 weight,
                 bias: p.get(&[d], "bias", Init::Const(0.0))?,
                 eps,
             },
-            NormSpec::RmsNorm { eps } => Norm::RmsNorm { weight, eps },
-            NormSpec::CrmsNorm { eps } => Norm::CrmsNorm { weight, eps },
+            NormSpec::RmsNorm { eps } => Kind::RmsNorm { weight, eps },
+            NormSpec::CrmsNorm { eps } => Kind::CrmsNorm { weight, eps },
+        };
+        Ok(Norm {
+            kind,
+            inference: !p.is_trainable(),
         })
     }
 
-    /// Normalises `[.., d]`. Without an autodiff graph (inference) it takes candle's fused
-    /// kernels; otherwise the differentiable composition below, their tested reference.
+    /// Normalises `[.., d]`. Built for inference it takes candle's fused kernels;
+    /// otherwise the differentiable composition below, their tested reference.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let inference = !x.track_op() && x.dtype() == DType::F32 && x.device().is_cpu();
-        match self {
-            Norm::LayerNorm { weight, bias, eps } if inference && !weight.track_op() => Ok(
+        let fused = self.inference && x.dtype() == DType::F32 && x.device().is_cpu();
+        match &self.kind {
+            Kind::LayerNorm { weight, bias, eps } if fused => Ok(
                 candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, *eps as f32)?,
             ),
-            Norm::RmsNorm { weight, eps } if inference && !weight.track_op() => Ok(
+            Kind::RmsNorm { weight, eps } if fused => Ok(
                 candle_nn::ops::rms_norm(&x.contiguous()?, weight, *eps as f32)?,
             ),
             _ => self.forward_composed(x),
@@ -61,20 +72,20 @@ impl Norm {
         } else {
             x.to_dtype(DType::F32)?
         };
-        let y = match self {
-            Norm::LayerNorm { weight, bias, eps } => {
+        let y = match &self.kind {
+            Kind::LayerNorm { weight, bias, eps } => {
                 let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
                 let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
                 let y = xc.broadcast_div(&(var + *eps)?.sqrt()?)?;
                 y.broadcast_mul(&weight.to_dtype(x.dtype())?)?
                     .broadcast_add(&bias.to_dtype(x.dtype())?)?
             }
-            Norm::RmsNorm { weight, eps } => {
+            Kind::RmsNorm { weight, eps } => {
                 let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
                 let y = x.broadcast_div(&(ms + *eps)?.sqrt()?)?;
                 y.broadcast_mul(&weight.to_dtype(x.dtype())?)?
             }
-            Norm::CrmsNorm { weight, eps } => {
+            Kind::CrmsNorm { weight, eps } => {
                 let d = x.dim(D::Minus1)?;
                 let head = x.narrow(D::Minus1, 0, d - 1)?;
                 let sq =
