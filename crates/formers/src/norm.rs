@@ -18,16 +18,16 @@ pub struct Norm {
 #[derive(Debug, Clone)]
 enum Kind {
     /// `(x - mean) / sqrt(var + eps) * weight + bias`.
-    LayerNorm {
+    Layer {
         weight: Tensor,
         bias: Tensor,
         eps: f64,
     },
     /// `x / sqrt(mean(x²) + eps) * weight`.
-    RmsNorm { weight: Tensor, eps: f64 },
+    Rms { weight: Tensor, eps: f64 },
     /// `x / sqrt((Σ_{i<d} x_i² + (Σ_{i<d} x_i)²) / d + eps) * weight`: RMSNorm of a zero-mean
     /// `x` read from its first d−1 coordinates (the last one is minus their sum).
-    CrmsNorm { weight: Tensor, eps: f64 },
+    Crms { weight: Tensor, eps: f64 },
 }
 
 impl Norm {
@@ -35,13 +35,13 @@ impl Norm {
     pub fn new(spec: &NormSpec, p: &Params, d: usize) -> Result<Self> {
         let weight = p.get(&[d], "weight", Init::Const(1.0))?;
         let kind = match *spec {
-            NormSpec::LayerNorm { eps } => Kind::LayerNorm {
+            NormSpec::LayerNorm { eps } => Kind::Layer {
                 weight,
                 bias: p.get(&[d], "bias", Init::Const(0.0))?,
                 eps,
             },
-            NormSpec::RmsNorm { eps } => Kind::RmsNorm { weight, eps },
-            NormSpec::CrmsNorm { eps } => Kind::CrmsNorm { weight, eps },
+            NormSpec::RmsNorm { eps } => Kind::Rms { weight, eps },
+            NormSpec::CrmsNorm { eps } => Kind::Crms { weight, eps },
         };
         Ok(Norm {
             kind,
@@ -54,12 +54,17 @@ impl Norm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let fused = self.inference && x.dtype() == DType::F32 && x.device().is_cpu();
         match &self.kind {
-            Kind::LayerNorm { weight, bias, eps } if fused => Ok(
-                candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, *eps as f32)?,
-            ),
-            Kind::RmsNorm { weight, eps } if fused => Ok(
-                candle_nn::ops::rms_norm(&x.contiguous()?, weight, *eps as f32)?,
-            ),
+            Kind::Layer { weight, bias, eps } if fused => Ok(candle_nn::ops::layer_norm(
+                &x.contiguous()?,
+                weight,
+                bias,
+                *eps as f32,
+            )?),
+            Kind::Rms { weight, eps } if fused => Ok(candle_nn::ops::rms_norm(
+                &x.contiguous()?,
+                weight,
+                *eps as f32,
+            )?),
             _ => self.forward_composed(x),
         }
     }
@@ -73,19 +78,19 @@ impl Norm {
             x.to_dtype(DType::F32)?
         };
         let y = match &self.kind {
-            Kind::LayerNorm { weight, bias, eps } => {
+            Kind::Layer { weight, bias, eps } => {
                 let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
                 let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
                 let y = xc.broadcast_div(&(var + *eps)?.sqrt()?)?;
                 y.broadcast_mul(&weight.to_dtype(x.dtype())?)?
                     .broadcast_add(&bias.to_dtype(x.dtype())?)?
             }
-            Kind::RmsNorm { weight, eps } => {
+            Kind::Rms { weight, eps } => {
                 let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
                 let y = x.broadcast_div(&(ms + *eps)?.sqrt()?)?;
                 y.broadcast_mul(&weight.to_dtype(x.dtype())?)?
             }
-            Kind::CrmsNorm { weight, eps } => {
+            Kind::Crms { weight, eps } => {
                 let d = x.dim(D::Minus1)?;
                 let head = x.narrow(D::Minus1, 0, d - 1)?;
                 let sq =
