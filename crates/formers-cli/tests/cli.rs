@@ -207,8 +207,6 @@ fn truncated_checkpoint_and_existing_runs_are_refused_without_overwriting() {
             "--resume",
             "--out",
             out.to_str().unwrap(),
-            "--steps",
-            "40",
             "--quiet",
         ],
         vec!["eval", "--model", out.to_str().unwrap()],
@@ -232,6 +230,39 @@ fn truncated_checkpoint_and_existing_runs_are_refused_without_overwriting() {
         "{}",
         text(&o)
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn resume_refuses_overrides_that_would_change_the_run_by_name() {
+    let dir = tmp("resume-flags");
+    let out = dir.join("run");
+    let o = run(formers().args(reverse_args(&out, 20)));
+    assert!(o.status.success(), "{}", text(&o));
+    let model = out.join("checkpoint/model.safetensors");
+    let before = std::fs::read(&model).unwrap();
+    let resume = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--resume",
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+        ];
+        args.extend(extra);
+        run(formers().args(&args))
+    };
+    for (flag, value) in [("--steps", "40"), ("--lr", "0.5"), ("--batch-size", "3")] {
+        let o = resume(&[flag, value]);
+        let t = text(&o);
+        assert!(!o.status.success(), "{flag} {value} was accepted: {t}");
+        assert!(t.contains(flag) && t.contains("resume"), "{t}");
+        assert_eq!(checkpoint_step(&out), Some(20));
+        assert_eq!(std::fs::read(&model).unwrap(), before);
+    }
+    // An override equal to the run's own value changes nothing and is accepted.
+    let o = resume(&["--steps", "20"]);
+    assert!(o.status.success(), "{}", text(&o));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
