@@ -790,3 +790,23 @@ fn arena_data_writes_lra_tsv_and_show_writes_a_png() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn arena_show_reads_its_task_and_refuses_one_it_cannot_draw() {
+    let dir = tmp("arena-show");
+    // TASK is read even when --size is given: a task show cannot draw is refused by name.
+    let other = dir.join("listops.png");
+    for extra in [&["--size", "16"][..], &[]] {
+        let mut args = vec!["arena", "show", "listops", "--out", other.to_str().unwrap()];
+        args.extend(extra);
+        let o = run(formers().args(&args));
+        let t = text(&o);
+        assert!(!o.status.success(), "{t}");
+        assert!(
+            t.contains("listops") && t.contains("pathfinder, pathx"),
+            "{t}"
+        );
+        assert!(!other.exists());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
