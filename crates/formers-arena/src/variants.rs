@@ -1,7 +1,8 @@
 //! Arena variants: named model configs (`configs/arena/*.json`, embedded so the arena runs
 //! from any directory) or any config file the user names. The suite sets the size keys
 //! (`d_model`, `n_heads`, `n_layers`) and the task sets `input`, `max_len` and the head, so
-//! every variant gets the same size budget and differs only in its parts.
+//! every variant gets the same size budget and differs only in its parts; a variant file
+//! that sets one of these keys is refused rather than silently overridden.
 
 use std::path::Path;
 
@@ -63,9 +64,37 @@ struct VariantFile {
     model: ModelConfig,
 }
 
+/// Model keys the suite sets for every variant (size from the suite; input, length and
+/// head from the task), with the value a variant holds until then.
+const SUITE_KEYS: &[(&str, &str)] = &[
+    ("d_model", "64"),
+    ("n_heads", "4"),
+    ("n_layers", "2"),
+    ("max_len", "512"),
+    ("input", r#"{"kind": "bytes"}"#),
+    (
+        "head",
+        r#"{"kind": "classification", "n_classes": 2, "pooling": "mean"}"#,
+    ),
+];
+
 fn parse(name: &str, text: &str, origin: &str) -> Result<Variant, String> {
-    let file: VariantFile =
-        serde_json::from_str(text).map_err(|e| format!("variant `{name}` ({origin}): {e}"))?;
+    let err = |e: String| format!("variant `{name}` ({origin}): {e}");
+    let mut value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| err(e.to_string()))?;
+    if let Some(model) = value.get_mut("model").and_then(|m| m.as_object_mut()) {
+        for (key, placeholder) in SUITE_KEYS {
+            if model.contains_key(*key) {
+                return Err(err(format!(
+                    "`model.{key}` is set by the arena suite (every variant gets the suite's \
+                     size and the task's input, max_len and head); remove it from the file"
+                )));
+            }
+            let v = serde_json::from_str(placeholder).expect("placeholders are JSON");
+            model.insert(key.to_string(), v);
+        }
+    }
+    let file: VariantFile = serde_json::from_value(value).map_err(|e| err(e.to_string()))?;
     Ok(Variant {
         name: name.to_string(),
         description: file.description,
@@ -126,5 +155,32 @@ mod tests {
         assert!(err.contains("vanilla") && err.contains("nope"), "{err}");
         let two = resolve(&["flow".into(), "local".into()]).unwrap();
         assert_eq!(two[1].name, "local");
+    }
+
+    #[test]
+    fn variant_files_may_not_set_keys_the_suite_sets() {
+        let body =
+            r#"{"description": "d", "model": {"defaults": {"mixer": {"kind": "attention"}}}}"#;
+        let ok = parse("mine", body, "mine.json").unwrap();
+        assert_eq!(ok.model.defaults, builtin()[0].model.defaults);
+        for (key, value) in [
+            ("d_model", "128"),
+            ("n_heads", "8"),
+            ("n_layers", "6"),
+            ("max_len", "64"),
+            ("input", r#"{"kind": "bytes"}"#),
+            ("head", r#"{"kind": "lm"}"#),
+        ] {
+            let text = body.replacen(
+                r#""model": {"#,
+                &format!(r#""model": {{"{key}": {value}, "#),
+                1,
+            );
+            let e = parse("mine", &text, "mine.json").unwrap_err();
+            assert!(
+                e.contains(&format!("`model.{key}`")) && e.contains("set by the arena suite"),
+                "{key}: {e}"
+            );
+        }
     }
 }

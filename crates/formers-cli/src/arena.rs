@@ -598,6 +598,14 @@ fn data(d: DataArgs) -> Result<()> {
 }
 
 fn show(s: ShowArgs) -> Result<()> {
+    const SHOWN: &[&str] = &["pathfinder", "pathx"];
+    if !SHOWN.contains(&s.task.as_str()) {
+        bail!(
+            "`arena show` cannot draw task `{}`; expected one of {}",
+            s.task,
+            SHOWN.join(", ")
+        );
+    }
     let split = parse_split(&s.split)?;
     let pf = match s.size {
         Some(size) => Pathfinder::new(s.suite, DATA_SEED, size),

@@ -70,6 +70,44 @@ impl Codec {
     }
 }
 
+/// Prints the decoding of a growing list of ids piece by piece: each call prints the part of
+/// the decoded text not printed yet, holding it back while it ends in an incomplete character.
+struct TextStream {
+    ids: Vec<u32>,
+    shown: String,
+}
+
+impl TextStream {
+    fn new(ids: Vec<u32>) -> TextStream {
+        TextStream {
+            ids,
+            shown: String::new(),
+        }
+    }
+
+    /// Prints what is new; with `last`, also a trailing replacement character.
+    fn emit(&mut self, codec: &Codec, out: &mut impl Write, last: bool) -> Result<()> {
+        let text = codec.decode(&self.ids)?;
+        if !last && text.ends_with('\u{FFFD}') {
+            return Ok(());
+        }
+        // Decoders are prefix-stable in practice; should one not be, print from where the
+        // texts part (what was printed cannot be taken back).
+        let common = text
+            .char_indices()
+            .zip(self.shown.chars())
+            .take_while(|((_, a), b)| a == b)
+            .last()
+            .map_or(0, |((i, c), _)| i + c.len_utf8());
+        if text.len() > common {
+            write!(out, "{}", &text[common..])?;
+            out.flush()?;
+            self.shown = text;
+        }
+        Ok(())
+    }
+}
+
 fn load(dir: &Path) -> Result<(Model, Codec)> {
     if dir.join(RunRecord::FILE).is_file() {
         let (rec, model) = load_trained(dir)?;
@@ -110,10 +148,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
     };
     let mut stdout = std::io::stdout().lock();
-    write!(stdout, "{}", a.prompt)?;
+    // The printed text is the decoding of prompt + continuation as one sequence: decoders
+    // may join or strip spaces at token boundaries (a continuation decoded on its own can
+    // lose its leading space), and one character may span tokens.
+    let mut stream = TextStream::new(prompt.clone());
+    stream.emit(&codec, &mut stdout, false)?;
     let start = Instant::now();
-    let mut new_ids: Vec<u32> = Vec::new();
-    let mut shown = 0usize;
     let new = generate(
         &model,
         &prompt,
@@ -121,22 +161,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         &sampling,
         !a.no_cache,
         |t| {
-            new_ids.push(t);
-            // Print what decodes cleanly so far (multi-byte characters may span tokens).
-            if let Ok(text) = codec.decode(&new_ids) {
-                if !text.ends_with('\u{FFFD}') && text.len() > shown && text.is_char_boundary(shown)
-                {
-                    let _ = write!(stdout, "{}", &text[shown..]);
-                    let _ = stdout.flush();
-                    shown = text.len();
-                }
-            }
+            stream.ids.push(t);
+            let _ = stream.emit(&codec, &mut stdout, false);
         },
     )?;
-    let text = codec.decode(&new)?;
-    if text.len() > shown && text.is_char_boundary(shown) {
-        write!(stdout, "{}", &text[shown..])?;
-    }
+    stream.emit(&codec, &mut stdout, true)?;
     writeln!(stdout)?;
     let secs = start.elapsed().as_secs_f64();
     eprintln!(

@@ -8,6 +8,7 @@ use formers::config::RunConfig;
 use formers::generate::{generate, Sampling};
 use formers::tasks;
 use formers::train::trainer::{evaluate, load_trained, RunRecord};
+use formers::train::TrainConfig;
 
 use crate::progress::{bar, TrainBar};
 
@@ -28,7 +29,8 @@ pub struct TrainArgs {
     /// [default: runs/<task>, or runs/<task>-2, -3, ... when taken]
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
-    /// Continue the run in --out from its last checkpoint (same config and task)
+    /// Continue the run in --out from its last checkpoint (same config and task; the override
+    /// flags below are refused if they differ from the run's values)
     #[arg(long, requires = "out")]
     pub resume: bool,
     /// Override train.steps
@@ -117,6 +119,56 @@ fn apply_overrides(cfg: &mut RunConfig, a: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// A resumed run keeps the config it was started with (the learning-rate schedule and the
+/// data order depend on it, and the trainer checks it): an override flag that would change
+/// it is refused by name rather than dropped.
+fn refuse_changes_on_resume(a: &TrainArgs, saved: &TrainConfig, out: &Path) -> Result<()> {
+    let given = [
+        (
+            "steps",
+            a.steps.map(|v| v.to_string()),
+            saved.steps.to_string(),
+        ),
+        (
+            "seed",
+            a.seed.map(|v| v.to_string()),
+            saved.seed.to_string(),
+        ),
+        ("lr", a.lr.map(|v| v.to_string()), saved.lr.to_string()),
+        (
+            "batch_size",
+            a.batch_size.map(|v| v.to_string()),
+            saved.batch_size.to_string(),
+        ),
+        (
+            "grad_accum",
+            a.grad_accum.map(|v| v.to_string()),
+            saved.grad_accum.to_string(),
+        ),
+        (
+            "checkpoint_every",
+            a.checkpoint_every.map(|v| v.to_string()),
+            saved.checkpoint_every.to_string(),
+        ),
+        (
+            "eval_every",
+            a.eval_every.map(|v| v.to_string()),
+            saved.eval_every.to_string(),
+        ),
+    ];
+    for (key, flag, was) in given {
+        if let Some(v) = flag.filter(|v| *v != was) {
+            anyhow::bail!(
+                "--{} {v}: the run in {} was started with train.{key} = {was}, and a resumed run \
+                 keeps its config; resume without --{0}, or start a new run in another --out",
+                key.replace('_', "-"),
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn free_run_dir(task: &str) -> PathBuf {
     let base = PathBuf::from("runs");
     let first = base.join(task);
@@ -139,10 +191,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
     }
     let out = args.out.clone().unwrap_or_else(|| free_run_dir(&args.task));
-    let (mut cfg, task) = load_config(&args, &out)?;
-    if !args.resume || args.config.is_some() {
-        apply_overrides(&mut cfg, &args)?;
+    if args.resume {
+        if let Ok(saved) = RunRecord::load(&out) {
+            refuse_changes_on_resume(&args, &saved.config.train, &out)?;
+        }
     }
+    let (mut cfg, task) = load_config(&args, &out)?;
+    apply_overrides(&mut cfg, &args)?;
     let pb = bar(cfg.train.steps as u64, "train");
     if args.quiet {
         pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());

@@ -207,8 +207,6 @@ fn truncated_checkpoint_and_existing_runs_are_refused_without_overwriting() {
             "--resume",
             "--out",
             out.to_str().unwrap(),
-            "--steps",
-            "40",
             "--quiet",
         ],
         vec!["eval", "--model", out.to_str().unwrap()],
@@ -232,6 +230,39 @@ fn truncated_checkpoint_and_existing_runs_are_refused_without_overwriting() {
         "{}",
         text(&o)
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn resume_refuses_overrides_that_would_change_the_run_by_name() {
+    let dir = tmp("resume-flags");
+    let out = dir.join("run");
+    let o = run(formers().args(reverse_args(&out, 20)));
+    assert!(o.status.success(), "{}", text(&o));
+    let model = out.join("checkpoint/model.safetensors");
+    let before = std::fs::read(&model).unwrap();
+    let resume = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--resume",
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+        ];
+        args.extend(extra);
+        run(formers().args(&args))
+    };
+    for (flag, value) in [("--steps", "40"), ("--lr", "0.5"), ("--batch-size", "3")] {
+        let o = resume(&[flag, value]);
+        let t = text(&o);
+        assert!(!o.status.success(), "{flag} {value} was accepted: {t}");
+        assert!(t.contains(flag) && t.contains("resume"), "{t}");
+        assert_eq!(checkpoint_step(&out), Some(20));
+        assert_eq!(std::fs::read(&model).unwrap(), before);
+    }
+    // An override equal to the run's own value changes nothing and is accepted.
+    let o = resume(&["--steps", "20"]);
+    assert!(o.status.success(), "{}", text(&o));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -500,7 +531,9 @@ fn generate_from_a_gpt2_checkpoint_reproduces_transformers_greedy_tokens() {
     let tok =
         tokenizers::Tokenizer::from_file(repo().join("tests/fixtures/tiny-gpt2/tokenizer.json"))
             .unwrap();
-    let want = tok.decode(&greedy, true).unwrap();
+    let mut ids = tok.encode(prompt, false).unwrap().get_ids().to_vec();
+    ids.extend(&greedy);
+    let want = tok.decode(&ids, true).unwrap();
     let o = run(formers().args([
         "generate",
         "--model",
@@ -513,7 +546,7 @@ fn generate_from_a_gpt2_checkpoint_reproduces_transformers_greedy_tokens() {
     ]));
     assert!(o.status.success(), "{}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(out.trim_end_matches('\n'), format!("{prompt}{want}"));
+    assert_eq!(out.trim_end_matches('\n'), want);
     let o = run(formers().args([
         "generate",
         "--model",
@@ -526,6 +559,62 @@ fn generate_from_a_gpt2_checkpoint_reproduces_transformers_greedy_tokens() {
         "{}",
         text(&o)
     );
+}
+
+#[test]
+fn generate_prints_the_decoding_of_prompt_and_continuation_as_one_text() {
+    // The tiny GPT-2 with a decoder that strips the text's leading space (as Llama-style
+    // tokenizers do): a continuation decoded on its own loses the space after the prompt.
+    let dir = tmp("gen-decode");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(repo().join("tests/fixtures/tiny-gpt2").join(f), dir.join(f)).unwrap();
+    }
+    let mut tj: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("tests/fixtures/tiny-gpt2/tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    tj["decoder"] = serde_json::json!({"type": "Sequence", "decoders": [
+        tj["decoder"].clone(),
+        {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+    ]});
+    std::fs::write(dir.join("tokenizer.json"), tj.to_string()).unwrap();
+    let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    let model = formers::pretrained::load(&dir).unwrap().model;
+    let greedy = formers::generate::Sampling {
+        greedy: true,
+        ..Default::default()
+    };
+    let mut spaced = 0;
+    for prompt in [
+        "efficient transformers",
+        "love",
+        "To be or not",
+        "hello world",
+    ] {
+        let mut ids = tok.encode(prompt, false).unwrap().get_ids().to_vec();
+        let new = formers::generate::generate(&model, &ids, 12, &greedy, true, |_| {}).unwrap();
+        spaced += usize::from(tok.id_to_token(new[0]).unwrap().starts_with('\u{120}'));
+        ids.extend(&new);
+        let want = tok.decode(&ids, true).unwrap();
+        let o = run(formers().args([
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "12",
+            "--greedy",
+        ]));
+        assert!(o.status.success(), "{}", text(&o));
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(out.trim_end_matches('\n'), want, "prompt {prompt:?}");
+    }
+    assert!(
+        spaced > 0,
+        "no continuation starts with a space: the test tests nothing"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -699,5 +788,25 @@ fn arena_data_writes_lra_tsv_and_show_writes_a_png() {
         "{}",
         text(&o)
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn arena_show_reads_its_task_and_refuses_one_it_cannot_draw() {
+    let dir = tmp("arena-show");
+    // TASK is read even when --size is given: a task show cannot draw is refused by name.
+    let other = dir.join("listops.png");
+    for extra in [&["--size", "16"][..], &[]] {
+        let mut args = vec!["arena", "show", "listops", "--out", other.to_str().unwrap()];
+        args.extend(extra);
+        let o = run(formers().args(&args));
+        let t = text(&o);
+        assert!(!o.status.success(), "{t}");
+        assert!(
+            t.contains("listops") && t.contains("pathfinder, pathx"),
+            "{t}"
+        );
+        assert!(!other.exists());
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
