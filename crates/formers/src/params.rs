@@ -1,6 +1,7 @@
 //! Named parameters: the loader and the module tree are the same thing (as candle's
 //! `VarBuilder`), but initialisation is seeded by our own [`Rng`] and names are kept in a
-//! sorted map, so every walk over parameters has one fixed order.
+//! sorted map, so every walk over parameters has one fixed order. A store built on a
+//! [`Source`] (a checkpoint) takes each parameter from it instead and draws nothing.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -22,10 +23,24 @@ pub enum Init {
     Values(Vec<f64>),
 }
 
+/// Where a store's parameters come from instead of being initialised (a checkpoint).
+pub trait Source: std::fmt::Debug + Send + Sync {
+    /// The parameter `name` (full dotted name) of `shape`, as a variable of `dtype` on
+    /// `device`. A source may record a parameter it lacks and hand out a stand-in, to
+    /// report every missing one at once.
+    fn take(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Var>;
+}
+
+#[derive(Debug)]
+enum Fill {
+    Init(Rng),
+    Source(Arc<dyn Source>),
+}
+
 #[derive(Debug)]
 struct Store {
     vars: BTreeMap<String, Var>,
-    rng: Rng,
+    fill: Fill,
 }
 
 /// A handle on a shared parameter store at a name prefix.
@@ -41,10 +56,20 @@ pub struct Params {
 impl Params {
     /// An empty store whose parameters are initialised from `seed`.
     pub fn new(seed: u64, dtype: DType, device: &Device) -> Self {
+        Self::with_fill(Fill::Init(Rng::new(seed)), dtype, device)
+    }
+
+    /// An empty store whose parameters are taken from `source` as they are asked for;
+    /// the `Init` a module passes is ignored.
+    pub fn from_source(source: Arc<dyn Source>, dtype: DType, device: &Device) -> Self {
+        Self::with_fill(Fill::Source(source), dtype, device)
+    }
+
+    fn with_fill(fill: Fill, dtype: DType, device: &Device) -> Self {
         Params {
             store: Arc::new(Mutex::new(Store {
                 vars: BTreeMap::new(),
-                rng: Rng::new(seed),
+                fill,
             })),
             prefix: String::new(),
             dtype,
@@ -99,7 +124,8 @@ impl Params {
         }
     }
 
-    /// The parameter `name` of this shape, created with `init` the first time it is asked for.
+    /// The parameter `name` of this shape, created with `init` (or taken from the store's
+    /// source) the first time it is asked for.
     pub fn get(&self, shape: &[usize], name: &str, init: Init) -> Result<Tensor> {
         let full = self.full_name(name);
         let mut store = self.store.lock().expect("parameter store poisoned");
@@ -112,20 +138,34 @@ impl Params {
             }
             return Ok(self.hand_out(var));
         }
-        let n: usize = shape.iter().product();
-        let values: Vec<f64> = match init {
-            Init::Normal(std) => (0..n).map(|_| store.rng.normal() * std).collect(),
-            Init::Const(c) => vec![c; n],
-            Init::Values(v) if v.len() == n => v,
-            Init::Values(v) => {
-                return Err(Error::config(
-                    full,
-                    format!("{} initial values for {n} entries", v.len()),
-                ));
+        let var = match &mut store.fill {
+            Fill::Source(source) => {
+                let var = source.take(&full, shape, self.dtype, &self.device)?;
+                if var.dims() != shape {
+                    return Err(Error::config(
+                        full,
+                        format!("shape {shape:?} expected, the source gave {:?}", var.dims()),
+                    ));
+                }
+                var
+            }
+            Fill::Init(rng) => {
+                let n: usize = shape.iter().product();
+                let values: Vec<f64> = match init {
+                    Init::Normal(std) => (0..n).map(|_| rng.normal() * std).collect(),
+                    Init::Const(c) => vec![c; n],
+                    Init::Values(v) if v.len() == n => v,
+                    Init::Values(v) => {
+                        return Err(Error::config(
+                            full,
+                            format!("{} initial values for {n} entries", v.len()),
+                        ));
+                    }
+                };
+                let t = Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.dtype)?;
+                Var::from_tensor(&t)?
             }
         };
-        let t = Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.dtype)?;
-        let var = Var::from_tensor(&t)?;
         let out = self.hand_out(&var);
         store.vars.insert(full, var);
         Ok(out)
@@ -182,5 +222,37 @@ impl Params {
             .into_iter()
             .map(|(k, v)| (k, v.as_tensor().detach()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hands out `0, 1, 2, ...` in every shape, and counts what it was asked for.
+    #[derive(Debug, Default)]
+    struct Counting(Mutex<Vec<String>>);
+
+    impl Source for Counting {
+        fn take(&self, name: &str, shape: &[usize], dtype: DType, dev: &Device) -> Result<Var> {
+            self.0.lock().unwrap().push(name.to_string());
+            let n: usize = shape.iter().product();
+            let t = Tensor::arange(0f32, n as f32, dev)?.reshape(shape)?;
+            Ok(Var::from_tensor(&t.to_dtype(dtype)?)?)
+        }
+    }
+
+    #[test]
+    fn a_source_fills_parameters_once_and_init_is_ignored() {
+        let source = Arc::new(Counting::default());
+        let p = Params::from_source(source.clone(), DType::F64, &Device::Cpu).pp("layer");
+        let w = p.get(&[2, 3], "weight", Init::Normal(1.0)).unwrap();
+        assert_eq!(
+            w.to_vec2::<f64>().unwrap(),
+            [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+        );
+        p.get(&[2, 3], "weight", Init::Const(7.0)).unwrap();
+        assert_eq!(*source.0.lock().unwrap(), ["layer.weight"]);
+        assert!(p.get(&[3, 2], "weight", Init::Const(0.0)).is_err());
     }
 }

@@ -327,3 +327,75 @@ fn real_minilm_matches_sentence_transformers() {
         assert!(err < 1e-4, "sentence {i}: max abs difference {err}");
     }
 }
+
+#[test]
+fn missing_tensors_are_all_named_with_the_parameter_that_needs_them() {
+    let d = broken_copy("tiny-bert", "lacks");
+    edit_weights(&d, |t| {
+        t.remove("encoder.layer.1.attention.self.key.weight");
+        t.remove("embeddings.LayerNorm.bias");
+    });
+    let e = load_err(&d);
+    assert!(
+        e.contains("model.safetensors")
+            && e.contains("2 tensors missing")
+            && e.contains("`encoder.layer.1.attention.self.key.weight` (for formers `layers.1.mixer.k.weight`)")
+            && e.contains("`embeddings.LayerNorm.bias` (for formers `embed_norm.bias`)"),
+        "{e}"
+    );
+
+    // GPT-2's fused c_attn feeds three formers parameters: named once, with all three.
+    let d = broken_copy("tiny-gpt2", "lacks");
+    edit_weights(&d, |t| {
+        t.remove("transformer.h.0.attn.c_attn.weight");
+    });
+    let e = load_err(&d);
+    assert!(
+        e.contains("1 tensor missing: `h.0.attn.c_attn.weight` (for formers `layers.0.mixer.q.weight`, `layers.0.mixer.k.weight`, `layers.0.mixer.v.weight`)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unused_tensors_are_reported_but_known_harmless_ones_are_not() {
+    let d = broken_copy("tiny-bert", "extra");
+    edit_weights(&d, |t| {
+        let z = |n: usize| Tensor::zeros(n, candle_core::DType::F32, &Device::Cpu).unwrap();
+        t.insert("cls.predictions.bias".into(), z(400));
+        t.insert("encoder.layer.0.attention.self.rotary.weight".into(), z(3));
+        t.insert("pooler.dense.bias".into(), z(36));
+        let ids = Tensor::arange(0i64, 64, &Device::Cpu).unwrap();
+        t.insert("embeddings.position_ids".into(), ids.unsqueeze(0).unwrap());
+    });
+    let p = pretrained::load(&d).unwrap();
+    let _ = std::fs::remove_dir_all(&d);
+    assert_eq!(
+        p.unused,
+        [
+            "cls.predictions.bias",
+            "encoder.layer.0.attention.self.rotary.weight"
+        ]
+    );
+
+    let d = broken_copy("tiny-gpt2", "extra");
+    edit_weights(&d, |t| {
+        let mask = Tensor::ones((1, 1, 64, 64), candle_core::DType::F32, &Device::Cpu).unwrap();
+        t.insert("transformer.h.1.attn.bias".into(), mask);
+        t.insert("lm_head.weight".into(), t["transformer.wte.weight"].clone());
+        t.insert(
+            "score.weight".into(),
+            Tensor::zeros((2, 36), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    let p = pretrained::load(&d).unwrap();
+    let _ = std::fs::remove_dir_all(&d);
+    assert_eq!(p.unused, ["score.weight"]);
+}
+
+#[test]
+fn fixtures_load_with_no_unused_tensors() {
+    for name in ["tiny-bert", "tiny-gpt2"] {
+        let p = pretrained::load(&fixture(name)).unwrap();
+        assert!(p.unused.is_empty(), "{name}: {:?}", p.unused);
+    }
+}

@@ -4,9 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::Tensor;
-
-use super::{checkpoint_error, f64_key, read_json, usize_key, Weights};
+use super::{checkpoint_error, f64_key, layer_param, read_json, usize_key, Naming, Take};
 use crate::config::{
     Activation, FfnSpec, HeadSpec, InputSpec, LayerSpec, MixerSpec, ModelConfig, NormSpec,
     Placement, Pooling, PositionSpec,
@@ -104,108 +102,48 @@ fn pooling(dir: &Path) -> Result<(Pooling, bool)> {
     Ok((mode, normalize))
 }
 
-/// Prefix some checkpoints put before every tensor name (dropped when looking names up).
-pub const PREFIX: &str = "bert.";
+/// How BERT checkpoints name formers parameters (`bert.` is dropped where present).
+pub const NAMING: Naming = Naming {
+    family: "BERT",
+    prefix: "bert.",
+    take,
+    harmless,
+};
 
-/// The checkpoint's tensors under formers names.
-pub fn rename(cfg: &ModelConfig, w: &Weights) -> Result<BTreeMap<String, Tensor>> {
-    let d = cfg.d_model;
-    let hidden = cfg.defaults.ffn.hidden(d);
-    let mut out = BTreeMap::new();
-    out.insert(
-        "embed.weight".into(),
-        w.get(
-            "embeddings.word_embeddings.weight",
-            &[cfg.input.vocab_size(), d],
-        )?,
-    );
-    out.insert(
-        "pos.weight".into(),
-        w.get("embeddings.position_embeddings.weight", &[cfg.max_len, d])?,
-    );
-    out.insert(
-        "type_embed.weight".into(),
-        w.get(
-            "embeddings.token_type_embeddings.weight",
-            &[cfg.type_vocab_size, d],
-        )?,
-    );
-    linear_or_norm(
-        w,
-        &mut out,
-        "embeddings.LayerNorm",
-        "embed_norm",
-        &[d],
-        None,
-    )?;
-    for i in 0..cfg.n_layers {
-        let hf = format!("encoder.layer.{i}");
-        let us = format!("layers.{i}");
-        for (h, o) in [
-            ("attention.self.query", "mixer.q"),
-            ("attention.self.key", "mixer.k"),
-            ("attention.self.value", "mixer.v"),
-            ("attention.output.dense", "mixer.o"),
-        ] {
-            linear_or_norm(
-                w,
-                &mut out,
-                &format!("{hf}.{h}"),
-                &format!("{us}.{o}"),
-                &[d, d],
-                Some(d),
-            )?;
+/// The checkpoint tensor of formers parameter `ours`.
+pub fn take(ours: &str) -> Option<Take> {
+    let name = match ours {
+        "embed.weight" => "embeddings.word_embeddings.weight".to_string(),
+        "pos.weight" => "embeddings.position_embeddings.weight".to_string(),
+        "type_embed.weight" => "embeddings.token_type_embeddings.weight".to_string(),
+        _ => {
+            if let Some(param) = ours.strip_prefix("embed_norm.") {
+                format!("embeddings.LayerNorm.{param}")
+            } else {
+                let (i, module, param) = layer_param(ours)?;
+                let hf = match module {
+                    "mixer.q" => "attention.self.query",
+                    "mixer.k" => "attention.self.key",
+                    "mixer.v" => "attention.self.value",
+                    "mixer.o" => "attention.output.dense",
+                    "norm1" => "attention.output.LayerNorm",
+                    "ffn.up" => "intermediate.dense",
+                    "ffn.down" => "output.dense",
+                    "norm2" => "output.LayerNorm",
+                    _ => return None,
+                };
+                format!("encoder.layer.{i}.{hf}.{param}")
+            }
         }
-        linear_or_norm(
-            w,
-            &mut out,
-            &format!("{hf}.attention.output.LayerNorm"),
-            &format!("{us}.norm1"),
-            &[d],
-            None,
-        )?;
-        linear_or_norm(
-            w,
-            &mut out,
-            &format!("{hf}.intermediate.dense"),
-            &format!("{us}.ffn.up"),
-            &[hidden, d],
-            Some(hidden),
-        )?;
-        linear_or_norm(
-            w,
-            &mut out,
-            &format!("{hf}.output.dense"),
-            &format!("{us}.ffn.down"),
-            &[d, hidden],
-            Some(d),
-        )?;
-        linear_or_norm(
-            w,
-            &mut out,
-            &format!("{hf}.output.LayerNorm"),
-            &format!("{us}.norm2"),
-            &[d],
-            None,
-        )?;
-    }
-    Ok(out)
+    };
+    Some(Take::same(name))
 }
 
-/// Copies `hf.weight` (shape `weight`) and `hf.bias` (length `bias`, or `weight[0]` for norms).
-fn linear_or_norm(
-    w: &Weights,
-    out: &mut BTreeMap<String, Tensor>,
-    hf: &str,
-    ours: &str,
-    weight: &[usize],
-    bias: Option<usize>,
-) -> Result<()> {
-    out.insert(
-        format!("{ours}.weight"),
-        w.get(&format!("{hf}.weight"), weight)?,
-    );
-    let b = bias.unwrap_or(weight[0]);
-    out.insert(format!("{ours}.bias"), w.get(&format!("{hf}.bias"), &[b])?);
-    Ok(())
+/// Stored tensors formers leaves unused on purpose: the `position_ids` buffer and the
+/// pooler (sentence-transformers pools the hidden states itself; formers has no pooler).
+fn harmless(name: &str) -> bool {
+    matches!(
+        name,
+        "embeddings.position_ids" | "pooler.dense.weight" | "pooler.dense.bias"
+    )
 }

@@ -1,13 +1,11 @@
 //! GPT-2-family decoders (Radford et al. 2019): learned positions, pre-LN, GELU (tanh),
 //! tied LM head. Hugging Face stores GPT-2's projections as `Conv1D` (`[in, out]`) with
-//! q, k, v fused in `c_attn`; this file transposes and splits them.
+//! q, k, v fused in `c_attn`; the name map here says to transpose and split them.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::Tensor;
-
-use super::{checkpoint_error, f64_key, usize_key, Weights};
+use super::{checkpoint_error, f64_key, layer_param, usize_key, Naming, Take};
 use crate::config::{
     Activation, FfnSpec, HeadSpec, InputSpec, LayerSpec, MixerSpec, ModelConfig, NormSpec,
     Placement, PositionSpec,
@@ -64,87 +62,51 @@ pub fn config(hf: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
-/// Prefix some checkpoints put before every tensor name (dropped when looking names up).
-pub const PREFIX: &str = "transformer.";
+/// How GPT-2 checkpoints name formers parameters (`transformer.` is dropped where present).
+pub const NAMING: Naming = Naming {
+    family: "GPT-2",
+    prefix: "transformer.",
+    take,
+    harmless,
+};
 
-/// The checkpoint's tensors under formers names.
-pub fn rename(cfg: &ModelConfig, w: &Weights) -> Result<BTreeMap<String, Tensor>> {
-    let d = cfg.d_model;
-    let hidden = cfg.defaults.ffn.hidden(d);
-    let mut out = BTreeMap::new();
-    out.insert(
-        "embed.weight".into(),
-        w.get("wte.weight", &[cfg.input.vocab_size(), d])?,
-    );
-    out.insert("pos.weight".into(), w.get("wpe.weight", &[cfg.max_len, d])?);
-    let norm = |out: &mut BTreeMap<String, Tensor>, hf: &str, ours: &str| -> Result<()> {
-        out.insert(
-            format!("{ours}.weight"),
-            w.get(&format!("{hf}.weight"), &[d])?,
-        );
-        out.insert(format!("{ours}.bias"), w.get(&format!("{hf}.bias"), &[d])?);
-        Ok(())
-    };
-    // Conv1D `[in, out]` → Linear `[out, in]`.
-    let conv = |out: &mut BTreeMap<String, Tensor>,
-                hf: &str,
-                ours: &str,
-                d_in: usize,
-                d_out: usize|
-     -> Result<()> {
-        out.insert(
-            format!("{ours}.weight"),
-            w.get(&format!("{hf}.weight"), &[d_in, d_out])?
-                .t()?
-                .contiguous()?,
-        );
-        out.insert(
-            format!("{ours}.bias"),
-            w.get(&format!("{hf}.bias"), &[d_out])?,
-        );
-        Ok(())
-    };
-    for i in 0..cfg.n_layers {
-        let hf = format!("h.{i}");
-        let us = format!("layers.{i}");
-        norm(&mut out, &format!("{hf}.ln_1"), &format!("{us}.norm1"))?;
-        let qkv_w = w
-            .get(&format!("{hf}.attn.c_attn.weight"), &[d, 3 * d])?
-            .t()?;
-        let qkv_b = w.get(&format!("{hf}.attn.c_attn.bias"), &[3 * d])?;
-        for (j, part) in ["q", "k", "v"].iter().enumerate() {
-            out.insert(
-                format!("{us}.mixer.{part}.weight"),
-                qkv_w.narrow(0, j * d, d)?.contiguous()?,
-            );
-            out.insert(
-                format!("{us}.mixer.{part}.bias"),
-                qkv_b.narrow(0, j * d, d)?.contiguous()?,
-            );
-        }
-        conv(
-            &mut out,
-            &format!("{hf}.attn.c_proj"),
-            &format!("{us}.mixer.o"),
-            d,
-            d,
-        )?;
-        norm(&mut out, &format!("{hf}.ln_2"), &format!("{us}.norm2"))?;
-        conv(
-            &mut out,
-            &format!("{hf}.mlp.c_fc"),
-            &format!("{us}.ffn.up"),
-            d,
-            hidden,
-        )?;
-        conv(
-            &mut out,
-            &format!("{hf}.mlp.c_proj"),
-            &format!("{us}.ffn.down"),
-            hidden,
-            d,
-        )?;
+/// The checkpoint tensor of formers parameter `ours`: `Conv1D` weights are transposed,
+/// and q, k, v are the three thirds of `c_attn`.
+pub fn take(ours: &str) -> Option<Take> {
+    match ours {
+        "embed.weight" => return Some(Take::same("wte.weight")),
+        "pos.weight" => return Some(Take::same("wpe.weight")),
+        _ => {}
     }
-    norm(&mut out, "ln_f", "final_norm")?;
-    Ok(out)
+    if let Some(param) = ours.strip_prefix("final_norm.") {
+        return Some(Take::same(format!("ln_f.{param}")));
+    }
+    let (i, module, param) = layer_param(ours)?;
+    // (name, is a Conv1D, slice of a fused tensor)
+    let (hf, conv, part) = match module {
+        "norm1" => ("ln_1", false, None),
+        "norm2" => ("ln_2", false, None),
+        "mixer.q" => ("attn.c_attn", true, Some((0, 3))),
+        "mixer.k" => ("attn.c_attn", true, Some((1, 3))),
+        "mixer.v" => ("attn.c_attn", true, Some((2, 3))),
+        "mixer.o" => ("attn.c_proj", true, None),
+        "ffn.up" => ("mlp.c_fc", true, None),
+        "ffn.down" => ("mlp.c_proj", true, None),
+        _ => return None,
+    };
+    Some(Take {
+        name: format!("h.{i}.{hf}.{param}"),
+        transpose: conv && param == "weight",
+        part,
+    })
+}
+
+/// Stored tensors formers leaves unused on purpose: the causal-mask buffers `attn.bias` /
+/// `attn.masked_bias` and `lm_head.weight` (tied to `wte`, which formers uses).
+fn harmless(name: &str) -> bool {
+    name == "lm_head.weight"
+        || name.strip_prefix("h.").is_some_and(|rest| {
+            rest.split_once('.')
+                .is_some_and(|(_, p)| p == "attn.bias" || p == "attn.masked_bias")
+        })
 }

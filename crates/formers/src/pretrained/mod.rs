@@ -1,12 +1,14 @@
 //! Hugging Face checkpoints (`config.json`, `model.safetensors`, `tokenizer.json`) as formers
-//! models. One file per family maps the config to a [`ModelConfig`] and renames weights;
-//! the blocks are the same blocks every other model uses.
+//! models. One file per family maps the config to a [`ModelConfig`] and formers parameter
+//! names to checkpoint names; the model is built straight from the mapped file (nothing is
+//! initialised), from the same blocks every other model uses.
 
 pub mod bert;
+mod checkpoint;
 pub mod gpt2;
-mod weights;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::Device;
 use tokenizers::Tokenizer;
@@ -16,7 +18,7 @@ use crate::model::{Model, DTYPE};
 use crate::params::Params;
 use crate::{Error, Result};
 
-pub use weights::Weights;
+pub use checkpoint::{Checkpoint, Naming, Take};
 
 /// The model families formers loads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +37,8 @@ pub struct Pretrained {
     pub model: Model,
     pub tokenizer: Tokenizer,
     pub dir: PathBuf,
+    /// Checkpoint tensors the model does not use (known-harmless ones left out).
+    pub unused: Vec<String>,
 }
 
 fn checkpoint_error(path: &Path, msg: impl Into<String>) -> Error {
@@ -65,20 +69,21 @@ pub fn load(dir: &Path) -> Result<Pretrained> {
             ))
         }
     };
+    let naming = match family {
+        Family::Bert => bert::NAMING,
+        Family::Gpt2 => gpt2::NAMING,
+    };
     let weights_path = dir.join("model.safetensors");
-    let bytes = std::fs::read(&weights_path).map_err(|e| Error::io(&weights_path, e))?;
-    let prefix = match family {
-        Family::Bert => bert::PREFIX,
-        Family::Gpt2 => gpt2::PREFIX,
-    };
-    let weights = Weights::parse(&bytes, &weights_path, prefix)?;
-    let tensors = match family {
-        Family::Bert => bert::rename(&config, &weights)?,
-        Family::Gpt2 => gpt2::rename(&config, &weights)?,
-    };
-    let params = Params::new(0, DTYPE, &Device::Cpu);
-    let model = Model::new(&config, &params.frozen())?;
-    params.assign(&tensors, &weights_path)?;
+    let (model, unused) = build(&config, &weights_path, naming)?;
+    if !unused.is_empty() {
+        tracing::warn!(
+            "{}: {} tensor{} unused: {}",
+            weights_path.display(),
+            unused.len(),
+            if unused.len() == 1 { "" } else { "s" },
+            unused.join(", ")
+        );
+    }
     let tokenizer = load_tokenizer(&dir.join("tokenizer.json"), config.input.vocab_size())?;
     Ok(Pretrained {
         family,
@@ -86,7 +91,17 @@ pub fn load(dir: &Path) -> Result<Pretrained> {
         model,
         tokenizer,
         dir: dir.to_path_buf(),
+        unused,
     })
+}
+
+/// The model of `cfg` with its parameters taken from the safetensors file `path` under
+/// `naming`, and the file's unused tensors.
+fn build(cfg: &ModelConfig, path: &Path, naming: Naming) -> Result<(Model, Vec<String>)> {
+    let ckpt = Arc::new(Checkpoint::open(path, naming)?);
+    let params = Params::from_source(ckpt.clone(), DTYPE, &Device::Cpu);
+    let model = Model::new(cfg, &params.frozen())?;
+    Ok((model, ckpt.finish()?))
 }
 
 /// Reads `tokenizer.json` with padding and truncation off (batches are packed, and
@@ -125,6 +140,13 @@ pub fn encode(tok: &Tokenizer, text: &str, special: bool) -> Result<Vec<u32>> {
 pub fn decode(tok: &Tokenizer, ids: &[u32]) -> Result<String> {
     tok.decode(ids, true)
         .map_err(|e| Error::Input(format!("cannot decode tokens: {e}")))
+}
+
+/// `layers.{i}.{module}.{weight|bias}` split into its parts.
+pub(crate) fn layer_param(name: &str) -> Option<(usize, &str, &str)> {
+    let (i, rest) = name.strip_prefix("layers.")?.split_once('.')?;
+    let (module, param) = rest.rsplit_once('.')?;
+    matches!(param, "weight" | "bias").then_some((i.parse().ok()?, module, param))
 }
 
 /// `hf[key]` as a positive integer, or an error naming the file and key.
