@@ -226,6 +226,26 @@ mod tests {
     }
 
     #[test]
+    fn every_mixer_inference_form_equals_its_training_form_without_a_graph() {
+        for spec in MixerSpec::examples() {
+            for causal in [false, true] {
+                if causal && !spec.kind().capabilities().causal {
+                    continue;
+                }
+                let p = Params::new(1, DType::F32, &Device::Cpu);
+                let train = spec.build(&dims(causal), &p).unwrap();
+                let infer = spec.build(&dims(causal), &p.frozen()).unwrap();
+                let x = randn(&[2, 5, 8], 3).to_dtype(DType::F32).unwrap();
+                let a = train.forward(&x, &MixCtx::default(), None).unwrap();
+                let b = infer.forward(&x, &MixCtx::default(), None).unwrap();
+                assert!(a.track_op() && !b.track_op(), "{spec:?}");
+                let diff = crate::testutil::max_abs(&a, &b);
+                assert!(diff < 1e-5, "{spec:?}: {diff}");
+            }
+        }
+    }
+
+    #[test]
     fn every_spec_survives_json_and_validates() {
         for spec in MixerSpec::examples() {
             let json = serde_json::to_string(&spec).unwrap();

@@ -123,6 +123,9 @@ pub fn train_task(
     };
     let params = Params::new(tc.seed, DTYPE, &Device::Cpu);
     let model = Model::new(&run.model, &params)?;
+    // Evaluation runs the inference form of the same weights (a frozen view sharing their
+    // storage): no autodiff graph, forward-only kernels.
+    let infer = Model::new(&run.model, &params.frozen())?;
     let vars = params.vars();
     let mut opt = AdamW::new(tc.beta1, tc.beta2, tc.eps, tc.weight_decay);
     let mut seeds = Rng::new(tc.seed);
@@ -259,7 +262,7 @@ pub fn train_task(
         obs.on_step(&report);
         let last = state.step == tc.steps;
         if state.step.is_multiple_of(tc.eval_every) || last {
-            let e = evaluate(&model, task, tc.seed, tc.eval_batches, tc.batch_size)?;
+            let e = evaluate(&infer, task, tc.seed, tc.eval_batches, tc.batch_size)?;
             metrics.write(&serde_json::json!({"step": state.step, "eval_loss": e.loss, "eval_accuracy": e.accuracy}))?;
             obs.on_eval(state.step, &e);
             last_eval = Some(e);
@@ -271,7 +274,7 @@ pub fn train_task(
     }
     let eval = match last_eval {
         Some(e) => e,
-        None => evaluate(&model, task, tc.seed, tc.eval_batches, tc.batch_size)?,
+        None => evaluate(&infer, task, tc.seed, tc.eval_batches, tc.batch_size)?,
     };
     Ok(Summary {
         steps: state.step,
