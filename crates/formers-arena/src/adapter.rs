@@ -24,11 +24,6 @@ impl Adapter {
         Adapter { task }
     }
 
-    /// The wrapped task.
-    pub fn task(&self) -> &dyn ArenaTask {
-        self.task.as_ref()
-    }
-
     fn draw(&self, split: Split, rng: &mut Rng, b: usize) -> formers::Result<Batch> {
         let n = self.task.len(split);
         let indices: Vec<usize> = (0..b).map(|_| rng.below(n)).collect();

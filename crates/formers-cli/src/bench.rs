@@ -1,6 +1,13 @@
 //! `formers bench ...`: speed and memory figures users can quote.
+//!
+//! Every subcommand uses one harness: it lists its measurements as [`Job`]s, and
+//! [`measure_each`] runs each one in its own `formers bench measure` process (a fresh
+//! allocator, so the peak resident memory is that job's own) and collects the JSON rows the
+//! child prints. The PyTorch baseline of `bench embed` is another process read the same way
+//! ([`rows_of`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -9,7 +16,8 @@ use clap::{Args, Subcommand};
 use formers::mixer::softmax::{attend, reference_attend, AttendOpts};
 use formers::rng::Rng;
 use formers_arena::mem;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::progress::bar;
 
@@ -22,9 +30,9 @@ pub enum BenchCommand {
     Embed(EmbedArgs),
     /// Forward+backward time and peak memory of each token mixer, relative to exact attention.
     Mixers(MixersArgs),
-    /// One mixer at one length (run by `bench mixers` in a child process, for a clean peak RSS).
+    /// One measurement (run by the other bench commands in a child process, for a clean peak RSS).
     #[command(hide = true)]
-    MixerOne(MixerOneArgs),
+    Measure(MeasureArgs),
 }
 
 /// Flags of `formers bench mixers`.
@@ -70,22 +78,12 @@ pub struct MixersArgs {
     pub json: Option<PathBuf>,
 }
 
-/// Flags of the hidden `formers bench mixer-one`.
+/// Flags of the hidden `formers bench measure`.
 #[derive(Debug, Args)]
-pub struct MixerOneArgs {
+pub struct MeasureArgs {
+    /// The measurement, as JSON (a [`Job`])
     #[arg(long)]
-    pub spec: String,
-    #[arg(long)]
-    pub length: usize,
-    #[arg(long)]
-    pub dim: usize,
-    #[arg(long)]
-    pub heads: usize,
-    #[arg(long)]
-    pub repeats: usize,
-    /// A causal model.
-    #[arg(long)]
-    pub causal: bool,
+    pub job: String,
 }
 
 /// The shipped benchmark sentences (data/sentences.txt, public domain; see data/README.md).
@@ -167,13 +165,143 @@ struct AttentionRow {
     base_rss_bytes: u64,
 }
 
+/// One measurement, run in its own process; it prints one JSON row on stdout.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Job {
+    /// One attention forward at one length.
+    Attention {
+        length: usize,
+        batch: usize,
+        heads: usize,
+        dim: usize,
+        chunk: usize,
+        causal: bool,
+        naive: bool,
+        repeats: usize,
+    },
+    /// Forward+backward of one token mixer at one length.
+    Mixer {
+        /// The name shown in the table.
+        name: String,
+        /// The mixer's config (a `MixerSpec` as JSON).
+        spec: Value,
+        length: usize,
+        dim: usize,
+        heads: usize,
+        repeats: usize,
+        /// A causal model.
+        causal: bool,
+    },
+    /// Embedding every sentence of a file at one batch size.
+    Embed {
+        model: PathBuf,
+        sentences: PathBuf,
+        batch_size: usize,
+        threads: usize,
+    },
+}
+
+/// The JSON rows `cmd` prints on stdout, one object per line (other lines are ignored); a
+/// failed process is an error that quotes its stderr.
+fn rows_of(cmd: &mut Command, what: &str) -> Result<Vec<Value>> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {what} in a child process"))?;
+    if !out.status.success() {
+        anyhow::bail!("{what}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(Value::is_object)
+        .collect())
+}
+
+/// Runs each `(label, job)` in its own `formers bench measure` process, in order, under a
+/// progress bar titled `title`; prints `line(row)` above the bar for each row.
+fn measure_each(
+    title: &str,
+    jobs: &[(String, Job)],
+    line: impl Fn(&Value) -> String,
+) -> Result<Vec<Value>> {
+    let exe = std::env::current_exe().context("locating the formers binary")?;
+    let pb = bar(jobs.len() as u64, title);
+    let mut rows = Vec::new();
+    for (label, job) in jobs {
+        pb.set_message(label.clone());
+        let mut cmd = Command::new(&exe);
+        cmd.args(["bench", "measure", "--job", &serde_json::to_string(job)?]);
+        if let Job::Embed { threads, .. } = job {
+            // candle sizes its thread pool from this variable on first use.
+            cmd.env("RAYON_NUM_THREADS", threads.to_string());
+        }
+        let got = rows_of(&mut cmd, label)?;
+        if got.is_empty() {
+            anyhow::bail!("{label}: the child printed no result");
+        }
+        for r in &got {
+            pb.println(line(r));
+        }
+        rows.extend(got);
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    Ok(rows)
+}
+
+/// Writes `rows` as a pretty JSON array to `path`, if given.
+fn write_json(path: Option<&Path>, rows: &[Value]) -> Result<()> {
+    if let Some(path) = path {
+        std::fs::write(path, serde_json::to_string_pretty(rows)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
 /// Runs a benchmark.
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Attention(a) => attention(a),
         BenchCommand::Embed(a) => embed(a),
         BenchCommand::Mixers(a) => mixers(a),
-        BenchCommand::MixerOne(a) => mixer_one(a),
+        BenchCommand::Measure(a) => {
+            let job: Job = serde_json::from_str(&a.job).context("--job")?;
+            println!("{}", measure(job)?);
+            Ok(())
+        }
+    }
+}
+
+/// Runs one measurement in this process and returns its row.
+fn measure(job: Job) -> Result<Value> {
+    match job {
+        Job::Attention {
+            length,
+            batch,
+            heads,
+            dim,
+            chunk,
+            causal,
+            naive,
+            repeats,
+        } => attention_one(length, batch, heads, dim, chunk, causal, naive, repeats),
+        Job::Mixer {
+            name,
+            spec,
+            length,
+            dim,
+            heads,
+            repeats,
+            causal,
+        } => mixer_one(name, spec, length, dim, heads, repeats, causal),
+        Job::Embed {
+            model,
+            sentences,
+            batch_size,
+            threads,
+        } => embed_one(&model, &sentences, batch_size, threads),
     }
 }
 
@@ -184,90 +312,110 @@ fn attention(a: AttentionArgs) -> Result<()> {
     if a.repeats == 0 || a.dim == 0 || a.heads == 0 || a.batch == 0 || a.chunk == 0 {
         anyhow::bail!("--repeats, --dim, --heads, --batch and --chunk must be at least 1");
     }
-    let kernel = if a.naive { "naive" } else { "chunked" };
-    let pb = bar(a.lengths.len() as u64, "bench attention");
-    let mut rows = Vec::new();
-    let mut rng = Rng::new(0);
-    for &n in &a.lengths {
-        pb.set_message(format!("n = {n}"));
-        let base = mem::current_rss().unwrap_or(0);
-        mem::reset_peak();
-        let shape = (a.batch, a.heads, n, a.dim);
-        let mut randn = || -> Result<Tensor> {
-            let v: Vec<f32> = (0..a.batch * a.heads * n * a.dim)
-                .map(|_| rng.normal() as f32)
-                .collect();
-            Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
-        };
-        let (q, k, v) = (randn()?, randn()?, randn()?);
-        let opts = AttendOpts {
-            causal: a.causal,
-            q_offset: 0,
-            key_bias: None,
-            q_chunk: a.chunk,
-            k_chunk: a.chunk,
-            // A forward-only benchmark: the inference form.
-            inference: true,
-            ..Default::default()
-        };
-        let mut times = Vec::with_capacity(a.repeats);
-        for _ in 0..a.repeats {
-            let t = Instant::now();
-            let y = if a.naive {
-                reference_attend(&q, &k, &v, a.causal, 0, None)?
-            } else {
-                attend(&q, &k, &v, &opts)?
-            };
-            assert_eq!(y.dtype(), DType::F32);
-            times.push(t.elapsed().as_secs_f64());
-            drop(y);
-        }
-        times.sort_by(f64::total_cmp);
-        let row = AttentionRow {
-            kernel,
-            length: n,
-            batch: a.batch,
-            heads: a.heads,
-            dim: a.dim,
-            causal: a.causal,
-            seconds: times[times.len() / 2],
-            peak_rss_bytes: mem::peak_rss().unwrap_or(0),
-            base_rss_bytes: base,
-        };
-        pb.println(format!(
-            "{kernel:>8} n = {n:>6}: {:>9.2} ms per forward, peak RSS {}",
-            row.seconds * 1e3,
-            mem::human(row.peak_rss_bytes)
-        ));
-        rows.push(row);
-        pb.inc(1);
-    }
-    pb.finish_and_clear();
+    let jobs: Vec<(String, Job)> = a
+        .lengths
+        .iter()
+        .map(|&length| {
+            (
+                format!("n = {length}"),
+                Job::Attention {
+                    length,
+                    batch: a.batch,
+                    heads: a.heads,
+                    dim: a.dim,
+                    chunk: a.chunk,
+                    causal: a.causal,
+                    naive: a.naive,
+                    repeats: a.repeats,
+                },
+            )
+        })
+        .collect();
+    let rows = measure_each("bench attention", &jobs, |r| {
+        format!(
+            "{:>8} n = {:>6}: {:>9.2} ms per forward, peak RSS {}",
+            r["kernel"].as_str().unwrap_or("?"),
+            r["length"],
+            r["seconds"].as_f64().unwrap_or(0.0) * 1e3,
+            mem::human(r["peak_rss_bytes"].as_u64().unwrap_or(0))
+        )
+    })?;
     println!("| kernel | length | ms / forward | peak RSS |");
     println!("|---|---:|---:|---:|");
     for r in &rows {
         println!(
             "| {} | {} | {:.2} | {} |",
-            r.kernel,
-            r.length,
-            r.seconds * 1e3,
-            mem::human(r.peak_rss_bytes)
+            r["kernel"].as_str().unwrap_or("?"),
+            r["length"],
+            r["seconds"].as_f64().unwrap_or(0.0) * 1e3,
+            mem::human(r["peak_rss_bytes"].as_u64().unwrap_or(0))
         );
     }
-    if let Some(path) = &a.json {
-        let json = serde_json::to_string_pretty(&rows)?;
-        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("wrote {}", path.display());
+    write_json(a.json.as_deref(), &rows)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention_one(
+    n: usize,
+    batch: usize,
+    heads: usize,
+    dim: usize,
+    chunk: usize,
+    causal: bool,
+    naive: bool,
+    repeats: usize,
+) -> Result<Value> {
+    let base = mem::current_rss().unwrap_or(0);
+    mem::reset_peak();
+    let mut rng = Rng::new(0);
+    let shape = (batch, heads, n, dim);
+    let mut randn = || -> Result<Tensor> {
+        let v: Vec<f32> = (0..batch * heads * n * dim)
+            .map(|_| rng.normal() as f32)
+            .collect();
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+    };
+    let (q, k, v) = (randn()?, randn()?, randn()?);
+    let opts = AttendOpts {
+        causal,
+        q_offset: 0,
+        key_bias: None,
+        q_chunk: chunk,
+        k_chunk: chunk,
+        // A forward-only benchmark: the inference form.
+        inference: true,
+        ..Default::default()
+    };
+    let mut times = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        let t = Instant::now();
+        let y = if naive {
+            reference_attend(&q, &k, &v, causal, 0, None)?
+        } else {
+            attend(&q, &k, &v, &opts)?
+        };
+        assert_eq!(y.dtype(), DType::F32);
+        times.push(t.elapsed().as_secs_f64());
+        drop(y);
     }
-    Ok(())
+    times.sort_by(f64::total_cmp);
+    Ok(serde_json::to_value(AttentionRow {
+        kernel: if naive { "naive" } else { "chunked" },
+        length: n,
+        batch,
+        heads,
+        dim,
+        causal,
+        seconds: times[times.len() / 2],
+        peak_rss_bytes: mem::peak_rss().unwrap_or(0),
+        base_rss_bytes: base,
+    })?)
 }
 
 fn embed(a: EmbedArgs) -> Result<()> {
     if a.batch_sizes.is_empty() || a.batch_sizes.contains(&0) || a.threads == 0 {
         anyhow::bail!("--batch-sizes and --threads must be at least 1");
     }
-    // candle sizes its thread pool from this variable on first use.
-    std::env::set_var("RAYON_NUM_THREADS", a.threads.to_string());
     let text = match &a.sentences {
         Some(p) => {
             std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
@@ -283,57 +431,13 @@ fn embed(a: EmbedArgs) -> Result<()> {
     if sentences.is_empty() {
         anyhow::bail!("no sentences to embed");
     }
-    let p = crate::embed::load_encoder(&a.model)?;
-    let tokens: usize = crate::embed::tokenize_lines(&p, &sentences, true)?
-        .iter()
-        .map(Vec::len)
-        .sum();
-    let mut rows = Vec::new();
-    for &bs in &a.batch_sizes {
-        crate::embed::embed_lines(&p, &sentences[..bs.min(sentences.len())], bs, true, |_| {})?; // warm-up
-        let pb = bar(sentences.len() as u64, &format!("formers batch {bs}"));
-        let t = Instant::now();
-        crate::embed::embed_lines(&p, &sentences, bs, true, |n| pb.inc(n as u64))?;
-        let secs = t.elapsed().as_secs_f64();
-        pb.finish_and_clear();
-        rows.push(serde_json::json!({
-            "impl": "formers", "batch_size": bs, "sentences": sentences.len(), "tokens": tokens,
-            "threads": a.threads, "seconds": secs, "sentences_per_s": sentences.len() as f64 / secs,
-        }));
-    }
-    if let Some(script) = &a.torch {
-        let list = tempfile_with(&sentences)?;
-        let sizes: Vec<String> = a.batch_sizes.iter().map(usize::to_string).collect();
-        eprintln!(
-            "running {} (PyTorch) on the same sentences...",
-            script.display()
-        );
-        let out = std::process::Command::new("python3")
-            .arg(script)
-            .arg("--model")
-            .arg(&a.model)
-            .arg("--sentences")
-            .arg(&list)
-            .arg("--batch-sizes")
-            .arg(sizes.join(","))
-            .arg("--threads")
-            .arg(a.threads.to_string())
-            .output()
-            .with_context(|| format!("running python3 {}", script.display()))?;
-        let _ = std::fs::remove_file(&list);
-        if !out.status.success() {
-            anyhow::bail!(
-                "{} failed: {}",
-                script.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
-                rows.push(v);
-            }
-        }
-    }
+    // Loaded once here so a bad checkpoint fails before any child runs.
+    crate::embed::load_encoder(&a.model)?;
+    // Both implementations, in every child, read the same list.
+    let list = tempfile_with(&sentences)?;
+    let result = embed_rows(&a, &list);
+    let _ = std::fs::remove_file(&list);
+    let rows = result?;
     println!("| impl | batch | sentences/s | vs torch |");
     println!("|---|---:|---:|---:|");
     let rate = |impl_: &str, bs: usize| {
@@ -350,12 +454,73 @@ fn embed(a: EmbedArgs) -> Result<()> {
             }
         }
     }
-    if let Some(path) = &a.json {
-        std::fs::write(path, serde_json::to_string_pretty(&rows)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("wrote {}", path.display());
+    write_json(a.json.as_deref(), &rows)
+}
+
+/// The rows of `bench embed`: formers at each batch size, then PyTorch if asked.
+fn embed_rows(a: &EmbedArgs, list: &Path) -> Result<Vec<Value>> {
+    let jobs: Vec<(String, Job)> = a
+        .batch_sizes
+        .iter()
+        .map(|&batch_size| {
+            (
+                format!("formers batch {batch_size}"),
+                Job::Embed {
+                    model: a.model.clone(),
+                    sentences: list.to_path_buf(),
+                    batch_size,
+                    threads: a.threads,
+                },
+            )
+        })
+        .collect();
+    let mut rows = measure_each("bench embed", &jobs, |r| {
+        format!(
+            "formers batch {:>4}: {:>8.1} sentences/s",
+            r["batch_size"],
+            r["sentences_per_s"].as_f64().unwrap_or(0.0)
+        )
+    })?;
+    if let Some(script) = &a.torch {
+        let sizes: Vec<String> = a.batch_sizes.iter().map(usize::to_string).collect();
+        eprintln!(
+            "running {} (PyTorch) on the same sentences...",
+            script.display()
+        );
+        rows.extend(rows_of(
+            Command::new("python3")
+                .arg(script)
+                .arg("--model")
+                .arg(&a.model)
+                .arg("--sentences")
+                .arg(list)
+                .arg("--batch-sizes")
+                .arg(sizes.join(","))
+                .arg("--threads")
+                .arg(a.threads.to_string()),
+            &format!("python3 {}", script.display()),
+        )?);
     }
-    Ok(())
+    Ok(rows)
+}
+
+fn embed_one(model: &Path, list: &Path, bs: usize, threads: usize) -> Result<Value> {
+    let text =
+        std::fs::read_to_string(list).with_context(|| format!("reading {}", list.display()))?;
+    let sentences: Vec<String> = text.lines().map(String::from).collect();
+    let p = crate::embed::load_encoder(model)?;
+    let tokens: usize = crate::embed::tokenize_lines(&p, &sentences, true)?
+        .iter()
+        .map(Vec::len)
+        .sum();
+    crate::embed::embed_lines(&p, &sentences[..bs.min(sentences.len())], bs, true, |_| {})?; // warm-up
+    let t = Instant::now();
+    crate::embed::embed_lines(&p, &sentences, bs, true, |_| {})?;
+    let secs = t.elapsed().as_secs_f64();
+    Ok(serde_json::json!({
+        "impl": "formers", "batch_size": bs, "sentences": sentences.len(), "tokens": tokens,
+        "threads": threads, "seconds": secs, "sentences_per_s": sentences.len() as f64 / secs,
+    }))
 }
 
 /// Writes the sentences to a temporary file, so both implementations read the same list.
@@ -400,53 +565,35 @@ fn mixers(a: MixersArgs) -> Result<()> {
     let specs = a
         .mixers
         .iter()
-        .map(|m| Ok((m.clone(), mixer_spec(m, &a)?)))
+        .map(|m| {
+            let spec: Value = serde_json::from_str(&mixer_spec(m, &a)?)?;
+            Ok((m.clone(), spec))
+        })
         .collect::<Result<Vec<_>>>()?;
-    let exe = std::env::current_exe().context("locating the formers binary")?;
-    let pb = bar((specs.len() * a.lengths.len()) as u64, "bench mixers");
-    let mut rows: Vec<serde_json::Value> = Vec::new();
-    for &n in &a.lengths {
+    let mut jobs = Vec::new();
+    for &length in &a.lengths {
         for (name, spec) in &specs {
-            pb.set_message(format!("{name} n = {n}"));
-            let out = std::process::Command::new(&exe)
-                .args([
-                    "bench",
-                    "mixer-one",
-                    "--spec",
-                    spec,
-                    "--length",
-                    &n.to_string(),
-                ])
-                .args([
-                    "--dim",
-                    &a.dim.to_string(),
-                    "--heads",
-                    &a.heads.to_string(),
-                    "--repeats",
-                    &a.repeats.to_string(),
-                ])
-                .args(a.causal.then_some("--causal"))
-                .output()
-                .context("running a benchmark child process")?;
-            if !out.status.success() {
-                anyhow::bail!(
-                    "{name} at {n}: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-            let mut v: serde_json::Value =
-                serde_json::from_slice(&out.stdout).context("reading a child's result")?;
-            v["mixer"] = name.clone().into();
-            pb.println(format!(
-                "{name:>10} n = {n:>6}: {:>9.2} ms fwd+bwd, peak RSS {}",
-                v["seconds"].as_f64().unwrap_or(0.0) * 1e3,
-                mem::human(v["peak_bytes"].as_u64().unwrap_or(0))
-            ));
-            rows.push(v);
-            pb.inc(1);
+            let job = Job::Mixer {
+                name: name.clone(),
+                spec: spec.clone(),
+                length,
+                dim: a.dim,
+                heads: a.heads,
+                repeats: a.repeats,
+                causal: a.causal,
+            };
+            jobs.push((format!("{name} n = {length}"), job));
         }
     }
-    pb.finish_and_clear();
+    let rows = measure_each("bench mixers", &jobs, |r| {
+        format!(
+            "{:>10} n = {:>6}: {:>9.2} ms fwd+bwd, peak RSS {}",
+            r["mixer"].as_str().unwrap_or("?"),
+            r["length"],
+            r["seconds"].as_f64().unwrap_or(0.0) * 1e3,
+            mem::human(r["peak_bytes"].as_u64().unwrap_or(0))
+        )
+    })?;
     println!(
         "| mixer | length | ms fwd+bwd | time vs attention | peak RSS | memory vs attention |"
     );
@@ -469,30 +616,32 @@ fn mixers(a: MixersArgs) -> Result<()> {
             ratio("peak_bytes")
         );
     }
-    if let Some(path) = &a.json {
-        std::fs::write(path, serde_json::to_string_pretty(&rows)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("wrote {}", path.display());
-    }
-    Ok(())
+    write_json(a.json.as_deref(), &rows)
 }
 
-fn mixer_one(a: MixerOneArgs) -> Result<()> {
+fn mixer_one(
+    name: String,
+    spec: Value,
+    length: usize,
+    dim: usize,
+    heads: usize,
+    repeats: usize,
+    causal: bool,
+) -> Result<Value> {
     use formers::config::{MixerSpec, ModelConfig};
     use formers::mixer::MixCtx;
     let cfg = ModelConfig::from_json(&format!(
-        r#"{{"d_model": {}, "n_heads": {}, "n_layers": 1, "max_len": {}, "causal": {}, "input": {{"kind": "bytes"}}, "head": {{"kind": "lm"}}}}"#,
-        a.dim, a.heads, a.length, a.causal
+        r#"{{"d_model": {dim}, "n_heads": {heads}, "n_layers": 1, "max_len": {length}, "causal": {causal}, "input": {{"kind": "bytes"}}, "head": {{"kind": "lm"}}}}"#,
     ))?;
-    let spec: MixerSpec = serde_json::from_str(&a.spec).context("--spec")?;
+    let spec: MixerSpec = serde_json::from_value(spec).context("mixer spec")?;
     let params = formers::params::Params::new(0, DType::F32, &Device::Cpu);
     let m = spec.build(&cfg.mixer_dims(), &params)?;
     let mut rng = Rng::new(1);
-    let v: Vec<f32> = (0..a.length * a.dim).map(|_| rng.normal() as f32).collect();
-    let x = candle_core::Var::from_vec(v, (1, a.length, a.dim), &Device::Cpu)?;
+    let v: Vec<f32> = (0..length * dim).map(|_| rng.normal() as f32).collect();
+    let x = candle_core::Var::from_vec(v, (1, length, dim), &Device::Cpu)?;
     mem::reset_peak();
     let mut times = Vec::new();
-    for i in 0..=a.repeats {
+    for i in 0..=repeats {
         let t = Instant::now();
         let y = m.forward(x.as_tensor(), &MixCtx::default(), None)?;
         let grads = y.sqr()?.sum_all()?.backward()?;
@@ -505,9 +654,8 @@ fn mixer_one(a: MixerOneArgs) -> Result<()> {
         }
     }
     times.sort_by(f64::total_cmp);
-    let out = serde_json::json!({
-        "length": a.length, "seconds": times[times.len() / 2], "peak_bytes": mem::peak_rss().unwrap_or(0),
-    });
-    println!("{out}");
-    Ok(())
+    Ok(serde_json::json!({
+        "mixer": name, "length": length, "seconds": times[times.len() / 2],
+        "peak_bytes": mem::peak_rss().unwrap_or(0),
+    }))
 }

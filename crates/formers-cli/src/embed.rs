@@ -77,6 +77,9 @@ pub fn embed_lines(
 /// Loads a checkpoint that must be a BERT-family encoder.
 pub fn load_encoder(dir: &Path) -> Result<Pretrained> {
     let p = pretrained::load(dir)?;
+    if let Some(w) = p.unused_warning() {
+        eprintln!("{w}");
+    }
     if p.family != Family::Bert {
         bail!(
             "{}: a {:?} model; embeddings need a BERT-family encoder",

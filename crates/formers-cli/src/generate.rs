@@ -126,6 +126,9 @@ fn load(dir: &Path) -> Result<(Model, Codec)> {
         return Ok((model, Codec::Bytes));
     }
     let p = pretrained::load(dir)?;
+    if let Some(w) = p.unused_warning() {
+        eprintln!("{w}");
+    }
     if p.family != Family::Gpt2 {
         bail!(
             "{}: a {:?} encoder; generate needs a causal LM (GPT-2 family)",

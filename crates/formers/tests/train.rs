@@ -16,6 +16,12 @@ fn tmp(tag: &str) -> PathBuf {
     d
 }
 
+/// Cross-entropy of guessing uniformly: what a model that learned nothing scores on
+/// copy / reverse, whose tokens are uniform.
+fn guessing(cfg: &RunConfig) -> f32 {
+    (cfg.model.input.vocab_size() as f32).ln()
+}
+
 #[derive(Default)]
 struct Record {
     losses: Vec<f32>,
@@ -112,9 +118,38 @@ fn every_shipped_config_parses_and_builds() {
     assert!(n >= 3);
 }
 
+/// Reversing needs every position to read another one: a model whose mixer mixes nothing
+/// can do no better than guess (cross-entropy ln(vocab)), so each mixer must end clearly
+/// below the same model trained with such a mixer, not merely below its own first loss.
 #[test]
-fn every_token_mixer_trains_on_reverse_without_nan() {
+fn every_token_mixer_trains_on_reverse_and_beats_a_model_that_cannot_mix() {
     let base = RunConfig::from_path(&repo().join("configs/reverse.json")).unwrap();
+    let steps = 40;
+    let run = |m: &str| {
+        let mut cfg = base.clone();
+        cfg.model.defaults.mixer = serde_json::from_str(m).unwrap();
+        cfg.train.steps = steps;
+        cfg.train.eval_every = steps;
+        let out = tmp("zoo");
+        let mut rec = Record::default();
+        let s =
+            train(&cfg, "reverse", &out, false, &mut rec).unwrap_or_else(|e| panic!("{m}: {e}"));
+        let _ = std::fs::remove_dir_all(&out);
+        assert!(
+            rec.losses.iter().all(|l| l.is_finite()) && s.eval.loss.is_finite(),
+            "{m}: {:?}",
+            rec.losses
+        );
+        s.eval.loss
+    };
+    // Pooling over a window of one position minus the identity: the mixer outputs zero, so
+    // no position reads another and the model can only guess.
+    let none = run(r#"{"kind": "pool", "window": 1}"#);
+    let guess = guessing(&base);
+    assert!(
+        none > guess - 0.05,
+        "the baseline must not mix: loss {none}, guessing costs {guess}"
+    );
     let mixers = [
         r#"{"kind": "attention"}"#,
         r#"{"kind": "local", "window": 3, "chunk": 4}"#,
@@ -128,25 +163,13 @@ fn every_token_mixer_trains_on_reverse_without_nan() {
         r#"{"kind": "attention", "shared_qk": true, "gate": true, "clip": {"gamma": -0.03, "zeta": 1.03}}"#,
     ];
     for m in mixers {
-        let mut cfg = base.clone();
-        cfg.model.defaults.mixer = serde_json::from_str(m).unwrap();
-        cfg.train.steps = 40;
-        cfg.train.eval_every = 40;
-        let out = tmp("zoo");
-        let mut rec = Record::default();
-        let s =
-            train(&cfg, "reverse", &out, false, &mut rec).unwrap_or_else(|e| panic!("{m}: {e}"));
+        // 0.1 nats is below any noise of the fixed evaluation batches (runs are deterministic);
+        // the weakest mixers here (pool over 3, attention with rank 8) end ~0.15–0.2 below.
+        let loss = run(m);
         assert!(
-            rec.losses.iter().all(|l| l.is_finite()),
-            "{m}: {:?}",
-            rec.losses
+            loss < none - 0.1,
+            "{m}: eval loss {loss} after {steps} steps, not clearly below {none} without mixing"
         );
-        assert!(
-            s.eval.loss.is_finite() && rec.losses[39] < rec.losses[0],
-            "{m}: {:?}",
-            rec.losses
-        );
-        let _ = std::fs::remove_dir_all(&out);
     }
 }
 
@@ -158,8 +181,16 @@ fn alibi_model_trains_and_rejects_mixers_without_scores() {
     cfg.train.steps = 30;
     let out = tmp("alibi");
     let mut rec = Record::default();
-    train(&cfg, "reverse", &out, false, &mut rec).unwrap();
-    assert!(rec.losses.iter().all(|l| l.is_finite()) && rec.losses[29] < rec.losses[0]);
+    let s = train(&cfg, "reverse", &out, false, &mut rec).unwrap();
+    assert!(rec.losses.iter().all(|l| l.is_finite()));
+    // ALiBi gives only relative positions and reversing needs absolute ones (read here from
+    // the edges of the windows), so 30 steps move it only a little below guessing.
+    assert!(
+        s.eval.loss < guessing(&cfg) - 0.02,
+        "eval loss {} vs {} guessing",
+        s.eval.loss,
+        guessing(&cfg)
+    );
     let _ = std::fs::remove_dir_all(&out);
     cfg.model.defaults.mixer = serde_json::from_str(r#"{"kind": "pool"}"#).unwrap();
     let e = cfg.model.validate().unwrap_err().to_string();
@@ -177,10 +208,13 @@ fn residual_schemes_train_without_nan() {
         cfg.train.steps = 30;
         let out = tmp("residual");
         let mut rec = Record::default();
-        train(&cfg, "reverse", &out, false, &mut rec).unwrap();
+        let s = train(&cfg, "reverse", &out, false, &mut rec).unwrap();
+        assert!(rec.losses.iter().all(|l| l.is_finite()), "{residual}");
         assert!(
-            rec.losses.iter().all(|l| l.is_finite()) && rec.losses[29] < rec.losses[0],
-            "{residual}"
+            s.eval.loss < guessing(&cfg) - 0.3,
+            "{residual}: eval loss {} vs {} guessing",
+            s.eval.loss,
+            guessing(&cfg)
         );
         let _ = std::fs::remove_dir_all(&out);
     }
@@ -198,8 +232,14 @@ fn matformer_trains_every_granularity_sampled_or_summed() {
         cfg.train.matformer_all = all;
         let out = tmp("matformer");
         let mut rec = Record::default();
-        train(&cfg, "reverse", &out, false, &mut rec).unwrap();
-        assert!(rec.losses.iter().all(|l| l.is_finite()) && rec.losses[59] < rec.losses[0]);
+        let s = train(&cfg, "reverse", &out, false, &mut rec).unwrap();
+        assert!(rec.losses.iter().all(|l| l.is_finite()));
+        assert!(
+            s.eval.loss < guessing(&cfg) - 0.3,
+            "matformer_all = {all}: eval loss {} vs {} guessing",
+            s.eval.loss,
+            guessing(&cfg)
+        );
         // Mix'n'Match: every granularity of the trained model is usable.
         let (record, model) = load_trained(&out).unwrap();
         assert_eq!(model.granularities(), 3);
@@ -235,10 +275,13 @@ fn norm_and_low_rank_variants_train_without_nan() {
         cfg.train.steps = 30;
         let out = tmp("norms");
         let mut rec = Record::default();
-        train(&cfg, "reverse", &out, false, &mut rec).unwrap();
+        let s = train(&cfg, "reverse", &out, false, &mut rec).unwrap();
+        assert!(rec.losses.iter().all(|l| l.is_finite()), "{norm} {ffn}");
         assert!(
-            rec.losses.iter().all(|l| l.is_finite()) && rec.losses[29] < rec.losses[0],
-            "{norm} {ffn}"
+            s.eval.loss < guessing(&cfg) - 0.3,
+            "{norm} {ffn}: eval loss {} vs {} guessing",
+            s.eval.loss,
+            guessing(&cfg)
         );
         let _ = std::fs::remove_dir_all(&out);
     }

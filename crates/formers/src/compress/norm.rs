@@ -174,16 +174,15 @@ mod tests {
                "layers": {"1": {"mixer": {"kind": "local", "window": 2}, "ffn": {"kind": "mlp", "hidden": 24, "rank": 5}}}}"#,
         )
         .unwrap();
-        let p = Params::new(4, DType::F32, &Device::Cpu);
+        // In f64 the conversion is exact up to rounding, so the bar is 1e-10, not f32's 1e-5.
+        let p = Params::new(4, DType::F64, &Device::Cpu);
         let model = Model::new(&cfg, &p.frozen()).unwrap();
         // Non-trivial norm gains and biases, so that folding them matters.
         let mut r = Rng::new(9);
         for (name, var) in p.vars() {
             if name.contains("norm") || name.ends_with("bias") {
-                let v: Vec<f32> = (0..var.elem_count())
-                    .map(|_| {
-                        r.normal() as f32 * 0.5 + if name.ends_with("weight") { 1.0 } else { 0.0 }
-                    })
+                let v: Vec<f64> = (0..var.elem_count())
+                    .map(|_| r.normal() * 0.5 + if name.ends_with("weight") { 1.0 } else { 0.0 })
                     .collect();
                 var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
                     .unwrap();
@@ -194,12 +193,12 @@ mod tests {
         let want = model.forward(&x, None, None).unwrap();
         for target in [Target::RmsNorm, Target::CrmsNorm] {
             let (cfg2, w2) = convert_pre_ln(&cfg, &p.tensors(), target).unwrap();
-            let p2 = Params::new(0, DType::F32, &Device::Cpu);
+            let p2 = Params::new(0, DType::F64, &Device::Cpu);
             let m2 = Model::new(&cfg2, &p2.frozen()).unwrap();
             p2.assign(&w2, std::path::Path::new("converted")).unwrap();
             let got = m2.forward(&x, None, None).unwrap();
             let err = crate::testutil::max_abs(&got, &want);
-            assert!(err < 1e-5, "{target:?}: {err}");
+            assert!(err < 1e-10, "{target:?}: {err}");
             assert!(!w2.keys().any(|k| k.contains("norm") && k.ends_with("bias")));
         }
     }

@@ -7,8 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::Tensor;
 
-use super::ChannelMixer;
-use crate::config::Activation;
+use super::{ChannelMixer, Pointwise};
 use crate::linear::Linear;
 use crate::params::Params;
 use crate::Result;
@@ -21,7 +20,8 @@ const CONFIGURED: usize = usize::MAX;
 pub struct MatMlp {
     up: Linear,
     down: Linear,
-    activation: Activation,
+    /// Not gated: the nested prefixes cut `up` and `down` only.
+    activation: Pointwise,
     /// Hidden widths of the granularities, ascending.
     widths: Vec<usize>,
     /// Index into `widths` used unless one is forced.
@@ -37,7 +37,7 @@ impl MatMlp {
         hidden: usize,
         granularities: &[f64],
         active: usize,
-        activation: Activation,
+        activation: Pointwise,
         bias: bool,
     ) -> Result<Self> {
         let widths = granularities
@@ -83,13 +83,7 @@ impl ChannelMixer for MatMlp {
             bias: self.down.bias.clone(),
         };
         let a = up.forward(x)?;
-        let a = match self.activation {
-            Activation::Gelu => crate::kernels::gelu_erf(&a)?,
-            Activation::GeluTanh => a.gelu()?,
-            Activation::Relu => a.relu()?,
-            Activation::Swiglu => a.silu()?,
-        };
-        down.forward(&a)
+        down.forward(&self.activation.apply(&a)?)
     }
 
     fn granularities(&self) -> usize {
@@ -105,6 +99,7 @@ impl ChannelMixer for MatMlp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Activation;
     use crate::ffn::mlp::Mlp;
     use crate::testutil::{check_grad, max_abs, randn};
     use candle_core::{DType, Device};
@@ -112,7 +107,7 @@ mod tests {
     #[test]
     fn full_granularity_equals_the_plain_mlp_and_smaller_ones_are_prefixes() {
         let p = Params::new(1, DType::F64, &Device::Cpu);
-        let mat = MatMlp::new(&p, 6, 16, &[0.25, 0.5, 1.0], 2, Activation::Gelu, true).unwrap();
+        let mat = MatMlp::new(&p, 6, 16, &[0.25, 0.5, 1.0], 2, Pointwise::Gelu, true).unwrap();
         let q = Params::new(1, DType::F64, &Device::Cpu);
         let plain = Mlp::new(&q, 6, 16, Activation::Gelu, true, None).unwrap();
         let x = randn(&[2, 3, 6], 2);

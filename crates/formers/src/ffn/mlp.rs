@@ -3,7 +3,7 @@
 
 use candle_core::Tensor;
 
-use super::ChannelMixer;
+use super::{ChannelMixer, Pointwise};
 use crate::config::Activation;
 use crate::linear::Linear;
 use crate::params::Params;
@@ -13,9 +13,18 @@ use crate::Result;
 #[derive(Debug)]
 pub struct Mlp {
     up: Linear,
-    gate: Option<Linear>,
+    hidden: Hidden,
     down: Linear,
-    activation: Activation,
+}
+
+/// What happens between `up` and `down`.
+#[derive(Debug)]
+enum Hidden {
+    Pointwise(Pointwise),
+    /// SwiGLU: `silu(gate(x)) * up(x)`.
+    Gated {
+        gate: Linear,
+    },
 }
 
 impl Mlp {
@@ -28,15 +37,16 @@ impl Mlp {
         bias: bool,
         rank: Option<usize>,
     ) -> Result<Self> {
-        let gate = match activation {
-            Activation::Swiglu => Some(Linear::with_rank(&p.pp("gate"), d, hidden, rank, bias)?),
-            _ => None,
+        let mid = match Pointwise::of(activation) {
+            Some(act) => Hidden::Pointwise(act),
+            None => Hidden::Gated {
+                gate: Linear::with_rank(&p.pp("gate"), d, hidden, rank, bias)?,
+            },
         };
         Ok(Mlp {
             up: Linear::with_rank(&p.pp("up"), d, hidden, rank, bias)?,
-            gate,
+            hidden: mid,
             down: Linear::with_rank(&p.pp("down"), hidden, d, rank, bias)?,
-            activation,
         })
     }
 }
@@ -44,12 +54,9 @@ impl Mlp {
 impl ChannelMixer for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.up.forward(x)?;
-        let h = match (self.activation, &self.gate) {
-            (Activation::Gelu, _) => crate::kernels::gelu_erf(&h)?,
-            (Activation::GeluTanh, _) => h.gelu()?,
-            (Activation::Relu, _) => h.relu()?,
-            (Activation::Swiglu, Some(g)) => (g.forward(x)?.silu()? * h)?,
-            (Activation::Swiglu, None) => unreachable!("SwiGLU is built with a gate"),
+        let h = match &self.hidden {
+            Hidden::Pointwise(act) => act.apply(&h)?,
+            Hidden::Gated { gate } => (gate.forward(x)?.silu()? * h)?,
         };
         self.down.forward(&h)
     }

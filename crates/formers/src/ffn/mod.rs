@@ -6,9 +6,42 @@ pub mod mlp;
 
 use candle_core::Tensor;
 
-use crate::config::{FfnSpec, ModelConfig};
+use crate::config::{Activation, FfnSpec, ModelConfig};
 use crate::params::Params;
-use crate::Result;
+use crate::{Error, Result};
+
+/// A pointwise activation: the [`Activation`]s without a gate. SwiGLU is not one (it needs
+/// a second projection, which only the dense MLP has), so a mixer holding a `Pointwise`
+/// cannot be asked for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pointwise {
+    /// Exact GELU (erf).
+    Gelu,
+    /// GELU with the tanh approximation.
+    GeluTanh,
+    Relu,
+}
+
+impl Pointwise {
+    /// The pointwise activation `a` is, or `None` for the gated SwiGLU.
+    pub fn of(a: Activation) -> Option<Self> {
+        match a {
+            Activation::Gelu => Some(Pointwise::Gelu),
+            Activation::GeluTanh => Some(Pointwise::GeluTanh),
+            Activation::Relu => Some(Pointwise::Relu),
+            Activation::Swiglu => None,
+        }
+    }
+
+    /// Applies the activation elementwise: the one dispatch every channel mixer uses.
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Pointwise::Gelu => crate::kernels::gelu_erf(x)?,
+            Pointwise::GeluTanh => x.gelu()?,
+            Pointwise::Relu => x.relu()?,
+        })
+    }
+}
 
 /// A channel mixer maps `[.., d]` to `[.., d]` position by position.
 pub trait ChannelMixer: std::fmt::Debug + Send + Sync {
@@ -52,7 +85,12 @@ pub fn build(spec: &FfnSpec, cfg: &ModelConfig, p: &Params) -> Result<Box<dyn Ch
             spec.hidden(cfg.d_model),
             granularities,
             active.unwrap_or(granularities.len() - 1),
-            *activation,
+            Pointwise::of(*activation).ok_or_else(|| {
+                Error::config(
+                    "ffn.activation",
+                    "the nested MLP takes gelu, gelu_tanh or relu",
+                )
+            })?,
             *bias,
         )?),
     })

@@ -41,6 +41,21 @@ pub struct Pretrained {
     pub unused: Vec<String>,
 }
 
+impl Pretrained {
+    /// A warning naming the unused tensors, if any.
+    pub fn unused_warning(&self) -> Option<String> {
+        (!self.unused.is_empty()).then(|| {
+            let n = self.unused.len();
+            format!(
+                "warning: {}: {n} tensor{} unused: {}",
+                self.dir.join("model.safetensors").display(),
+                if n == 1 { "" } else { "s" },
+                self.unused.join(", ")
+            )
+        })
+    }
+}
+
 fn checkpoint_error(path: &Path, msg: impl Into<String>) -> Error {
     Error::Checkpoint {
         path: path.to_path_buf(),
@@ -75,15 +90,6 @@ pub fn load(dir: &Path) -> Result<Pretrained> {
     };
     let weights_path = dir.join("model.safetensors");
     let (model, unused) = build(&config, &weights_path, naming)?;
-    if !unused.is_empty() {
-        tracing::warn!(
-            "{}: {} tensor{} unused: {}",
-            weights_path.display(),
-            unused.len(),
-            if unused.len() == 1 { "" } else { "s" },
-            unused.join(", ")
-        );
-    }
     let tokenizer = load_tokenizer(&dir.join("tokenizer.json"), config.input.vocab_size())?;
     Ok(Pretrained {
         family,
