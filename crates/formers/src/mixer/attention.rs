@@ -128,12 +128,7 @@ impl MixerKind for AttentionSpec {
             causal: dims.causal,
             inference: !p.is_trainable(),
         };
-        Ok(Box::new(MultiHead::new(
-            dims,
-            p,
-            self.projections(),
-            Box::new(kernel),
-        )?))
+        MultiHead::boxed(dims, p, self.projections(), kernel)
     }
 
     fn flops_per_token(&self, dims: &MixerDims, n: usize) -> f64 {

@@ -47,12 +47,7 @@ impl MixerKind for FlowSpec {
     }
 
     fn build(&self, dims: &MixerDims, p: &Params) -> Result<Box<dyn TokenMixer>> {
-        Ok(Box::new(MultiHead::new(
-            dims,
-            p,
-            Projections::plain(self.bias),
-            Box::new(FlowKernel),
-        )?))
+        MultiHead::boxed(dims, p, Projections::plain(self.bias), FlowKernel)
     }
 
     fn flops_per_token(&self, dims: &MixerDims, _n: usize) -> f64 {

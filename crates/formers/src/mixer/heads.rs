@@ -76,6 +76,16 @@ pub struct MultiHead {
 }
 
 impl MultiHead {
+    /// The shell around `kernel`, boxed as a token mixer.
+    pub fn boxed(
+        dims: &MixerDims,
+        p: &Params,
+        proj: Projections,
+        kernel: impl HeadKernel + 'static,
+    ) -> Result<Box<dyn TokenMixer>> {
+        Ok(Box::new(MultiHead::new(dims, p, proj, Box::new(kernel))?))
+    }
+
     /// The shell around `kernel` with parameters under `p`.
     pub fn new(
         dims: &MixerDims,

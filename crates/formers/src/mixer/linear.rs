@@ -92,15 +92,10 @@ impl MixerKind for LinearSpec {
             p.dtype(),
             p.device(),
         )?;
-        Ok(Box::new(MultiHead::new(
-            dims,
-            p,
-            Projections::plain(self.bias),
-            Box::new(LinearHeads {
+        MultiHead::boxed(dims, p, Projections::plain(self.bias), LinearHeads {
                 kernel,
                 causal: dims.causal,
-            }),
-        )?))
+            })
     }
 
     fn flops_per_token(&self, dims: &MixerDims, _n: usize) -> f64 {

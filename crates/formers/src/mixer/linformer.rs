@@ -68,12 +68,7 @@ impl MixerKind for LinformerSpec {
             chunk: self.chunk,
             inference: !p.is_trainable(),
         };
-        Ok(Box::new(MultiHead::new(
-            dims,
-            p,
-            Projections::plain(self.bias),
-            Box::new(kernel),
-        )?))
+        MultiHead::boxed(dims, p, Projections::plain(self.bias), kernel)
     }
 
     fn flops_per_token(&self, dims: &MixerDims, _n: usize) -> f64 {

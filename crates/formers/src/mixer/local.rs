@@ -68,12 +68,7 @@ impl MixerKind for LocalSpec {
             chunk: self.chunk,
             causal: dims.causal,
         };
-        Ok(Box::new(MultiHead::new(
-            dims,
-            p,
-            Projections::plain(self.bias),
-            Box::new(kernel),
-        )?))
+        MultiHead::boxed(dims, p, Projections::plain(self.bias), kernel)
     }
 
     fn flops_per_token(&self, dims: &MixerDims, n: usize) -> f64 {
