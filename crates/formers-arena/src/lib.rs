@@ -6,6 +6,7 @@ pub mod adapter;
 pub mod corpus;
 pub mod flops;
 pub mod image;
+pub mod jobdir;
 pub mod listops;
 pub mod lra;
 pub mod mem;
@@ -18,5 +19,6 @@ pub mod suite;
 pub mod task;
 pub mod text;
 pub mod variants;
+pub mod worker;
 
 pub use task::{example_rng, ArenaTask, Example, Setting, Split};

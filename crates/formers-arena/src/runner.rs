@@ -18,6 +18,7 @@ use formers::train::{train_task, Observer, TrainConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::{split_accuracy, Adapter};
+use crate::jobdir::JobDir;
 use crate::results::{self, Record, RunResult, Skipped, SpeedResult};
 use crate::suite::{open_task, DataDirs, SuiteSpec};
 use crate::task::{ArenaTask, Split};
@@ -180,12 +181,6 @@ pub enum Event {
         done: usize,
         total: usize,
     },
-    Done {
-        record: Box<Record>,
-    },
-    Failed {
-        message: String,
-    },
 }
 
 /// A task opened, or why it cannot run here.
@@ -258,13 +253,10 @@ pub fn run_job(
         Job::Speed {
             variant: name,
             length,
-        } => speed(
-            opts,
-            variant(name)?,
-            *length,
-            &work.join(job.label()),
-            events,
-        ),
+        } => {
+            let claim = JobDir::claim(&work.join(job.label()))?;
+            speed(opts, variant(name)?, *length, claim.path(), events)
+        }
     }
 }
 
@@ -371,29 +363,30 @@ fn train_and_test(
     let max_len = task.max_len();
     let model = configure(variant, suite, task.vocab_size(), max_len, task.n_classes());
     let adapter = Adapter::new(task.clone());
-    let dir = work.join(job.label());
+    let claim = JobDir::claim(&work.join(job.label()))?;
+    let dir = claim.path();
     let mut run = RunConfig {
         model,
         train: train_config(suite, 1, max_len, seed),
     };
     let steps = match opts.budget {
         Budget::Steps(n) => n,
-        Budget::Minutes(m) => steps_for_minutes(&run, &adapter, m, &dir)?,
+        Budget::Minutes(m) => steps_for_minutes(&run, &adapter, m, dir)?,
     };
     run.train = train_config(suite, steps, max_len, seed);
-    fresh_dir(&dir)?;
+    fresh_dir(dir)?;
     mem::reset_peak();
     let start = Instant::now();
     events(Event::Start { steps });
     let mut timer = Timer::new(events);
-    let summary = train_task(&run, &adapter, &dir, false, &mut timer).map_err(|e| e.to_string())?;
+    let summary = train_task(&run, &adapter, dir, false, &mut timer).map_err(|e| e.to_string())?;
     let Timer {
         step_seconds,
         curve,
         events,
         ..
     } = timer;
-    let (_, model) = load_trained(&dir).map_err(|e| e.to_string())?;
+    let (_, model) = load_trained(dir).map_err(|e| e.to_string())?;
     let (test_accuracy, test_examples, infer_tokens_per_s) = split_accuracy(
         &model,
         task.as_ref(),

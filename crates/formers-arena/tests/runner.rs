@@ -1,11 +1,13 @@
 //! Integration tests of the arena runner: sharding and merging, surviving a kill, plans and
-//! shards, budgets, skipped tasks and the contents of a run record.
+//! shards, budgets, skipped tasks, the contents of a run record and job directories that
+//! one attempt at a time owns.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
+use formers_arena::jobdir::{self, JobDir};
 use formers_arena::report::{self, ReportMeta};
 use formers_arena::results::{self, Record, RunResult, SpeedResult};
 use formers_arena::runner::{self, Budget, Event, Job, Options, Outcome, Progress, Tasks};
@@ -600,4 +602,91 @@ fn a_trained_run_record_is_sane() {
     assert_eq!(step_events, steps);
     let total = r.test_examples;
     assert_eq!(events.last(), Some(&Event::Testing { done: total, total }));
+}
+
+/// The steps of the loss lines of run directory `run`'s metrics.
+fn metric_steps(run: &Path) -> Vec<u64> {
+    fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("loss").is_some())
+        .filter_map(|v| v["step"].as_u64())
+        .collect()
+}
+
+/// Leaves what an earlier attempt at `job` left: a lock naming `pid` and stray files.
+fn leftovers(job: &Path, pid: u32) {
+    fs::create_dir_all(job.join("checkpoint.tmp")).unwrap();
+    fs::write(job.join("checkpoint.tmp/state.json"), "{").unwrap();
+    fs::write(job.join("metrics.jsonl"), "{\"step\":7,\"loss\":1.0}\n").unwrap();
+    fs::write(jobdir::lock_path(job), format!("{pid}\n")).unwrap();
+}
+
+#[cfg(unix)]
+#[test]
+fn a_rerun_waits_for_a_live_owner_and_never_mixes_two_attempts_files() {
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+
+    let steps = 2;
+    let mut opts = options(&["listops"], &["vanilla"], 1, steps);
+    opts.speed = false;
+    let dir = TempDir::new("jobdir");
+    let work = dir.path().join("runs");
+    let job = Job::Run {
+        task: "listops".into(),
+        variant: "vanilla".into(),
+        seed: 0,
+    };
+    let run_dir = work.join(job.label());
+    let tasks = Tasks::default();
+    let clean = |run_dir: &Path| {
+        assert_eq!(
+            metric_steps(run_dir),
+            [1, 2],
+            "metrics of two attempts mixed"
+        );
+        assert!(
+            !run_dir.join("checkpoint.tmp").exists(),
+            "an old attempt's file is left"
+        );
+        assert!(run_dir.join("checkpoint/state.json").is_file());
+        assert!(
+            !jobdir::lock_path(run_dir).exists(),
+            "the lock outlived the job"
+        );
+    };
+
+    // An earlier attempt still running: its directory is not touched while it lives.
+    let mut owner = Command::new("sleep").arg("30").spawn().unwrap();
+    leftovers(&run_dir, owner.id());
+    let err = JobDir::claim_within(&run_dir, Duration::from_millis(200)).unwrap_err();
+    assert!(err.contains(&owner.id().to_string()), "{err}");
+    assert_eq!(
+        metric_steps(&run_dir),
+        [7],
+        "a live owner's files were touched"
+    );
+    // Once it is gone, the job runs in an emptied directory.
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        owner.kill().unwrap();
+        owner.wait().unwrap();
+    });
+    let start = Instant::now();
+    runner::run_job(&job, &opts, &tasks, &work, &mut |_| {}).unwrap();
+    assert!(
+        start.elapsed() >= Duration::from_millis(300),
+        "did not wait for the owner"
+    );
+    killer.join().unwrap();
+    clean(&run_dir);
+
+    // An attempt that died: its lock is taken over and its files removed.
+    let mut dead = Command::new("true").spawn().unwrap();
+    dead.wait().unwrap();
+    leftovers(&run_dir, dead.id());
+    runner::run_job(&job, &opts, &tasks, &work, &mut |_| {}).unwrap();
+    clean(&run_dir);
 }

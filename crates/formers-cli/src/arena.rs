@@ -4,9 +4,9 @@
 
 use std::cell::Cell;
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -18,8 +18,8 @@ use formers_arena::runner::{self, Budget, Event, Job, Options, Outcome, Progress
 use formers_arena::suite::{open_task, DataDirs, SuiteSpec, DATA_SEED, DEFAULT_TASKS, TASKS};
 use formers_arena::task::{ArenaTask, Setting, Split};
 use formers_arena::variants;
+use formers_arena::worker::{self, WorkOrder};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use serde::{Deserialize, Serialize};
 
 /// Train every variant on every task with the same budget and report accuracy, speed and
 /// memory side by side (LRA's Table 1, Table 2 and Figure 3). Without a subcommand, runs the
@@ -43,7 +43,8 @@ enum ArenaCommand {
     Merge(MergeArgs),
     /// (Re)write the report of an arena directory from its results.
     Report(ReportArgs),
-    /// Internal: run one job read from stdin, print progress as JSON lines.
+    /// Internal: run one job read from stdin, print progress as JSON lines; stops when
+    /// stdin closes (the arena is gone).
     #[command(hide = true)]
     Worker,
 }
@@ -187,7 +188,7 @@ pub fn run(a: ArenaArgs) -> Result<()> {
             println!("report: {}", path.display());
             Ok(())
         }
-        Some(ArenaCommand::Worker) => worker(),
+        Some(ArenaCommand::Worker) => worker::serve().map_err(|e| anyhow!(e)),
     }
 }
 
@@ -324,7 +325,6 @@ impl JobView {
             Event::Testing { done, total } => {
                 self.bar.set_message(format!("testing {done}/{total}"))
             }
-            Event::Done { .. } | Event::Failed { .. } => {}
         }
     }
 }
@@ -442,98 +442,17 @@ fn run_arena(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// What the arena hands a worker process.
-#[derive(Serialize, Deserialize)]
-struct WorkOrder {
-    opts: Options,
-    job: Job,
-    work: PathBuf,
-}
-
 /// Runs `job` in a fresh `formers arena worker` process and follows its progress.
 fn run_worker(job: &Job, opts: &Options, work: &Path, view: &JobView) -> Result<Record, String> {
     let exe = std::env::current_exe().map_err(|e| format!("locating the formers binary: {e}"))?;
-    let mut child = Command::new(exe)
-        .args(["arena", "worker"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("starting a worker: {e}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["arena", "worker"]);
     let order = WorkOrder {
         opts: opts.clone(),
         job: job.clone(),
         work: work.to_path_buf(),
     };
-    {
-        let mut stdin = child.stdin.take().expect("piped stdin");
-        serde_json::to_writer(&mut stdin, &order).map_err(|e| e.to_string())?;
-        stdin.flush().map_err(|e| e.to_string())?;
-    }
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    let errors = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    // The worker's own verdict: its record, or the error it reported.
-    let mut result: Option<Result<Record, String>> = None;
-    for line in BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
-        let Ok(line) = line else { break };
-        match serde_json::from_str::<Event>(&line) {
-            Ok(Event::Done { record }) => result = Some(Ok(*record)),
-            Ok(Event::Failed { message }) => result = Some(Err(message)),
-            Ok(e) => view.event(&e),
-            Err(_) => {}
-        }
-    }
-    let status = child.wait().map_err(|e| e.to_string())?;
-    let stderr = errors.join().unwrap_or_default();
-    match (result, status.success()) {
-        (Some(Ok(record)), true) => Ok(record),
-        (Some(Err(message)), _) => Err(message),
-        // Killed, crashed, or exited without saying why: stderr's last line is the clue.
-        _ => Err(format!(
-            "worker exited with {status} without a result: {}",
-            stderr.trim().lines().last().unwrap_or("(no message)")
-        )),
-    }
-}
-
-fn worker() -> Result<()> {
-    let mut input = String::new();
-    std::io::stdin().read_to_string(&mut input)?;
-    let order: WorkOrder = serde_json::from_str(&input).context("reading the work order")?;
-    let stdout = std::io::stdout();
-    let mut emit = |e: Event| {
-        let mut out = stdout.lock();
-        let _ = writeln!(
-            out,
-            "{}",
-            serde_json::to_string(&e).expect("events serialise")
-        );
-        let _ = out.flush();
-    };
-    match runner::run_job(
-        &order.job,
-        &order.opts,
-        &Tasks::default(),
-        &order.work,
-        &mut emit,
-    ) {
-        Ok(record) => {
-            emit(Event::Done {
-                record: Box::new(record),
-            });
-            Ok(())
-        }
-        Err(message) => {
-            emit(Event::Failed {
-                message: message.clone(),
-            });
-            Err(anyhow!(message))
-        }
-    }
+    worker::run(cmd, &order, &mut |e| view.event(e))
 }
 
 /// Writes `dir/report/` from `dir`'s results; returns the HTML page's path.

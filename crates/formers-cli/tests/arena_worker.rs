@@ -1,0 +1,138 @@
+//! An arena worker whose parent is killed stops at once and writes nothing more, and the
+//! rerun's run directory holds that rerun's files only (Linux: reads `/proc`).
+#![cfg(target_os = "linux")]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("formers-cli-{tag}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&d);
+    fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn arena(out: &Path, budget: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_formers"));
+    cmd.args(["arena", "--tasks", "listops", "--variants", "vanilla"])
+        .args(["--budget", budget, "--no-speed", "--out"])
+        .arg(out)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+/// `(state, parent pid)` of process `pid`, from `/proc/PID/stat`.
+fn stat(pid: u32) -> Option<(String, u32)> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut rest = s.rsplit_once(')')?.1.split_whitespace();
+    let state = rest.next()?.to_string();
+    Some((state, rest.next()?.parse().ok()?))
+}
+
+fn alive(pid: u32) -> bool {
+    stat(pid).is_some_and(|(state, _)| state != "Z" && state != "X")
+}
+
+/// The running children of `parent`.
+fn children(parent: u32) -> Vec<u32> {
+    fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| stat(pid).is_some_and(|(_, ppid)| ppid == parent) && alive(pid))
+        .collect()
+}
+
+/// Every file under `dir` with its size.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, u64> {
+    let mut files = BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let meta = match e.metadata() {
+                Ok(m) => m,
+                Err(_) => continue,
+            };
+            if meta.is_dir() {
+                todo.push(e.path());
+            } else {
+                files.insert(e.path(), meta.len());
+            }
+        }
+    }
+    files
+}
+
+fn metric_steps(run: &Path) -> Vec<u64> {
+    fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("loss").is_some())
+        .filter_map(|v| v["step"].as_u64())
+        .collect()
+}
+
+#[test]
+fn a_worker_stops_when_its_arena_is_killed_and_the_rerun_starts_clean() {
+    let out = tmp("arena-orphan");
+    let runs = out.join("runs");
+    let job = runs.join("listops-vanilla-s0");
+    let mut parent = arena(&out, "100000").spawn().unwrap();
+    let start = Instant::now();
+    while metric_steps(&job).len() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(300), "no step logged");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let workers = children(parent.id());
+    assert_eq!(workers.len(), 1, "one worker expected: {workers:?}");
+    let worker = workers[0];
+
+    parent.kill().unwrap(); // SIGKILL
+    parent.wait().unwrap();
+    let killed = Instant::now();
+    while alive(worker) && killed.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let orphan_lived = alive(worker);
+    if orphan_lived {
+        // SAFETY: sends SIGKILL to the orphan this test made, so it does not outlive it.
+        unsafe { libc::kill(worker as libc::pid_t, libc::SIGKILL) };
+    }
+    assert!(
+        !orphan_lived,
+        "worker {worker} still running 10 s after its arena was killed"
+    );
+    let stopped = snapshot(&runs);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        snapshot(&runs),
+        stopped,
+        "files changed after the worker stopped"
+    );
+
+    // The rerun (another budget, the same run directory) starts from an empty directory.
+    let status = arena(&out, "3").status().unwrap();
+    assert!(status.success());
+    assert_eq!(metric_steps(&job), [1, 2, 3], "metrics of two runs mixed");
+    let run: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(job.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["config"]["train"]["steps"], 3);
+    let left: Vec<String> = fs::read_dir(&runs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        left,
+        ["listops-vanilla-s0"],
+        "only the run directory is left"
+    );
+    let _ = fs::remove_dir_all(&out);
+}
