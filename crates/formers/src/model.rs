@@ -405,11 +405,6 @@ impl Packed {
         }
         Ok(p)
     }
-
-    /// Number of real tokens.
-    pub fn total(&self) -> usize {
-        self.ids.len()
-    }
 }
 
 /// Token ids as a `[1, n]` u32 tensor on the CPU.

@@ -349,12 +349,12 @@ mod tests {
                 };
                 let fast = attend_local(&q, &k, &v, &o).unwrap();
                 let full = reference_attend(&q, &k, &v, causal, 0, None).unwrap();
-                assert!(max_rel(&fast, &full) < 1e-5);
+                assert!(max_rel(&fast, &full) < 1e-10);
                 let r = randn(&[2, 2, n, 4], 4);
                 let gf = (fast * &r).unwrap().sum_all().unwrap().backward().unwrap();
                 let gs = (full * &r).unwrap().sum_all().unwrap().backward().unwrap();
                 for var in [&q, &k, &v] {
-                    assert!(max_rel(gf.get(var).unwrap(), gs.get(var).unwrap()) < 1e-5);
+                    assert!(max_rel(gf.get(var).unwrap(), gs.get(var).unwrap()) < 1e-10);
                 }
             }
         }
@@ -381,7 +381,7 @@ mod tests {
             };
             let fast = attend_local(&q, &k, &v, &o).unwrap();
             assert!(
-                max_rel(&fast, &reference_band(&q, &k, &v, window, causal)) < 1e-5,
+                max_rel(&fast, &reference_band(&q, &k, &v, window, causal)) < 1e-10,
                 "w={window}"
             );
         }
@@ -436,14 +436,14 @@ mod tests {
                 .max(3)
                 .unwrap();
             assert!(
-                max_rel(&fast, &slow) < 1e-5,
+                max_rel(&fast, &slow) < 1e-10,
                 "w={window} g={global} causal={causal} {rows}"
             );
             let r = randn(&[1, 2, n, 4], 11);
             let gf = (fast * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let gs = (slow * &r).unwrap().sum_all().unwrap().backward().unwrap();
             for var in [&q, &k, &v] {
-                assert!(max_rel(gf.get(var).unwrap(), gs.get(var).unwrap()) < 1e-5);
+                assert!(max_rel(gf.get(var).unwrap(), gs.get(var).unwrap()) < 1e-10);
             }
         }
     }

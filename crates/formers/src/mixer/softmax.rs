@@ -258,14 +258,14 @@ mod tests {
                     let fast = attend(&q, &k, &v, &opts).unwrap();
                     let slow = reference_attend(&q, &k, &v, causal, 0, kb.as_ref()).unwrap();
                     let what = format!("causal={causal} masked={masked} chunks=({qc},{kc})");
-                    assert!(max_rel(&fast, &slow) < 1e-5, "values {what}");
+                    assert!(max_rel(&fast, &slow) < 1e-10, "values {what}");
                     let r = randn(&[b, h, n, dh], 4);
                     let gf = (fast * &r).unwrap().sum_all().unwrap().backward().unwrap();
                     let gs = (slow * &r).unwrap().sum_all().unwrap().backward().unwrap();
                     for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
                         let a = gf.get(var).unwrap();
                         let e = gs.get(var).unwrap();
-                        assert!(max_rel(a, e) < 1e-5, "grad {name} {what}");
+                        assert!(max_rel(a, e) < 1e-10, "grad {name} {what}");
                     }
                 }
             }
@@ -332,13 +332,13 @@ mod tests {
             };
             let fast = attend(&q, &k, &v, &o).unwrap();
             let slow = reference_attend_with(&q, &k, &v, &o).unwrap();
-            assert!(max_rel(&fast, &slow) < 1e-5, "values causal={causal}");
+            assert!(max_rel(&fast, &slow) < 1e-10, "values causal={causal}");
             let r = randn(&[2, 2, 9, 4], 24);
             let gf = (fast * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let gs = (slow * &r).unwrap().sum_all().unwrap().backward().unwrap();
             for var in [&q, &k, &v] {
                 assert!(
-                    max_rel(gf.get(var).unwrap(), gs.get(var).unwrap()) < 1e-5,
+                    max_rel(gf.get(var).unwrap(), gs.get(var).unwrap()) < 1e-10,
                     "grads causal={causal}"
                 );
             }
@@ -391,7 +391,7 @@ mod tests {
             ..Default::default()
         };
         let fast = attend(&q, &k, &v, &opts).unwrap();
-        assert!(max_rel(&fast, &reference_attend(&q, &k, &v, true, 6, None).unwrap()) < 1e-5);
+        assert!(max_rel(&fast, &reference_attend(&q, &k, &v, true, 6, None).unwrap()) < 1e-10);
     }
 
     #[test]
