@@ -13,8 +13,8 @@ use candle_core::{Device, Tensor};
 use formers::config::{HeadSpec, InputSpec, ModelConfig, Pooling, RunConfig};
 use formers::rng::Rng;
 use formers::tasks::{Batch, Task};
-use formers::train::trainer::{load_trained, EvalReport, StepReport};
-use formers::train::{train_task, Observer, TrainConfig};
+use formers::train::trainer::{EvalReport, StepReport};
+use formers::train::{Observer, RunDir, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::{split_accuracy, Adapter};
@@ -253,10 +253,7 @@ pub fn run_job(
         Job::Speed {
             variant: name,
             length,
-        } => {
-            let claim = JobDir::claim(&work.join(job.label()))?;
-            speed(opts, variant(name)?, *length, claim.path(), events)
-        }
+        } => speed(opts, variant(name)?, *length, events),
     }
 }
 
@@ -315,29 +312,19 @@ fn train_config(suite: &SuiteSpec, steps: usize, seq_len: usize, seed: u64) -> T
     }
 }
 
-fn fresh_dir(dir: &Path) -> Result<(), String> {
-    if dir.exists() {
-        fs::remove_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    Ok(())
-}
-
-/// Steps that fit `minutes` of training, from the time of a few probe steps.
-fn steps_for_minutes(
-    run: &RunConfig,
-    task: &dyn Task,
-    minutes: f64,
-    dir: &Path,
-) -> Result<usize, String> {
+/// Steps that fit `minutes` of training, from the time of a few probe steps (in memory).
+fn steps_for_minutes(run: &RunConfig, task: &dyn Task, minutes: f64) -> Result<usize, String> {
     let mut probe = run.clone();
     probe.train.steps = 4;
     probe.train.eval_every = 100;
     probe.train.checkpoint_every = 100;
-    fresh_dir(dir)?;
     let mut ignore = |_: Event| {};
     let mut timer = Timer::new(&mut ignore);
-    train_task(&probe, task, dir, false, &mut timer).map_err(|e| e.to_string())?;
-    fresh_dir(dir)?;
+    let mut trainer = Trainer::new(&probe, task).map_err(|e| e.to_string())?;
+    while !trainer.is_done() {
+        let report = trainer.step().map_err(|e| e.to_string())?;
+        timer.on_step(&report);
+    }
     // The first step pays for allocations; the rest are typical.
     let t = median(&timer.step_seconds[1..]);
     // Keep a fifth of the budget for evaluations and testing.
@@ -371,24 +358,28 @@ fn train_and_test(
     };
     let steps = match opts.budget {
         Budget::Steps(n) => n,
-        Budget::Minutes(m) => steps_for_minutes(&run, &adapter, m, dir)?,
+        Budget::Minutes(m) => steps_for_minutes(&run, &adapter, m)?,
     };
     run.train = train_config(suite, steps, max_len, seed);
-    fresh_dir(dir)?;
     mem::reset_peak();
     let start = Instant::now();
     events(Event::Start { steps });
     let mut timer = Timer::new(events);
-    let summary = train_task(&run, &adapter, dir, false, &mut timer).map_err(|e| e.to_string())?;
+    let failed = |e: formers::Error| e.to_string();
+    let mut trainer = Trainer::new(&run, &adapter).map_err(failed)?;
+    let summary = RunDir::open(dir, &mut trainer, false)
+        .and_then(|mut d| d.train(&mut trainer, &mut timer))
+        .map_err(failed)?;
     let Timer {
         step_seconds,
         curve,
         events,
         ..
     } = timer;
-    let (_, model) = load_trained(dir).map_err(|e| e.to_string())?;
+    // Scored as trained, in memory (the run directory keeps the checkpoint for later).
+    let model = trainer.inference_model();
     let (test_accuracy, test_examples, infer_tokens_per_s) = split_accuracy(
-        &model,
+        model,
         task.as_ref(),
         Split::Test,
         suite.batch_size,
@@ -465,7 +456,6 @@ fn speed(
     opts: &Options,
     variant: &Variant,
     length: usize,
-    dir: &Path,
     events: &mut dyn FnMut(Event),
 ) -> Result<Record, String> {
     let suite = &opts.suite;
@@ -478,14 +468,14 @@ fn speed(
         model: configure(variant, suite, 256, length, 2),
         train,
     };
-    fresh_dir(dir)?;
+    let data = RandomBytes { len: length };
     mem::reset_peak();
     events(Event::Start { steps });
     let mut timer = Timer::new(events);
-    let summary = train_task(&run, &RandomBytes { len: length }, dir, false, &mut timer)
-        .map_err(|e| e.to_string())?;
+    // In memory: no run directory, no checkpoint.
+    let mut trainer = Trainer::new(&run, &data).map_err(|e| e.to_string())?;
+    trainer.train(&mut timer).map_err(|e| e.to_string())?;
     let peak = mem::peak_rss().unwrap_or(0);
-    fresh_dir(dir)?;
     let t = median(&timer.step_seconds[SPEED_WARMUP..]);
     Ok(Record::Speed(SpeedResult {
         suite: suite.setting.name().into(),
@@ -494,7 +484,7 @@ fn speed(
         batch_size: suite.speed_batch,
         steps_per_s: 1.0 / t.max(1e-9),
         peak_rss_bytes: peak,
-        params: summary.params,
+        params: trainer.param_count(),
     }))
 }
 

@@ -1,8 +1,10 @@
 //! Training: AdamW, warm-up + cosine schedule, clipping, accumulation, atomic resumable
-//! checkpoints and the loop that ties them together.
+//! checkpoints; the [`Trainer`] (model and optimizer, stepped in memory) and the run
+//! directory on top of it ([`RunDir`]: metrics, checkpoints, resume).
 
 pub mod checkpoint;
 pub mod optimizer;
+pub mod run;
 pub mod schedule;
 pub mod trainer;
 
@@ -10,7 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
-pub use trainer::{train, train_task, Observer, Summary};
+pub use run::{train, train_task, RunDir, Summary};
+pub use trainer::{Observer, Trainer};
 
 /// Training hyper-parameters (the `train` section of a config file).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -1,13 +1,13 @@
-//! The training loop: seeded, deterministic, resumable, stops on a non-finite loss.
+//! The trainer: a model, its AdamW state and its data and dropout generators, advanced one
+//! optimizer step at a time; seeded and deterministic, it stops on a non-finite loss. Files
+//! (metrics, checkpoints, resume) are the run directory's business: [`super::run`].
 
 use std::collections::BTreeMap;
-use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
-use serde::{Deserialize, Serialize};
+use candle_core::{Device, Tensor, Var};
+use serde::Serialize;
 
 use super::checkpoint::{self, TrainState};
 use super::optimizer::{clip_global_norm, AdamW};
@@ -17,35 +17,11 @@ use crate::loss::{accuracy, cross_entropy};
 use crate::model::{Model, DTYPE};
 use crate::params::Params;
 use crate::rng::Rng;
-use crate::tasks::{self, Batch, Task};
+use crate::tasks::{Batch, Task};
 use crate::{Error, Result};
 
-/// What a run directory records about how it was made (`run.json`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct RunRecord {
-    /// The task trained on.
-    pub task: String,
-    /// The full configuration.
-    pub config: RunConfig,
-}
-
-impl RunRecord {
-    /// File name inside a run directory.
-    pub const FILE: &'static str = "run.json";
-
-    /// Reads `run.json` of run `out`.
-    pub fn load(out: &Path) -> Result<Self> {
-        let path = out.join(Self::FILE);
-        let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let rec: RunRecord = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
-            path: path.clone(),
-            msg: format!("unreadable run record: {e}"),
-        })?;
-        rec.config.validate()?;
-        Ok(rec)
-    }
-}
+// The run-directory layer, where callers found it before the trainer had a type.
+pub use super::run::{load_trained, train, train_task, RunRecord, Summary};
 
 /// Progress reports from the loop (the CLI draws a progress bar from them).
 pub trait Observer {
@@ -74,132 +50,146 @@ pub struct EvalReport {
     pub accuracy: f64,
 }
 
-/// How a run ended.
-#[derive(Debug, Clone)]
-pub struct Summary {
-    pub steps: usize,
-    pub final_loss: f32,
-    pub eval: EvalReport,
-    pub tokens_per_s: f64,
-    pub checkpoint: PathBuf,
-    pub params: usize,
-}
-
 const EVAL_STREAM: u64 = 0xE7A1;
 const DATA_STREAM: u64 = 1;
 const DROPOUT_STREAM: u64 = 2;
 
-/// Trains `run.model` on task `task` into run directory `out`. With `resume`, continues
-/// from the checkpoint there; without, refuses to touch a directory that has one.
-pub fn train(
-    run: &RunConfig,
-    task_name: &str,
-    out: &Path,
-    resume: bool,
-    obs: &mut dyn Observer,
-) -> Result<Summary> {
-    run.validate()?;
-    let task = tasks::by_name(task_name, &run.model, &run.train)?;
-    train_task(run, task.as_ref(), out, resume, obs)
+/// Trains a model of `run.model` on one task, in memory: [`Trainer::step`] takes one
+/// optimizer step, [`Trainer::evaluate`] scores held-out batches, [`Trainer::model`] is the
+/// model. A MatFormer model trains one granularity per step, round-robin
+/// (`train.matformer_all`: the sum of all granularities' losses every step).
+pub struct Trainer<'t> {
+    run: RunConfig,
+    task: &'t dyn Task,
+    params: Params,
+    model: Model,
+    /// The same weights built for inference (a frozen view sharing their storage).
+    infer: Model,
+    vars: Vec<(String, Var)>,
+    opt: AdamW,
+    state: TrainState,
+    tokens: usize,
+    started: Option<Instant>,
 }
 
-/// Like [`train`], on any [`Task`] (its name is what `run.json` records). A MatFormer
-/// model trains one granularity per step, round-robin (`train.matformer_all`: the sum of
-/// all granularities' losses every step).
-pub fn train_task(
-    run: &RunConfig,
-    task: &dyn Task,
-    out: &Path,
-    resume: bool,
-    obs: &mut dyn Observer,
-) -> Result<Summary> {
-    run.validate()?;
-    let tc = &run.train;
-    let task_name = task.name();
-    let existing = checkpoint::locate(out);
-    let record = RunRecord {
-        task: task_name.to_string(),
-        config: run.clone(),
-    };
-    let params = Params::new(tc.seed, DTYPE, &Device::Cpu);
-    let model = Model::new(&run.model, &params)?;
-    // Evaluation runs the inference form of the same weights (a frozen view sharing their
-    // storage): no autodiff graph, forward-only kernels.
-    let infer = Model::new(&run.model, &params.frozen())?;
-    let vars = params.vars();
-    let mut opt = AdamW::new(tc.beta1, tc.beta2, tc.eps, tc.weight_decay);
-    let mut seeds = Rng::new(tc.seed);
-    let mut state = TrainState {
-        step: 0,
-        data_rng: seeds.fork(DATA_STREAM),
-        dropout_rng: seeds.fork(DROPOUT_STREAM),
-        adam_t: 0,
-        task: task_name.to_string(),
-    };
-    match (resume, existing) {
-        (false, Some(dir)) => {
-            return Err(Error::Checkpoint {
-                path: dir,
-                msg: "a run exists here; pass --resume to continue it or choose another --out"
-                    .into(),
-            })
-        }
-        (true, None) => {
-            return Err(Error::Checkpoint {
-                path: out.join(checkpoint::DIR),
-                msg: "nothing to resume: no checkpoint found".into(),
-            })
-        }
-        (true, Some(_)) => {
-            let saved = RunRecord::load(out)?;
-            if saved != record {
-                return Err(Error::Checkpoint {
-                    path: out.join(RunRecord::FILE),
-                    msg:
-                        "the run was started with another config or task; resume with the same ones"
-                            .into(),
-                });
-            }
-            let checkpoint::Loaded {
-                weights,
-                moments,
-                state: st,
-            } = checkpoint::load(out)?;
-            params.assign(
-                &weights,
-                &out.join(checkpoint::DIR).join("model.safetensors"),
-            )?;
-            opt.restore(moments, st.adam_t);
-            state = st;
-            truncate_metrics(out, state.step)?;
-        }
-        (false, None) => {
-            fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-            let path = out.join(RunRecord::FILE);
-            let json = serde_json::to_string_pretty(&record).expect("record serialises");
-            fs::write(&path, json).map_err(|e| Error::io(&path, e))?;
-            let metrics = out.join(METRICS);
-            fs::write(&metrics, "").map_err(|e| Error::io(&metrics, e))?;
-        }
+impl<'t> Trainer<'t> {
+    /// A fresh model initialised from `run.train.seed`, at step 0.
+    pub fn new(run: &RunConfig, task: &'t dyn Task) -> Result<Self> {
+        run.validate()?;
+        let tc = &run.train;
+        let params = Params::new(tc.seed, DTYPE, &Device::Cpu);
+        let model = Model::new(&run.model, &params)?;
+        let infer = Model::new(&run.model, &params.frozen())?;
+        let vars = params.vars();
+        let opt = AdamW::new(tc.beta1, tc.beta2, tc.eps, tc.weight_decay);
+        let mut seeds = Rng::new(tc.seed);
+        let state = TrainState {
+            step: 0,
+            data_rng: seeds.fork(DATA_STREAM),
+            dropout_rng: seeds.fork(DROPOUT_STREAM),
+            adam_t: 0,
+            task: task.name().to_string(),
+        };
+        Ok(Trainer {
+            run: run.clone(),
+            task,
+            params,
+            model,
+            infer,
+            vars,
+            opt,
+            state,
+            tokens: 0,
+            started: None,
+        })
     }
-    let mut metrics = Metrics::open(out)?;
-    let start = Instant::now();
-    let mut tokens = 0usize;
-    let mut last_loss = f32::NAN;
-    let mut last_eval = None;
-    let mut saved_step = state.step;
-    let mut last_ckpt = out.join(checkpoint::DIR);
-    while state.step < tc.steps {
+
+    /// Continues from a checkpoint read from `source`: weights, moments and state.
+    pub fn restore(&mut self, loaded: checkpoint::Loaded, source: &Path) -> Result<()> {
+        self.params.assign(&loaded.weights, source)?;
+        self.opt.restore(loaded.moments, loaded.state.adam_t);
+        self.state = loaded.state;
+        Ok(())
+    }
+
+    /// Writes a checkpoint of the current step into run directory `out`.
+    pub fn save(&self, out: &Path) -> Result<PathBuf> {
+        checkpoint::save(
+            out,
+            &self.params.tensors(),
+            &self.opt.moments(),
+            &self.state,
+        )
+    }
+
+    /// The configuration trained.
+    pub fn config(&self) -> &RunConfig {
+        &self.run
+    }
+
+    /// The task trained on.
+    pub fn task(&self) -> &'t dyn Task {
+        self.task
+    }
+
+    /// The model being trained (its forward passes build an autodiff graph).
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The same weights for inference: no autodiff graph, intermediates freed as it goes,
+    /// forward-only kernels. Shares storage with [`Trainer::model`], so it is always current.
+    pub fn inference_model(&self) -> &Model {
+        &self.infer
+    }
+
+    /// Step, data position and generators.
+    pub fn state(&self) -> &TrainState {
+        &self.state
+    }
+
+    /// Optimizer steps completed.
+    pub fn steps_done(&self) -> usize {
+        self.state.step
+    }
+
+    /// Whether every configured step is done.
+    pub fn is_done(&self) -> bool {
+        self.state.step >= self.run.train.steps
+    }
+
+    /// Number of scalar parameters.
+    pub fn param_count(&self) -> usize {
+        self.params.count()
+    }
+
+    /// Whether the step just taken is one to evaluate after (every `eval_every`, and the last).
+    pub fn eval_due(&self) -> bool {
+        self.state.step.is_multiple_of(self.run.train.eval_every) || self.is_done()
+    }
+
+    /// Training tokens per second since the first step of this trainer.
+    pub fn tokens_per_s(&self) -> f64 {
+        let secs = self.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        self.tokens as f64 / secs.max(1e-9)
+    }
+
+    /// One optimizer step (with `grad_accum` micro-batches).
+    pub fn step(&mut self) -> Result<StepReport> {
+        let start = *self.started.get_or_insert_with(Instant::now);
+        let tc = &self.run.train;
+        let state = &mut self.state;
         let lr = lr_at(state.step, tc.steps, tc.lr, tc.warmup, tc.min_lr_ratio);
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss_sum = 0f32;
         for _ in 0..tc.grad_accum {
-            let batch = task.train_batch(&mut state.data_rng, tc.batch_size)?;
-            tokens += batch.tokens;
+            let batch = self.task.train_batch(&mut state.data_rng, tc.batch_size)?;
+            self.tokens += batch.tokens;
             let mut loss: Option<Tensor> = None;
-            for g in granularity_schedule(model.granularities(), state.step, tc.matformer_all) {
-                model.set_granularity(g);
-                let logits = model.forward(
+            for g in granularity_schedule(self.model.granularities(), state.step, tc.matformer_all)
+            {
+                self.model.set_granularity(g);
+                let logits = self.model.forward(
                     &batch.inputs,
                     batch.mask.as_ref(),
                     Some(&mut state.dropout_rng),
@@ -210,27 +200,19 @@ pub fn train_task(
                     None => l,
                 });
             }
-            model.set_granularity(None);
+            self.model.set_granularity(None);
             let loss = loss.expect("at least one granularity");
             let value = loss.to_scalar::<f32>()?;
             if !value.is_finite() {
-                let kept = if saved_step > 0 {
-                    format!(
-                        "last good checkpoint (step {saved_step}) kept at {}",
-                        last_ckpt.display()
-                    )
-                } else {
-                    "no checkpoint was written yet".to_string()
-                };
                 return Err(Error::NonFinite {
                     step: state.step + 1,
                     loss: value,
-                    kept,
+                    kept: format!("the weights of step {} are kept", state.step),
                 });
             }
             loss_sum += value;
             let g = loss.backward()?;
-            for (name, var) in &vars {
+            for (name, var) in &self.vars {
                 if let Some(gv) = g.get(var.as_tensor()) {
                     let acc = match grads.remove(name) {
                         Some(prev) => (prev + gv)?,
@@ -246,44 +228,48 @@ pub fn train_task(
             }
         }
         let grad_norm = clip_global_norm(&mut grads, tc.clip_norm)?;
-        opt.step(&vars, &grads, lr)?;
+        self.opt.step(&self.vars, &grads, lr)?;
         state.step += 1;
-        state.adam_t = opt.t;
-        last_loss = loss_sum / tc.grad_accum as f32;
-        let report = StepReport {
+        state.adam_t = self.opt.t;
+        Ok(StepReport {
             step: state.step,
             total: tc.steps,
-            loss: last_loss,
+            loss: loss_sum / tc.grad_accum as f32,
             lr,
             grad_norm,
-            tokens_per_s: tokens as f64 / start.elapsed().as_secs_f64().max(1e-9),
-        };
-        metrics.write(&serde_json::json!({"step": state.step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm}))?;
-        obs.on_step(&report);
-        let last = state.step == tc.steps;
-        if state.step.is_multiple_of(tc.eval_every) || last {
-            let e = evaluate(&infer, task, tc.seed, tc.eval_batches, tc.batch_size)?;
-            metrics.write(&serde_json::json!({"step": state.step, "eval_loss": e.loss, "eval_accuracy": e.accuracy}))?;
-            obs.on_eval(state.step, &e);
-            last_eval = Some(e);
+            tokens_per_s: self.tokens as f64 / start.elapsed().as_secs_f64().max(1e-9),
+        })
+    }
+
+    /// Mean loss and accuracy over `eval_batches` held-out batches (the same every call).
+    pub fn evaluate(&self) -> Result<EvalReport> {
+        let tc = &self.run.train;
+        evaluate(
+            &self.infer,
+            self.task,
+            tc.seed,
+            tc.eval_batches,
+            tc.batch_size,
+        )
+    }
+
+    /// Steps to the end, evaluating when due; reports to `obs`; returns the last evaluation.
+    pub fn train(&mut self, obs: &mut dyn Observer) -> Result<EvalReport> {
+        let mut last_eval = None;
+        while !self.is_done() {
+            let report = self.step()?;
+            obs.on_step(&report);
+            if self.eval_due() {
+                let e = self.evaluate()?;
+                obs.on_eval(self.state.step, &e);
+                last_eval = Some(e);
+            }
         }
-        if state.step.is_multiple_of(tc.checkpoint_every) || last {
-            last_ckpt = checkpoint::save(out, &params.tensors(), &opt.moments(), &state)?;
-            saved_step = state.step;
+        match last_eval {
+            Some(e) => Ok(e),
+            None => self.evaluate(),
         }
     }
-    let eval = match last_eval {
-        Some(e) => e,
-        None => evaluate(&infer, task, tc.seed, tc.eval_batches, tc.batch_size)?,
-    };
-    Ok(Summary {
-        steps: state.step,
-        final_loss: last_loss,
-        eval,
-        tokens_per_s: tokens as f64 / start.elapsed().as_secs_f64().max(1e-9),
-        checkpoint: last_ckpt,
-        params: params.count(),
-    })
 }
 
 /// The granularities a MatFormer step trains: `None` (the configured model) when nothing
@@ -325,59 +311,4 @@ pub fn evaluate(
         loss: (loss / batches as f64) as f32,
         accuracy: correct as f64 / counted.max(1) as f64,
     })
-}
-
-/// A model with the weights of run `out`'s checkpoint, for inference.
-pub fn load_trained(out: &Path) -> Result<(RunRecord, Model)> {
-    let record = RunRecord::load(out)?;
-    let dir = checkpoint::locate(out).ok_or_else(|| Error::Checkpoint {
-        path: out.join(checkpoint::DIR),
-        msg: "no checkpoint here; train first".into(),
-    })?;
-    let weights_path = dir.join("model.safetensors");
-    let weights = checkpoint::read_tensors(&weights_path)?;
-    let params = Params::new(record.config.train.seed, DTYPE, &Device::Cpu);
-    let model = Model::new(&record.config.model, &params.frozen())?;
-    params.assign(&weights, &weights_path)?;
-    Ok((record, model))
-}
-
-const METRICS: &str = "metrics.jsonl";
-
-struct Metrics {
-    file: fs::File,
-    path: PathBuf,
-}
-
-impl Metrics {
-    fn open(out: &Path) -> Result<Self> {
-        let path = out.join(METRICS);
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
-        Ok(Metrics { file, path })
-    }
-
-    fn write(&mut self, v: &serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{v}").map_err(|e| Error::io(&self.path, e))
-    }
-}
-
-/// Drops metric lines after `step` (written after the checkpoint a resume starts from).
-fn truncate_metrics(out: &Path, step: usize) -> Result<()> {
-    let path = out.join(METRICS);
-    let text = fs::read_to_string(&path).unwrap_or_default();
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s as usize <= step)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    fs::write(&path, kept).map_err(|e| Error::io(&path, e))
 }
