@@ -4,6 +4,7 @@
 
 pub mod adapter;
 pub mod corpus;
+pub mod exec;
 pub mod flops;
 pub mod image;
 pub mod jobdir;
@@ -11,6 +12,7 @@ pub mod listops;
 pub mod lra;
 pub mod mem;
 pub mod pathfinder;
+pub mod plan;
 pub mod report;
 pub mod results;
 pub mod retrieval;

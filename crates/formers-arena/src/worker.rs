@@ -11,8 +11,9 @@ use std::process::{Command, Stdio};
 
 use serde::{Deserialize, Serialize};
 
+use crate::exec::{run_job, Event, Tasks};
+use crate::plan::{Job, Options};
 use crate::results::Record;
-use crate::runner::{run_job, Event, Job, Options, Tasks};
 
 /// What the parent hands a worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -463,7 +463,7 @@ fn write_report(dir: &Path) -> Result<PathBuf> {
     }
     let records = results::load(&store).map_err(|e| anyhow!(e))?;
     let opts = runner::load_options(dir);
-    let meta = runner::report_meta(opts.as_ref(), &records);
+    let meta = report::report_meta(opts.as_ref(), &records);
     let out = dir.join("report");
     report::write_report(&records, &meta, &out)
         .with_context(|| format!("writing the report into {}", out.display()))

@@ -5,6 +5,7 @@
 
 mod agg;
 mod charts;
+mod meta;
 mod page;
 mod table;
 mod tables;
@@ -15,6 +16,7 @@ use crate::results::Record;
 
 pub use agg::BASELINE;
 pub use charts::Chart;
+pub use meta::report_meta;
 pub use table::{html_escape, Align, Table};
 
 /// What the runner tells the report besides the records.

@@ -1,0 +1,353 @@
+//! Executing one job in this process: train a variant on a task and score it on the test
+//! split, or time training steps; progress goes out as [`Event`]s.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use formers::config::{HeadSpec, InputSpec, ModelConfig, Pooling, RunConfig};
+use formers::rng::Rng;
+use formers::tasks::{Batch, Task};
+use formers::train::trainer::{EvalReport, StepReport};
+use formers::train::{Observer, RunDir, TrainConfig, Trainer};
+use serde::{Deserialize, Serialize};
+
+use crate::adapter::{split_accuracy, Adapter};
+use crate::jobdir::JobDir;
+use crate::plan::{Budget, Job, Options};
+use crate::results::{Record, RunResult, SpeedResult};
+use crate::suite::{open_task, SuiteSpec};
+use crate::task::{ArenaTask, Split};
+use crate::variants::Variant;
+use crate::{flops, mem};
+
+/// Progress of one job, as the worker reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// Training starts and will take `steps` steps.
+    Start {
+        steps: usize,
+    },
+    Step {
+        step: usize,
+        loss: f32,
+    },
+    Eval {
+        step: usize,
+        accuracy: f64,
+    },
+    /// Training is over; `done` of the `total` test examples are scored.
+    Testing {
+        done: usize,
+        total: usize,
+    },
+}
+
+/// A task opened, or why it cannot run here.
+type Opened = Result<Arc<dyn ArenaTask>, String>;
+
+/// The tasks a process has opened, each opened once (shared by the arena loop, which
+/// checks which tasks can run, and in-process jobs).
+#[derive(Default)]
+pub struct Tasks {
+    opened: RefCell<BTreeMap<String, Opened>>,
+}
+
+impl Tasks {
+    /// Task `name` of the suite, or why it cannot run here.
+    pub fn get(&self, name: &str, opts: &Options) -> Opened {
+        self.opened
+            .borrow_mut()
+            .entry(name.to_string())
+            .or_insert_with(|| open_task(name, opts.suite.setting, &opts.data))
+            .clone()
+    }
+}
+
+/// The variant's model at the suite's size for a task of `vocab` ids, `max_len` positions
+/// and `n_classes` classes.
+pub fn configure(
+    v: &Variant,
+    suite: &SuiteSpec,
+    vocab: usize,
+    max_len: usize,
+    n_classes: usize,
+) -> ModelConfig {
+    let mut m = v.model.clone();
+    m.d_model = suite.d_model;
+    m.n_heads = suite.n_heads;
+    m.n_layers = suite.n_layers;
+    m.max_len = max_len;
+    m.input = InputSpec::Tokens { vocab_size: vocab };
+    m.head = HeadSpec::Classification {
+        n_classes,
+        pooling: Pooling::Mean,
+    };
+    m
+}
+
+/// Runs `job` in this process, using `work` for run directories; reports progress to
+/// `events`.
+pub fn run_job(
+    job: &Job,
+    opts: &Options,
+    tasks: &Tasks,
+    work: &Path,
+    events: &mut dyn FnMut(Event),
+) -> Result<Record, String> {
+    let variant = |name: &str| {
+        opts.variants
+            .iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| format!("variant `{name}` is not in this arena"))
+    };
+    match job {
+        Job::Run {
+            task,
+            variant: name,
+            seed,
+        } => {
+            let task = tasks.get(task, opts)?;
+            train_and_test(job, opts, task, variant(name)?, *seed, work, events)
+        }
+        Job::Speed {
+            variant: name,
+            length,
+        } => speed(opts, variant(name)?, *length, events),
+    }
+}
+
+/// Times training steps and records the loss curve, excluding evaluation time.
+struct Timer<'a> {
+    events: &'a mut dyn FnMut(Event),
+    last: Instant,
+    step_seconds: Vec<f64>,
+    curve: Vec<(usize, f32)>,
+}
+
+impl<'a> Timer<'a> {
+    fn new(events: &'a mut dyn FnMut(Event)) -> Self {
+        Timer {
+            events,
+            last: Instant::now(),
+            step_seconds: Vec::new(),
+            curve: Vec::new(),
+        }
+    }
+}
+
+impl Observer for Timer<'_> {
+    fn on_step(&mut self, s: &StepReport) {
+        let now = Instant::now();
+        self.step_seconds
+            .push(now.duration_since(self.last).as_secs_f64());
+        self.last = now;
+        self.curve.push((s.step, s.loss));
+        (self.events)(Event::Step {
+            step: s.step,
+            loss: s.loss,
+        });
+    }
+    fn on_eval(&mut self, step: usize, e: &EvalReport) {
+        self.last = Instant::now();
+        (self.events)(Event::Eval {
+            step,
+            accuracy: e.accuracy,
+        });
+    }
+}
+
+fn train_config(suite: &SuiteSpec, steps: usize, seq_len: usize, seed: u64) -> TrainConfig {
+    TrainConfig {
+        steps,
+        batch_size: suite.batch_size,
+        seq_len,
+        lr: suite.lr,
+        warmup: (steps / 10).max(1),
+        eval_every: (steps / 5).max(1),
+        eval_batches: 2,
+        checkpoint_every: steps,
+        seed,
+        ..TrainConfig::default()
+    }
+}
+
+/// Steps that fit `minutes` of training, from the time of a few probe steps (in memory).
+fn steps_for_minutes(run: &RunConfig, task: &dyn Task, minutes: f64) -> Result<usize, String> {
+    let mut probe = run.clone();
+    probe.train.steps = 4;
+    probe.train.eval_every = 100;
+    probe.train.checkpoint_every = 100;
+    let mut ignore = |_: Event| {};
+    let mut timer = Timer::new(&mut ignore);
+    let mut trainer = Trainer::new(&probe, task).map_err(|e| e.to_string())?;
+    while !trainer.is_done() {
+        let report = trainer.step().map_err(|e| e.to_string())?;
+        timer.on_step(&report);
+    }
+    // The first step pays for allocations; the rest are typical.
+    let t = median(&timer.step_seconds[1..]);
+    // Keep a fifth of the budget for evaluations and testing.
+    Ok(((minutes * 60.0 * 0.8 / t.max(1e-6)) as usize).max(10))
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn train_and_test(
+    job: &Job,
+    opts: &Options,
+    task: Arc<dyn ArenaTask>,
+    variant: &Variant,
+    seed: u64,
+    work: &Path,
+    events: &mut dyn FnMut(Event),
+) -> Result<Record, String> {
+    let suite = &opts.suite;
+    let max_len = task.max_len();
+    let model = configure(variant, suite, task.vocab_size(), max_len, task.n_classes());
+    let adapter = Adapter::new(task.clone());
+    let claim = JobDir::claim(&work.join(job.label()))?;
+    let dir = claim.path();
+    let mut run = RunConfig {
+        model,
+        train: train_config(suite, 1, max_len, seed),
+    };
+    let steps = match opts.budget {
+        Budget::Steps(n) => n,
+        Budget::Minutes(m) => steps_for_minutes(&run, &adapter, m)?,
+    };
+    run.train = train_config(suite, steps, max_len, seed);
+    mem::reset_peak();
+    let start = Instant::now();
+    events(Event::Start { steps });
+    let mut timer = Timer::new(events);
+    let failed = |e: formers::Error| e.to_string();
+    let mut trainer = Trainer::new(&run, &adapter).map_err(failed)?;
+    let summary = RunDir::open(dir, &mut trainer, false)
+        .and_then(|mut d| d.train(&mut trainer, &mut timer))
+        .map_err(failed)?;
+    let Timer {
+        step_seconds,
+        curve,
+        events,
+        ..
+    } = timer;
+    // Scored as trained, in memory (the run directory keeps the checkpoint for later).
+    let model = trainer.inference_model();
+    let (test_accuracy, test_examples, infer_tokens_per_s) = split_accuracy(
+        model,
+        task.as_ref(),
+        Split::Test,
+        suite.batch_size,
+        |done, total| events(Event::Testing { done, total }),
+    )
+    .map_err(|e| e.to_string())?;
+    let train_seconds: f64 = step_seconds.iter().sum();
+    Ok(Record::Run(RunResult {
+        suite: suite.setting.name().into(),
+        task: task.name().into(),
+        variant: variant.name.clone(),
+        seed,
+        budget: opts.budget.label(),
+        source: task.source(),
+        seq_len: max_len,
+        batch_size: suite.batch_size,
+        steps: summary.steps,
+        test_accuracy,
+        test_examples,
+        val_accuracy: summary.eval.accuracy,
+        train_steps_per_s: summary.steps as f64 / train_seconds.max(1e-9),
+        infer_tokens_per_s,
+        peak_rss_bytes: mem::peak_rss().unwrap_or(0),
+        params: summary.params,
+        flops_per_token: flops::per_token(&run.model, max_len),
+        wall_s: start.elapsed().as_secs_f64(),
+        loss_curve: thin(curve, 500),
+    }))
+}
+
+/// At most about `max` points of `curve`, evenly spaced, the last always kept.
+fn thin(curve: Vec<(usize, f32)>, max: usize) -> Vec<(usize, f32)> {
+    let every = curve.len().div_ceil(max).max(1);
+    let last = curve.len().saturating_sub(1);
+    curve
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| i % every == 0 || *i == last)
+        .map(|(_, p)| p)
+        .collect()
+}
+
+/// Random bytes with random binary labels: what a speed measurement trains on (the cost
+/// of a step does not depend on the data).
+struct RandomBytes {
+    len: usize,
+}
+
+impl Task for RandomBytes {
+    fn name(&self) -> &str {
+        "random-bytes"
+    }
+    fn train_batch(&self, rng: &mut Rng, b: usize) -> formers::Result<Batch> {
+        let ids: Vec<u32> = (0..b * self.len).map(|_| rng.below(256) as u32).collect();
+        let labels: Vec<u32> = (0..b).map(|_| rng.below(2) as u32).collect();
+        Ok(Batch {
+            inputs: Tensor::from_vec(ids, (b, self.len), &Device::Cpu)?,
+            targets: Tensor::from_vec(labels, b, &Device::Cpu)?,
+            weights: None,
+            mask: None,
+            tokens: b * self.len,
+        })
+    }
+    fn eval_batch(&self, rng: &mut Rng, b: usize) -> formers::Result<Batch> {
+        self.train_batch(rng, b)
+    }
+}
+
+/// Steps timed per speed measurement, after warm-up steps.
+pub const SPEED_STEPS: usize = 5;
+pub const SPEED_WARMUP: usize = 2;
+
+fn speed(
+    opts: &Options,
+    variant: &Variant,
+    length: usize,
+    events: &mut dyn FnMut(Event),
+) -> Result<Record, String> {
+    let suite = &opts.suite;
+    let steps = SPEED_WARMUP + SPEED_STEPS;
+    let mut train = train_config(suite, steps, length, 0);
+    train.batch_size = suite.speed_batch;
+    train.eval_every = steps;
+    train.eval_batches = 1;
+    let run = RunConfig {
+        model: configure(variant, suite, 256, length, 2),
+        train,
+    };
+    let data = RandomBytes { len: length };
+    mem::reset_peak();
+    events(Event::Start { steps });
+    let mut timer = Timer::new(events);
+    // In memory: no run directory, no checkpoint.
+    let mut trainer = Trainer::new(&run, &data).map_err(|e| e.to_string())?;
+    trainer.train(&mut timer).map_err(|e| e.to_string())?;
+    let peak = mem::peak_rss().unwrap_or(0);
+    let t = median(&timer.step_seconds[SPEED_WARMUP..]);
+    Ok(Record::Speed(SpeedResult {
+        suite: suite.setting.name().into(),
+        variant: variant.name.clone(),
+        length,
+        batch_size: suite.speed_batch,
+        steps_per_s: 1.0 / t.max(1e-9),
+        peak_rss_bytes: peak,
+        params: trainer.param_count(),
+    }))
+}

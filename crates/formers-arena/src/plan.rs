@@ -1,0 +1,162 @@
+//! Planning: the arena's options, its jobs (training runs and speed measurements) in a fixed
+//! order, shards of them, and the options file of an arena directory.
+
+use std::fs;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::results;
+use crate::suite::{DataDirs, SuiteSpec};
+use crate::variants::Variant;
+
+/// How long each run trains.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Budget {
+    /// Optimizer steps.
+    Steps(usize),
+    /// Wall-clock minutes of training, turned into steps by timing a few first.
+    Minutes(f64),
+}
+
+impl Budget {
+    /// `300` (steps), `2m` / `2min` / `1.5m` (minutes) or `90s` (seconds).
+    pub fn parse(s: &str) -> Result<Budget, String> {
+        let bad = || format!("budget `{s}`: expected steps (`300`) or minutes (`2m`, `90s`)");
+        let s = s.trim();
+        if let Some(m) = s.strip_suffix("min").or_else(|| s.strip_suffix('m')) {
+            let m: f64 = m.trim().parse().map_err(|_| bad())?;
+            return (m > 0.0).then_some(Budget::Minutes(m)).ok_or_else(bad);
+        }
+        if let Some(sec) = s.strip_suffix('s') {
+            let sec: f64 = sec.trim().parse().map_err(|_| bad())?;
+            return (sec > 0.0)
+                .then_some(Budget::Minutes(sec / 60.0))
+                .ok_or_else(bad);
+        }
+        match s.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(Budget::Steps(n)),
+            _ => Err(bad()),
+        }
+    }
+
+    /// The budget as it appears in results and reports.
+    pub fn label(&self) -> String {
+        match self {
+            Budget::Steps(n) => n.to_string(),
+            Budget::Minutes(m) => format!("{m}m"),
+        }
+    }
+}
+
+/// Everything a run of the arena needs; serialisable so a worker process can receive it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Options {
+    pub suite: SuiteSpec,
+    pub tasks: Vec<String>,
+    pub variants: Vec<Variant>,
+    pub budget: Budget,
+    /// Seeds `0..seeds` per (task, variant).
+    pub seeds: u64,
+    /// Run slice `shard.0` (1-based) of `shard.1`.
+    pub shard: (usize, usize),
+    /// Also measure speed and memory per length (LRA Table 2).
+    pub speed: bool,
+    pub data: DataDirs,
+}
+
+/// One unit of arena work.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Job {
+    Run {
+        task: String,
+        variant: String,
+        seed: u64,
+    },
+    Speed {
+        variant: String,
+        length: usize,
+    },
+}
+
+impl Job {
+    /// The key of the record this job makes (see [`Record::key`]).
+    pub fn key(&self, opts: &Options) -> String {
+        let suite = opts.suite.setting.name();
+        match self {
+            Job::Run {
+                task,
+                variant,
+                seed,
+            } => results::run_key(suite, task, variant, *seed, &opts.budget.label()),
+            Job::Speed { variant, length } => results::speed_key(suite, variant, *length),
+        }
+    }
+
+    /// A short name for progress bars and directories.
+    pub fn label(&self) -> String {
+        match self {
+            Job::Run {
+                task,
+                variant,
+                seed,
+            } => format!("{task}-{variant}-s{seed}"),
+            Job::Speed { variant, length } => format!("speed-{variant}-{length}"),
+        }
+    }
+}
+
+/// Every job of `opts`, unsharded, in a fixed order: runs by task, variant, seed; then
+/// speed measurements by variant and length.
+pub fn plan(opts: &Options) -> Vec<Job> {
+    let mut jobs = Vec::new();
+    for task in &opts.tasks {
+        for v in &opts.variants {
+            for seed in 0..opts.seeds {
+                jobs.push(Job::Run {
+                    task: task.clone(),
+                    variant: v.name.clone(),
+                    seed,
+                });
+            }
+        }
+    }
+    if opts.speed {
+        for v in &opts.variants {
+            for &length in &opts.suite.speed_lengths {
+                jobs.push(Job::Speed {
+                    variant: v.name.clone(),
+                    length,
+                });
+            }
+        }
+    }
+    jobs
+}
+
+/// The jobs of shard `i` (1-based) of `n`: every n-th job of the plan, so shards are
+/// disjoint, cover the plan and stay balanced across tasks.
+pub fn shard(jobs: Vec<Job>, i: usize, n: usize) -> Vec<Job> {
+    jobs.into_iter()
+        .enumerate()
+        .filter(|(k, _)| k % n == i - 1)
+        .map(|(_, j)| j)
+        .collect()
+}
+
+/// File in an arena directory holding the [`Options`] it was run with (for `report`).
+pub const OPTIONS_FILE: &str = "arena.json";
+
+/// Saves `opts` into arena directory `out`.
+pub fn save_options(opts: &Options, out: &Path) -> Result<(), String> {
+    let path = out.join(OPTIONS_FILE);
+    let json = serde_json::to_string_pretty(opts).expect("options serialise");
+    fs::write(&path, json).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The options arena directory `out` was run with, if it says.
+pub fn load_options(out: &Path) -> Option<Options> {
+    let text = fs::read_to_string(out.join(OPTIONS_FILE)).ok()?;
+    serde_json::from_str(&text).ok()
+}
