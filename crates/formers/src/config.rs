@@ -50,7 +50,7 @@ pub struct ModelConfig {
     /// What the model outputs.
     pub head: HeadSpec,
     /// A norm after the last block (usual with pre-norm blocks).
-    #[serde(default = "yes")]
+    #[serde(default = "crate::mixer::yes")]
     pub final_norm: bool,
     /// Dropout on the embeddings.
     #[serde(default)]
@@ -74,9 +74,6 @@ pub struct ModelConfig {
 
 fn default_max_len() -> usize {
     512
-}
-fn yes() -> bool {
-    true
 }
 
 /// Residual scheme between blocks.
@@ -156,7 +153,7 @@ fn default_rope_base() -> f64 {
 pub enum HeadSpec {
     /// Per-token logits over the vocabulary (causal LM, or token tagging when bidirectional).
     Lm {
-        #[serde(default = "yes")]
+        #[serde(default = "crate::mixer::yes")]
         tied: bool,
     },
     /// One label per sequence.
@@ -165,7 +162,7 @@ pub enum HeadSpec {
     Embedding {
         #[serde(default = "default_pooling")]
         pooling: Pooling,
-        #[serde(default = "yes")]
+        #[serde(default = "crate::mixer::yes")]
         normalize: bool,
     },
 }
@@ -235,7 +232,7 @@ pub enum FfnSpec {
         hidden: Option<usize>,
         #[serde(default)]
         activation: Activation,
-        #[serde(default = "yes")]
+        #[serde(default = "crate::mixer::yes")]
         bias: bool,
         /// Factorise both layers as `U·V` of this rank (Greenformers LRT).
         #[serde(default)]
@@ -256,7 +253,7 @@ pub enum FfnSpec {
         active: Option<usize>,
         #[serde(default)]
         activation: Activation,
-        #[serde(default = "yes")]
+        #[serde(default = "crate::mixer::yes")]
         bias: bool,
     },
 }

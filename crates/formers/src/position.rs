@@ -108,10 +108,19 @@ pub fn alibi_bias(
     kl: usize,
     like: &Tensor,
 ) -> Result<Tensor> {
-    let dist: Vec<f64> = (0..ql)
-        .flat_map(|i| (0..kl).map(move |j| -((q_first + i).abs_diff(k_first + j) as f64)))
+    let q: Vec<usize> = (q_first..q_first + ql).collect();
+    let k: Vec<usize> = (k_first..k_first + kl).collect();
+    alibi_bias_at(slopes, &q, &k, like)
+}
+
+/// `[h, queries, keys]`: ALiBi's penalty between queries and keys at these positions.
+pub fn alibi_bias_at(slopes: &Tensor, q: &[usize], k: &[usize], like: &Tensor) -> Result<Tensor> {
+    let dist: Vec<f64> = q
+        .iter()
+        .flat_map(|&i| k.iter().map(move |&j| -(i.abs_diff(j) as f64)))
         .collect();
-    let dist = Tensor::from_vec(dist, (1, ql, kl), like.device())?.to_dtype(like.dtype())?;
+    let dist =
+        Tensor::from_vec(dist, (1, q.len(), k.len()), like.device())?.to_dtype(like.dtype())?;
     let h = slopes.dim(0)?;
     Ok(slopes
         .to_dtype(like.dtype())?

@@ -7,8 +7,9 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::heads::{HeadKernel, MultiHead, Projections};
-use super::softmax::{append_kv, attend, no_padding_in_cache, AttendOpts, Clip};
-use super::{positive, Capabilities, MixCtx, MixerCache, MixerDims, MixerKind, TokenMixer};
+use super::softmax::{append_kv, attend, AttendOpts, Clip};
+use super::{
+    no_padding_in_cache, positive, Capabilities, MixCtx, MixerCache, MixerDims, MixerKind, TokenMixer};
 use crate::params::Params;
 use crate::{Error, Result};
 
@@ -166,7 +167,7 @@ impl HeadKernel for FullKernel {
         let (k, v) = match cache {
             Some(cache) => {
                 no_padding_in_cache(ctx.key_bias)?;
-                append_kv(cache, k, v, None)?
+                append_kv(cache, k, v)?
             }
             None => (k.clone(), v.clone()),
         };

@@ -207,10 +207,8 @@ impl LinearKernel {
     ) -> Result<Tensor> {
         let fq = self.phi(q, true)?;
         let mut fk = self.phi(k, false)?;
-        if let Some(kb) = key_bias {
-            // Padded keys contribute no features at all.
-            let (b, _, _, m) = kb.dims4()?;
-            let keep = kb.ge(-1.0)?.to_dtype(fk.dtype())?.reshape((b, 1, m, 1))?;
+        // Padded keys contribute no features at all.
+        if let Some(keep) = super::keep_mask(key_bias, fk.dtype())? {
             fk = fk.broadcast_mul(&keep)?;
         }
         if !causal {

@@ -8,9 +8,8 @@ use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::heads::{HeadKernel, MultiHead, Projections};
-use super::softmax::no_padding_in_cache;
 use super::{
-    positive, Capabilities, MixCtx, MixerCache, MixerDims, MixerKind, TokenMixer, MASKED,
+    no_padding_in_cache, positive, Capabilities, MixCtx, MixerCache, MixerDims, MixerKind, TokenMixer, MASKED,
 };
 use crate::params::Params;
 use crate::Result;
@@ -165,25 +164,26 @@ impl LocalKernel {
         ctx: &MixCtx,
         pos: &[usize],
     ) -> Result<Tensor> {
-        let (_, h, n, dh) = q.dims4()?;
-        let m = pos.len();
-        let mut bias = Vec::with_capacity(n * m);
-        let mut dist = Vec::with_capacity(n * m);
-        for qi in ctx.offset..ctx.offset + n {
-            for &kj in pos {
-                let seen = kj <= qi && (qi - kj <= self.window || kj < self.global || qi < self.global);
-                bias.push(if seen { 0.0 } else { MASKED });
-                dist.push(-(qi.abs_diff(kj) as f64));
-            }
-        }
-        let scores = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?;
-        let like = |v: Vec<f64>| -> Result<Tensor> {
-            Ok(Tensor::from_vec(v, (1, n, m), q.device())?.to_dtype(q.dtype())?)
-        };
-        let mut s = scores.broadcast_add(&like(bias)?)?;
+        let (_, _, n, dh) = q.dims4()?;
+        let queries: Vec<usize> = (ctx.offset..ctx.offset + n).collect();
+        let bias: Vec<f64> = queries
+            .iter()
+            .flat_map(|&qi| {
+                pos.iter().map(move |&kj| {
+                    let seen = kj <= qi
+                        && (qi - kj <= self.window || kj < self.global || qi < self.global);
+                    if seen {
+                        0.0
+                    } else {
+                        MASKED
+                    }
+                })
+            })
+            .collect();
+        let bias = Tensor::from_vec(bias, (n, pos.len()), q.device())?.to_dtype(q.dtype())?;
+        let mut s = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?.broadcast_add(&bias)?;
         if let Some(slopes) = ctx.alibi {
-            let slopes = slopes.to_dtype(q.dtype())?.reshape((h, 1, 1))?;
-            s = s.broadcast_add(&slopes.broadcast_mul(&like(dist)?)?)?;
+            s = s.broadcast_add(&crate::position::alibi_bias_at(slopes, &queries, pos, &s)?)?;
         }
         let p = s.broadcast_sub(&s.max_keepdim(D::Minus1)?)?.exp()?;
         Ok(p.matmul(v)?.broadcast_div(&p.sum_keepdim(D::Minus1)?)?)

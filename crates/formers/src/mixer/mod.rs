@@ -171,6 +171,7 @@ pub(crate) fn positive(at: &str, pairs: &[(&str, usize)]) -> Result<()> {
     Ok(())
 }
 
+/// Serde default `true`, shared by every config struct.
 pub(crate) fn yes() -> bool {
     true
 }
@@ -186,6 +187,14 @@ pub(crate) fn keep_mask(
             Ok(kb.ge(-1.0)?.to_dtype(dtype)?.reshape((b, 1, m, 1))?)
         })
         .transpose()
+}
+
+/// Refuses a padded batch in a decoding step.
+pub(crate) fn no_padding_in_cache(key_bias: Option<&Tensor>) -> Result<()> {
+    if key_bias.is_some() {
+        return Err(Error::Input("a KV cache takes unpadded sequences".into()));
+    }
+    Ok(())
 }
 
 /// The error of a bidirectional mixer asked to decode.

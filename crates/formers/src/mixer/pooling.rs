@@ -110,7 +110,7 @@ impl Pool {
         if !self.causal {
             return Err(super::no_cache("centred pooling"));
         }
-        super::softmax::no_padding_in_cache(ctx.key_bias)?;
+        super::no_padding_in_cache(ctx.key_bias)?;
         let n = x.dim(1)?;
         let all = match cache.tensors.as_slice() {
             [held] => Tensor::cat(&[held, x], 1)?,

@@ -197,30 +197,15 @@ fn causal_bias(q_first: usize, ql: usize, ks: usize, kl: usize, like: &Tensor) -
     Ok(Tensor::from_vec(v, (ql, kl), like.device())?.to_dtype(like.dtype())?)
 }
 
-/// Appends `k, v [b, h, n, dh]` to the keys and values the cache holds and returns all of
-/// them; keeps at most the last `keep` positions in the cache when given.
-pub fn append_kv(
-    cache: &mut MixerCache,
-    k: &Tensor,
-    v: &Tensor,
-    keep: Option<usize>,
-) -> Result<(Tensor, Tensor)> {
+/// Appends `k, v [b, h, n, dh]` to the keys and values the cache holds; returns (and
+/// keeps) all of them.
+pub fn append_kv(cache: &mut MixerCache, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
     let (k, v) = match cache.tensors.as_slice() {
         [ck, cv] => (Tensor::cat(&[ck, k], 2)?, Tensor::cat(&[cv, v], 2)?),
         _ => (k.clone(), v.clone()),
     };
-    let m = k.dim(2)?;
-    let kept = keep.map_or(m, |w| w.min(m));
-    cache.tensors = vec![k.narrow(2, m - kept, kept)?, v.narrow(2, m - kept, kept)?];
+    cache.tensors = vec![k.clone(), v.clone()];
     Ok((k, v))
-}
-
-/// Refuses a padded batch in a decoding step.
-pub fn no_padding_in_cache(key_bias: Option<&Tensor>) -> Result<()> {
-    if key_bias.is_some() {
-        return Err(Error::Input("a KV cache takes unpadded sequences".into()));
-    }
-    Ok(())
 }
 #[cfg(test)]
 mod tests {
