@@ -13,6 +13,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Subcommand};
+use formers::limits::Limits;
 use formers::mixer::softmax::{attend, reference_attend, AttendOpts};
 use formers::rng::Rng;
 use formers_arena::mem;
@@ -432,7 +433,7 @@ fn embed(a: EmbedArgs) -> Result<()> {
         anyhow::bail!("no sentences to embed");
     }
     // Loaded once here so a bad checkpoint fails before any child runs.
-    crate::embed::load_encoder(&a.model)?;
+    crate::embed::load_encoder(&a.model, &Limits::default())?;
     // Both implementations, in every child, read the same list.
     let list = tempfile_with(&sentences)?;
     let result = embed_rows(&a, &list);
@@ -508,7 +509,7 @@ fn embed_one(model: &Path, list: &Path, bs: usize, threads: usize) -> Result<Val
     let text =
         std::fs::read_to_string(list).with_context(|| format!("reading {}", list.display()))?;
     let sentences: Vec<String> = text.lines().map(String::from).collect();
-    let p = crate::embed::load_encoder(model)?;
+    let p = crate::embed::load_encoder(model, &Limits::default())?;
     let tokens: usize = crate::embed::tokenize_lines(&p, &sentences, true)?
         .iter()
         .map(Vec::len)

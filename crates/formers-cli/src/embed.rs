@@ -7,9 +7,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use formers::limits::Limits;
 use formers::model::Packed;
 use formers::pretrained::{self, Family, Pretrained};
 
+use crate::limits::LoadArgs;
 use crate::progress::bar;
 
 /// Flags of `formers embed`.
@@ -28,6 +30,8 @@ pub struct EmbedArgs {
     /// Cut inputs longer than the model's position table instead of failing
     #[arg(long)]
     pub truncate: bool,
+    #[command(flatten)]
+    pub limits: LoadArgs,
 }
 
 /// Token ids of every line, checked (or cut, with `truncate`) against `max_len`.
@@ -75,8 +79,8 @@ pub fn embed_lines(
 }
 
 /// Loads a checkpoint that must be a BERT-family encoder.
-pub fn load_encoder(dir: &Path) -> Result<Pretrained> {
-    let p = pretrained::load(dir)?;
+pub fn load_encoder(dir: &Path, limits: &Limits) -> Result<Pretrained> {
+    let p = pretrained::load_with(dir, limits)?;
     if let Some(w) = p.unused_warning() {
         eprintln!("{w}");
     }
@@ -95,7 +99,7 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let p = load_encoder(&a.model)?;
+    let p = load_encoder(&a.model, &a.limits.limits())?;
     let lines: Vec<String> = std::io::stdin()
         .lock()
         .lines()

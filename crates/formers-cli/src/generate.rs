@@ -6,10 +6,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Args;
+
+use crate::limits::LoadArgs;
 use formers::config::InputSpec;
 use formers::generate::{generate, Sampling};
+use formers::limits::Limits;
 use formers::pretrained::{self, Family};
-use formers::train::trainer::{load_trained, RunRecord};
+use formers::train::trainer::{load_trained_with, RunRecord};
 use formers::Model;
 
 /// Flags of `formers generate`.
@@ -43,6 +46,8 @@ pub struct GenerateArgs {
     /// Recompute the whole sequence at every step instead of using the KV cache
     #[arg(long)]
     pub no_cache: bool,
+    #[command(flatten)]
+    pub limits: LoadArgs,
 }
 
 /// How text becomes tokens and back.
@@ -108,9 +113,9 @@ impl TextStream {
     }
 }
 
-fn load(dir: &Path) -> Result<(Model, Codec)> {
+fn load(dir: &Path, limits: &Limits) -> Result<(Model, Codec)> {
     if dir.join(RunRecord::FILE).is_file() {
-        let (rec, model) = load_trained(dir)?;
+        let (rec, model) = load_trained_with(dir, limits)?;
         if !rec.config.model.is_causal() {
             bail!(
                 "{}: not a causal LM (its attention is bidirectional)",
@@ -125,7 +130,7 @@ fn load(dir: &Path) -> Result<(Model, Codec)> {
         }
         return Ok((model, Codec::Bytes));
     }
-    let p = pretrained::load(dir)?;
+    let p = pretrained::load_with(dir, limits)?;
     if let Some(w) = p.unused_warning() {
         eprintln!("{w}");
     }
@@ -141,7 +146,7 @@ fn load(dir: &Path) -> Result<(Model, Codec)> {
 
 /// Runs `formers generate`.
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let (model, codec) = load(&a.model)?;
+    let (model, codec) = load(&a.model, &a.limits.limits())?;
     let prompt = codec.encode(&a.prompt)?;
     let sampling = Sampling {
         greedy: a.greedy,

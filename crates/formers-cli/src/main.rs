@@ -5,6 +5,7 @@ mod arena;
 mod bench;
 mod embed;
 mod generate;
+mod limits;
 mod progress;
 mod train;
 

@@ -7,9 +7,10 @@ use clap::Args;
 use formers::config::RunConfig;
 use formers::generate::{generate, Sampling};
 use formers::tasks;
-use formers::train::trainer::{evaluate, load_trained, RunRecord};
+use formers::train::trainer::{evaluate, load_trained_with, RunRecord};
 use formers::train::TrainConfig;
 
+use crate::limits::{LoadArgs, MemoryArgs};
 use crate::progress::{bar, TrainBar};
 
 /// The shipped character-level LM config, used when `--config` is absent.
@@ -63,6 +64,8 @@ pub struct TrainArgs {
     /// No progress output (results are still printed)
     #[arg(long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub limits: MemoryArgs,
 }
 
 /// Flags of `formers eval`.
@@ -78,6 +81,8 @@ pub struct EvalArgs {
     /// [default: each layer's configured `active` one (Mix'n'Match)]
     #[arg(long)]
     pub granularity: Option<usize>,
+    #[command(flatten)]
+    pub limits: LoadArgs,
 }
 
 fn load_config(args: &TrainArgs, out: &Path) -> Result<(RunConfig, String)> {
@@ -207,7 +212,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         quiet: args.quiet,
     };
     eprintln!("training `{task}` into {}", out.display());
-    let summary = formers::train::train(&cfg, &task, &out, args.resume, &mut obs)?;
+    let limits = args.limits.limits();
+    let summary = formers::train::train_with(&cfg, &task, &out, args.resume, &limits, &mut obs)?;
     obs.pb.finish_and_clear();
     println!(
         "done: {} steps, {} parameters, final train loss {:.4}, eval loss {:.4}, eval accuracy {:.2}%, {:.0} tokens/s",
@@ -220,7 +226,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     );
     println!("checkpoint: {}", summary.checkpoint.display());
     if args.sample_tokens > 0 && cfg.model.is_causal() && task == "charlm" {
-        let (_, model) = load_trained(&out)?;
+        let (_, model) = load_trained_with(&out, &limits)?;
         let prompt: Vec<u32> = args.prompt.bytes().map(u32::from).collect();
         let room = cfg
             .model
@@ -249,7 +255,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
 
 /// Runs `formers eval`.
 pub fn eval(args: EvalArgs) -> Result<()> {
-    let (rec, model) = load_trained(&args.model)?;
+    let (rec, model) = load_trained_with(&args.model, &args.limits.limits())?;
     let tc = &rec.config.train;
     let task = tasks::by_name(&rec.task, &rec.config.model, tc)?;
     let batches = args.batches.unwrap_or(tc.eval_batches);

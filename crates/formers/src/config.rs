@@ -12,7 +12,7 @@ pub use crate::mixer::softmax::Clip;
 use crate::mixer::MixerDims;
 pub use crate::mixer::MixerSpec;
 use crate::train::TrainConfig;
-use crate::{Error, Result};
+use crate::{limits, Error, Result};
 
 /// A config file: the model and, optionally, how to train it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -283,7 +283,7 @@ impl FfnSpec {
     pub fn hidden(&self, d_model: usize) -> usize {
         match self {
             FfnSpec::Mlp { hidden, .. } | FfnSpec::MatFormer { hidden, .. } => {
-                hidden.unwrap_or(4 * d_model)
+                hidden.unwrap_or(d_model.saturating_mul(4))
             }
         }
     }
@@ -395,19 +395,41 @@ impl ModelConfig {
         }
     }
 
-    /// Rejects impossible shapes and values, naming the key.
+    /// Each distinct layer spec once, as `(key, first layer, layers, spec)`: `defaults`
+    /// (when some layer uses it) and every override. Work per layer (validation, memory
+    /// bounds) is done per entry, so it does not grow with `n_layers`. Override keys that
+    /// are not layer indices are left out (validation refuses them).
+    pub fn layer_groups(&self) -> Vec<(String, usize, usize, LayerSpec)> {
+        let overridden: Vec<usize> = self
+            .layers
+            .keys()
+            .filter_map(|k| k.parse::<usize>().ok().filter(|i| i.to_string() == *k))
+            .filter(|&i| i < self.n_layers)
+            .collect();
+        let mut out = Vec::with_capacity(overridden.len() + 1);
+        let shared = self.n_layers - overridden.len();
+        if shared > 0 {
+            let first = (0..self.n_layers)
+                .find(|i| !self.layers.contains_key(&i.to_string()))
+                .unwrap_or(0);
+            out.push(("defaults".to_string(), first, shared, self.defaults.clone()));
+        }
+        for i in overridden {
+            out.push((format!("layers.{i}"), i, 1, self.layer(i)));
+        }
+        out
+    }
+
+    /// Rejects impossible shapes and values, naming the key. Sizes are bounded first (see
+    /// [`crate::limits`]), and the work does not grow with them.
     pub fn validate(&self) -> Result<()> {
-        let positive = |key: &str, v: usize| {
-            if v == 0 {
-                Err(Error::config(key, "must be at least 1, found 0"))
-            } else {
-                Ok(())
-            }
-        };
-        positive("d_model", self.d_model)?;
-        positive("n_heads", self.n_heads)?;
-        positive("n_layers", self.n_layers)?;
-        positive("max_len", self.max_len)?;
+        bounded("d_model", self.d_model, limits::MAX_WIDTH)?;
+        bounded("n_heads", self.n_heads, limits::MAX_WIDTH)?;
+        bounded("n_layers", self.n_layers, limits::MAX_LAYERS)?;
+        bounded("max_len", self.max_len, limits::MAX_LEN)?;
+        if self.type_vocab_size > limits::MAX_VOCAB {
+            bounded("type_vocab_size", self.type_vocab_size, limits::MAX_VOCAB)?;
+        }
         if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(Error::config(
                 "n_heads",
@@ -418,7 +440,7 @@ impl ModelConfig {
             ));
         }
         if let InputSpec::Tokens { vocab_size } = self.input {
-            positive("input.vocab_size", vocab_size)?;
+            bounded("input.vocab_size", vocab_size, limits::MAX_VOCAB)?;
         }
         if let PositionSpec::Rope { base } = self.position {
             if !self.head_dim().is_multiple_of(2) {
@@ -430,10 +452,10 @@ impl ModelConfig {
                     ),
                 ));
             }
-            if base <= 1.0 || base.is_nan() {
+            if !(base > 1.0 && base.is_finite()) {
                 return Err(Error::config(
                     "position.base",
-                    format!("must be > 1, found {base}"),
+                    format!("must be a finite number > 1, found {base}"),
                 ));
             }
         }
@@ -444,6 +466,7 @@ impl ModelConfig {
                     format!("must be at least 2, found {n_classes}"),
                 ));
             }
+            bounded("head.n_classes", n_classes, limits::MAX_VOCAB)?;
         }
         check_dropout("embed_dropout", self.embed_dropout)?;
         if let ResidualSpec::ValueResidual { lambda } = self.residual {
@@ -456,7 +479,7 @@ impl ModelConfig {
         }
         for key in self.layers.keys() {
             match key.parse::<usize>() {
-                Ok(i) if i < self.n_layers => {}
+                Ok(i) if i < self.n_layers && i.to_string() == *key => {}
                 _ => {
                     return Err(Error::config(
                         format!("layers.{key}"),
@@ -466,15 +489,11 @@ impl ModelConfig {
             }
         }
         validate_layer("defaults", &self.defaults, &self.mixer_dims())?;
-        for i in 0..self.n_layers {
-            let at = if self.layers.contains_key(&i.to_string()) {
-                format!("layers.{i}")
-            } else {
-                "defaults".to_string()
-            };
-            let layer = self.layer(i);
-            validate_layer(&at, &layer, &self.mixer_dims())?;
-            self.check_capabilities(i, &at, &layer.mixer)?;
+        for (at, first, _, layer) in self.layer_groups() {
+            if at != "defaults" {
+                validate_layer(&at, &layer, &self.mixer_dims())?;
+            }
+            self.check_capabilities(first, &at, &layer.mixer)?;
         }
         Ok(())
     }
@@ -508,6 +527,24 @@ impl ModelConfig {
     }
 }
 
+/// `v` must be in `1..=max`.
+fn bounded(key: &str, v: usize, max: usize) -> Result<()> {
+    if v == 0 {
+        return Err(Error::config(key, "must be at least 1, found 0"));
+    }
+    if v > max {
+        return Err(Error::config(
+            key,
+            format!("must be at most {max}, found {v} (a bound of formers: see `limits`)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Largest norm epsilon accepted: `eps` only guards a division, and one this large
+/// flattens every activation (1e12 turns embeddings into zeros).
+pub const MAX_NORM_EPS: f64 = 1.0;
+
 fn check_dropout(key: &str, p: f32) -> Result<()> {
     if !(0.0..1.0).contains(&p) {
         return Err(Error::config(key, format!("must be in [0, 1), found {p}")));
@@ -518,13 +555,17 @@ fn check_dropout(key: &str, p: f32) -> Result<()> {
 fn validate_layer(at: &str, spec: &LayerSpec, dims: &MixerDims) -> Result<()> {
     check_dropout(&format!("{at}.dropout"), spec.dropout)?;
     spec.mixer.kind().validate(&format!("{at}.mixer"), dims)?;
+    let (hidden, rank) = match spec.ffn {
+        FfnSpec::Mlp { hidden, rank, .. } => (hidden, rank),
+        FfnSpec::MatFormer { hidden, .. } => (hidden, None),
+    };
+    if let Some(h) = hidden {
+        bounded(&format!("{at}.ffn.hidden"), h, limits::MAX_WIDTH)?;
+    }
+    if let Some(r) = rank {
+        bounded(&format!("{at}.ffn.rank"), r, limits::MAX_WIDTH)?;
+    }
     match spec.ffn {
-        FfnSpec::Mlp { rank: Some(0), .. } => {
-            return Err(Error::config(
-                format!("{at}.ffn.rank"),
-                "must be at least 1",
-            ))
-        }
         FfnSpec::MatFormer {
             ref granularities,
             active,
@@ -554,23 +595,15 @@ fn validate_layer(at: &str, spec: &LayerSpec, dims: &MixerDims) -> Result<()> {
                 ));
             }
         }
-        FfnSpec::Mlp {
-            hidden: Some(0), ..
-        } => {
-            return Err(Error::config(
-                format!("{at}.ffn.hidden"),
-                "must be at least 1",
-            ))
-        }
         FfnSpec::Mlp { .. } => {}
     }
     let eps = match spec.norm {
         NormSpec::LayerNorm { eps } | NormSpec::RmsNorm { eps } | NormSpec::CrmsNorm { eps } => eps,
     };
-    if eps.is_nan() || eps <= 0.0 {
+    if !(eps > 0.0 && eps <= MAX_NORM_EPS) {
         return Err(Error::config(
             format!("{at}.norm.eps"),
-            format!("must be > 0, found {eps}"),
+            format!("must be in (0, {MAX_NORM_EPS}], found {eps}"),
         ));
     }
     Ok(())

@@ -13,6 +13,7 @@ pub mod error;
 pub mod ffn;
 pub mod generate;
 pub mod kernels;
+pub mod limits;
 pub mod linear;
 pub mod loss;
 pub mod mixer;

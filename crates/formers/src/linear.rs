@@ -61,6 +61,16 @@ impl Linear {
         })
     }
 
+    /// Parameters of a `d_in → d_out` layer made by [`Linear::with_rank`] (saturating).
+    pub fn param_count(d_in: usize, d_out: usize, rank: Option<usize>, bias: bool) -> u128 {
+        let (i, o) = (d_in as u128, d_out as u128);
+        let weights = match rank {
+            Some(r) => (r as u128).saturating_mul(i.saturating_add(o)),
+            None => i.saturating_mul(o),
+        };
+        weights.saturating_add(if bias { o } else { 0 })
+    }
+
     /// Applies the layer to `[.., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(Module::forward(self, x)?)

@@ -49,6 +49,14 @@ impl Norm {
         })
     }
 
+    /// Parameters of a norm of `spec` over `d` features, as [`Norm::new`] makes them.
+    pub fn param_count(spec: &NormSpec, d: usize) -> u128 {
+        match spec {
+            NormSpec::LayerNorm { .. } => 2 * d as u128,
+            NormSpec::RmsNorm { .. } | NormSpec::CrmsNorm { .. } => d as u128,
+        }
+    }
+
     /// Normalises `[.., d]`. Built for inference it takes candle's fused kernels;
     /// otherwise the differentiable composition below, their tested reference.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

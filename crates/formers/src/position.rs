@@ -41,6 +41,22 @@ impl Positions {
         })
     }
 
+    /// `(parameters, other stored values)` of the scheme of `cfg`, as [`Positions::new`]
+    /// makes them (saturating; for memory bounds).
+    pub fn sizes(cfg: &ModelConfig) -> (u128, u128) {
+        let table = (cfg.max_len as u128).saturating_mul(cfg.d_model as u128);
+        match cfg.position {
+            PositionSpec::Learned => (table, 0),
+            PositionSpec::Sinusoidal => (0, table),
+            PositionSpec::Rope { .. } => (
+                0,
+                (cfg.max_len as u128).saturating_mul(cfg.head_dim() as u128),
+            ),
+            PositionSpec::Alibi => (0, cfg.n_heads as u128),
+            PositionSpec::None => (0, 0),
+        }
+    }
+
     /// Adds positions `offset..offset + n` to `x [b, n, d]` (tables only).
     pub fn add(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         match self {

@@ -111,10 +111,10 @@ impl MixerKind for AttentionSpec {
             ],
         )?;
         if let Some(Clip { gamma, zeta }) = self.clip {
-            if !(gamma <= 0.0 && zeta >= 1.0) {
+            if !(gamma <= 0.0 && zeta >= 1.0 && gamma.is_finite() && zeta.is_finite()) {
                 return Err(Error::config(
                     format!("{at}.clip"),
-                    format!("needs gamma <= 0 and zeta >= 1, found gamma {gamma}, zeta {zeta}"),
+                    format!("needs finite gamma <= 0 and zeta >= 1, found gamma {gamma}, zeta {zeta}"),
                 ));
             }
         }
@@ -137,6 +137,15 @@ impl MixerKind for AttentionSpec {
         // Scores q·k and the weighted sum of values over the keys each query sees.
         let keys = if dims.causal { (n + 1.0) / 2.0 } else { n };
         self.projections().flops_per_token(dims.d_model) + 4.0 * keys * dims.d_model as f64
+    }
+
+    fn param_count(&self, dims: &MixerDims) -> u128 {
+        self.projections().param_count(dims)
+    }
+
+    fn saved_per_token(&self, dims: &MixerDims, n: usize) -> u128 {
+        // Scores and probabilities of every key, per head.
+        8 * dims.d_model as u128 + 2 * (dims.n_heads as u128).saturating_mul(n as u128)
     }
 }
 

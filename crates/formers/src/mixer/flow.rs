@@ -57,6 +57,10 @@ impl MixerKind for FlowSpec {
             + 4.0 * dims.head_dim() as f64 * d
             + 8.0 * d
     }
+
+    fn param_count(&self, dims: &MixerDims) -> u128 {
+        Projections::plain(self.bias).param_count(dims)
+    }
 }
 
 /// [`attend_flow`] as the kernel of the multi-head shell.

@@ -48,6 +48,19 @@ impl Projections {
         }
     }
 
+    /// Parameters of the projections (and gate) in a model of `dims`.
+    pub fn param_count(&self, dims: &MixerDims) -> u128 {
+        let d = dims.d_model;
+        let one = Linear::param_count(d, d, self.rank, self.bias);
+        let count: u128 = if self.shared_qk { 3 } else { 4 };
+        let gate = if self.gate {
+            Linear::param_count(d, dims.n_heads, None, true)
+        } else {
+            0
+        };
+        one.saturating_mul(count).saturating_add(gate)
+    }
+
     /// Forward FLOPs per token of the projections in a model of width `d`.
     pub fn flops_per_token(&self, d: usize) -> f64 {
         let d = d as f64;

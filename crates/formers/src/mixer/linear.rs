@@ -115,6 +115,11 @@ impl MixerKind for LinearSpec {
             + 4.0 * m * d / head_dim
             + feature_map
     }
+
+    fn param_count(&self, dims: &MixerDims) -> u128 {
+        // The random features are drawn from `seed`, not learned.
+        Projections::plain(self.bias).param_count(dims)
+    }
 }
 
 /// [`LinearKernel`] as the kernel of the multi-head shell.

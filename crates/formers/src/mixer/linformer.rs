@@ -76,6 +76,21 @@ impl MixerKind for LinformerSpec {
         // E·K and F·V (k × n by n × d, amortised per token), then attention over k keys.
         Projections::plain(self.bias).flops_per_token(dims.d_model) + 2.0 * 2.0 * k * d + 4.0 * k * d
     }
+
+    fn param_count(&self, dims: &MixerDims) -> u128 {
+        let copies = if self.shared { 1 } else { dims.n_heads as u128 };
+        let proj = 2 * copies
+            .saturating_mul(self.k as u128)
+            .saturating_mul(dims.max_len as u128);
+        Projections::plain(self.bias)
+            .param_count(dims)
+            .saturating_add(proj)
+    }
+
+    fn saved_per_token(&self, dims: &MixerDims, _n: usize) -> u128 {
+        // Scores and probabilities of the k projected keys, per head.
+        8 * dims.d_model as u128 + 2 * (dims.n_heads as u128).saturating_mul(self.k as u128)
+    }
 }
 
 /// Softmax attention over keys and values projected along the sequence.

@@ -57,7 +57,11 @@ impl MixerKind for LocalSpec {
     }
 
     fn validate(&self, at: &str, _dims: &MixerDims) -> Result<()> {
-        positive(at, &[("window", self.window), ("chunk", self.chunk)])
+        positive(at, &[("window", self.window), ("chunk", self.chunk)])?;
+        if self.global > crate::limits::MAX_LEN {
+            positive(at, &[("global", self.global)])?;
+        }
+        Ok(())
     }
 
     fn build(&self, dims: &MixerDims, p: &Params) -> Result<Box<dyn TokenMixer>> {
@@ -78,6 +82,18 @@ impl MixerKind for LocalSpec {
         // queries (amortised over the n tokens).
         Projections::plain(self.bias).flops_per_token(dims.d_model)
             + 4.0 * dims.d_model as f64 * (span.min(n as f64) + g + g)
+    }
+
+    fn param_count(&self, dims: &MixerDims) -> u128 {
+        Projections::plain(self.bias).param_count(dims)
+    }
+
+    fn saved_per_token(&self, dims: &MixerDims, n: usize) -> u128 {
+        // Scores and probabilities of the band and the global keys (and, amortised, of
+        // the global queries), per head.
+        let span = (2 * self.window as u128 + 1).min(n as u128);
+        let keys = span.saturating_add(2 * self.global as u128);
+        8 * dims.d_model as u128 + 2 * (dims.n_heads as u128).saturating_mul(keys)
     }
 }
 

@@ -98,6 +98,15 @@ pub trait MixerKind {
     /// Forward FLOPs per token on sequences of `n` tokens (two per multiply-add of the
     /// matrix products; softmax and activations left out).
     fn flops_per_token(&self, dims: &MixerDims, n: usize) -> f64;
+    /// Its parameters in a model of `dims`, exactly what `build` creates (saturating, so
+    /// memory bounds can be checked before anything is built).
+    fn param_count(&self, dims: &MixerDims) -> u128;
+    /// Values a training forward pass keeps for the backward pass, per token of sequences
+    /// of `n` tokens: an estimate for memory bounds. By default the q, k, v projections and
+    /// the mixed output with their inputs, as for a mixer linear in `n`.
+    fn saved_per_token(&self, dims: &MixerDims, _n: usize) -> u128 {
+        8 * dims.d_model as u128
+    }
 }
 
 /// Declares the mixer modules and the tagged [`MixerSpec`] enum over their config structs.
@@ -161,11 +170,18 @@ impl MixerSpec {
     }
 }
 
-/// Each `(key, value)` must be at least 1.
+/// Each `(key, value)` must be at least 1, and at most [`crate::limits::MAX_LEN`] (no
+/// mixer size is larger than the longest sequence formers takes).
 pub(crate) fn positive(at: &str, pairs: &[(&str, usize)]) -> Result<()> {
     for (key, v) in pairs {
         if *v == 0 {
             return Err(Error::config(format!("{at}.{key}"), "must be at least 1"));
+        }
+        if *v > crate::limits::MAX_LEN {
+            return Err(Error::config(
+                format!("{at}.{key}"),
+                format!("must be at most {}, found {v}", crate::limits::MAX_LEN),
+            ));
         }
     }
     Ok(())

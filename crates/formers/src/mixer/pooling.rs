@@ -61,7 +61,15 @@ impl MixerKind for PoolSpec {
     }
 
     fn flops_per_token(&self, dims: &MixerDims, _n: usize) -> f64 {
-        (self.window * dims.d_model) as f64
+        self.window as f64 * dims.d_model as f64
+    }
+
+    fn param_count(&self, _dims: &MixerDims) -> u128 {
+        0
+    }
+
+    fn saved_per_token(&self, dims: &MixerDims, _n: usize) -> u128 {
+        2 * dims.d_model as u128
     }
 }
 

@@ -4,7 +4,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::{checkpoint_error, f64_key, layer_param, read_json, usize_key, Naming, Take};
+use super::{
+    checkpoint_error, count_key, f64_key, hf_error, layer_param, read_json, str_key, usize_key,
+    Naming, Take,
+};
 use crate::config::{
     Activation, FfnSpec, HeadSpec, InputSpec, LayerSpec, MixerSpec, ModelConfig, NormSpec,
     Placement, Pooling, PositionSpec,
@@ -15,7 +18,7 @@ use crate::Result;
 /// sentence-transformers pooling from `modules.json` / `1_Pooling/config.json` if present.
 pub fn config(hf: &serde_json::Value, dir: &Path) -> Result<ModelConfig> {
     let path = dir.join("config.json");
-    let act = match hf["hidden_act"].as_str().unwrap_or("gelu") {
+    let act = match str_key(hf, "hidden_act", "gelu", &path)? {
         "gelu" => Activation::Gelu,
         "gelu_new" | "gelu_pytorch_tanh" => Activation::GeluTanh,
         "relu" => Activation::Relu,
@@ -26,13 +29,12 @@ pub fn config(hf: &serde_json::Value, dir: &Path) -> Result<ModelConfig> {
             ))
         }
     };
-    if let Some(p) = hf["position_embedding_type"].as_str() {
-        if p != "absolute" {
-            return Err(checkpoint_error(
-                &path,
-                format!("unsupported position_embedding_type `{p}` (only `absolute`)"),
-            ));
-        }
+    let p = str_key(hf, "position_embedding_type", "absolute", &path)?;
+    if p != "absolute" {
+        return Err(checkpoint_error(
+            &path,
+            format!("unsupported position_embedding_type `{p}` (only `absolute`)"),
+        ));
     }
     let (pooling, normalize) = pooling(dir)?;
     let cfg = ModelConfig {
@@ -48,7 +50,7 @@ pub fn config(hf: &serde_json::Value, dir: &Path) -> Result<ModelConfig> {
         head: HeadSpec::Embedding { pooling, normalize },
         final_norm: false,
         embed_dropout: 0.0,
-        type_vocab_size: hf["type_vocab_size"].as_u64().unwrap_or(2) as usize,
+        type_vocab_size: count_key(hf, "type_vocab_size", 2, &path)?,
         embed_norm: true,
         defaults: LayerSpec {
             mixer: MixerSpec::attention(),
@@ -62,8 +64,7 @@ pub fn config(hf: &serde_json::Value, dir: &Path) -> Result<ModelConfig> {
         residual: crate::config::ResidualSpec::Plain,
         layers: BTreeMap::new(),
     };
-    cfg.validate()
-        .map_err(|e| checkpoint_error(&path, format!("maps to an invalid model: {e}")))?;
+    cfg.validate().map_err(|e| hf_error(e, KEYS, &path))?;
     Ok(cfg)
 }
 
@@ -108,7 +109,20 @@ pub const NAMING: Naming = Naming {
     prefix: "bert.",
     take,
     harmless,
+    keys: KEYS,
 };
+
+/// Formers config keys → BERT `config.json` keys.
+const KEYS: &[(&str, &str)] = &[
+    ("d_model", "hidden_size"),
+    ("n_heads", "num_attention_heads"),
+    ("n_layers", "num_hidden_layers"),
+    ("max_len", "max_position_embeddings"),
+    ("input.vocab_size", "vocab_size"),
+    ("type_vocab_size", "type_vocab_size"),
+    ("defaults.ffn.hidden", "intermediate_size"),
+    ("defaults.norm.eps", "layer_norm_eps"),
+];
 
 /// The checkpoint tensor of formers parameter `ours`.
 pub fn take(ours: &str) -> Option<Take> {

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor, Var, WithDType};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
+use crate::limits::Limits;
 use crate::params::Source;
 use crate::{Error, Result};
 
@@ -60,6 +61,8 @@ pub struct Naming {
     pub take: fn(&str) -> Option<Take>,
     /// Whether a stored name (prefix dropped) may be left unused without a warning.
     pub harmless: fn(&str) -> bool,
+    /// Formers config keys → the family's `config.json` keys, for messages.
+    pub keys: &'static [(&'static str, &'static str)],
 }
 
 /// Bytes copied (then released from this process) at a time.
@@ -83,6 +86,8 @@ struct Log {
     missing: Vec<(String, Vec<String>)>,
     /// Formers parameters the family has no name for.
     unmapped: Vec<String>,
+    /// Values of the zero stand-ins handed out for missing tensors.
+    stand_in: u128,
 }
 
 impl Log {
@@ -116,6 +121,9 @@ pub struct Checkpoint {
     entries: HashMap<String, Entry>,
     naming: Naming,
     log: Mutex<Log>,
+    /// Values the file holds (all tensors).
+    stored: u128,
+    limits: Limits,
 }
 
 impl Checkpoint {
@@ -131,6 +139,7 @@ impl Checkpoint {
         })?;
         let data = 8 + n;
         let mut entries = HashMap::new();
+        let mut total = 0u128;
         for (stored, info) in meta.tensors() {
             let key = match stored.strip_prefix(naming.prefix) {
                 Some(short) if !naming.prefix.is_empty() => short.to_string(),
@@ -143,6 +152,7 @@ impl Checkpoint {
                 start: data + info.data_offsets.0,
                 end: data + info.data_offsets.1,
             };
+            total = total.saturating_add(info.shape.iter().map(|&n| n as u128).product());
             entries.insert(key, entry);
         }
         Ok(Checkpoint {
@@ -151,7 +161,14 @@ impl Checkpoint {
             entries,
             naming,
             log: Mutex::default(),
+            stored: total,
+            limits: Limits::default(),
         })
+    }
+
+    /// The same checkpoint read under `limits` (whether non-finite weights load).
+    pub fn with_limits(self, limits: Limits) -> Self {
+        Checkpoint { limits, ..self }
     }
 
     fn err(&self, msg: String) -> Error {
@@ -188,7 +205,10 @@ impl Checkpoint {
             let len = CHUNK.min(e.end - at);
             let bytes = &self.map[at..at + len];
             let t = Tensor::from_raw_buffer(bytes, dtype, &[len / elem], &Device::Cpu)?;
+            let done = out.len();
             out.extend(t.to_dtype(T::DTYPE)?.to_vec1::<T>()?);
+            self.limits
+                .check_finite(&out[done..], done, &e.stored, &self.path)?;
             self.release(at, len);
             at += len;
         }
@@ -257,6 +277,16 @@ impl Checkpoint {
     /// After the model is built: an error naming every tensor it needed and the file
     /// lacks, or the names of the tensors it left unused.
     pub fn finish(&self) -> Result<Vec<String>> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(self.unused())
+        } else {
+            Err(self.err(problems.join("; ")))
+        }
+    }
+
+    /// What the model needed and the file lacks (the log is emptied).
+    fn problems(&self) -> Vec<String> {
         let (missing, unmapped) = {
             let mut log = self.log();
             (
@@ -282,11 +312,7 @@ impl Checkpoint {
                 list(names)
             ));
         }
-        if problems.is_empty() {
-            Ok(self.unused())
-        } else {
-            Err(self.err(problems.join("; ")))
-        }
+        problems
     }
 }
 
@@ -297,7 +323,22 @@ impl Source for Checkpoint {
             return Ok(Var::zeros(shape, dtype, device)?);
         };
         let Some((key, e)) = self.find(&take.name) else {
-            self.log().lacks(&take.name, name);
+            let mut log = self.log();
+            log.lacks(&take.name, name);
+            // Stand-ins let every missing tensor be named at once, but a config that asks
+            // for more than the file holds describes another model: stop before its size
+            // is allocated.
+            let values = shape.iter().map(|&n| n as u128).product::<u128>();
+            log.stand_in = log.stand_in.saturating_add(values);
+            if log.stand_in > self.stored {
+                drop(log);
+                return Err(self.err(format!(
+                    "config.json describes a larger model than this file's {} values; {}",
+                    self.stored,
+                    self.problems().join("; ")
+                )));
+            }
+            drop(log);
             return Ok(Var::zeros(shape, dtype, device)?);
         };
         self.log().taken.insert(key.to_string());

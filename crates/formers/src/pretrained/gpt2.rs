@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::{checkpoint_error, f64_key, layer_param, usize_key, Naming, Take};
+use super::{checkpoint_error, f64_key, hf_error, layer_param, str_key, usize_key, Naming, Take};
 use crate::config::{
     Activation, FfnSpec, HeadSpec, InputSpec, LayerSpec, MixerSpec, ModelConfig, NormSpec,
     Placement, PositionSpec,
@@ -15,7 +15,7 @@ use crate::Result;
 /// The formers config of a GPT-2 `config.json` (`hf`, read from `path`).
 pub fn config(hf: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
     let d = usize_key(hf, "n_embd", path)?;
-    let act = match hf["activation_function"].as_str().unwrap_or("gelu_new") {
+    let act = match str_key(hf, "activation_function", "gelu_new", path)? {
         "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
         "gelu" => Activation::Gelu,
         "relu" => Activation::Relu,
@@ -27,7 +27,7 @@ pub fn config(hf: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
         }
     };
     let hidden = match &hf["n_inner"] {
-        serde_json::Value::Null => 4 * d,
+        serde_json::Value::Null => d.saturating_mul(4),
         _ => usize_key(hf, "n_inner", path)?,
     };
     let cfg = ModelConfig {
@@ -57,8 +57,7 @@ pub fn config(hf: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
         residual: crate::config::ResidualSpec::Plain,
         layers: BTreeMap::new(),
     };
-    cfg.validate()
-        .map_err(|e| checkpoint_error(path, format!("maps to an invalid model: {e}")))?;
+    cfg.validate().map_err(|e| hf_error(e, KEYS, path))?;
     Ok(cfg)
 }
 
@@ -68,7 +67,19 @@ pub const NAMING: Naming = Naming {
     prefix: "transformer.",
     take,
     harmless,
+    keys: KEYS,
 };
+
+/// Formers config keys → GPT-2 `config.json` keys.
+const KEYS: &[(&str, &str)] = &[
+    ("d_model", "n_embd"),
+    ("n_heads", "n_head"),
+    ("n_layers", "n_layer"),
+    ("max_len", "n_positions"),
+    ("input.vocab_size", "vocab_size"),
+    ("defaults.ffn.hidden", "n_inner"),
+    ("defaults.norm.eps", "layer_norm_epsilon"),
+];
 
 /// The checkpoint tensor of formers parameter `ours`: `Conv1D` weights are transposed,
 /// and q, k, v are the three thirds of `c_attn`.

@@ -14,6 +14,7 @@ use candle_core::Device;
 use tokenizers::Tokenizer;
 
 use crate::config::ModelConfig;
+use crate::limits::Limits;
 use crate::model::{Model, DTYPE};
 use crate::params::Params;
 use crate::{Error, Result};
@@ -69,11 +70,20 @@ pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
     serde_json::from_str(&text).map_err(|e| checkpoint_error(path, format!("not valid JSON: {e}")))
 }
 
-/// Loads the checkpoint in `dir`.
+/// Loads the checkpoint in `dir` within the default [`Limits`] (the machine's memory,
+/// finite weights only).
 pub fn load(dir: &Path) -> Result<Pretrained> {
+    load_with(dir, &Limits::default())
+}
+
+/// Loads the checkpoint in `dir`. Before any tensor exists, the config is refused if its
+/// model would not fit `limits.max_memory`; while the model is built, every weight is
+/// checked to be finite unless `limits.allow_non_finite`, and a config that asks for
+/// more (missing) tensors than the file holds values stops the build.
+pub fn load_with(dir: &Path, limits: &Limits) -> Result<Pretrained> {
     let config_path = dir.join("config.json");
     let hf = read_json(&config_path)?;
-    let model_type = hf["model_type"].as_str().unwrap_or("");
+    let model_type = str_key(&hf, "model_type", "", &config_path)?;
     let (family, config) = match model_type {
         "bert" => (Family::Bert, bert::config(&hf, dir)?),
         "gpt2" => (Family::Gpt2, gpt2::config(&hf, &config_path)?),
@@ -88,8 +98,11 @@ pub fn load(dir: &Path) -> Result<Pretrained> {
         Family::Bert => bert::NAMING,
         Family::Gpt2 => gpt2::NAMING,
     };
+    limits
+        .check_inference(&config)
+        .map_err(|e| hf_error(e, naming.keys, &config_path))?;
     let weights_path = dir.join("model.safetensors");
-    let (model, unused) = build(&config, &weights_path, naming)?;
+    let (model, unused) = build(&config, &weights_path, naming, limits)?;
     let tokenizer = load_tokenizer(&dir.join("tokenizer.json"), config.input.vocab_size())?;
     Ok(Pretrained {
         family,
@@ -103,8 +116,13 @@ pub fn load(dir: &Path) -> Result<Pretrained> {
 
 /// The model of `cfg` with its parameters taken from the safetensors file `path` under
 /// `naming`, and the file's unused tensors.
-fn build(cfg: &ModelConfig, path: &Path, naming: Naming) -> Result<(Model, Vec<String>)> {
-    let ckpt = Arc::new(Checkpoint::open(path, naming)?);
+fn build(
+    cfg: &ModelConfig,
+    path: &Path,
+    naming: Naming,
+    limits: &Limits,
+) -> Result<(Model, Vec<String>)> {
+    let ckpt = Arc::new(Checkpoint::open(path, naming)?.with_limits(*limits));
     let params = Params::from_source(ckpt.clone(), DTYPE, &Device::Cpu);
     let model = Model::new(cfg, &params.frozen())?;
     Ok((model, ckpt.finish()?))
@@ -160,7 +178,7 @@ pub(crate) fn usize_key(hf: &serde_json::Value, key: &str, path: &Path) -> Resul
     hf[key]
         .as_u64()
         .filter(|&v| v > 0)
-        .map(|v| v as usize)
+        .and_then(|v| usize::try_from(v).ok())
         .ok_or_else(|| {
             checkpoint_error(
                 path,
@@ -169,12 +187,68 @@ pub(crate) fn usize_key(hf: &serde_json::Value, key: &str, path: &Path) -> Resul
         })
 }
 
-/// `hf[key]` as a number, or `default` when absent.
+/// `hf[key]` as an integer ≥ 0, or `default` when absent (or null); any other value is an
+/// error naming the key, never a silent default.
+pub(crate) fn count_key(
+    hf: &serde_json::Value,
+    key: &str,
+    default: usize,
+    path: &Path,
+) -> Result<usize> {
+    match &hf[key] {
+        serde_json::Value::Null => Ok(default),
+        v => v
+            .as_u64()
+            .and_then(|v| usize::try_from(v).ok())
+            .ok_or_else(|| {
+                checkpoint_error(
+                    path,
+                    format!("`{key}` must be a non-negative integer, found {v}"),
+                )
+            }),
+    }
+}
+
+/// `hf[key]` as a string, or `default` when absent (or null); any other value is an error
+/// naming the key.
+pub(crate) fn str_key<'a>(
+    hf: &'a serde_json::Value,
+    key: &str,
+    default: &'a str,
+    path: &Path,
+) -> Result<&'a str> {
+    match &hf[key] {
+        serde_json::Value::Null => Ok(default),
+        v => v
+            .as_str()
+            .ok_or_else(|| checkpoint_error(path, format!("`{key}` must be a string, found {v}"))),
+    }
+}
+
+/// `hf[key]` as a number, or `default` when absent (or null); range checks are the mapped
+/// formers config's.
 pub(crate) fn f64_key(hf: &serde_json::Value, key: &str, default: f64, path: &Path) -> Result<f64> {
     match &hf[key] {
         serde_json::Value::Null => Ok(default),
         v => v
             .as_f64()
             .ok_or_else(|| checkpoint_error(path, format!("`{key}` must be a number, found {v}"))),
+    }
+}
+
+/// A formers config error about a mapped Hugging Face config (`path`), under the
+/// Hugging Face name of the key where the family's `keys` (formers key → theirs) has one.
+pub(crate) fn hf_error(e: Error, keys: &[(&str, &str)], path: &Path) -> Error {
+    match e {
+        Error::Config { key, msg } => {
+            let name = keys
+                .iter()
+                .find(|(ours, _)| key == *ours)
+                .map_or(format!("formers `{key}`"), |(_, theirs)| {
+                    format!("`{theirs}`")
+                });
+            checkpoint_error(path, format!("{name}: {msg}"))
+        }
+        other => other,
     }
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
-pub use run::{train, train_task, RunDir, Summary};
+pub use run::{train, train_task, train_with, RunDir, Summary};
 pub use trainer::{Observer, Trainer};
 
 /// Training hyper-parameters (the `train` section of a config file).
@@ -91,6 +91,17 @@ impl TrainConfig {
         ] {
             if v == 0 {
                 return Err(Error::config(key, "must be at least 1, found 0"));
+            }
+        }
+        for (key, v, max) in [
+            ("batch_size", self.batch_size, crate::limits::MAX_BATCH),
+            ("seq_len", self.seq_len, crate::limits::MAX_LEN),
+        ] {
+            if v > max {
+                return Err(Error::config(
+                    key,
+                    format!("must be at most {max}, found {v}"),
+                ));
             }
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {

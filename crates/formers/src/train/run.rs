@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint;
 use super::trainer::{EvalReport, Observer, Trainer};
 use crate::config::RunConfig;
+use crate::limits::Limits;
 use crate::model::{Model, DTYPE};
 use crate::params::Params;
 use crate::tasks::{self, Task};
@@ -56,7 +57,8 @@ pub struct Summary {
 }
 
 /// Trains `run.model` on task `task` into run directory `out`. With `resume`, continues
-/// from the checkpoint there; without, refuses to touch a directory that has one.
+/// from the checkpoint there; without, refuses to touch a directory that has one. Within
+/// the default [`Limits`] (the machine's memory).
 pub fn train(
     run: &RunConfig,
     task_name: &str,
@@ -64,20 +66,34 @@ pub fn train(
     resume: bool,
     obs: &mut dyn Observer,
 ) -> Result<Summary> {
-    run.validate()?;
-    let task = tasks::by_name(task_name, &run.model, &run.train)?;
-    train_task(run, task.as_ref(), out, resume, obs)
+    train_with(run, task_name, out, resume, &Limits::default(), obs)
 }
 
-/// Like [`train`], on any [`Task`] (its name is what `run.json` records).
+/// Like [`train`], refusing a run that would need more than `limits.max_memory`.
+pub fn train_with(
+    run: &RunConfig,
+    task_name: &str,
+    out: &Path,
+    resume: bool,
+    limits: &Limits,
+    obs: &mut dyn Observer,
+) -> Result<Summary> {
+    run.validate()?;
+    limits.check_training(run)?;
+    let task = tasks::by_name(task_name, &run.model, &run.train)?;
+    train_task(run, task.as_ref(), out, resume, limits, obs)
+}
+
+/// Like [`train_with`], on any [`Task`] (its name is what `run.json` records).
 pub fn train_task(
     run: &RunConfig,
     task: &dyn Task,
     out: &Path,
     resume: bool,
+    limits: &Limits,
     obs: &mut dyn Observer,
 ) -> Result<Summary> {
-    let mut trainer = Trainer::new(run, task)?;
+    let mut trainer = Trainer::with_limits(run, task, limits)?;
     let mut dir = RunDir::open(out, &mut trainer, resume)?;
     dir.train(&mut trainer, obs)
 }
@@ -122,6 +138,10 @@ impl RunDir {
                     });
                 }
                 let loaded = checkpoint::load(out)?;
+                let dir = out.join(checkpoint::DIR);
+                let finite = Limits::default();
+                finite.check_tensors(&loaded.weights, &dir.join("model.safetensors"))?;
+                finite.check_tensors(&loaded.moments, &dir.join("optimizer.safetensors"))?;
                 trainer.restore(loaded, &out.join(checkpoint::DIR).join("model.safetensors"))?;
                 truncate_metrics(out, trainer.steps_done())?;
                 saved = Some((trainer.steps_done(), out.join(checkpoint::DIR)));
@@ -199,15 +219,36 @@ impl RunDir {
     }
 }
 
-/// A model with the weights of run `out`'s checkpoint, for inference.
+/// A model with the weights of run `out`'s checkpoint, for inference, within the default
+/// [`Limits`].
 pub fn load_trained(out: &Path) -> Result<(RunRecord, Model)> {
+    load_trained_with(out, &Limits::default())
+}
+
+/// Like [`load_trained`]: the config is refused before anything is read if its model
+/// would need more than `limits.max_memory`, and the weights unless they are finite
+/// (or `limits.allow_non_finite`) and exactly as many as the config's parameters.
+pub fn load_trained_with(out: &Path, limits: &Limits) -> Result<(RunRecord, Model)> {
     let record = RunRecord::load(out)?;
+    limits.check_inference(&record.config.model)?;
     let dir = checkpoint::locate(out).ok_or_else(|| Error::Checkpoint {
         path: out.join(checkpoint::DIR),
         msg: "no checkpoint here; train first".into(),
     })?;
     let weights_path = dir.join("model.safetensors");
     let weights = checkpoint::read_tensors(&weights_path)?;
+    let stored: u128 = weights.values().map(|t| t.elem_count() as u128).sum();
+    let wanted = crate::limits::param_count(&record.config.model);
+    if stored != wanted {
+        return Err(Error::Checkpoint {
+            path: weights_path,
+            msg: format!(
+                "holds {stored} values, but the model of {} has {wanted} parameters",
+                out.join(RunRecord::FILE).display()
+            ),
+        });
+    }
+    limits.check_tensors(&weights, &weights_path)?;
     let params = Params::new(record.config.train.seed, DTYPE, &Device::Cpu);
     let model = Model::new(&record.config.model, &params.frozen())?;
     params.assign(&weights, &weights_path)?;

@@ -13,6 +13,7 @@ use super::checkpoint::{self, TrainState};
 use super::optimizer::{clip_global_norm, AdamW};
 use super::schedule::lr_at;
 use crate::config::RunConfig;
+use crate::limits::Limits;
 use crate::loss::{accuracy, cross_entropy};
 use crate::model::{Model, DTYPE};
 use crate::params::Params;
@@ -21,7 +22,9 @@ use crate::tasks::{Batch, Task};
 use crate::{Error, Result};
 
 // The run-directory layer, where callers found it before the trainer had a type.
-pub use super::run::{load_trained, train, train_task, RunRecord, Summary};
+pub use super::run::{
+    load_trained, load_trained_with, train, train_task, train_with, RunRecord, Summary,
+};
 
 /// Progress reports from the loop (the CLI draws a progress bar from them).
 pub trait Observer {
@@ -73,9 +76,17 @@ pub struct Trainer<'t> {
 }
 
 impl<'t> Trainer<'t> {
-    /// A fresh model initialised from `run.train.seed`, at step 0.
+    /// A fresh model initialised from `run.train.seed`, at step 0, within the default
+    /// [`Limits`] (the machine's memory).
     pub fn new(run: &RunConfig, task: &'t dyn Task) -> Result<Self> {
+        Self::with_limits(run, task, &Limits::default())
+    }
+
+    /// Like [`Trainer::new`]; a run whose training step would need more than
+    /// `limits.max_memory` is refused before any tensor exists.
+    pub fn with_limits(run: &RunConfig, task: &'t dyn Task, limits: &Limits) -> Result<Self> {
         run.validate()?;
+        limits.check_training(run)?;
         let tc = &run.train;
         let params = Params::new(tc.seed, DTYPE, &Device::Cpu);
         let model = Model::new(&run.model, &params)?;
