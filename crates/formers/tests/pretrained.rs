@@ -399,3 +399,106 @@ fn fixtures_load_with_no_unused_tensors() {
         assert!(p.unused.is_empty(), "{name}: {:?}", p.unused);
     }
 }
+
+/// A copy of fixture `name` whose `config.json` has `edit` applied.
+fn edited_config(name: &str, tag: &str, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let d = broken_copy(name, tag);
+    let path = d.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    d
+}
+
+#[test]
+fn huge_layer_counts_are_refused_at_once_under_the_family_key() {
+    for (name, key) in [("tiny-gpt2", "n_layer"), ("tiny-bert", "num_hidden_layers")] {
+        let d = edited_config(name, &format!("layers-{key}"), |c| {
+            c[key] = 1_000_000_000_000u64.into()
+        });
+        let start = std::time::Instant::now();
+        let e = load_err(&d);
+        assert!(start.elapsed().as_millis() < 500, "{key}: {:?}", start.elapsed());
+        assert!(
+            e.contains("config.json") && e.contains(&format!("`{key}`")) && e.contains("at most"),
+            "{e}"
+        );
+    }
+    // Within the bounds, a config asking for far more than the file holds stops before
+    // its (zero) stand-ins are allocated.
+    let d = edited_config("tiny-gpt2", "layers-file", |c| c["n_layer"] = 60_000.into());
+    let e = load_err(&d);
+    assert!(
+        e.contains("describes a larger model than this file") && e.contains("tensors missing"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_model_larger_than_the_memory_budget_is_refused_before_loading() {
+    let limits = formers::limits::Limits {
+        max_memory: 100_000,
+        allow_non_finite: false,
+    };
+    let e = pretrained::load_with(&fixture("tiny-bert"), &limits)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("config.json") && e.contains("the limit is 97.7 KiB (--max-memory"),
+        "{e}"
+    );
+    let d = edited_config("tiny-gpt2", "wide", |c| {
+        c["n_embd"] = 3_000_000.into();
+        c["n_head"] = 3.into();
+    });
+    let e = load_err(&d);
+    assert!(e.contains("`n_embd`: 3000000 makes the model need"), "{e}");
+}
+
+#[test]
+fn non_finite_weights_are_refused_unless_allowed() {
+    for (name, tensor) in [
+        ("tiny-bert", "encoder.layer.1.output.dense.weight"),
+        ("tiny-gpt2", "transformer.h.0.attn.c_attn.weight"),
+    ] {
+        let d = broken_copy(name, "nan");
+        edit_weights(&d, |t| {
+            let w = &t[tensor];
+            let mut v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v[5] = f32::NAN;
+            let bad = Tensor::from_vec(v, w.shape(), &Device::Cpu).unwrap();
+            t.insert(tensor.to_string(), bad);
+        });
+        let allow = formers::limits::Limits {
+            allow_non_finite: true,
+            ..Default::default()
+        };
+        pretrained::load_with(&d, &allow).unwrap();
+        let e = load_err(&d);
+        assert!(
+            e.contains(&format!("`{tensor}` holds NaN at index 5")) && e.contains("--allow-non-finite"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn config_keys_of_the_wrong_type_or_range_are_refused_by_name() {
+    let cases: [(&str, &str, serde_json::Value, &str); 6] = [
+        ("tiny-bert", "type_vocab_size", "12".into(), "non-negative integer"),
+        ("tiny-bert", "hidden_act", 3.into(), "must be a string"),
+        ("tiny-bert", "layer_norm_eps", 1e12.into(), "(0, 1]"),
+        ("tiny-bert", "layer_norm_eps", "small".into(), "must be a number"),
+        ("tiny-gpt2", "activation_function", true.into(), "must be a string"),
+        ("tiny-gpt2", "layer_norm_epsilon", 0.into(), "(0, 1]"),
+    ];
+    for (i, (name, key, value, why)) in cases.into_iter().enumerate() {
+        let d = edited_config(name, &format!("type-{i}"), |c| c[key] = value);
+        let e = load_err(&d);
+        assert!(
+            e.contains("config.json") && e.contains(&format!("`{key}`")) && e.contains(why),
+            "{key}: {e}"
+        );
+    }
+}

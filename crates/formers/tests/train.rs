@@ -286,3 +286,71 @@ fn norm_and_low_rank_variants_train_without_nan() {
         let _ = std::fs::remove_dir_all(&out);
     }
 }
+
+/// A tiny trained run in a fresh directory `tag`.
+fn tiny_run(tag: &str) -> PathBuf {
+    let mut cfg = RunConfig::from_path(&repo().join("configs/reverse.json")).unwrap();
+    cfg.train.steps = 2;
+    cfg.train.eval_every = 2;
+    cfg.train.eval_batches = 1;
+    let out = tmp(tag);
+    train(&cfg, "reverse", &out, false, &mut Record::default()).unwrap();
+    out
+}
+
+#[test]
+fn trained_weights_must_be_finite_and_match_the_config() {
+    use formers::limits::Limits;
+    use formers::train::trainer::load_trained_with;
+    let out = tiny_run("nan");
+    let weights = out.join("checkpoint/model.safetensors");
+    let mut t = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
+    let w = &t["layers.1.ffn.down.weight"];
+    let mut v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    v[3] = f32::INFINITY;
+    let bad = candle_core::Tensor::from_vec(v, w.shape(), &candle_core::Device::Cpu).unwrap();
+    t.insert("layers.1.ffn.down.weight".into(), bad);
+    candle_core::safetensors::save(&t, &weights).unwrap();
+    let e = load_trained(&out).unwrap_err().to_string();
+    assert!(e.contains("`layers.1.ffn.down.weight` holds inf at index 3"), "{e}");
+    let allow = Limits {
+        allow_non_finite: true,
+        ..Limits::default()
+    };
+    load_trained_with(&out, &allow).unwrap();
+
+    // A config that claims more layers than the file has is refused before building.
+    let record = out.join("run.json");
+    let mut rec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+    rec["config"]["model"]["n_layers"] = 60_000.into();
+    std::fs::write(&record, rec.to_string()).unwrap();
+    let e = load_trained(&out).unwrap_err().to_string();
+    assert!(e.contains("holds") && e.contains("parameters"), "{e}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn a_huge_run_json_is_refused_on_resume_at_once() {
+    let out = tiny_run("hugeresume");
+    let record = out.join("run.json");
+    let mut rec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+    rec["config"]["model"]["n_layers"] = 1_000_000.into();
+    std::fs::write(&record, rec.to_string()).unwrap();
+    let saved = formers::train::trainer::RunRecord::load(&out);
+    let e = saved.unwrap_err().to_string();
+    assert!(e.contains("`model.n_layers`") && e.contains("at most 65536"), "{e}");
+    // Within the bounds but beyond the budget: refused before a tensor exists.
+    rec["config"]["model"]["n_layers"] = 60_000.into();
+    rec["config"]["model"]["d_model"] = 4096.into();
+    std::fs::write(&record, rec.to_string()).unwrap();
+    let cfg = formers::train::trainer::RunRecord::load(&out).unwrap().config;
+    let start = std::time::Instant::now();
+    let e = train(&cfg, "reverse", &out, true, &mut Record::default())
+        .unwrap_err()
+        .to_string();
+    assert!(start.elapsed().as_millis() < 500);
+    assert!(e.contains("`model.n_layers`: 60000 makes training need"), "{e}");
+    let _ = std::fs::remove_dir_all(&out);
+}
