@@ -810,3 +810,109 @@ fn arena_show_reads_its_task_and_refuses_one_it_cannot_draw() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A copy of fixture `name` in `dir` (a fresh temporary directory), to break.
+fn fixture_copy(name: &str, tag: &str) -> PathBuf {
+    let dir = tmp(tag);
+    for e in std::fs::read_dir(fixture(name)).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_file() {
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+    }
+    dir
+}
+
+#[test]
+fn huge_or_oversized_models_are_refused_at_once_and_max_memory_moves_the_limit() {
+    // GPT-2 config.json claiming 10^12 layers: refused at once, naming the key.
+    let dir = fixture_copy("tiny-gpt2", "huge-layers");
+    let path = dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg["n_layer"] = 1_000_000_000_000u64.into();
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let start = Instant::now();
+    let o = run(formers().args(["generate", "--model", dir.to_str().unwrap(), "--prompt", "hi"]));
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("`n_layer`: must be at most"), "{}", text(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // The budget: a tiny one refuses the fixture; --max-memory accepts units.
+    let small = ["--max-memory", "10KiB"];
+    let o = run(formers()
+        .args(["generate", "--model", &fixture("tiny-gpt2"), "--prompt", "hi"])
+        .args(small));
+    assert!(!o.status.success());
+    assert!(text(&o).contains("the limit is 10.0 KiB (--max-memory"), "{}", text(&o));
+    let o = run(formers()
+        .args(["generate", "--model", &fixture("tiny-gpt2"), "--prompt", "hi"])
+        .args(["--max-memory", "1GiB", "--max-new-tokens", "2"]));
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(formers().args(["embed", "--model", &fixture("tiny-bert"), "--max-memory", "lots"]));
+    assert!(!o.status.success() && text(&o).contains("--max-memory"), "{}", text(&o));
+
+    // Train configs: a width past memory, a batch past the bound, the budget flag.
+    let out = tmp("huge-train");
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("configs/reverse.json")).unwrap(),
+    )
+    .unwrap();
+    cfg["model"]["d_model"] = 1_000_000.into();
+    cfg["model"]["n_heads"] = 1.into();
+    let config = out.join("wide.json");
+    std::fs::write(&config, cfg.to_string()).unwrap();
+    let run_dir = out.join("run");
+    let train = |extra: &[&str], config: &Path| {
+        let mut args = reverse_args(&run_dir, 5);
+        args[2] = config.to_str().unwrap().to_string();
+        run(formers().args(&args).args(extra))
+    };
+    let o = train(&[], &config);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("`model.d_model`: 1000000 makes training need"),
+        "{}",
+        text(&o)
+    );
+    let reverse = repo().join("configs/reverse.json");
+    let o = train(&["--batch-size", "4611686018427387904"], &reverse);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("`train.batch_size`: must be at most"), "{}", text(&o));
+    let o = train(&["--max-memory", "1MB"], &reverse);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("the limit is 976.6 KiB"), "{}", text(&o));
+    assert!(!run_dir.join("run.json").exists());
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn non_finite_weights_are_refused_unless_allow_non_finite() {
+    let dir = fixture_copy("tiny-bert", "nan-weights");
+    let path = dir.join("model.safetensors");
+    let mut t = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+    let name = "encoder.layer.0.attention.self.query.weight";
+    let mut v = t[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    v[0] = f32::NAN;
+    let shape = t[name].shape().clone();
+    t.insert(
+        name.to_string(),
+        candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&t, &path).unwrap();
+    let model = dir.to_str().unwrap();
+    let o = run_with_stdin(formers().args(["embed", "--model", model]), "hello\n");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("`{name}` holds NaN at index 0")) && err.lines().count() == 1,
+        "{err}"
+    );
+    let o = run_with_stdin(
+        formers().args(["embed", "--model", model, "--allow-non-finite"]),
+        "hello\n",
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+}
