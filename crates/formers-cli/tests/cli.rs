@@ -833,25 +833,43 @@ fn huge_or_oversized_models_are_refused_at_once_and_max_memory_moves_the_limit()
     cfg["n_layer"] = 1_000_000_000_000u64.into();
     std::fs::write(&path, cfg.to_string()).unwrap();
     let start = Instant::now();
-    let o = run(formers().args(["generate", "--model", dir.to_str().unwrap(), "--prompt", "hi"]));
+    let o = run(formers().args([
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]));
     assert!(start.elapsed() < Duration::from_secs(5));
     assert!(!o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("`n_layer`: must be at most"), "{}", text(&o));
+    assert!(
+        text(&o).contains("`n_layer`: must be at most"),
+        "{}",
+        text(&o)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 
     // The budget: a tiny one refuses the fixture; --max-memory accepts units.
-    let small = ["--max-memory", "10KiB"];
-    let o = run(formers()
-        .args(["generate", "--model", &fixture("tiny-gpt2"), "--prompt", "hi"])
-        .args(small));
+    let tiny = fixture("tiny-gpt2");
+    let generate = |extra: &[&str]| {
+        let args = ["generate", "--model", &tiny, "--prompt", "hi"];
+        run(formers().args(args).args(extra))
+    };
+    let o = generate(&["--max-memory", "10KiB"]);
     assert!(!o.status.success());
-    assert!(text(&o).contains("the limit is 10.0 KiB (--max-memory"), "{}", text(&o));
-    let o = run(formers()
-        .args(["generate", "--model", &fixture("tiny-gpt2"), "--prompt", "hi"])
-        .args(["--max-memory", "1GiB", "--max-new-tokens", "2"]));
+    assert!(
+        text(&o).contains("the limit is 10.0 KiB (--max-memory"),
+        "{}",
+        text(&o)
+    );
+    let o = generate(&["--max-memory", "1GiB", "--max-new-tokens", "2"]);
     assert!(o.status.success(), "{}", text(&o));
-    let o = run(formers().args(["embed", "--model", &fixture("tiny-bert"), "--max-memory", "lots"]));
-    assert!(!o.status.success() && text(&o).contains("--max-memory"), "{}", text(&o));
+    let o = generate(&["--max-memory", "lots"]);
+    assert!(
+        !o.status.success() && text(&o).contains("--max-memory"),
+        "{}",
+        text(&o)
+    );
 
     // Train configs: a width past memory, a batch past the bound, the budget flag.
     let out = tmp("huge-train");
@@ -879,7 +897,11 @@ fn huge_or_oversized_models_are_refused_at_once_and_max_memory_moves_the_limit()
     let reverse = repo().join("configs/reverse.json");
     let o = train(&["--batch-size", "4611686018427387904"], &reverse);
     assert!(!o.status.success());
-    assert!(text(&o).contains("`train.batch_size`: must be at most"), "{}", text(&o));
+    assert!(
+        text(&o).contains("`train.batch_size`: must be at most"),
+        "{}",
+        text(&o)
+    );
     let o = train(&["--max-memory", "1MB"], &reverse);
     assert!(!o.status.success());
     assert!(text(&o).contains("the limit is 976.6 KiB"), "{}", text(&o));

@@ -535,7 +535,7 @@ fn bounded(key: &str, v: usize, max: usize) -> Result<()> {
     if v > max {
         return Err(Error::config(
             key,
-            format!("must be at most {max}, found {v} (a bound of formers: see `limits`)"),
+            format!("must be at most {max}, found {v}"),
         ));
     }
     Ok(())

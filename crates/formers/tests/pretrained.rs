@@ -419,7 +419,11 @@ fn huge_layer_counts_are_refused_at_once_under_the_family_key() {
         });
         let start = std::time::Instant::now();
         let e = load_err(&d);
-        assert!(start.elapsed().as_millis() < 500, "{key}: {:?}", start.elapsed());
+        assert!(
+            start.elapsed().as_millis() < 500,
+            "{key}: {:?}",
+            start.elapsed()
+        );
         assert!(
             e.contains("config.json") && e.contains(&format!("`{key}`")) && e.contains("at most"),
             "{e}"
@@ -477,7 +481,8 @@ fn non_finite_weights_are_refused_unless_allowed() {
         pretrained::load_with(&d, &allow).unwrap();
         let e = load_err(&d);
         assert!(
-            e.contains(&format!("`{tensor}` holds NaN at index 5")) && e.contains("--allow-non-finite"),
+            e.contains(&format!("`{tensor}` holds NaN at index 5"))
+                && e.contains("--allow-non-finite"),
             "{e}"
         );
     }
@@ -486,11 +491,26 @@ fn non_finite_weights_are_refused_unless_allowed() {
 #[test]
 fn config_keys_of_the_wrong_type_or_range_are_refused_by_name() {
     let cases: [(&str, &str, serde_json::Value, &str); 6] = [
-        ("tiny-bert", "type_vocab_size", "12".into(), "non-negative integer"),
+        (
+            "tiny-bert",
+            "type_vocab_size",
+            "12".into(),
+            "non-negative integer",
+        ),
         ("tiny-bert", "hidden_act", 3.into(), "must be a string"),
         ("tiny-bert", "layer_norm_eps", 1e12.into(), "(0, 1]"),
-        ("tiny-bert", "layer_norm_eps", "small".into(), "must be a number"),
-        ("tiny-gpt2", "activation_function", true.into(), "must be a string"),
+        (
+            "tiny-bert",
+            "layer_norm_eps",
+            "small".into(),
+            "must be a number",
+        ),
+        (
+            "tiny-gpt2",
+            "activation_function",
+            true.into(),
+            "must be a string",
+        ),
         ("tiny-gpt2", "layer_norm_epsilon", 0.into(), "(0, 1]"),
     ];
     for (i, (name, key, value, why)) in cases.into_iter().enumerate() {

@@ -312,7 +312,10 @@ fn trained_weights_must_be_finite_and_match_the_config() {
     t.insert("layers.1.ffn.down.weight".into(), bad);
     candle_core::safetensors::save(&t, &weights).unwrap();
     let e = load_trained(&out).unwrap_err().to_string();
-    assert!(e.contains("`layers.1.ffn.down.weight` holds inf at index 3"), "{e}");
+    assert!(
+        e.contains("`layers.1.ffn.down.weight` holds inf at index 3"),
+        "{e}"
+    );
     let allow = Limits {
         allow_non_finite: true,
         ..Limits::default()
@@ -340,17 +343,25 @@ fn a_huge_run_json_is_refused_on_resume_at_once() {
     std::fs::write(&record, rec.to_string()).unwrap();
     let saved = formers::train::trainer::RunRecord::load(&out);
     let e = saved.unwrap_err().to_string();
-    assert!(e.contains("`model.n_layers`") && e.contains("at most 65536"), "{e}");
+    assert!(
+        e.contains("`model.n_layers`") && e.contains("at most 65536"),
+        "{e}"
+    );
     // Within the bounds but beyond the budget: refused before a tensor exists.
     rec["config"]["model"]["n_layers"] = 60_000.into();
     rec["config"]["model"]["d_model"] = 4096.into();
     std::fs::write(&record, rec.to_string()).unwrap();
-    let cfg = formers::train::trainer::RunRecord::load(&out).unwrap().config;
+    let cfg = formers::train::trainer::RunRecord::load(&out)
+        .unwrap()
+        .config;
     let start = std::time::Instant::now();
     let e = train(&cfg, "reverse", &out, true, &mut Record::default())
         .unwrap_err()
         .to_string();
     assert!(start.elapsed().as_millis() < 500);
-    assert!(e.contains("`model.n_layers`: 60000 makes training need"), "{e}");
+    assert!(
+        e.contains("`model.n_layers`: 60000 makes training need"),
+        "{e}"
+    );
     let _ = std::fs::remove_dir_all(&out);
 }
