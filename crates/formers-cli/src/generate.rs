@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::Args;
 use formers::config::InputSpec;
-use formers::generate::{generate, Sampling};
+use formers::generate::{check, generate, Sampling};
 use formers::pretrained::{self, Family};
 use formers::train::trainer::{load_trained, RunRecord};
 use formers::Model;
@@ -139,10 +139,20 @@ fn load(dir: &Path) -> Result<(Model, Codec)> {
     Ok((p.model, Codec::Tokenizer(Box::new(p.tokenizer))))
 }
 
+/// A library error about a sampling field, told as the flag that set it.
+fn as_flag(e: formers::Error) -> anyhow::Error {
+    match e {
+        formers::Error::Config { key, msg } => {
+            anyhow::anyhow!("--{}: {msg}", key.replace('_', "-"))
+        }
+        e => e.into(),
+    }
+}
+
 /// Runs `formers generate`.
+///
+/// Everything is checked (flags, model, prompt, length) before anything is printed.
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let (model, codec) = load(&a.model)?;
-    let prompt = codec.encode(&a.prompt)?;
     let sampling = Sampling {
         greedy: a.greedy,
         temperature: a.temperature,
@@ -150,6 +160,24 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         top_p: a.top_p,
         seed: a.seed,
     };
+    sampling.validate().map_err(as_flag)?;
+    if a.prompt.is_empty() {
+        bail!("--prompt is empty");
+    }
+    let (model, codec) = load(&a.model)?;
+    let prompt = codec.encode(&a.prompt)?;
+    if prompt.is_empty() {
+        bail!(
+            "--prompt {:?} is whitespace only, which the tokenizer drops: no tokens to continue",
+            a.prompt
+        );
+    }
+    check(&model, &prompt, a.max_new_tokens, &sampling).map_err(|e| match e {
+        formers::Error::Input(msg) if msg.contains("max_len") => {
+            anyhow::anyhow!("--max-new-tokens {}: {msg}", a.max_new_tokens)
+        }
+        e => e.into(),
+    })?;
     let mut stdout = std::io::stdout().lock();
     // The printed text is the decoding of prompt + continuation as one sequence: decoders
     // may join or strip spaces at token boundaries (a continuation decoded on its own can
