@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
-pub use run::{train, train_task, RunDir, Summary};
+pub use run::{train, train_task, RunDir, Start, Summary};
 pub use trainer::{Observer, Trainer};
 
 /// Training hyper-parameters (the `train` section of a config file).

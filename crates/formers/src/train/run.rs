@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint;
 use super::trainer::{EvalReport, Observer, Trainer};
 use crate::config::RunConfig;
+use crate::fsio;
 use crate::model::{Model, DTYPE};
 use crate::params::Params;
 use crate::tasks::{self, Task};
@@ -34,7 +35,7 @@ impl RunRecord {
     /// Reads `run.json` of run `out`.
     pub fn load(out: &Path) -> Result<Self> {
         let path = out.join(Self::FILE);
-        let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let text = fsio::read_text_limited(&path, fsio::MAX_CONFIG_BYTES, "a run record")?;
         let rec: RunRecord = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
             path: path.clone(),
             msg: format!("unreadable run record: {e}"),
@@ -55,18 +56,28 @@ pub struct Summary {
     pub params: usize,
 }
 
-/// Trains `run.model` on task `task` into run directory `out`. With `resume`, continues
-/// from the checkpoint there; without, refuses to touch a directory that has one.
+/// How [`RunDir::open`] treats what is already in the run directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// A new run: a directory that holds (part of) a run is refused.
+    New,
+    /// Continue the checkpoint there (same config and task, checked).
+    Resume,
+    /// A new run that first deletes the run files there (`--force`).
+    Replace,
+}
+
+/// Trains `run.model` on task `task` into run directory `out`, starting as `start` says.
 pub fn train(
     run: &RunConfig,
     task_name: &str,
     out: &Path,
-    resume: bool,
+    start: Start,
     obs: &mut dyn Observer,
 ) -> Result<Summary> {
     run.validate()?;
     let task = tasks::by_name(task_name, &run.model, &run.train)?;
-    train_task(run, task.as_ref(), out, resume, obs)
+    train_task(run, task.as_ref(), out, start, obs)
 }
 
 /// Like [`train`], on any [`Task`] (its name is what `run.json` records).
@@ -74,11 +85,11 @@ pub fn train_task(
     run: &RunConfig,
     task: &dyn Task,
     out: &Path,
-    resume: bool,
+    start: Start,
     obs: &mut dyn Observer,
 ) -> Result<Summary> {
     let mut trainer = Trainer::new(run, task)?;
-    let mut dir = RunDir::open(out, &mut trainer, resume)?;
+    let mut dir = RunDir::open(out, &mut trainer, start)?;
     dir.train(&mut trainer, obs)
 }
 
@@ -91,29 +102,28 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    /// Starts run directory `out` for `trainer`, refusing one that holds a run; with
-    /// `resume`, restores `trainer` from the checkpoint there instead (same config and task).
-    pub fn open(out: &Path, trainer: &mut Trainer, resume: bool) -> Result<RunDir> {
+    /// Starts run directory `out` for `trainer`, refusing one that holds a run
+    /// ([`Start::New`]) or deleting its run files first ([`Start::Replace`]); with
+    /// [`Start::Resume`], restores `trainer` from the checkpoint there instead (same config
+    /// and task, the checkpoint checked against them). The files written are created new,
+    /// never through a symbolic link.
+    pub fn open(out: &Path, trainer: &mut Trainer, start: Start) -> Result<RunDir> {
         let record = RunRecord {
             task: trainer.task().name().to_string(),
             config: trainer.config().clone(),
         };
+        if start == Start::Replace {
+            remove_run_files(out)?;
+        }
         let mut saved = None;
-        match (resume, checkpoint::locate(out)) {
-            (false, Some(dir)) => {
-                return Err(Error::Checkpoint {
-                    path: dir,
-                    msg: "a run exists here; pass --resume to continue it or choose another --out"
-                        .into(),
-                })
-            }
-            (true, None) => {
+        match (start, checkpoint::locate(out)) {
+            (Start::Resume, None) => {
                 return Err(Error::Checkpoint {
                     path: out.join(checkpoint::DIR),
                     msg: "nothing to resume: no checkpoint found".into(),
                 })
             }
-            (true, Some(_)) => {
+            (Start::Resume, Some(_)) => {
                 if RunRecord::load(out)? != record {
                     return Err(Error::Checkpoint {
                         path: out.join(RunRecord::FILE),
@@ -122,17 +132,32 @@ impl RunDir {
                     });
                 }
                 let loaded = checkpoint::load(out)?;
-                trainer.restore(loaded, &out.join(checkpoint::DIR).join("model.safetensors"))?;
+                let dir = loaded.dir.clone();
+                trainer.restore(loaded)?;
                 truncate_metrics(out, trainer.steps_done())?;
-                saved = Some((trainer.steps_done(), out.join(checkpoint::DIR)));
+                saved = Some((trainer.steps_done(), dir));
             }
-            (false, None) => {
+            (_, Some(dir)) => {
+                return Err(Error::Checkpoint {
+                    path: dir,
+                    msg: "a run exists here; pass --resume to continue it, --force to replace it, or choose another --out"
+                        .into(),
+                })
+            }
+            (_, None) => {
+                if let Some(f) = RUN_FILES.iter().map(|f| out.join(f)).find(|p| fsio::exists(p)) {
+                    return Err(Error::Checkpoint {
+                        path: f,
+                        msg: "exists: a run was started here (with no checkpoint yet); pass --force to replace it or choose another --out".into(),
+                    });
+                }
                 fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
                 let path = out.join(RunRecord::FILE);
                 let json = serde_json::to_string_pretty(&record).expect("record serialises");
-                fs::write(&path, json).map_err(|e| Error::io(&path, e))?;
-                let metrics = out.join(METRICS);
-                fs::write(&metrics, "").map_err(|e| Error::io(&metrics, e))?;
+                let mut file = fsio::create_new(&path)?;
+                file.write_all(json.as_bytes())
+                    .map_err(|e| Error::io(&path, e))?;
+                fsio::create_new(&out.join(METRICS))?;
             }
         }
         Ok(RunDir {
@@ -216,6 +241,28 @@ pub fn load_trained(out: &Path) -> Result<(RunRecord, Model)> {
 
 const METRICS: &str = "metrics.jsonl";
 
+/// The files and directories of a run, as [`Start::Replace`] deletes them.
+const RUN_FILES: [&str; 5] = [
+    RunRecord::FILE,
+    METRICS,
+    checkpoint::DIR,
+    "checkpoint.old",
+    "checkpoint.tmp",
+];
+
+/// Deletes the run files in `out` (a symbolic link is removed, not what it points to).
+fn remove_run_files(out: &Path) -> Result<()> {
+    for p in RUN_FILES.iter().map(|f| out.join(f)) {
+        let removed = match fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(&p),
+            Ok(_) => fs::remove_file(&p),
+            Err(_) => Ok(()),
+        };
+        removed.map_err(|e| Error::io(&p, e))?;
+    }
+    Ok(())
+}
+
 struct Metrics {
     file: fs::File,
     path: PathBuf,
@@ -224,11 +271,7 @@ struct Metrics {
 impl Metrics {
     fn open(out: &Path) -> Result<Self> {
         let path = out.join(METRICS);
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
+        let file = fsio::append_nofollow(&path)?;
         Ok(Metrics { file, path })
     }
 
@@ -237,19 +280,22 @@ impl Metrics {
     }
 }
 
-/// Drops metric lines after `step` (written after the checkpoint a resume starts from).
+/// Drops metric lines after `step` (written after the checkpoint a resume starts from),
+/// streaming the file and replacing it in one rename.
 fn truncate_metrics(out: &Path, step: usize) -> Result<()> {
     let path = out.join(METRICS);
-    let text = fs::read_to_string(&path).unwrap_or_default();
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
+    let mut kept = String::new();
+    if fsio::exists(&path) {
+        for line in fsio::lines(&path, fsio::MAX_LINE_BYTES)? {
+            let line = line?;
+            let at = serde_json::from_str::<serde_json::Value>(&line.text)
                 .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s as usize <= step)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    fs::write(&path, kept).map_err(|e| Error::io(&path, e))
+                .and_then(|v| v["step"].as_u64());
+            if line.complete && at.is_some_and(|s| s <= step as u64) {
+                kept.push_str(&line.text);
+                kept.push('\n');
+            }
+        }
+    }
+    fsio::write_atomic(&path, kept.as_bytes(), true)
 }
