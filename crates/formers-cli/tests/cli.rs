@@ -829,7 +829,7 @@ fn generate_refuses_bad_numbers_by_flag_before_printing_anything() {
     let model = fixture("tiny-gpt2");
     let gen = |extra: &[&str]| {
         let mut args = vec!["generate", "--model", model.as_str()];
-        args.extend(["--prompt", "hello", "--max-new-tokens", "3"]);
+        args.extend(["--prompt", "hello"]);
         args.extend(extra);
         run(formers().args(&args))
     };
@@ -850,9 +850,9 @@ fn generate_refuses_bad_numbers_by_flag_before_printing_anything() {
         ("--top-k", "0", "at least 1"),
     ] {
         let o = if value.is_empty() {
-            gen(&[flag])
+            gen(&["--max-new-tokens", "3", flag])
         } else {
-            gen(&[flag, value])
+            gen(&["--max-new-tokens", "3", flag, value])
         };
         let name = flag.split('=').next().unwrap();
         assert_refused(&o, &[&format!("{name}:"), range]);
@@ -1003,8 +1003,11 @@ fn embed_out_is_never_overwritten_without_force_nor_written_through_a_link() {
             .arg(&out);
         if force {
             cmd.arg("--force");
+            run_with_stdin(&mut cmd, "a sentence\n")
+        } else {
+            // Refused before standard input is read.
+            run(&mut cmd)
         }
-        run_with_stdin(&mut cmd, "a sentence\n")
     };
     assert_refused(&embed(false), &["e.npy", "already exists", "--force"]);
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");

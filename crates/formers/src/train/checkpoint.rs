@@ -198,7 +198,8 @@ impl Loaded {
 /// The smallest and largest value of `t` (NaN when it holds a NaN).
 fn range(t: &Tensor) -> Result<(f64, f64)> {
     let t = t.to_dtype(candle_core::DType::F64)?;
-    let nan = (&t - &t)?.sum_all()?.to_scalar::<f64>()?;
+    // 0·x is 0 for every finite x and NaN for an infinity or a NaN.
+    let nan = t.affine(0.0, 0.0)?.sum_all()?.to_scalar::<f64>()?;
     if nan.is_nan() {
         return Ok((f64::NAN, f64::NAN));
     }
