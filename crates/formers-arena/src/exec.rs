@@ -231,7 +231,7 @@ fn train_and_test(
     let mut timer = Timer::new(events);
     let failed = |e: formers::Error| e.to_string();
     let mut trainer = Trainer::new(&run, &adapter).map_err(failed)?;
-    let summary = RunDir::open(dir, &mut trainer, false)
+    let summary = RunDir::open(dir, &mut trainer, formers::train::Start::New)
         .and_then(|mut d| d.train(&mut trainer, &mut timer))
         .map_err(failed)?;
     let Timer {

@@ -109,35 +109,38 @@ pub const FILE: &str = "results.jsonl";
 /// Reads the records of `path` (none when the file does not exist). A last line cut short
 /// by a kill is ignored; any other bad line is an error naming the file and line.
 pub fn load(path: &Path) -> Result<Vec<Record>, String> {
-    let text = match fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
-    };
-    let lines: Vec<&str> = text.lines().collect();
-    let mut out = Vec::with_capacity(lines.len());
-    for (i, line) in lines.iter().enumerate() {
-        if line.trim().is_empty() {
+    if !formers::fsio::exists(path) {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    let lines =
+        formers::fsio::lines(path, formers::fsio::MAX_LINE_BYTES).map_err(|e| e.to_string())?;
+    for line in lines {
+        let line = line.map_err(|e| e.to_string())?;
+        if line.text.trim().is_empty() {
             continue;
         }
-        match serde_json::from_str(line) {
+        match serde_json::from_str(&line.text) {
             Ok(r) => out.push(r),
-            Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => {}
-            Err(e) => return Err(format!("{}:{}: bad record: {e}", path.display(), i + 1)),
+            Err(_) if !line.complete => {}
+            Err(e) => {
+                return Err(format!(
+                    "{}:{}: bad record: {e}",
+                    path.display(),
+                    line.number
+                ))
+            }
         }
     }
     Ok(out)
 }
 
-/// Appends `record` as one line and syncs it to disk before returning. A partial last line
+/// Appends `record` as one line and syncs it to disk before returning; a symbolic link or
+/// anything but a regular file at `path` is refused. A partial last line
 /// left by a kill mid-write is dropped first, so it never ends up inside the file.
 pub fn append(path: &Path, record: &Record) -> Result<(), String> {
     let err = |e: io::Error| format!("{}: {e}", path.display());
-    let mut f = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(err)?;
+    let mut f = formers::fsio::append_nofollow(path).map_err(|e| e.to_string())?;
     if !ends_with_newline(path).map_err(err)? {
         let bytes = fs::read(path).map_err(err)?;
         let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
@@ -177,4 +180,44 @@ pub fn merge(paths: &[PathBuf]) -> Result<Vec<Record>, String> {
         }
     }
     Ok(by_key.into_values().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn skipped(task: &str) -> Record {
+        Record::Skipped(Skipped {
+            suite: "lite".into(),
+            task: task.into(),
+            reason: "test".into(),
+        })
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_store_is_never_written_through_a_link_nor_read_from_a_device() {
+        let dir = std::env::temp_dir().join(format!("formers-results-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        fs::write(&victim, "keep\n").unwrap();
+        let store = dir.join(FILE);
+        std::os::unix::fs::symlink(&victim, &store).unwrap();
+        let e = append(&store, &skipped("a")).unwrap_err();
+        assert!(e.contains(FILE), "{e}");
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "keep\n");
+        fs::remove_file(&store).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &store).unwrap();
+        let e = load(&store).unwrap_err();
+        assert!(e.contains("is a device"), "{e}");
+        fs::remove_file(&store).unwrap();
+        // Round trip, and a line cut short by a kill is dropped.
+        append(&store, &skipped("a")).unwrap();
+        append(&store, &skipped("b")).unwrap();
+        let mut f = fs::OpenOptions::new().append(true).open(&store).unwrap();
+        f.write_all(b"{\"kind\":\"ski").unwrap();
+        assert_eq!(load(&store).unwrap(), vec![skipped("a"), skipped("b")]);
+        let _ = fs::remove_dir_all(&dir);
+    }
 }

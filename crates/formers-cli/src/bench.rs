@@ -251,11 +251,19 @@ fn measure_each(
     Ok(rows)
 }
 
+/// The number of elements of a tensor of shape `dims`, refused (naming `what`) when it
+/// overflows.
+fn elements(dims: &[usize], what: &str) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .with_context(|| format!("{what} = {dims:?} overflows the address space"))
+}
+
 /// Writes `rows` as a pretty JSON array to `path`, if given.
 fn write_json(path: Option<&Path>, rows: &[Value]) -> Result<()> {
     if let Some(path) = path {
-        std::fs::write(path, serde_json::to_string_pretty(rows)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        let json = serde_json::to_string_pretty(rows)?;
+        formers::fsio::write_atomic(path, json.as_bytes(), true)?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())
@@ -312,6 +320,12 @@ fn attention(a: AttentionArgs) -> Result<()> {
     }
     if a.repeats == 0 || a.dim == 0 || a.heads == 0 || a.batch == 0 || a.chunk == 0 {
         anyhow::bail!("--repeats, --dim, --heads, --batch and --chunk must be at least 1");
+    }
+    for &n in &a.lengths {
+        elements(
+            &[a.batch, a.heads, n, a.dim],
+            "--batch × --heads × --lengths × --dim",
+        )?;
     }
     let jobs: Vec<(String, Job)> = a
         .lengths
@@ -371,7 +385,7 @@ fn attention_one(
     let mut rng = Rng::new(0);
     let shape = (batch, heads, n, dim);
     let mut randn = || -> Result<Tensor> {
-        let v: Vec<f32> = (0..batch * heads * n * dim)
+        let v: Vec<f32> = (0..elements(&[batch, heads, n, dim], "batch × heads × length × dim")?)
             .map(|_| rng.normal() as f32)
             .collect();
         Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
@@ -638,7 +652,9 @@ fn mixer_one(
     let params = formers::params::Params::new(0, DType::F32, &Device::Cpu);
     let m = spec.build(&cfg.mixer_dims(), &params)?;
     let mut rng = Rng::new(1);
-    let v: Vec<f32> = (0..length * dim).map(|_| rng.normal() as f32).collect();
+    let v: Vec<f32> = (0..elements(&[length, dim], "length × dim")?)
+        .map(|_| rng.normal() as f32)
+        .collect();
     let x = candle_core::Var::from_vec(v, (1, length, dim), &Device::Cpu)?;
     mem::reset_peak();
     let mut times = Vec::new();

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use formers::fsio;
 use formers::limits::Limits;
 use formers::model::Packed;
 use formers::pretrained::{self, Family, Pretrained};
@@ -27,6 +28,9 @@ pub struct EmbedArgs {
     /// Write all embeddings to this .npy file (f32, [lines, dim]) instead of JSON lines on stdout
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// Replace the --out file if it exists
+    #[arg(long, requires = "out")]
+    pub force: bool,
     /// Cut inputs longer than the model's position table instead of failing
     #[arg(long)]
     pub truncate: bool,
@@ -99,6 +103,9 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
+    if let Some(path) = &a.out {
+        fsio::refuse_existing(path, a.force)?;
+    }
     let p = load_encoder(&a.model, &a.limits.limits())?;
     let lines: Vec<String> = std::io::stdin()
         .lock()
@@ -113,7 +120,7 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     let secs = start.elapsed().as_secs_f64();
     pb.finish_and_clear();
     match &a.out {
-        Some(path) => write_npy(path, &rows, p.config.d_model)?,
+        Some(path) => write_npy(path, &rows, p.config.d_model, a.force)?,
         None => {
             let mut out = std::io::stdout().lock();
             for r in &rows {
@@ -131,8 +138,9 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     Ok(())
 }
 
-/// Writes `[rows, dim]` f32 as a NumPy `.npy` (format 1.0).
-fn write_npy(path: &Path, rows: &[Vec<f32>], dim: usize) -> Result<()> {
+/// Writes `[rows, dim]` f32 as a NumPy `.npy` (format 1.0), atomically, never through a
+/// symbolic link; an existing file is replaced only with `force`.
+fn write_npy(path: &Path, rows: &[Vec<f32>], dim: usize, force: bool) -> Result<()> {
     let mut header = format!(
         "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {dim}), }}",
         rows.len()
@@ -148,5 +156,5 @@ fn write_npy(path: &Path, rows: &[Vec<f32>], dim: usize) -> Result<()> {
             bytes.extend(v.to_le_bytes());
         }
     }
-    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+    Ok(fsio::write_atomic(path, &bytes, force)?)
 }

@@ -9,7 +9,7 @@ use clap::Args;
 
 use crate::limits::LoadArgs;
 use formers::config::InputSpec;
-use formers::generate::{generate, Sampling};
+use formers::generate::{check, generate, Sampling};
 use formers::limits::Limits;
 use formers::pretrained::{self, Family};
 use formers::train::trainer::{load_trained_with, RunRecord};
@@ -144,10 +144,20 @@ fn load(dir: &Path, limits: &Limits) -> Result<(Model, Codec)> {
     Ok((p.model, Codec::Tokenizer(Box::new(p.tokenizer))))
 }
 
+/// A library error about a sampling field, told as the flag that set it.
+fn as_flag(e: formers::Error) -> anyhow::Error {
+    match e {
+        formers::Error::Config { key, msg } => {
+            anyhow::anyhow!("--{}: {msg}", key.replace('_', "-"))
+        }
+        e => e.into(),
+    }
+}
+
 /// Runs `formers generate`.
+///
+/// Everything is checked (flags, model, prompt, length) before anything is printed.
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let (model, codec) = load(&a.model, &a.limits.limits())?;
-    let prompt = codec.encode(&a.prompt)?;
     let sampling = Sampling {
         greedy: a.greedy,
         temperature: a.temperature,
@@ -155,6 +165,24 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         top_p: a.top_p,
         seed: a.seed,
     };
+    sampling.validate().map_err(as_flag)?;
+    if a.prompt.is_empty() {
+        bail!("--prompt is empty");
+    }
+    let (model, codec) = load(&a.model, &a.limits.limits())?;
+    let prompt = codec.encode(&a.prompt)?;
+    if prompt.is_empty() {
+        bail!(
+            "--prompt {:?} is whitespace only, which the tokenizer drops: no tokens to continue",
+            a.prompt
+        );
+    }
+    check(&model, &prompt, a.max_new_tokens, &sampling).map_err(|e| match e {
+        formers::Error::Input(msg) if msg.contains("max_len") => {
+            anyhow::anyhow!("--max-new-tokens {}: {msg}", a.max_new_tokens)
+        }
+        e => e.into(),
+    })?;
     let mut stdout = std::io::stdout().lock();
     // The printed text is the decoding of prompt + continuation as one sequence: decoders
     // may join or strip spaces at token boundaries (a continuation decoded on its own can

@@ -8,7 +8,7 @@ use formers::config::RunConfig;
 use formers::generate::{generate, Sampling};
 use formers::tasks;
 use formers::train::trainer::{evaluate, load_trained_with, RunRecord};
-use formers::train::TrainConfig;
+use formers::train::{RunDir, Start, TrainConfig, Trainer};
 
 use crate::limits::{LoadArgs, MemoryArgs};
 use crate::progress::{bar, TrainBar};
@@ -34,6 +34,10 @@ pub struct TrainArgs {
     /// flags below are refused if they differ from the run's values)
     #[arg(long, requires = "out")]
     pub resume: bool,
+    /// Start a new run in --out even if one is there: its run.json, metrics.jsonl and
+    /// checkpoints are deleted first
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
     /// Override train.steps
     #[arg(long)]
     pub steps: Option<usize>,
@@ -211,9 +215,18 @@ pub fn run(args: TrainArgs) -> Result<()> {
         pb,
         quiet: args.quiet,
     };
-    eprintln!("training `{task}` into {}", out.display());
+    let start = match (args.resume, args.force) {
+        (true, _) => Start::Resume,
+        (false, true) => Start::Replace,
+        (false, false) => Start::New,
+    };
+    // The run directory is checked (and a resume restored) before anything is printed.
+    let task_impl = tasks::by_name(&task, &cfg.model, &cfg.train)?;
     let limits = args.limits.limits();
-    let summary = formers::train::train_with(&cfg, &task, &out, args.resume, &limits, &mut obs)?;
+    let mut trainer = Trainer::with_limits(&cfg, task_impl.as_ref(), &limits)?;
+    let mut dir = RunDir::open(&out, &mut trainer, start)?;
+    eprintln!("training `{task}` into {}", out.display());
+    let summary = dir.train(&mut trainer, &mut obs)?;
     obs.pb.finish_and_clear();
     println!(
         "done: {} steps, {} parameters, final train loss {:.4}, eval loss {:.4}, eval accuracy {:.2}%, {:.0} tokens/s",

@@ -938,3 +938,210 @@ fn non_finite_weights_are_refused_unless_allow_non_finite() {
     assert!(o.status.success(), "{}", text(&o));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A failure as users see it: non-zero exit, one line on stderr that holds every `needle`,
+/// no panic, nothing on stdout.
+fn assert_refused(o: &Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "accepted: {}", text(o));
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "`{n}` not in: {err}");
+    }
+    assert!(o.stdout.is_empty(), "printed before failing: {}", text(o));
+}
+
+#[test]
+fn generate_refuses_bad_numbers_by_flag_before_printing_anything() {
+    let model = fixture("tiny-gpt2");
+    let gen = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", model.as_str()];
+        args.extend(["--prompt", "hello"]);
+        args.extend(extra);
+        run(formers().args(&args))
+    };
+    // `prompt.len() + max_new` used to wrap and panic.
+    assert_refused(
+        &gen(&["--max-new-tokens", "18446744073709551615"]),
+        &["--max-new-tokens 18446744073709551615", "max_len"],
+    );
+    // A prompt that cannot fit used to be printed before the error.
+    assert_refused(&gen(&["--max-new-tokens", "100000"]), &["max_len"]);
+    for (flag, value, range) in [
+        ("--top-p", "2", "(0, 1]"),
+        ("--top-p", "0", "(0, 1]"),
+        ("--top-p", "NaN", "(0, 1]"),
+        ("--temperature", "inf", "positive finite"),
+        ("--temperature", "NaN", "positive finite"),
+        ("--temperature=-1", "", "positive finite"),
+        ("--top-k", "0", "at least 1"),
+    ] {
+        let o = if value.is_empty() {
+            gen(&["--max-new-tokens", "3", flag])
+        } else {
+            gen(&["--max-new-tokens", "3", flag, value])
+        };
+        let name = flag.split('=').next().unwrap();
+        assert_refused(&o, &[&format!("{name}:"), range]);
+    }
+    let mut args = vec![
+        "generate".to_string(),
+        "--model".into(),
+        fixture("tiny-gpt2"),
+    ];
+    args.extend(["--prompt".into(), String::new()]);
+    assert_refused(&run(formers().args(&args)), &["--prompt is empty"]);
+}
+
+#[test]
+fn io_errors_say_what_is_wrong_once() {
+    let dir = tmp("io-errors");
+    let o = run(formers()
+        .args(["train", "--config", "/nonexistent/c.json", "--out"])
+        .arg(dir.join("r")));
+    assert_refused(&o, &["/nonexistent/c.json"]);
+    assert_eq!(text(&o).matches("os error 2").count(), 1, "{}", text(&o));
+    // A tokenizer.json that is a directory says so (it said `entity not found`).
+    let model = dir.join("gpt2");
+    std::fs::create_dir_all(model.join("tokenizer.json")).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(
+            repo().join("tests/fixtures/tiny-gpt2").join(f),
+            model.join(f),
+        )
+        .unwrap();
+    }
+    let o = run(formers()
+        .args(["generate", "--prompt", "hi", "--model"])
+        .arg(&model));
+    assert_refused(&o, &["tokenizer.json: is a directory"]);
+    // A config that is a device is refused, not read.
+    let o = run(formers()
+        .args(["train", "--config", "/dev/zero", "--out"])
+        .arg(dir.join("r")));
+    assert_refused(&o, &["/dev/zero: is a device"]);
+    assert!(!dir.join("r").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[cfg(unix)]
+#[test]
+fn train_never_overwrites_a_started_run_nor_writes_through_links() {
+    let dir = tmp("no-clobber");
+    // A directory with run files but no checkpoint yet.
+    let out = dir.join("run");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("run.json"), "mine").unwrap();
+    std::fs::write(out.join("metrics.jsonl"), "mine\n").unwrap();
+    let o = run(formers().args(reverse_args(&out, 2)));
+    assert_refused(&o, &["run.json", "--force"]);
+    assert_eq!(
+        std::fs::read_to_string(out.join("run.json")).unwrap(),
+        "mine"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("metrics.jsonl")).unwrap(),
+        "mine\n"
+    );
+    // A file formers creates is never written through a link.
+    let victim = dir.join("victim");
+    std::fs::write(&victim, "keep").unwrap();
+    let linked = dir.join("linked");
+    std::fs::create_dir_all(&linked).unwrap();
+    std::os::unix::fs::symlink(&victim, linked.join("metrics.jsonl")).unwrap();
+    let o = run(formers().args(reverse_args(&linked, 2)));
+    assert_refused(&o, &["metrics.jsonl"]);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+    // --force replaces the run (the link itself, never its target).
+    for d in [&out, &linked] {
+        let mut args = reverse_args(d, 2);
+        args.push("--force".into());
+        let o = run(formers().args(&args));
+        assert!(o.status.success(), "{}", text(&o));
+        assert_eq!(checkpoint_step(d), Some(2));
+    }
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+    assert!(std::fs::read_to_string(out.join("run.json"))
+        .unwrap()
+        .contains("reverse"));
+    // --force with an existing checkpoint starts over too.
+    let mut args = reverse_args(&out, 3);
+    args.push("--force".into());
+    assert!(run(formers().args(&args)).status.success());
+    assert_eq!(checkpoint_step(&out), Some(3));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn resume_refuses_a_checkpoint_inconsistent_with_its_run_naming_the_file() {
+    let dir = tmp("bad-state");
+    let out = dir.join("run");
+    let o = run(formers().args(reverse_args(&out, 10)));
+    assert!(o.status.success(), "{}", text(&o));
+    let ckpt = out.join("checkpoint");
+    let state_path = ckpt.join("state.json");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    let resume = || {
+        run(formers()
+            .args(["train", "--resume", "--quiet", "--out"])
+            .arg(&out))
+    };
+    for (key, value, says) in [
+        (
+            "step",
+            serde_json::json!(u64::MAX),
+            "step 18446744073709551615",
+        ),
+        ("step", serde_json::json!(0), "step 0"),
+        ("adam_t", serde_json::json!(0), "adam_t 0"),
+        ("task", serde_json::json!("copy"), "task `copy`"),
+    ] {
+        let mut bad = state.clone();
+        bad[key] = value;
+        std::fs::write(&state_path, bad.to_string()).unwrap();
+        assert_refused(&resume(), &["state.json", says]);
+    }
+    std::fs::write(&state_path, state.to_string()).unwrap();
+    // An optimizer file with no tensors in it.
+    let opt = ckpt.join("optimizer.safetensors");
+    let good = std::fs::read(&opt).unwrap();
+    let empty = safetensors::serialize(Vec::<(&str, safetensors::tensor::TensorView)>::new(), None)
+        .unwrap();
+    std::fs::write(&opt, empty).unwrap();
+    assert_refused(&resume(), &["optimizer.safetensors", "missing"]);
+    std::fs::write(&opt, good).unwrap();
+    let o = resume();
+    assert!(o.status.success(), "{}", text(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[cfg(unix)]
+#[test]
+fn embed_out_is_never_overwritten_without_force_nor_written_through_a_link() {
+    let dir = tmp("embed-out");
+    let victim = dir.join("victim");
+    std::fs::write(&victim, "keep").unwrap();
+    let out = dir.join("e.npy");
+    std::os::unix::fs::symlink(&victim, &out).unwrap();
+    let embed = |force: bool| {
+        let mut cmd = formers();
+        cmd.args(["embed", "--model", &fixture("tiny-bert"), "--out"])
+            .arg(&out);
+        if force {
+            cmd.arg("--force");
+            run_with_stdin(&mut cmd, "a sentence\n")
+        } else {
+            // Refused before standard input is read.
+            run(&mut cmd)
+        }
+    };
+    assert_refused(&embed(false), &["e.npy", "already exists", "--force"]);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+    let o = embed(true);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+    assert!(std::fs::read(&out).unwrap().starts_with(b"\x93NUMPY"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

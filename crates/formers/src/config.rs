@@ -612,7 +612,7 @@ fn validate_layer(at: &str, spec: &LayerSpec, dims: &MixerDims) -> Result<()> {
 impl RunConfig {
     /// Reads a JSON or TOML (by extension) config file and validates it.
     pub fn from_path(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::fsio::read_text_limited(path, crate::fsio::MAX_CONFIG_BYTES, "a config")?;
         let origin = path.display().to_string();
         let cfg: RunConfig = if path.extension().is_some_and(|e| e == "toml") {
             let de = toml::Deserializer::new(&text);

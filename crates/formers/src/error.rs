@@ -11,12 +11,10 @@ pub enum Error {
     /// A configuration value is missing, unknown or impossible.
     #[error("config: `{key}`: {msg}")]
     Config { key: String, msg: String },
-    /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// A file could not be read or written. The I/O error is part of the message, not a
+    /// `source()`, so a chain printed with `{:#}` says it once.
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
     /// A checkpoint or weights file is unusable.
     #[error("checkpoint {}: {msg}", path.display())]
     Checkpoint { path: PathBuf, msg: String },
@@ -30,9 +28,16 @@ pub enum Error {
     /// Input that the model cannot take (too long, wrong token ids, ...).
     #[error("input: {0}")]
     Input(String),
-    /// An error from the tensor backend.
+    /// An error from the tensor backend (in the message, not a `source()`, for the same
+    /// reason as [`Error::Io`]).
     #[error("tensor: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(e)
+    }
 }
 
 impl Error {
@@ -48,7 +53,20 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err: source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chain_states_each_cause_once() {
+        let e = Error::io("/x", std::io::Error::from(std::io::ErrorKind::NotFound));
+        // `{:#}` of anyhow and similar print the message, then each `source()`.
+        assert!(std::error::Error::source(&e).is_none());
+        assert_eq!(e.to_string(), "/x: entity not found");
     }
 }

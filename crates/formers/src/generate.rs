@@ -35,6 +35,58 @@ impl Default for Sampling {
     }
 }
 
+impl Sampling {
+    /// Rejects values that cannot sample, naming the field: a temperature that is not a
+    /// positive finite number, `top_k` 0, `top_p` outside (0, 1].
+    pub fn validate(&self) -> Result<()> {
+        let t = self.temperature;
+        if !(t.is_finite() && t > 0.0) {
+            return Err(Error::config(
+                "temperature",
+                format!("must be a positive finite number, found {t}"),
+            ));
+        }
+        if self.top_k == Some(0) {
+            return Err(Error::config("top_k", "must be at least 1, found 0"));
+        }
+        if let Some(p) = self.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+            return Err(Error::config(
+                "top_p",
+                format!("must be in (0, 1], found {p}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks a generation request before any work: `sampling` valid, `prompt` not empty and
+/// inside the vocabulary, prompt plus `max_new` within the model's `max_len` (with no
+/// overflow, whatever `max_new` is).
+pub fn check(model: &Model, prompt: &[u32], max_new: usize, sampling: &Sampling) -> Result<()> {
+    sampling.validate()?;
+    if prompt.is_empty() {
+        return Err(Error::Input("the prompt is empty".into()));
+    }
+    let vocab = model.config().input.vocab_size();
+    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::Input(format!(
+            "token id {bad} is outside the vocabulary of {vocab}"
+        )));
+    }
+    let max_len = model.config().max_len;
+    if prompt
+        .len()
+        .checked_add(max_new)
+        .is_none_or(|n| n > max_len)
+    {
+        return Err(Error::Input(format!(
+            "prompt of {} tokens plus {max_new} new ones exceeds the model's max_len {max_len}",
+            prompt.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Generates `max_new` tokens after `prompt`, calling `on_token` for each as it comes.
 /// With `use_cache` false, every step recomputes the whole sequence (the reference).
 pub fn generate(
@@ -45,28 +97,7 @@ pub fn generate(
     use_cache: bool,
     mut on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
-    if prompt.is_empty() {
-        return Err(Error::Input("the prompt is empty".into()));
-    }
-    let vocab = model.config().input.vocab_size();
-    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
-        return Err(Error::Input(format!(
-            "token id {bad} is outside the vocabulary of {vocab}"
-        )));
-    }
-    if sampling.temperature.is_nan() || sampling.temperature <= 0.0 {
-        return Err(Error::Input(format!(
-            "temperature must be > 0, found {}",
-            sampling.temperature
-        )));
-    }
-    let max_len = model.config().max_len;
-    if prompt.len() + max_new > max_len {
-        return Err(Error::Input(format!(
-            "prompt of {} tokens plus {max_new} new ones exceeds the model's max_len {max_len}",
-            prompt.len()
-        )));
-    }
+    check(model, prompt, max_new, sampling)?;
     let mut rng = Rng::new(sampling.seed);
     let mut tokens = prompt.to_vec();
     let mut cache = Cache::default();
@@ -206,5 +237,75 @@ mod tests {
         let model = Model::new(&cfg, &Params::new(9, DType::F32, &Device::Cpu).frozen()).unwrap();
         let e = generate(&model, &[1, 2, 3], 6, &Sampling::default(), true, |_| {}).unwrap_err();
         assert!(e.to_string().contains("max_len 8"), "{e}");
+        // A count that would wrap `prompt.len() + max_new` is refused, not a panic.
+        let e = generate(&model, &[1], usize::MAX, &Sampling::default(), true, |_| {}).unwrap_err();
+        assert!(e.to_string().contains("max_len 8"), "{e}");
+    }
+
+    #[test]
+    fn sampling_values_that_cannot_sample_are_refused_by_name() {
+        let bad = [
+            (
+                "top_p",
+                Sampling {
+                    top_p: Some(2.0),
+                    ..Default::default()
+                },
+            ),
+            (
+                "top_p",
+                Sampling {
+                    top_p: Some(0.0),
+                    ..Default::default()
+                },
+            ),
+            (
+                "top_p",
+                Sampling {
+                    top_p: Some(f32::NAN),
+                    ..Default::default()
+                },
+            ),
+            (
+                "temperature",
+                Sampling {
+                    temperature: f32::INFINITY,
+                    ..Default::default()
+                },
+            ),
+            (
+                "temperature",
+                Sampling {
+                    temperature: -1.0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "temperature",
+                Sampling {
+                    temperature: f32::NAN,
+                    ..Default::default()
+                },
+            ),
+            (
+                "top_k",
+                Sampling {
+                    top_k: Some(0),
+                    ..Default::default()
+                },
+            ),
+        ];
+        for (key, s) in bad {
+            match s.validate() {
+                Err(Error::Config { key: k, .. }) => assert_eq!(k, key, "{s:?}"),
+                other => panic!("{s:?}: {other:?}"),
+            }
+        }
+        let edge = Sampling {
+            top_p: Some(1.0),
+            top_k: Some(1),
+            ..Default::default()
+        };
+        edge.validate().unwrap();
     }
 }

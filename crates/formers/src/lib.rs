@@ -11,6 +11,7 @@ pub mod compress;
 pub mod config;
 pub mod error;
 pub mod ffn;
+pub mod fsio;
 pub mod generate;
 pub mod kernels;
 pub mod limits;

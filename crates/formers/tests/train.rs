@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use formers::config::RunConfig;
 use formers::train::trainer::{load_trained, EvalReport, StepReport};
-use formers::train::{train, Observer};
+use formers::train::{train, Observer, Start};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -46,7 +46,7 @@ fn two_layer_model_learns_to_reverse_sequences() {
     cfg.train.eval_batches = 8;
     let out = tmp("reverse");
     let mut rec = Record::default();
-    let s = train(&cfg, "reverse", &out, false, &mut rec).unwrap();
+    let s = train(&cfg, "reverse", &out, Start::New, &mut rec).unwrap();
     assert!(
         s.eval.accuracy >= 0.99,
         "token accuracy {} after 120 steps",
@@ -84,7 +84,7 @@ fn same_seed_gives_the_same_loss_curve_bit_for_bit() {
     let run = |cfg: &RunConfig, tag: &str| {
         let out = tmp(tag);
         let mut rec = Record::default();
-        train(cfg, "copy", &out, false, &mut rec).unwrap();
+        train(cfg, "copy", &out, Start::New, &mut rec).unwrap();
         let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
         let _ = std::fs::remove_dir_all(&out);
         (rec.losses, metrics)
@@ -132,8 +132,8 @@ fn every_token_mixer_trains_on_reverse_and_beats_a_model_that_cannot_mix() {
         cfg.train.eval_every = steps;
         let out = tmp("zoo");
         let mut rec = Record::default();
-        let s =
-            train(&cfg, "reverse", &out, false, &mut rec).unwrap_or_else(|e| panic!("{m}: {e}"));
+        let s = train(&cfg, "reverse", &out, Start::New, &mut rec)
+            .unwrap_or_else(|e| panic!("{m}: {e}"));
         let _ = std::fs::remove_dir_all(&out);
         assert!(
             rec.losses.iter().all(|l| l.is_finite()) && s.eval.loss.is_finite(),
@@ -181,7 +181,7 @@ fn alibi_model_trains_and_rejects_mixers_without_scores() {
     cfg.train.steps = 30;
     let out = tmp("alibi");
     let mut rec = Record::default();
-    let s = train(&cfg, "reverse", &out, false, &mut rec).unwrap();
+    let s = train(&cfg, "reverse", &out, Start::New, &mut rec).unwrap();
     assert!(rec.losses.iter().all(|l| l.is_finite()));
     // ALiBi gives only relative positions and reversing needs absolute ones (read here from
     // the edges of the windows), so 30 steps move it only a little below guessing.
@@ -208,7 +208,7 @@ fn residual_schemes_train_without_nan() {
         cfg.train.steps = 30;
         let out = tmp("residual");
         let mut rec = Record::default();
-        let s = train(&cfg, "reverse", &out, false, &mut rec).unwrap();
+        let s = train(&cfg, "reverse", &out, Start::New, &mut rec).unwrap();
         assert!(rec.losses.iter().all(|l| l.is_finite()), "{residual}");
         assert!(
             s.eval.loss < guessing(&cfg) - 0.3,
@@ -232,7 +232,7 @@ fn matformer_trains_every_granularity_sampled_or_summed() {
         cfg.train.matformer_all = all;
         let out = tmp("matformer");
         let mut rec = Record::default();
-        let s = train(&cfg, "reverse", &out, false, &mut rec).unwrap();
+        let s = train(&cfg, "reverse", &out, Start::New, &mut rec).unwrap();
         assert!(rec.losses.iter().all(|l| l.is_finite()));
         assert!(
             s.eval.loss < guessing(&cfg) - 0.3,
@@ -275,7 +275,7 @@ fn norm_and_low_rank_variants_train_without_nan() {
         cfg.train.steps = 30;
         let out = tmp("norms");
         let mut rec = Record::default();
-        let s = train(&cfg, "reverse", &out, false, &mut rec).unwrap();
+        let s = train(&cfg, "reverse", &out, Start::New, &mut rec).unwrap();
         assert!(rec.losses.iter().all(|l| l.is_finite()), "{norm} {ffn}");
         assert!(
             s.eval.loss < guessing(&cfg) - 0.3,
@@ -294,7 +294,7 @@ fn tiny_run(tag: &str) -> PathBuf {
     cfg.train.eval_every = 2;
     cfg.train.eval_batches = 1;
     let out = tmp(tag);
-    train(&cfg, "reverse", &out, false, &mut Record::default()).unwrap();
+    train(&cfg, "reverse", &out, Start::New, &mut Record::default()).unwrap();
     out
 }
 
@@ -355,7 +355,7 @@ fn a_huge_run_json_is_refused_on_resume_at_once() {
         .unwrap()
         .config;
     let start = std::time::Instant::now();
-    let e = train(&cfg, "reverse", &out, true, &mut Record::default())
+    let e = train(&cfg, "reverse", &out, Start::Resume, &mut Record::default())
         .unwrap_err()
         .to_string();
     assert!(start.elapsed().as_millis() < 500);

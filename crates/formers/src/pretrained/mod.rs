@@ -66,7 +66,7 @@ fn checkpoint_error(path: &Path, msg: impl Into<String>) -> Error {
 
 /// Reads a JSON file, naming it in every error.
 pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::fsio::read_text_limited(path, crate::fsio::MAX_CONFIG_BYTES, "a JSON file")?;
     serde_json::from_str(&text).map_err(|e| checkpoint_error(path, format!("not valid JSON: {e}")))
 }
 
@@ -131,13 +131,8 @@ fn build(
 /// Reads `tokenizer.json` with padding and truncation off (batches are packed, and
 /// over-long inputs are reported, not cut silently).
 pub fn load_tokenizer(path: &Path, vocab_size: usize) -> Result<Tokenizer> {
-    if !path.is_file() {
-        return Err(Error::io(
-            path,
-            std::io::Error::from(std::io::ErrorKind::NotFound),
-        ));
-    }
-    let mut tok = Tokenizer::from_file(path)
+    let bytes = crate::fsio::read_limited(path, crate::fsio::MAX_TOKENIZER_BYTES, "a tokenizer")?;
+    let mut tok = Tokenizer::from_bytes(bytes)
         .map_err(|e| checkpoint_error(path, format!("unreadable tokenizer: {e}")))?;
     tok.with_padding(None);
     tok.with_truncation(None)

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
-pub use run::{train, train_task, train_with, RunDir, Summary};
+pub use run::{train, train_task, train_with, RunDir, Start, Summary};
 pub use trainer::{Observer, Trainer};
 
 /// Training hyper-parameters (the `train` section of a config file).

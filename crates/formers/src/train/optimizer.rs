@@ -45,7 +45,16 @@ impl AdamW {
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
         for (name, var) in vars {
-            let Some(g) = grads.get(name) else { continue };
+            let Some(g) = grads.get(name) else {
+                // No gradient this step: no update, but zero moments from the first step on
+                // (the same arithmetic as none), so every checkpoint holds every moment.
+                if !self.m.contains_key(name) {
+                    let zero = var.as_tensor().zeros_like()?;
+                    self.m.insert(name.clone(), zero.clone());
+                    self.v.insert(name.clone(), zero);
+                }
+                continue;
+            };
             let m = match self.m.get(name) {
                 Some(m) => ((m * self.beta1)? + (g * (1.0 - self.beta1))?)?,
                 None => (g * (1.0 - self.beta1))?,

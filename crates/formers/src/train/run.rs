@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint;
 use super::trainer::{EvalReport, Observer, Trainer};
 use crate::config::RunConfig;
+use crate::fsio;
 use crate::limits::Limits;
 use crate::model::{Model, DTYPE};
 use crate::params::Params;
@@ -35,7 +36,7 @@ impl RunRecord {
     /// Reads `run.json` of run `out`.
     pub fn load(out: &Path) -> Result<Self> {
         let path = out.join(Self::FILE);
-        let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let text = fsio::read_text_limited(&path, fsio::MAX_CONFIG_BYTES, "a run record")?;
         let rec: RunRecord = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
             path: path.clone(),
             msg: format!("unreadable run record: {e}"),
@@ -56,17 +57,27 @@ pub struct Summary {
     pub params: usize,
 }
 
-/// Trains `run.model` on task `task` into run directory `out`. With `resume`, continues
-/// from the checkpoint there; without, refuses to touch a directory that has one. Within
-/// the default [`Limits`] (the machine's memory).
+/// How [`RunDir::open`] treats what is already in the run directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// A new run: a directory that holds (part of) a run is refused.
+    New,
+    /// Continue the checkpoint there (same config and task, checked).
+    Resume,
+    /// A new run that first deletes the run files there (`--force`).
+    Replace,
+}
+
+/// Trains `run.model` on task `task` into run directory `out`, starting as `start` says,
+/// within the default [`Limits`] (the machine's memory).
 pub fn train(
     run: &RunConfig,
     task_name: &str,
     out: &Path,
-    resume: bool,
+    start: Start,
     obs: &mut dyn Observer,
 ) -> Result<Summary> {
-    train_with(run, task_name, out, resume, &Limits::default(), obs)
+    train_with(run, task_name, out, start, &Limits::default(), obs)
 }
 
 /// Like [`train`], refusing a run that would need more than `limits.max_memory`.
@@ -74,14 +85,14 @@ pub fn train_with(
     run: &RunConfig,
     task_name: &str,
     out: &Path,
-    resume: bool,
+    start: Start,
     limits: &Limits,
     obs: &mut dyn Observer,
 ) -> Result<Summary> {
     run.validate()?;
     limits.check_training(run)?;
     let task = tasks::by_name(task_name, &run.model, &run.train)?;
-    train_task(run, task.as_ref(), out, resume, limits, obs)
+    train_task(run, task.as_ref(), out, start, limits, obs)
 }
 
 /// Like [`train_with`], on any [`Task`] (its name is what `run.json` records).
@@ -89,12 +100,12 @@ pub fn train_task(
     run: &RunConfig,
     task: &dyn Task,
     out: &Path,
-    resume: bool,
+    start: Start,
     limits: &Limits,
     obs: &mut dyn Observer,
 ) -> Result<Summary> {
     let mut trainer = Trainer::with_limits(run, task, limits)?;
-    let mut dir = RunDir::open(out, &mut trainer, resume)?;
+    let mut dir = RunDir::open(out, &mut trainer, start)?;
     dir.train(&mut trainer, obs)
 }
 
@@ -107,29 +118,28 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    /// Starts run directory `out` for `trainer`, refusing one that holds a run; with
-    /// `resume`, restores `trainer` from the checkpoint there instead (same config and task).
-    pub fn open(out: &Path, trainer: &mut Trainer, resume: bool) -> Result<RunDir> {
+    /// Starts run directory `out` for `trainer`, refusing one that holds a run
+    /// ([`Start::New`]) or deleting its run files first ([`Start::Replace`]); with
+    /// [`Start::Resume`], restores `trainer` from the checkpoint there instead (same config
+    /// and task, the checkpoint checked against them). The files written are created new,
+    /// never through a symbolic link.
+    pub fn open(out: &Path, trainer: &mut Trainer, start: Start) -> Result<RunDir> {
         let record = RunRecord {
             task: trainer.task().name().to_string(),
             config: trainer.config().clone(),
         };
+        if start == Start::Replace {
+            remove_run_files(out)?;
+        }
         let mut saved = None;
-        match (resume, checkpoint::locate(out)) {
-            (false, Some(dir)) => {
-                return Err(Error::Checkpoint {
-                    path: dir,
-                    msg: "a run exists here; pass --resume to continue it or choose another --out"
-                        .into(),
-                })
-            }
-            (true, None) => {
+        match (start, checkpoint::locate(out)) {
+            (Start::Resume, None) => {
                 return Err(Error::Checkpoint {
                     path: out.join(checkpoint::DIR),
                     msg: "nothing to resume: no checkpoint found".into(),
                 })
             }
-            (true, Some(_)) => {
+            (Start::Resume, Some(_)) => {
                 if RunRecord::load(out)? != record {
                     return Err(Error::Checkpoint {
                         path: out.join(RunRecord::FILE),
@@ -138,21 +148,34 @@ impl RunDir {
                     });
                 }
                 let loaded = checkpoint::load(out)?;
-                let dir = out.join(checkpoint::DIR);
+                let dir = loaded.dir.clone();
                 let finite = Limits::default();
-                finite.check_tensors(&loaded.weights, &dir.join("model.safetensors"))?;
-                finite.check_tensors(&loaded.moments, &dir.join("optimizer.safetensors"))?;
-                trainer.restore(loaded, &out.join(checkpoint::DIR).join("model.safetensors"))?;
+                finite.check_tensors(&loaded.weights, &dir.join(checkpoint::MODEL_FILE))?;
+                trainer.restore(loaded)?;
                 truncate_metrics(out, trainer.steps_done())?;
-                saved = Some((trainer.steps_done(), out.join(checkpoint::DIR)));
+                saved = Some((trainer.steps_done(), dir));
             }
-            (false, None) => {
+            (_, Some(dir)) => {
+                return Err(Error::Checkpoint {
+                    path: dir,
+                    msg: "a run exists here; pass --resume to continue it, --force to replace it, or choose another --out"
+                        .into(),
+                })
+            }
+            (_, None) => {
+                if let Some(f) = RUN_FILES.iter().map(|f| out.join(f)).find(|p| fsio::exists(p)) {
+                    return Err(Error::Checkpoint {
+                        path: f,
+                        msg: "exists: a run was started here (with no checkpoint yet); pass --force to replace it or choose another --out".into(),
+                    });
+                }
                 fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
                 let path = out.join(RunRecord::FILE);
                 let json = serde_json::to_string_pretty(&record).expect("record serialises");
-                fs::write(&path, json).map_err(|e| Error::io(&path, e))?;
-                let metrics = out.join(METRICS);
-                fs::write(&metrics, "").map_err(|e| Error::io(&metrics, e))?;
+                let mut file = fsio::create_new(&path)?;
+                file.write_all(json.as_bytes())
+                    .map_err(|e| Error::io(&path, e))?;
+                fsio::create_new(&out.join(METRICS))?;
             }
         }
         Ok(RunDir {
@@ -257,6 +280,28 @@ pub fn load_trained_with(out: &Path, limits: &Limits) -> Result<(RunRecord, Mode
 
 const METRICS: &str = "metrics.jsonl";
 
+/// The files and directories of a run, as [`Start::Replace`] deletes them.
+const RUN_FILES: [&str; 5] = [
+    RunRecord::FILE,
+    METRICS,
+    checkpoint::DIR,
+    "checkpoint.old",
+    "checkpoint.tmp",
+];
+
+/// Deletes the run files in `out` (a symbolic link is removed, not what it points to).
+fn remove_run_files(out: &Path) -> Result<()> {
+    for p in RUN_FILES.iter().map(|f| out.join(f)) {
+        let removed = match fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(&p),
+            Ok(_) => fs::remove_file(&p),
+            Err(_) => Ok(()),
+        };
+        removed.map_err(|e| Error::io(&p, e))?;
+    }
+    Ok(())
+}
+
 struct Metrics {
     file: fs::File,
     path: PathBuf,
@@ -265,11 +310,7 @@ struct Metrics {
 impl Metrics {
     fn open(out: &Path) -> Result<Self> {
         let path = out.join(METRICS);
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
+        let file = fsio::append_nofollow(&path)?;
         Ok(Metrics { file, path })
     }
 
@@ -278,19 +319,22 @@ impl Metrics {
     }
 }
 
-/// Drops metric lines after `step` (written after the checkpoint a resume starts from).
+/// Drops metric lines after `step` (written after the checkpoint a resume starts from),
+/// streaming the file and replacing it in one rename.
 fn truncate_metrics(out: &Path, step: usize) -> Result<()> {
     let path = out.join(METRICS);
-    let text = fs::read_to_string(&path).unwrap_or_default();
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
+    let mut kept = String::new();
+    if fsio::exists(&path) {
+        for line in fsio::lines(&path, fsio::MAX_LINE_BYTES)? {
+            let line = line?;
+            let at = serde_json::from_str::<serde_json::Value>(&line.text)
                 .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s as usize <= step)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    fs::write(&path, kept).map_err(|e| Error::io(&path, e))
+                .and_then(|v| v["step"].as_u64());
+            if line.complete && at.is_some_and(|s| s <= step as u64) {
+                kept.push_str(&line.text);
+                kept.push('\n');
+            }
+        }
+    }
+    fsio::write_atomic(&path, kept.as_bytes(), true)
 }

@@ -115,9 +115,13 @@ impl<'t> Trainer<'t> {
         })
     }
 
-    /// Continues from a checkpoint read from `source`: weights, moments and state.
-    pub fn restore(&mut self, loaded: checkpoint::Loaded, source: &Path) -> Result<()> {
-        self.params.assign(&loaded.weights, source)?;
+    /// Continues from a checkpoint: weights, moments and state, after checking it fits
+    /// this run ([`checkpoint::Loaded::check`]: step, optimizer count, task, every moment).
+    pub fn restore(&mut self, loaded: checkpoint::Loaded) -> Result<()> {
+        let params = self.params.tensors();
+        loaded.check(self.run.train.steps, self.task.name(), &params)?;
+        let source = loaded.dir.join(checkpoint::MODEL_FILE);
+        self.params.assign(&loaded.weights, &source)?;
         self.opt.restore(loaded.moments, loaded.state.adam_t);
         self.state = loaded.state;
         Ok(())
