@@ -1,6 +1,10 @@
-//! Inference-only CPU kernels, used where a tensor carries no autodiff graph
-//! (`!t.track_op()`); training always takes the differentiable candle path, which is also
-//! the reference these kernels are tested against.
+//! CPU kernels. `gelu_erf` is inference-only, used where a tensor carries no autodiff graph
+//! (`!t.track_op()`); `flash` (with its candle op `attention_op`) serves training too, with a
+//! backward pass. Each is tested against the differentiable candle path it replaces.
+
+pub mod attention_op;
+pub mod flash;
+pub(crate) mod simd;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
