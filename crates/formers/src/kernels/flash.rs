@@ -167,8 +167,11 @@ unsafe fn gemm_rows<S: Simd>(
     d: usize,
 ) {
     for c in (0..d).step_by(LANES) {
-        let mut acc: [S::V; R] =
-            std::array::from_fn(|r| S::mul(S::load(&y[r * d + c..]), S::splat(alpha[r])));
+        // (A loop, not `array::from_fn`: a closure would not inherit the target features.)
+        let mut acc = [S::splat(0.0); R];
+        for r in 0..R {
+            acc[r] = S::mul(S::load(&y[r * d + c..]), S::splat(alpha[r]));
+        }
         for j in 0..kl {
             let xj = S::load(&x[j * d + c..]);
             for r in 0..R {
