@@ -36,7 +36,20 @@ enum Command {
     Bench(bench::BenchCommand),
 }
 
+/// candle runs elementwise ops on a pool of threads that spin while they wait; when a core
+/// is busy with anything else, a descheduled spinner stalls every op (training the char-LM
+/// took 3-4x longer on this 2-core machine while other work ran). formers runs those ops on
+/// the calling thread unless `CANDLE_NUM_THREADS` says otherwise; matrix products and
+/// formers' own kernels still use `RAYON_NUM_THREADS` threads.
+fn keep_candle_ops_on_the_calling_thread() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // Before any thread exists: nothing else reads the environment concurrently.
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
 fn main() {
+    keep_candle_ops_on_the_calling_thread();
     formers_arena::mem::tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {

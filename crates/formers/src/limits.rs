@@ -623,9 +623,9 @@ mod tests {
             serde_json::json!({"batch_size": 10_000_000}),
         ));
         assert!(e.contains("`train.batch_size`: 10000000"), "{e}");
-        // Exact attention keeps n² scores per head for the backward pass.
+        // The clipped softmax keeps n² scores per head for the backward pass.
         let e = refused(&run(
-            serde_json::json!({"max_len": 1_000_000}),
+            serde_json::json!({"max_len": 1_000_000, "defaults": {"mixer": {"kind": "attention", "clip": {"gamma": -0.03, "zeta": 1.0}}}}),
             serde_json::json!({"seq_len": 1_000_000, "batch_size": 1}),
         ));
         assert!(e.contains("`train.seq_len`: 1000000"), "{e}");

@@ -1,9 +1,11 @@
-//! LayerNorm (Ba et al. 2016) and RMSNorm (Zhang & Sennrich 2019), built from
-//! differentiable ops only (candle's fused norms have no backward).
+//! LayerNorm (Ba et al. 2016) and RMSNorm (Zhang & Sennrich 2019): in f32 on the CPU one
+//! fused op each (with a backward pass, `kernels::norm_op`); otherwise, and as their
+//! reference, a composition of differentiable candle ops.
 
 use candle_core::{DType, Tensor, D};
 
 use crate::config::NormSpec;
+use crate::kernels::norm_op;
 use crate::params::{Init, Params};
 use crate::Result;
 
@@ -57,8 +59,9 @@ impl Norm {
         }
     }
 
-    /// Normalises `[.., d]`. Built for inference it takes candle's fused kernels;
-    /// otherwise the differentiable composition below, their tested reference.
+    /// Normalises `[.., d]`. Built for inference it takes candle's fused forward kernels;
+    /// in training, f32 on the CPU, formers' fused ops with a backward pass; otherwise the
+    /// differentiable composition below, the reference of both.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let fused = self.inference && x.dtype() == DType::F32 && x.device().is_cpu();
         match &self.kind {
@@ -73,6 +76,12 @@ impl Norm {
                 weight,
                 *eps as f32,
             )?),
+            Kind::Layer { weight, bias, eps } if norm_op::supports(x, weight) => {
+                norm_op::layer_norm(x, weight, bias, *eps)
+            }
+            Kind::Rms { weight, eps } if norm_op::supports(x, weight) => {
+                norm_op::rms_norm(x, weight, *eps)
+            }
             _ => self.forward_composed(x),
         }
     }

@@ -144,8 +144,10 @@ impl MixerKind for AttentionSpec {
     }
 
     fn saved_per_token(&self, dims: &MixerDims, n: usize) -> u128 {
-        // Scores and probabilities of every key, per head.
-        8 * dims.d_model as u128 + 2 * (dims.n_heads as u128).saturating_mul(n as u128)
+        // The fused op (plain softmax) keeps each row's output and log-sum-exp; the
+        // clipped softmax keeps the scores and probabilities of every key, per head.
+        let per_key = if self.clip.is_none() { 0 } else { n as u128 };
+        8 * dims.d_model as u128 + 2 * (dims.n_heads as u128).saturating_mul(per_key.max(1))
     }
 }
 

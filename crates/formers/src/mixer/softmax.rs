@@ -7,6 +7,7 @@ use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::{MixerCache, MASKED};
+use crate::kernels::attention_op::{self, flash_attention, FlashMask};
 use crate::position::alibi_bias;
 use crate::{Error, Result};
 
@@ -74,6 +75,10 @@ fn clip_probs(p: &Tensor, c: Clip) -> Result<Tensor> {
 
 /// `softmax(q kᵀ / sqrt(dh) + mask) v` for `q [b, h, n, dh]`, `k, v [b, h, m, dh]`.
 ///
+/// f32 on the CPU (the plain softmax) runs the fused FlashAttention op
+/// ([`flash_attention`]); other types, devices and the clipped softmax run the candle path
+/// below, which keeps the same O(n·d) memory only in inference.
+///
 /// Scores exist one `q_chunk × k_chunk` tile at a time; a running max, normaliser and
 /// accumulator per query row make the result exact. The running max is detached: the
 /// output does not depend on it, so gradients stay exact and cheaper. The clipped softmax
@@ -91,6 +96,15 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttendOpts) -> Result<Tens
     {
         let s = tile_scores(&(q * (1.0 / (dh as f64).sqrt()))?, k, o.q_offset, 0, m, o)?;
         return Ok(candle_nn::ops::softmax_last_dim(&s)?.matmul(v)?);
+    }
+    if o.clip.is_none() && attention_op::supports(q) {
+        let mask = FlashMask {
+            causal: o.causal,
+            q_offset: o.q_offset,
+            key_bias: o.key_bias,
+            alibi: o.alibi,
+        };
+        return flash_attention(q, k, v, &mask);
     }
     let scale = 1.0 / (dh as f64).sqrt();
     let mut outs = Vec::with_capacity(n.div_ceil(qc));

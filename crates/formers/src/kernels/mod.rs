@@ -1,8 +1,14 @@
-//! Inference-only CPU kernels, used where a tensor carries no autodiff graph
-//! (`!t.track_op()`); training always takes the differentiable candle path, which is also
-//! the reference these kernels are tested against.
+//! CPU kernels with backward passes, used in training and inference alike for f32 on the
+//! CPU: the GELU here, exact attention (`flash`, as the candle op `attention_op`) and the
+//! norms of `norm_op`. Each is tested against the differentiable candle path it replaces.
+
+pub mod attention_op;
+pub mod flash;
+pub mod norm_op;
+pub(crate) mod simd;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use simd::{Simd, LANES};
 
 use crate::Result;
 
@@ -66,14 +72,47 @@ impl CustomOp1 for FastGeluErf {
         });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
+
+    /// `grad · gelu'(x)`, `gelu'(x) = Φ(x) + x·φ(x)`.
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let x = arg.flatten_all()?.to_vec1::<f32>()?;
+        let mut dx = grad.flatten_all()?.to_vec1::<f32>()?;
+        gelu_grad(&x, &mut dx);
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
 }
 
-/// Exact (erf) GELU: the fast kernel for f32 CPU inference, candle's `gelu_erf` otherwise.
+/// `g ← g · gelu'(x)` elementwise, eight lanes at a time.
+fn gelu_grad(x: &[f32], g: &mut [f32]) {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    simd::dispatch!(|S| {
+        for (xc, gc) in x.chunks(LANES).zip(g.chunks_mut(LANES)) {
+            let mut xs = [0f32; LANES];
+            xs[..xc.len()].copy_from_slice(xc);
+            let xv = S::load(&xs);
+            let density = S::exp(S::mul(S::mul(xv, xv), S::splat(-0.5)));
+            let mut e = [0f32; LANES];
+            S::store(&mut e, S::mul(S::mul(xv, density), S::splat(INV_SQRT_2PI)));
+            for (i, g) in gc.iter_mut().enumerate() {
+                let cdf = 0.5 * (1.0 + fast_erf(xs[i] * std::f32::consts::FRAC_1_SQRT_2));
+                *g *= cdf + e[i];
+            }
+        }
+    })
+}
+
+/// Exact (erf) GELU: the fast kernel (with its backward) for f32 on the CPU, candle's
+/// `gelu_erf` otherwise.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if x.track_op() || x.dtype() != DType::F32 || !x.device().is_cpu() {
+    if x.dtype() != DType::F32 || !x.device().is_cpu() {
         return Ok(x.gelu_erf()?);
     }
-    Ok(x.contiguous()?.apply_op1_no_bwd(&FastGeluErf)?)
+    Ok(x.contiguous()?.apply_op1(FastGeluErf)?)
 }
 
 #[cfg(test)]
@@ -107,5 +146,28 @@ mod tests {
             let g = gelu_erf(&t).unwrap().to_vec1::<f32>().unwrap()[0];
             assert!(g.is_finite(), "{v} -> {g}");
         }
+    }
+
+    #[test]
+    fn fast_gelu_gradient_matches_candle_in_f64() {
+        let xs: Vec<f32> = (0..4001).map(|i| (i as f32 - 2000.0) / 250.0).collect();
+        let x = candle_core::Var::from_vec(xs.clone(), xs.len(), &Device::Cpu).unwrap();
+        let fast = gelu_erf(&x).unwrap().sum_all().unwrap().backward().unwrap();
+        let fast = fast.get(&x).unwrap().to_vec1::<f32>().unwrap();
+        let x64 = candle_core::Var::from_tensor(&x.to_dtype(DType::F64).unwrap()).unwrap();
+        let slow = x64
+            .gelu_erf()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let slow = slow.get(&x64).unwrap().to_vec1::<f64>().unwrap();
+        let worst = fast
+            .iter()
+            .zip(&slow)
+            .map(|(a, b)| (*a as f64 - b).abs())
+            .fold(0f64, f64::max);
+        assert!(worst < 1e-6, "max error {worst}");
     }
 }
