@@ -12,6 +12,7 @@ pub mod listops;
 pub mod lra;
 pub mod mem;
 pub mod pathfinder;
+pub mod pidlock;
 pub mod plan;
 pub mod report;
 pub mod results;
