@@ -11,6 +11,8 @@ pub mod compress;
 pub mod config;
 pub mod error;
 pub mod ffn;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod generate;
 pub mod kernels;
 pub mod linear;
