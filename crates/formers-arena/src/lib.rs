@@ -6,6 +6,8 @@ pub mod adapter;
 pub mod corpus;
 pub mod exec;
 pub mod flops;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod image;
 pub mod jobdir;
 pub mod listops;

@@ -8,10 +8,13 @@
 //! checks is that it returns at all: no panic, no abort, no hang. [`mutate`] turns a valid
 //! input into a hostile one from a recipe of bytes.
 
+mod guard;
 pub mod mutate;
 #[cfg(test)]
 mod props;
 mod scratch;
+
+pub use guard::guarded;
 
 use std::path::Path;
 

@@ -1,13 +1,9 @@
 //! Bounded property tests over every loader: valid seed inputs mutated (bit flips, cuts,
 //! duplicated and deleted bytes, numbers replaced by edge cases and by values of the wrong
 //! type) and random bytes. Each case must return `Ok` or an error with a message, within
-//! [`LIMIT`]: no panic, no hang. Numbers are replaced from [`mutate::SMALL`] so that a
+//! [`LIMIT`](super::guard::LIMIT): no panic, no hang. Numbers are replaced from [`mutate::SMALL`] so that a
 //! failure points at a loader, not at a size the input legitimately asks for; the
 //! [`mutate::HUGE`] runs wait for the size bounds of issue 10 (item 2).
-
-use std::panic::{self, AssertUnwindSafe};
-use std::sync::mpsc;
-use std::time::Duration;
 
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -16,38 +12,12 @@ use proptest::test_runner::TestCaseError;
 use super::mutate::{mutate, HUGE, SMALL};
 use super::*;
 
-/// How long one case may take (a debug build, on a loaded machine).
-const LIMIT: Duration = Duration::from_secs(20);
-
-/// Runs `load` on `input` in a thread: a panic, a message-less error or a run past
-/// [`LIMIT`] fails the case, naming the input.
-pub(crate) fn check(
+/// Runs one case through [`guarded`], failing it with its message.
+fn check(
     input: &[u8],
     load: impl FnOnce(&[u8]) -> Outcome + Send + 'static,
 ) -> Result<(), TestCaseError> {
-    let shown = String::from_utf8_lossy(&input[..input.len().min(600)]).into_owned();
-    let owned = input.to_vec();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let r = panic::catch_unwind(AssertUnwindSafe(|| load(&owned)));
-        let _ = tx.send(r);
-    });
-    match rx.recv_timeout(LIMIT) {
-        Ok(Ok(Ok(()))) => Ok(()),
-        Ok(Ok(Err(msg))) if !msg.trim().is_empty() => Ok(()),
-        Ok(Ok(Err(_))) => Err(TestCaseError::fail(format!("an empty error for {shown:?}"))),
-        Ok(Err(p)) => {
-            let what = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            Err(TestCaseError::fail(format!("panic `{what}` for {shown:?}")))
-        }
-        Err(_) => Err(TestCaseError::fail(format!(
-            "no answer within {LIMIT:?} for {shown:?}"
-        ))),
-    }
+    guarded(input, load).map_err(TestCaseError::fail)
 }
 
 /// A recipe of up to `steps` mutation steps.
@@ -189,4 +159,17 @@ proptest! {
         check(&file, safetensors)?;
         check(&mutate(&run_state_seed(), &r, HUGE), run_state)?;
     }
+}
+
+/// `fuzz/seeds/run_state/state.json` is [`run_state_seed`] (written anew when
+/// `FORMERS_WRITE_SEEDS` is set).
+#[test]
+fn the_committed_run_state_seed_is_current() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fuzz/seeds/run_state/state.json");
+    let seed = run_state_seed();
+    if std::env::var_os("FORMERS_WRITE_SEEDS").is_some() {
+        std::fs::write(&path, &seed).unwrap();
+    }
+    assert_eq!(std::fs::read(&path).ok(), Some(seed), "{}", path.display());
 }
