@@ -6,12 +6,15 @@ pub mod adapter;
 pub mod corpus;
 pub mod exec;
 pub mod flops;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod image;
 pub mod jobdir;
 pub mod listops;
 pub mod lra;
 pub mod mem;
 pub mod pathfinder;
+pub mod pidlock;
 pub mod plan;
 pub mod report;
 pub mod results;

@@ -109,6 +109,11 @@ pub const FILE: &str = "results.jsonl";
 /// Reads the records of `path` (none when the file does not exist). A last line cut short
 /// by a kill is ignored; any other bad line is an error naming the file and line.
 pub fn load(path: &Path) -> Result<Vec<Record>, String> {
+    Ok(load_numbered(path)?.into_iter().map(|(_, r)| r).collect())
+}
+
+/// Like [`load`], each record with its line number (1-based).
+pub fn load_numbered(path: &Path) -> Result<Vec<(usize, Record)>, String> {
     if !formers::fsio::exists(path) {
         return Ok(Vec::new());
     }
@@ -117,22 +122,113 @@ pub fn load(path: &Path) -> Result<Vec<Record>, String> {
         formers::fsio::lines(path, formers::fsio::MAX_LINE_BYTES).map_err(|e| e.to_string())?;
     for line in lines {
         let line = line.map_err(|e| e.to_string())?;
-        if line.text.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str(&line.text) {
-            Ok(r) => out.push(r),
-            Err(_) if !line.complete => {}
-            Err(e) => {
-                return Err(format!(
-                    "{}:{}: bad record: {e}",
-                    path.display(),
-                    line.number
-                ))
-            }
+        let record = record_of(&line.text, line.complete)
+            .map_err(|e| format!("{}:{}: bad record: {e}", path.display(), line.number))?;
+        out.extend(record.map(|r| (line.number, r)));
+    }
+    Ok(out)
+}
+
+/// The record of one line: `None` for a blank line or a last line cut short by a kill
+/// (`complete == false`), an error for any other line that is not a record.
+fn record_of(text: &str, complete: bool) -> Result<Option<Record>, serde_json::Error> {
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    match serde_json::from_str(text) {
+        Ok(r) => Ok(Some(r)),
+        Err(_) if !complete => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The records of the text of a results file with their line numbers, or the first bad
+/// line and why: [`load_numbered`] on text in memory.
+pub fn parse(text: &str) -> Result<Vec<(usize, Record)>, (usize, serde_json::Error)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        let complete = i + 1 < lines.len() || text.ends_with('\n');
+        if let Some(r) = record_of(line, complete).map_err(|e| (i + 1, e))? {
+            out.push((i + 1, r));
         }
     }
     Ok(out)
+}
+
+/// A key stored on more than one line (two arena processes in one directory before it was
+/// locked, or lines appended by hand).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Duplicate {
+    pub key: String,
+    /// The lines holding it, ascending; the first is the record kept.
+    pub lines: Vec<usize>,
+}
+
+/// The records of a results file, one per key, and the keys it holds more than once.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Unique {
+    /// The first record of each key, in file order.
+    pub records: Vec<Record>,
+    pub duplicates: Vec<Duplicate>,
+}
+
+impl Unique {
+    /// Keeps the first record of each key of `numbered` (records with line numbers).
+    pub fn new(numbered: Vec<(usize, Record)>) -> Unique {
+        let mut lines: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        let mut records = Vec::with_capacity(numbered.len());
+        for (line, r) in numbered {
+            let seen = lines.entry(r.key()).or_default();
+            if seen.is_empty() {
+                records.push(r);
+            }
+            seen.push(line);
+        }
+        let duplicates = lines
+            .into_iter()
+            .filter(|(_, l)| l.len() > 1)
+            .map(|(key, lines)| Duplicate { key, lines })
+            .collect();
+        Unique {
+            records,
+            duplicates,
+        }
+    }
+
+    /// One line saying which keys `file` holds twice and that the first record of each
+    /// counts; `None` when every key is stored once.
+    pub fn duplicates_note(&self, file: &Path) -> Option<String> {
+        const SHOWN: usize = 5;
+        if self.duplicates.is_empty() {
+            return None;
+        }
+        let mut listed: Vec<String> = self
+            .duplicates
+            .iter()
+            .take(SHOWN)
+            .map(|d| {
+                let lines: Vec<String> = d.lines.iter().map(|l| l.to_string()).collect();
+                format!("`{}` (lines {})", d.key, lines.join(", "))
+            })
+            .collect();
+        if self.duplicates.len() > SHOWN {
+            listed.push(format!("and {} more", self.duplicates.len() - SHOWN));
+        }
+        Some(format!(
+            "{} holds {} job key(s) more than once: {}; only the first record of each is \
+             reported.",
+            file.display(),
+            self.duplicates.len(),
+            listed.join(", ")
+        ))
+    }
+}
+
+/// Reads `path` like [`load`], keeping the first record of each key and listing the keys
+/// stored more than once.
+pub fn load_unique(path: &Path) -> Result<Unique, String> {
+    Ok(Unique::new(load_numbered(path)?))
 }
 
 /// Appends `record` as one line and syncs it to disk before returning; a symbolic link or

@@ -1,11 +1,17 @@
 //! The arena loop: keeps a shard of the plan, skips jobs already in the results store, runs
 //! the rest (in this process or in workers) and appends each record the moment it finishes.
 //! Planning is [`crate::plan`], running one job [`crate::exec`], workers [`crate::worker`].
+//!
+//! One arena process at a time runs in a directory: [`run_arena`] holds the directory's
+//! [`LOCK_FILE`] (a [`PidLock`]) from before it reads anything until it returns, and a
+//! second process is refused at once with the first one's pid. Reading a directory (the
+//! report, `merge`) needs no lock.
 
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use crate::pidlock::{holder, LockError, PidLock};
 use crate::results::{self, Record, Skipped};
 
 pub use crate::exec::{configure, run_job, Event, Tasks};
@@ -38,9 +44,30 @@ pub struct Outcome {
     pub records: Vec<Record>,
 }
 
+/// The lock file of an arena directory, held by the arena process running in it.
+pub const LOCK_FILE: &str = "arena.lock";
+
+/// Locks arena directory `out` for this process (created if needed), or says which process
+/// runs in it: `out is in use by process 1234, another arena (lock out/arena.lock)`.
+pub fn lock_dir(out: &Path) -> Result<PidLock, String> {
+    fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let path = out.join(LOCK_FILE);
+    PidLock::acquire_within(&path, std::time::Duration::ZERO).map_err(|e| match e {
+        LockError::Held(pid) => format!(
+            "{} is in use by {}, another arena (lock {}); wait for it to finish or use \
+             another directory",
+            out.display(),
+            holder(pid),
+            path.display()
+        ),
+        LockError::Io(e) => e,
+    })
+}
+
 /// Runs the shard of `opts` into arena directory `out` (`results.jsonl` plus run
 /// directories), with `exec` running each job (in this process or a worker process);
-/// `tasks` are opened here to find which can run.
+/// `tasks` are opened here to find which can run. Holds `out`'s [`LOCK_FILE`] throughout,
+/// refuses a directory of another suite and saves `opts` into it.
 pub fn run_arena(
     opts: &Options,
     out: &Path,
@@ -52,7 +79,18 @@ pub fn run_arena(
     if n == 0 || i == 0 || i > n {
         return Err(format!("shard {i}/{n}: expected i/N with 1 ≤ i ≤ N"));
     }
-    fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let _lock = lock_dir(out)?;
+    if let Some(prev) = load_options(out) {
+        if prev.suite != opts.suite {
+            return Err(format!(
+                "{} holds a {} arena; use another --out for the {} suite",
+                out.display(),
+                prev.suite.setting.name(),
+                opts.suite.setting.name()
+            ));
+        }
+    }
+    save_options(opts, out)?;
     let store = out.join(results::FILE);
     let mut records = results::load(&store)?;
     let mut done: BTreeSet<String> = records.iter().map(Record::key).collect();

@@ -690,3 +690,95 @@ fn a_rerun_waits_for_a_live_owner_and_never_mixes_two_attempts_files() {
     runner::run_job(&job, &opts, &tasks, &work, &mut |_| {}).unwrap();
     clean(&run_dir);
 }
+
+/// A process that exited (its pid is dead, and reaped).
+#[cfg(unix)]
+fn dead_pid() -> u32 {
+    let mut dead = std::process::Command::new("true").spawn().unwrap();
+    dead.wait().unwrap();
+    dead.id()
+}
+
+#[cfg(unix)]
+#[test]
+fn a_second_arena_on_a_directory_is_refused_and_a_dead_ones_lock_taken_over() {
+    use std::process::Command;
+
+    let mut opts = options(&["listops"], &["vanilla"], 1, 2);
+    opts.speed = false;
+    let dir = TempDir::new("dirlock");
+    fs::create_dir_all(dir.path()).unwrap();
+    let lock = dir.path().join(runner::LOCK_FILE);
+    let mut exec = |job: &Job| Ok(stand_in(job, &opts));
+
+    // Another arena lives and holds the directory: refused at once, naming it, nothing run.
+    let mut first = Command::new("sleep").arg("30").spawn().unwrap();
+    fs::write(&lock, format!("{}\n", first.id())).unwrap();
+    let err =
+        runner::run_arena(&opts, dir.path(), &Tasks::default(), &mut exec, &mut Quiet).unwrap_err();
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(err.contains(&format!("process {}", first.id())), "{err}");
+    assert!(err.contains(&lock.display().to_string()), "{err}");
+    assert!(!err.contains('\n'), "not one line: {err}");
+    assert!(!dir.store().exists(), "the refused arena wrote results");
+
+    // Its owner died (a kill leaves the lock): taken over, and removed at the end.
+    fs::write(&lock, format!("{}\n", dead_pid())).unwrap();
+    let out =
+        runner::run_arena(&opts, dir.path(), &Tasks::default(), &mut exec, &mut Quiet).unwrap();
+    assert_eq!(out.ran, 1);
+    assert!(!lock.exists(), "the lock outlived the arena");
+
+    // While an arena runs, its directory is locked with its pid.
+    let mut seen = None;
+    let mut exec = |job: &Job| {
+        seen = jobdir::owner(&lock);
+        Ok(stand_in(job, &opts))
+    };
+    let mut o = opts.clone();
+    o.seeds = 2;
+    runner::run_arena(&o, dir.path(), &Tasks::default(), &mut exec, &mut Quiet).unwrap();
+    assert_eq!(seen, Some(std::process::id()));
+}
+
+#[test]
+fn a_report_flags_a_key_stored_twice_and_reports_its_first_record() {
+    let dir = TempDir::new("dup-report");
+    fs::create_dir_all(dir.path()).unwrap();
+    let store = dir.store();
+    let first = fake_run("listops", 0);
+    let Record::Run(mut again) = first.clone() else {
+        unreachable!()
+    };
+    again.test_accuracy = 0.9;
+    for r in [&first, &fake_run("text", 0), &Record::Run(again)] {
+        results::append(&store, r).unwrap();
+    }
+    let unique = results::load_unique(&store).unwrap();
+    assert_eq!(unique.records.len(), 2);
+    assert_eq!(unique.records[0], first, "the first record is kept");
+    assert_eq!(
+        unique.duplicates,
+        [results::Duplicate {
+            key: first.key(),
+            lines: vec![1, 3]
+        }]
+    );
+
+    let written = report::write_dir(dir.path()).unwrap();
+    assert_eq!(written.warnings.len(), 1, "{:?}", written.warnings);
+    let w = &written.warnings[0];
+    assert!(w.contains(&first.key()) && w.contains("lines 1, 3"), "{w}");
+    let md = fs::read_to_string(dir.path().join("report/report.md")).unwrap();
+    assert!(md.contains("lines 1, 3"), "the page does not flag it");
+    assert!(
+        md.contains("50.00") && !md.contains("90.00"),
+        "not the first record:\n{md}"
+    );
+
+    // A store with each key once has nothing to flag.
+    fs::remove_file(&store).unwrap();
+    results::append(&store, &first).unwrap();
+    assert!(report::write_dir(dir.path()).unwrap().warnings.is_empty());
+}

@@ -382,18 +382,6 @@ fn run_arena(a: RunArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| Path::new("arena").join(opts.suite.setting.name()));
     let started = Instant::now();
-    fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    if let Some(prev) = runner::load_options(&out) {
-        if prev.suite != opts.suite {
-            bail!(
-                "{} holds a {} arena; use another --out for the {} suite",
-                out.display(),
-                prev.suite.setting.name(),
-                opts.suite.setting.name()
-            );
-        }
-    }
-    runner::save_options(&opts, &out).map_err(|e| anyhow!(e))?;
     let mut bars = Bars::new();
     let view = JobView::new(bars.job.clone());
     let work = out.join("runs");
@@ -455,18 +443,14 @@ fn run_worker(job: &Job, opts: &Options, work: &Path, view: &JobView) -> Result<
     worker::run(cmd, &order, &mut |e| view.event(e))
 }
 
-/// Writes `dir/report/` from `dir`'s results; returns the HTML page's path.
+/// Writes `dir/report/` from `dir`'s results, warning of keys stored twice; returns the HTML
+/// page's path.
 fn write_report(dir: &Path) -> Result<PathBuf> {
-    let store = dir.join(results::FILE);
-    if !store.exists() {
-        bail!("{}: no arena results here", store.display());
+    let written = report::write_dir(dir).map_err(|e| anyhow!(e))?;
+    for w in &written.warnings {
+        eprintln!("warning: {w}");
     }
-    let records = results::load(&store).map_err(|e| anyhow!(e))?;
-    let opts = runner::load_options(dir);
-    let meta = report::report_meta(opts.as_ref(), &records);
-    let out = dir.join("report");
-    report::write_report(&records, &meta, &out)
-        .with_context(|| format!("writing the report into {}", out.display()))
+    Ok(written.index)
 }
 
 fn merge(m: MergeArgs) -> Result<()> {

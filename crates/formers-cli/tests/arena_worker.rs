@@ -136,3 +136,40 @@ fn a_worker_stops_when_its_arena_is_killed_and_the_rerun_starts_clean() {
     );
     let _ = fs::remove_dir_all(&out);
 }
+
+#[test]
+fn a_second_arena_on_the_same_directory_is_refused_naming_the_first() {
+    let out = tmp("arena-twice");
+    let lock = out.join("arena.lock");
+    let mut first = arena(&out, "100000").spawn().unwrap();
+    let start = Instant::now();
+    while fs::read_to_string(&lock).ok().map(|s| s.trim().to_string())
+        != Some(first.id().to_string())
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the first arena took no lock"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = arena(&out, "3").stderr(Stdio::piped()).output().unwrap();
+    let refused_in = start.elapsed();
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "the second arena ran: {stderr}");
+    assert!(
+        stderr.contains(&format!("process {}", first.id()))
+            && stderr.contains(&lock.display().to_string()),
+        "{stderr}"
+    );
+    assert!(refused_in < Duration::from_secs(60), "not refused at once");
+    let results = fs::read_to_string(out.join("results.jsonl")).unwrap_or_default();
+    assert!(
+        results.is_empty(),
+        "the second arena wrote results: {results}"
+    );
+    // Workers of the killed first arena stop on their own; give them a moment, then clean.
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = fs::remove_dir_all(&out);
+}

@@ -12,6 +12,8 @@ pub mod config;
 pub mod error;
 pub mod ffn;
 pub mod fsio;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod generate;
 pub mod kernels;
 pub mod limits;

@@ -1,7 +1,9 @@
 //! The arena report, laid out like Long Range Arena (Tay et al., ICLR 2021) Tables 1–2 and Figure 3.
 //!
 //! Everything is built from a set of [`Record`]s and depends only on that set, not on record
-//! order: Markdown tables, SVG charts and one self-contained HTML page.
+//! order: Markdown tables, SVG charts and one self-contained HTML page. [`write_dir`] reports
+//! an arena directory; a job key stored twice in its `results.jsonl` is flagged on the page
+//! and returned as a warning, and the first record of the key is the one reported.
 
 mod agg;
 mod charts;
@@ -12,7 +14,7 @@ mod tables;
 
 use std::path::{Path, PathBuf};
 
-use crate::results::Record;
+use crate::results::{self, Record};
 
 pub use agg::BASELINE;
 pub use charts::Chart;
@@ -112,6 +114,34 @@ pub fn write_report(records: &[Record], meta: &ReportMeta, dir: &Path) -> std::i
     let index = dir.join("index.html");
     std::fs::write(&index, doc.html())?;
     Ok(index)
+}
+
+/// A report written from an arena directory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Written {
+    /// `report/index.html`.
+    pub index: PathBuf,
+    /// What the page notes and the caller should also say (a key stored twice).
+    pub warnings: Vec<String>,
+}
+
+/// Writes `dir/report/` from `dir`'s results and options (no lock needed: it only reads
+/// them). Keys stored more than once are reported once (their first record) and named in a
+/// note at the top of the page and in [`Written::warnings`].
+pub fn write_dir(dir: &Path) -> Result<Written, String> {
+    let store = dir.join(results::FILE);
+    if !store.exists() {
+        return Err(format!("{}: no arena results here", store.display()));
+    }
+    let unique = results::load_unique(&store)?;
+    let opts = crate::plan::load_options(dir);
+    let mut meta = report_meta(opts.as_ref(), &unique.records);
+    let warnings: Vec<String> = unique.duplicates_note(&store).into_iter().collect();
+    meta.notes.splice(0..0, warnings.iter().cloned());
+    let out = dir.join("report");
+    let index = write_report(&unique.records, &meta, &out)
+        .map_err(|e| format!("writing the report into {}: {e}", out.display()))?;
+    Ok(Written { index, warnings })
 }
 
 #[cfg(test)]

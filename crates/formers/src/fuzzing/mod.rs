@@ -1,0 +1,167 @@
+//! Every loader fed arbitrary bytes: one function per kind of input file, shared by the
+//! cargo-fuzz targets in `fuzz/` and the bounded property tests in this module (compiled
+//! with the `fuzzing` feature, and for this crate's tests).
+//!
+//! Each function puts the bytes where the loader reads them, next to valid fixture files
+//! when the loader reads a directory (the tiny BERT and GPT-2 of `tests/fixtures`, a tiny run
+//! directory), runs the public loader and returns `Ok` or its error as text. What a caller
+//! checks is that it returns at all: no panic, no abort, no hang. [`mutate`] turns a valid
+//! input into a hostile one from a recipe of bytes.
+
+mod guard;
+pub mod mutate;
+#[cfg(test)]
+mod props;
+mod scratch;
+
+pub use guard::guarded;
+
+use std::path::Path;
+
+use crate::config::RunConfig;
+use crate::pretrained;
+use crate::tasks;
+use crate::train::{checkpoint, RunDir, Start, Trainer};
+use scratch::Scratch;
+
+/// The files of a Hugging Face checkpoint directory.
+#[derive(Debug, Clone, Copy)]
+pub struct Fixture {
+    pub name: &'static str,
+    pub config: &'static [u8],
+    pub weights: &'static [u8],
+    pub tokenizer: &'static [u8],
+}
+
+/// `tests/fixtures/tiny-bert`.
+pub const TINY_BERT: Fixture = Fixture {
+    name: "tiny-bert",
+    config: include_bytes!("../../../../tests/fixtures/tiny-bert/config.json"),
+    weights: include_bytes!("../../../../tests/fixtures/tiny-bert/model.safetensors"),
+    tokenizer: include_bytes!("../../../../tests/fixtures/tiny-bert/tokenizer.json"),
+};
+
+/// `tests/fixtures/tiny-gpt2`.
+pub const TINY_GPT2: Fixture = Fixture {
+    name: "tiny-gpt2",
+    config: include_bytes!("../../../../tests/fixtures/tiny-gpt2/config.json"),
+    weights: include_bytes!("../../../../tests/fixtures/tiny-gpt2/model.safetensors"),
+    tokenizer: include_bytes!("../../../../tests/fixtures/tiny-gpt2/tokenizer.json"),
+};
+
+/// What a loader said: `Ok`, or its error message.
+pub type Outcome = Result<(), String>;
+
+fn text<E: std::fmt::Display>(r: Result<impl Sized, E>) -> Outcome {
+    r.map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// `fixture`'s directory with `replace` (file name, bytes) written over one of its files,
+/// loaded with [`pretrained::load`].
+fn load_with(fixture: &Fixture, file: &str, bytes: &[u8]) -> Outcome {
+    let dir = Scratch::new();
+    dir.write("config.json", fixture.config);
+    dir.write("model.safetensors", fixture.weights);
+    dir.write("tokenizer.json", fixture.tokenizer);
+    dir.write(file, bytes);
+    text(pretrained::load(dir.path()))
+}
+
+/// A safetensors file as a pretrained checkpoint's `model.safetensors` (memory-mapped, read
+/// through the BERT naming) and as a formers checkpoint's tensors (read whole).
+pub fn safetensors(bytes: &[u8]) -> Outcome {
+    let pretrained = load_with(&TINY_BERT, "model.safetensors", bytes);
+    let dir = Scratch::new();
+    let path = dir.write("model.safetensors", bytes);
+    let own = text(checkpoint::read_tensors(&path));
+    match (pretrained, own) {
+        (Ok(()), Ok(())) => Ok(()),
+        (a, b) => Err(format!("pretrained: {a:?}; checkpoint: {b:?}")),
+    }
+}
+
+/// A Hugging Face `config.json` in `fixture`'s directory.
+pub fn hf_config(fixture: &Fixture, bytes: &[u8]) -> Outcome {
+    load_with(fixture, "config.json", bytes)
+}
+
+/// The largest vocabulary [`tokenizer`] lets a tokenizer have.
+pub const TOKENIZER_VOCAB: usize = 1 << 16;
+
+/// A `tokenizer.json`, loaded and then used to encode and decode a sample text.
+pub fn tokenizer(bytes: &[u8]) -> Outcome {
+    const SAMPLE: &str = "Hello, world! Ünïcode, 12 345 tabs\tand\nnewlines, [CLS] <|endoftext|>";
+    let dir = Scratch::new();
+    let path = dir.write("tokenizer.json", bytes);
+    let tok = pretrained::load_tokenizer(&path, TOKENIZER_VOCAB).map_err(|e| e.to_string())?;
+    let ids = pretrained::encode(&tok, SAMPLE, true).map_err(|e| e.to_string())?;
+    text(pretrained::decode(&tok, &ids))
+}
+
+/// The two formats of a formers config file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Toml,
+}
+
+/// A formers run config (model and training), parsed and validated.
+pub fn run_config(format: Format, bytes: &[u8]) -> Outcome {
+    match format {
+        Format::Json => {
+            let s = std::str::from_utf8(bytes).map_err(|e| e.to_string())?;
+            text(RunConfig::from_json(s))
+        }
+        Format::Toml => {
+            let dir = Scratch::new();
+            text(RunConfig::from_path(&dir.write("run.toml", bytes)))
+        }
+    }
+}
+
+/// The tiny run that [`run_state`] resumes (a causal copy task).
+pub const TINY_RUN: &str = r#"{
+  "model": {
+    "d_model": 8, "n_heads": 2, "n_layers": 1, "max_len": 8, "causal": true,
+    "input": {"kind": "tokens", "vocab_size": 8},
+    "head": {"kind": "lm", "tied": true}
+  },
+  "train": {"steps": 4, "batch_size": 2, "seq_len": 8, "eval_every": 2, "checkpoint_every": 2}
+}"#;
+
+/// The task of [`TINY_RUN`].
+pub const TINY_TASK: &str = "copy";
+
+/// The run directory of [`TINY_RUN`] with its first checkpoint (saved after one step: a
+/// checkpoint of step 0 is refused on resume).
+fn tiny_run(run: &RunConfig, task: &dyn tasks::Task) -> Result<Scratch, String> {
+    let out = Scratch::new();
+    let mut trainer = Trainer::new(run, task).map_err(|e| e.to_string())?;
+    RunDir::open(out.path(), &mut trainer, Start::New).map_err(|e| e.to_string())?;
+    trainer.step().map_err(|e| e.to_string())?;
+    trainer.save(out.path()).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+fn tiny_config() -> (RunConfig, Box<dyn tasks::Task>) {
+    let run = RunConfig::from_json(TINY_RUN).expect("the tiny run is valid");
+    let task = tasks::by_name(TINY_TASK, &run.model, &run.train).expect("the tiny task exists");
+    (run, task)
+}
+
+/// The `state.json` of [`TINY_RUN`]'s checkpoint: the valid input [`run_state`] starts from.
+pub fn run_state_seed() -> Vec<u8> {
+    let (run, task) = tiny_config();
+    let out = tiny_run(&run, task.as_ref()).expect("the tiny run saves");
+    std::fs::read(out.path().join(checkpoint::DIR).join("state.json")).expect("its state")
+}
+
+/// A checkpoint's `state.json`, resumed from: the run directory of [`TINY_RUN`] with its
+/// checkpoint (weights and optimizer state as saved), and `bytes` as the state.
+pub fn run_state(bytes: &[u8]) -> Outcome {
+    let (run, task) = tiny_config();
+    let out = tiny_run(&run, task.as_ref())?;
+    out.write(Path::new(checkpoint::DIR).join("state.json"), bytes);
+    let mut trainer = Trainer::new(&run, task.as_ref()).map_err(|e| e.to_string())?;
+    text(RunDir::open(out.path(), &mut trainer, Start::Resume))
+}

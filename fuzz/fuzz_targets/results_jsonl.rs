@@ -1,0 +1,6 @@
+//! `results_jsonl`: see fuzz/README.md. Every input must end in Ok or an error, never a panic.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = formers_arena::fuzzing::results_jsonl(data);
+});

@@ -1,0 +1,6 @@
+//! `tokenizer`: see fuzz/README.md. Every input must end in Ok or an error, never a panic.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = formers::fuzzing::tokenizer(data);
+});
