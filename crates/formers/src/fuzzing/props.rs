@@ -173,3 +173,16 @@ fn the_committed_run_state_seed_is_current() {
     }
     assert_eq!(std::fs::read(&path).ok(), Some(seed), "{}", path.display());
 }
+
+#[test]
+fn fixed_fuzz_findings_stay_fixed() {
+    let failed = replay_regressions(TARGETS, false);
+    assert!(failed.is_empty(), "{failed:#?}");
+}
+
+#[test]
+#[ignore = "waits for issue 10 items 1-2 (layer counts, size bounds before allocating)"]
+fn open_fuzz_findings() {
+    let failed = replay_regressions(TARGETS, true);
+    assert!(failed.is_empty(), "{failed:#?}");
+}

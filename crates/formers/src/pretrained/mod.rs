@@ -119,7 +119,10 @@ pub fn load_tokenizer(path: &Path, vocab_size: usize) -> Result<Tokenizer> {
             std::io::Error::from(std::io::ErrorKind::NotFound),
         ));
     }
-    let mut tok = Tokenizer::from_file(path)
+    // Parsed as JSON first: `tokenizers` panics on a syntax error inside `decoder`
+    // (fuzz/regressions/tokenizer/decoder-syntax-error.json); a parsed value cannot have one.
+    let json = read_json(path)?;
+    let mut tok: Tokenizer = serde_json::from_value(json)
         .map_err(|e| checkpoint_error(path, format!("unreadable tokenizer: {e}")))?;
     tok.with_padding(None);
     tok.with_truncation(None)
