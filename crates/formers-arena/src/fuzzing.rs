@@ -46,6 +46,13 @@ mod tests {
     }
 
     #[test]
+    fn fixed_fuzz_findings_stay_fixed() {
+        let failed =
+            formers::fuzzing::replay_regressions(&[("results_jsonl", results_jsonl)], false);
+        assert!(failed.is_empty(), "{failed:#?}");
+    }
+
+    #[test]
     fn the_seed_loads_with_its_duplicate() {
         let records = results::parse(RESULTS_SEED).unwrap();
         assert_eq!(Unique::new(records).duplicates.len(), 1);

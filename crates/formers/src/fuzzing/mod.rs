@@ -49,6 +49,48 @@ pub const TINY_GPT2: Fixture = Fixture {
     tokenizer: include_bytes!("../../../../tests/fixtures/tiny-gpt2/tokenizer.json"),
 };
 
+/// A loader fed bytes.
+pub type Loader = fn(&[u8]) -> Outcome;
+
+/// The function of each fuzz target of this crate, by the target's name in `fuzz/`.
+pub const TARGETS: &[(&str, Loader)] = &[
+    ("safetensors", safetensors),
+    ("bert_config", |b| hf_config(&TINY_BERT, b)),
+    ("gpt2_config", |b| hf_config(&TINY_GPT2, b)),
+    ("tokenizer", tokenizer),
+    ("config_json", |b| run_config(Format::Json, b)),
+    ("config_toml", |b| run_config(Format::Toml, b)),
+    ("run_state", run_state),
+];
+
+/// Replays the reproducers in `fuzz/regressions/<target>/` of `targets` through [`guarded`]:
+/// those whose name starts with `waits-` (a finding whose fix is still open) only when
+/// `waiting`, the others only when not. Returns the failures, one line each.
+pub fn replay_regressions(targets: &[(&str, Loader)], waiting: bool) -> Vec<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/regressions");
+    let mut failures = Vec::new();
+    for (name, load) in targets {
+        let Ok(files) = std::fs::read_dir(root.join(name)) else {
+            continue;
+        };
+        for file in files.flatten() {
+            let waits = file.file_name().to_string_lossy().starts_with("waits-");
+            if waits != waiting {
+                continue;
+            }
+            let bytes = std::fs::read(file.path()).expect("a reproducer");
+            if let Err(e) = guarded(&bytes, *load) {
+                failures.push(format!(
+                    "{}: {}",
+                    file.path().display(),
+                    e.lines().next().unwrap_or("")
+                ));
+            }
+        }
+    }
+    failures
+}
+
 /// What a loader said: `Ok`, or its error message.
 pub type Outcome = Result<(), String>;
 

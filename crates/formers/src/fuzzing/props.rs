@@ -174,10 +174,14 @@ fn the_committed_run_state_seed_is_current() {
     assert_eq!(std::fs::read(&path).ok(), Some(seed), "{}", path.display());
 }
 
-/// Inputs that once crashed a loader (found by `cargo fuzz`, kept in `fuzz/regressions/`).
 #[test]
-fn the_fuzz_regressions_are_errors() {
-    let bad = include_bytes!("../../../../fuzz/regressions/tokenizer/decoder-syntax-error.json");
-    // The tokenizers crate panicked here (an `expect` in its decoder deserializer).
-    assert!(tokenizer(bad).is_err());
+fn fixed_fuzz_findings_stay_fixed() {
+    let failed = replay_regressions(TARGETS, false);
+    assert!(failed.is_empty(), "{failed:#?}");
+}
+
+#[test]
+fn open_fuzz_findings() {
+    let failed = replay_regressions(TARGETS, true);
+    assert!(failed.is_empty(), "{failed:#?}");
 }

@@ -132,18 +132,12 @@ fn build(
 /// over-long inputs are reported, not cut silently).
 pub fn load_tokenizer(path: &Path, vocab_size: usize) -> Result<Tokenizer> {
     let bytes = crate::fsio::read_limited(path, crate::fsio::MAX_TOKENIZER_BYTES, "a tokenizer")?;
-    // The tokenizers crate panics on some malformed files (an `expect` in its decoder
-    // deserializer, found by fuzzing): contain it and report the file.
-    let parsed = std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes)).map_err(|p| {
-        let why = p
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
-        checkpoint_error(path, format!("unreadable tokenizer (malformed: {why})"))
-    })?;
-    let mut tok =
-        parsed.map_err(|e| checkpoint_error(path, format!("unreadable tokenizer: {e}")))?;
+    // Parsed as JSON first: `tokenizers` panics on a syntax error inside `decoder`
+    // (fuzz/regressions/tokenizer/decoder-syntax-error.json); a parsed value cannot have one.
+    let json: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| checkpoint_error(path, format!("unreadable tokenizer: {e}")))?;
+    let mut tok: Tokenizer = serde_json::from_value(json)
+        .map_err(|e| checkpoint_error(path, format!("unreadable tokenizer: {e}")))?;
     tok.with_padding(None);
     tok.with_truncation(None)
         .map_err(|e| checkpoint_error(path, format!("cannot turn truncation off: {e}")))?;
