@@ -7,10 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
 use formers::config::{HeadSpec, InputSpec, ModelConfig, Pooling, RunConfig};
-use formers::rng::Rng;
-use formers::tasks::{Batch, Task};
+use formers::tasks::{RandomTokens, Task};
 use formers::train::trainer::{EvalReport, StepReport};
 use formers::train::{Observer, RunDir, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
@@ -286,35 +284,23 @@ fn thin(curve: Vec<(usize, f32)>, max: usize) -> Vec<(usize, f32)> {
         .collect()
 }
 
-/// Random bytes with random binary labels: what a speed measurement trains on (the cost
-/// of a step does not depend on the data).
-struct RandomBytes {
-    len: usize,
-}
-
-impl Task for RandomBytes {
-    fn name(&self) -> &str {
-        "random-bytes"
-    }
-    fn train_batch(&self, rng: &mut Rng, b: usize) -> formers::Result<Batch> {
-        let ids: Vec<u32> = (0..b * self.len).map(|_| rng.below(256) as u32).collect();
-        let labels: Vec<u32> = (0..b).map(|_| rng.below(2) as u32).collect();
-        Ok(Batch {
-            inputs: Tensor::from_vec(ids, (b, self.len), &Device::Cpu)?,
-            targets: Tensor::from_vec(labels, b, &Device::Cpu)?,
-            weights: None,
-            mask: None,
-            tokens: b * self.len,
-        })
-    }
-    fn eval_batch(&self, rng: &mut Rng, b: usize) -> formers::Result<Batch> {
-        self.train_batch(rng, b)
-    }
-}
-
 /// Steps timed per speed measurement, after warm-up steps.
 pub const SPEED_STEPS: usize = 5;
 pub const SPEED_WARMUP: usize = 2;
+
+/// The run a speed measurement of `variant` at `length` trains for `steps` steps: the
+/// suite's model with byte ids, `length` positions and a 2-class mean-pooled head, batch
+/// `suite.speed_batch` (also what `formers bench train --arena-variant` measures).
+pub fn speed_run(variant: &Variant, suite: &SuiteSpec, length: usize, steps: usize) -> RunConfig {
+    let mut train = train_config(suite, steps, length, 0);
+    train.batch_size = suite.speed_batch;
+    train.eval_every = steps;
+    train.eval_batches = 1;
+    RunConfig {
+        model: configure(variant, suite, 256, length, 2),
+        train,
+    }
+}
 
 fn speed(
     opts: &Options,
@@ -324,15 +310,8 @@ fn speed(
 ) -> Result<Record, String> {
     let suite = &opts.suite;
     let steps = SPEED_WARMUP + SPEED_STEPS;
-    let mut train = train_config(suite, steps, length, 0);
-    train.batch_size = suite.speed_batch;
-    train.eval_every = steps;
-    train.eval_batches = 1;
-    let run = RunConfig {
-        model: configure(variant, suite, 256, length, 2),
-        train,
-    };
-    let data = RandomBytes { len: length };
+    let run = speed_run(variant, suite, length, steps);
+    let data = RandomTokens::for_model(&run.model, length).map_err(|e| e.to_string())?;
     mem::reset_peak();
     events(Event::Start { steps });
     let mut timer = Timer::new(events);

@@ -3,8 +3,8 @@
 //! Every subcommand uses one harness: it lists its measurements as [`Job`]s, and
 //! [`measure_each`] runs each one in its own `formers bench measure` process (a fresh
 //! allocator, so the peak resident memory is that job's own) and collects the JSON rows the
-//! child prints. The PyTorch baseline of `bench embed` is another process read the same way
-//! ([`rows_of`]).
+//! child prints. The PyTorch baselines of `bench embed` and `bench train` are other
+//! processes read the same way ([`rows_of`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,11 +12,15 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
-use clap::{Args, Subcommand};
+use clap::{ArgGroup, Args, Subcommand};
+use formers::config::RunConfig;
 use formers::limits::Limits;
 use formers::mixer::softmax::{attend, reference_attend, AttendOpts};
 use formers::rng::Rng;
-use formers_arena::mem;
+use formers::tasks::RandomTokens;
+use formers::train::Trainer;
+use formers_arena::suite::SuiteSpec;
+use formers_arena::{exec, mem, variants, Setting};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -31,6 +35,24 @@ pub enum BenchCommand {
     Embed(EmbedArgs),
     /// Forward+backward time and peak memory of each token mixer, relative to exact attention.
     Mixers(MixersArgs),
+    /// Steps/s and peak memory of one training step of a model at several lengths (optionally
+    /// against PyTorch).
+    ///
+    /// One step is what `formers train` does per step: forward, loss, backward, gradient
+    /// clipping (if the config's `train.clip_norm` is set) and AdamW, here on random token
+    /// batches of each length (drawn from a fixed seed; the cost does not depend on the data).
+    /// Each length runs in its own process: `--warmup` untimed steps, then `--steps` timed
+    /// ones; the median step time gives steps/s, and the peak resident memory is that
+    /// process's (`peak - base` is what the steps added to the built model).
+    ///
+    /// The model is a run config (`--config configs/charlm.json`: lengths up to its
+    /// `model.max_len`) or the arena's model of a variant exactly as its speed jobs train it
+    /// (`--arena-variant vanilla`: the suite's size, byte ids, `max_len` = the length, a
+    /// 2-class mean-pooled head, batch 4 in the lite suite). `--torch
+    /// scripts/bench_train_torch.py` runs the same architecture in PyTorch on the same shapes
+    /// (each length in its own python process, which refuses what it does not implement and
+    /// checks the parameter count) and prints the ratios.
+    Train(TrainArgs),
     /// One measurement (run by the other bench commands in a child process, for a clean peak RSS).
     #[command(hide = true)]
     Measure(MeasureArgs),
@@ -75,6 +97,47 @@ pub struct MixersArgs {
     #[arg(long, default_value_t = 2)]
     pub repeats: usize,
     /// Also write `[{mixer, length, seconds, peak_bytes}]` to this file
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+/// Flags of `formers bench train`.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("model").required(true).args(["config", "arena_variant"])))]
+pub struct TrainArgs {
+    /// A run config (JSON or TOML, e.g. configs/charlm.json): its model, optimizer and
+    /// clipping; each length becomes `train.seq_len` and must be at most `model.max_len`
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Instead of --config: the arena's model of this variant (`vanilla`, another shipped
+    /// name or a variant .json), as the arena's speed jobs build and train it
+    #[arg(long, value_name = "VARIANT")]
+    pub arena_variant: Option<String>,
+    /// Suite of --arena-variant (its model size and batch): lite or full
+    #[arg(long, default_value = "lite", requires = "arena_variant")]
+    pub suite: String,
+    /// Sequence lengths, comma-separated (each in its own process)
+    #[arg(long, value_delimiter = ',', default_value = "256,512,1024")]
+    pub lengths: Vec<usize>,
+    /// Sequences per step [default: the config's train.batch_size, or the suite's speed
+    /// batch with --arena-variant]
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Untimed steps before the timed ones
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Timed steps per length (the median is reported)
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Compute threads (sets RAYON_NUM_THREADS for formers, torch.set_num_threads for PyTorch)
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Also run this PyTorch script on the same model and shapes and print the ratios (needs
+    /// python3 with torch; e.g. scripts/bench_train_torch.py)
+    #[arg(long, value_name = "SCRIPT")]
+    pub torch: Option<PathBuf>,
+    /// Also write the rows (`impl, length, batch, steps_per_s, peak_rss_bytes, ...`) as a JSON
+    /// array to this file
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
 }
@@ -201,6 +264,16 @@ pub enum Job {
         batch_size: usize,
         threads: usize,
     },
+    /// Training steps of a model at one length and batch size.
+    Train {
+        /// What is trained (a config path or an arena variant), for the rows.
+        model: String,
+        /// The resolved run: `train.seq_len` is the length, `train.batch_size` the batch.
+        run: Box<RunConfig>,
+        warmup: usize,
+        steps: usize,
+        threads: usize,
+    },
 }
 
 /// The JSON rows `cmd` prints on stdout, one object per line (other lines are ignored); a
@@ -233,7 +306,7 @@ fn measure_each(
         pb.set_message(label.clone());
         let mut cmd = Command::new(&exe);
         cmd.args(["bench", "measure", "--job", &serde_json::to_string(job)?]);
-        if let Job::Embed { threads, .. } = job {
+        if let Job::Embed { threads, .. } | Job::Train { threads, .. } = job {
             // candle sizes its thread pool from this variable on first use.
             cmd.env("RAYON_NUM_THREADS", threads.to_string());
         }
@@ -275,6 +348,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Attention(a) => attention(a),
         BenchCommand::Embed(a) => embed(a),
         BenchCommand::Mixers(a) => mixers(a),
+        BenchCommand::Train(a) => train(a),
         BenchCommand::Measure(a) => {
             let job: Job = serde_json::from_str(&a.job).context("--job")?;
             println!("{}", measure(job)?);
@@ -311,7 +385,20 @@ fn measure(job: Job) -> Result<Value> {
             batch_size,
             threads,
         } => embed_one(&model, &sentences, batch_size, threads),
+        Job::Train {
+            model,
+            run,
+            warmup,
+            steps,
+            threads,
+        } => train_one(model, *run, warmup, steps, threads),
     }
+}
+
+/// The median of `xs` (the upper one of an even count); NaN when empty.
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn attention(a: AttentionArgs) -> Result<()> {
@@ -413,7 +500,6 @@ fn attention_one(
         times.push(t.elapsed().as_secs_f64());
         drop(y);
     }
-    times.sort_by(f64::total_cmp);
     Ok(serde_json::to_value(AttentionRow {
         kernel: if naive { "naive" } else { "chunked" },
         length: n,
@@ -421,7 +507,7 @@ fn attention_one(
         heads,
         dim,
         causal,
-        seconds: times[times.len() / 2],
+        seconds: median(times),
         peak_rss_bytes: mem::peak_rss().unwrap_or(0),
         base_rss_bytes: base,
     })?)
@@ -449,7 +535,7 @@ fn embed(a: EmbedArgs) -> Result<()> {
     // Loaded once here so a bad checkpoint fails before any child runs.
     crate::embed::load_encoder(&a.model, &Limits::default())?;
     // Both implementations, in every child, read the same list.
-    let list = tempfile_with(&sentences)?;
+    let list = temp_file("sentences.txt", &(sentences.join("\n") + "\n"))?;
     let result = embed_rows(&a, &list);
     let _ = std::fs::remove_file(&list);
     let rows = result?;
@@ -538,11 +624,11 @@ fn embed_one(model: &Path, list: &Path, bs: usize, threads: usize) -> Result<Val
     }))
 }
 
-/// Writes the sentences to a temporary file, so both implementations read the same list.
-fn tempfile_with(sentences: &[String]) -> Result<PathBuf> {
-    let path = std::env::temp_dir().join(format!("formers-sentences-{}.txt", std::process::id()));
-    std::fs::write(&path, sentences.join("\n") + "\n")
-        .with_context(|| format!("writing {}", path.display()))?;
+/// Writes `contents` to `formers-<pid>-<name>` in the temporary directory: what both
+/// implementations of a comparison read.
+fn temp_file(name: &str, contents: &str) -> Result<PathBuf> {
+    let path = std::env::temp_dir().join(format!("formers-{}-{name}", std::process::id()));
+    std::fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
 
@@ -670,9 +756,184 @@ fn mixer_one(
             times.push(t.elapsed().as_secs_f64()); // the first run warms up, untimed
         }
     }
-    times.sort_by(f64::total_cmp);
     Ok(serde_json::json!({
-        "mixer": name, "length": length, "seconds": times[times.len() / 2],
+        "mixer": name, "length": length, "seconds": median(times),
         "peak_bytes": mem::peak_rss().unwrap_or(0),
+    }))
+}
+
+/// The run measured at each length, and a name for what is trained: `--config` with
+/// `train.seq_len` = the length, or the arena's speed run of `--arena-variant`; the batch
+/// `--batch` when given.
+fn train_runs(a: &TrainArgs) -> Result<(String, Vec<RunConfig>)> {
+    let total = a.warmup + a.steps;
+    let (name, mut runs) = match (&a.config, &a.arena_variant) {
+        (Some(path), _) => {
+            let base = RunConfig::from_path(path)?;
+            let max = base.model.max_len;
+            if let Some(&n) = a.lengths.iter().find(|&&n| n > max) {
+                anyhow::bail!(
+                    "--lengths: {n} is longer than model.max_len = {max} of {}; give lengths up to \
+                     {max} or raise max_len in the config",
+                    path.display()
+                );
+            }
+            let runs = a.lengths.iter().map(|&n| {
+                let mut run = base.clone();
+                run.train.seq_len = n;
+                run.train.steps = total;
+                run
+            });
+            (path.display().to_string(), runs.collect::<Vec<_>>())
+        }
+        (None, Some(name)) => {
+            let setting = Setting::parse(&a.suite)
+                .with_context(|| format!("--suite: expected lite or full, found `{}`", a.suite))?;
+            let suite = SuiteSpec::new(setting);
+            let variant = variants::resolve(std::slice::from_ref(name))
+                .map_err(anyhow::Error::msg)?
+                .remove(0);
+            let runs = a
+                .lengths
+                .iter()
+                .map(|&n| exec::speed_run(&variant, &suite, n, total));
+            let name = format!("arena {} ({})", variant.name, setting.name());
+            (name, runs.collect())
+        }
+        (None, None) => anyhow::bail!("give --config FILE or --arena-variant NAME"),
+    };
+    for run in &mut runs {
+        if let Some(b) = a.batch {
+            run.train.batch_size = b;
+        }
+        run.validate()?;
+        // A head this bench cannot train fails here, before any child runs.
+        RandomTokens::for_model(&run.model, run.train.seq_len)?;
+    }
+    Ok((name, runs))
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    if a.lengths.is_empty() || a.lengths.contains(&0) {
+        anyhow::bail!("--lengths: give positive lengths, e.g. 256,512,1024");
+    }
+    if a.steps == 0 || a.threads == 0 || a.batch == Some(0) {
+        anyhow::bail!("--steps, --threads and --batch must be at least 1");
+    }
+    let (name, runs) = train_runs(&a)?;
+    let jobs: Vec<(String, Job)> = runs
+        .iter()
+        .map(|run| {
+            (
+                format!("formers n = {}", run.train.seq_len),
+                Job::Train {
+                    model: name.clone(),
+                    run: Box::new(run.clone()),
+                    warmup: a.warmup,
+                    steps: a.steps,
+                    threads: a.threads,
+                },
+            )
+        })
+        .collect();
+    let line = |r: &Value| {
+        format!(
+            "{:>8} n = {:>6}: {:>8.2} steps/s, peak RSS {}",
+            r["impl"].as_str().unwrap_or("?"),
+            r["length"],
+            r["steps_per_s"].as_f64().unwrap_or(0.0),
+            mem::human(r["peak_rss_bytes"].as_u64().unwrap_or(0))
+        )
+    };
+    let mut rows = measure_each("bench train", &jobs, line)?;
+    if let Some(script) = &a.torch {
+        let mut torch_rows = Vec::new();
+        for run in &runs {
+            let n = run.train.seq_len;
+            let params = rows
+                .iter()
+                .find(|r| r["length"] == n)
+                .and_then(|r| r["params"].as_u64())
+                .context("the formers row has no parameter count")?;
+            eprintln!("running {} (PyTorch) at n = {n}...", script.display());
+            // The resolved run, every key explicit: the script refuses what it does not build.
+            let cfg = temp_file(
+                &format!("train-{n}.json"),
+                &serde_json::to_string_pretty(run)?,
+            )?;
+            let got = rows_of(
+                Command::new("python3")
+                    .arg(script)
+                    .arg("--config")
+                    .arg(&cfg)
+                    .args(["--lengths", &n.to_string()])
+                    .args(["--batch", &run.train.batch_size.to_string()])
+                    .args(["--threads", &a.threads.to_string()])
+                    .args(["--warmup", &a.warmup.to_string()])
+                    .args(["--steps", &a.steps.to_string()])
+                    .args(["--params", &params.to_string()]),
+                &format!("python3 {}", script.display()),
+            );
+            let _ = std::fs::remove_file(&cfg);
+            let got = got?;
+            if got.is_empty() {
+                anyhow::bail!("{}: printed no result", script.display());
+            }
+            for r in &got {
+                eprintln!("{}", line(r));
+            }
+            torch_rows.extend(got);
+        }
+        rows.extend(torch_rows);
+    }
+    println!("{name}, {} threads", a.threads);
+    println!("| impl | length | batch | steps/s | vs pytorch | peak RSS | peak - base |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let bytes = |r: &Value, key: &str| r[key].as_u64().unwrap_or(0);
+    for run in &runs {
+        let n = run.train.seq_len;
+        let of = |impl_: &str| rows.iter().find(|r| r["impl"] == impl_ && r["length"] == n);
+        let torch = of("pytorch").and_then(|r| r["steps_per_s"].as_f64());
+        for r in ["formers", "pytorch"].into_iter().filter_map(of) {
+            let rate = r["steps_per_s"].as_f64().unwrap_or(0.0);
+            let ratio = torch.map_or("-".to_string(), |t| format!("{:.2}x", rate / t));
+            println!(
+                "| {} | {n} | {} | {rate:.2} | {ratio} | {} | {} |",
+                r["impl"].as_str().unwrap_or("?"),
+                r["batch"],
+                mem::human(bytes(r, "peak_rss_bytes")),
+                mem::human(bytes(r, "peak_rss_bytes").saturating_sub(bytes(r, "base_rss_bytes")))
+            );
+        }
+    }
+    write_json(a.json.as_deref(), &rows)
+}
+
+/// Times `warmup + steps` optimizer steps of `run` on random tokens in this process.
+fn train_one(
+    model: String,
+    run: RunConfig,
+    warmup: usize,
+    steps: usize,
+    threads: usize,
+) -> Result<Value> {
+    let (length, batch) = (run.train.seq_len, run.train.batch_size);
+    let data = RandomTokens::for_model(&run.model, length)?;
+    let mut trainer = Trainer::new(&run, &data)?;
+    let base = mem::current_rss().unwrap_or(0);
+    let mut times = Vec::with_capacity(steps);
+    for i in 0..warmup + steps {
+        let t = Instant::now();
+        trainer.step()?;
+        if i >= warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let seconds = median(times);
+    Ok(serde_json::json!({
+        "impl": "formers", "model": model, "length": length, "batch": batch,
+        "steps_per_s": 1.0 / seconds, "seconds_per_step": seconds,
+        "peak_rss_bytes": mem::peak_rss().unwrap_or(0), "base_rss_bytes": base,
+        "params": trainer.param_count(), "threads": threads, "warmup": warmup, "steps": steps,
     }))
 }

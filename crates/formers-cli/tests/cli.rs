@@ -376,6 +376,7 @@ fn help_explains_every_command() {
         &["eval", "--help"],
         &["generate", "--help"],
         &["bench", "attention", "--help"],
+        &["bench", "train", "--help"],
         &["arena", "--help"],
         &["arena", "data", "--help"],
         &["arena", "show", "--help"],
@@ -642,6 +643,153 @@ fn bench_mixers_writes_one_row_per_mixer_and_length() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("time vs attention"));
     let o = run(formers().args(["bench", "mixers", "--mixers", "telepathy"]));
     assert!(!o.status.success() && text(&o).contains("unknown mixer"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Whether `python3 -c "import torch"` works here (the PyTorch baselines need it).
+fn python_has_torch() -> bool {
+    Command::new("python3")
+        .args(["-c", "import torch"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn tiny_train_config(dir: &Path) -> PathBuf {
+    let cfg = dir.join("tiny.json");
+    std::fs::write(
+        &cfg,
+        r#"{"model": {"d_model": 16, "n_heads": 2, "n_layers": 1, "causal": true, "max_len": 64,
+            "input": {"kind": "bytes"}, "head": {"kind": "lm", "tied": true},
+            "defaults": {"ffn": {"kind": "mlp", "hidden": 32}}},
+            "train": {"batch_size": 2, "lr": 0.001, "clip_norm": 0.5}}"#,
+    )
+    .unwrap();
+    cfg
+}
+
+fn bench_train_rows(json: &Path) -> Vec<serde_json::Value> {
+    serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
+}
+
+#[test]
+fn bench_train_writes_one_row_per_length_and_refuses_lengths_the_model_cannot_take() {
+    let dir = tmp("bench-train");
+    let cfg = tiny_train_config(&dir);
+    let json = dir.join("t.json");
+    let args = |lengths: &str| {
+        let mut cmd = formers();
+        cmd.args(["bench", "train", "--config", cfg.to_str().unwrap()])
+            .args(["--lengths", lengths, "--warmup", "1", "--steps", "2"])
+            .args(["--threads", "1", "--json", json.to_str().unwrap()]);
+        cmd
+    };
+    let o = run(&mut args("16,32"));
+    assert!(o.status.success(), "{}", text(&o));
+    let rows = bench_train_rows(&json);
+    assert_eq!(rows.len(), 2);
+    for (r, n) in rows.iter().zip([16, 32]) {
+        assert_eq!(r["impl"], "formers");
+        assert_eq!(r["length"], n);
+        assert_eq!(r["batch"], 2, "the config's batch size");
+        assert!(r["steps_per_s"].as_f64().unwrap() > 0.0);
+        assert!(r["peak_rss_bytes"].as_u64().unwrap() >= r["base_rss_bytes"].as_u64().unwrap());
+        assert!(r["params"].as_u64().unwrap() > 0);
+    }
+    assert!(String::from_utf8_lossy(&o.stdout).contains("| formers | 32 | 2 |"));
+    let o = run(&mut args("32,128"));
+    assert!(
+        !o.status.success() && text(&o).contains("128 is longer than model.max_len = 64"),
+        "{}",
+        text(&o)
+    );
+    // The arena's model of a variant, at the batch asked for.
+    let o = run(formers()
+        .args([
+            "bench",
+            "train",
+            "--arena-variant",
+            "vanilla",
+            "--lengths",
+            "32",
+        ])
+        .args(["--batch", "1", "--warmup", "0", "--steps", "1", "--json"])
+        .arg(&json));
+    assert!(o.status.success(), "{}", text(&o));
+    let rows = bench_train_rows(&json);
+    assert_eq!(
+        (rows[0]["length"].as_u64(), rows[0]["batch"].as_u64()),
+        (Some(32), Some(1))
+    );
+    assert_eq!(rows[0]["model"], "arena vanilla (lite)");
+    let o = run(formers().args(["bench", "train", "--arena-variant", "telepathy"]));
+    assert!(!o.status.success() && text(&o).contains("unknown variant"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bench_train_against_pytorch_builds_the_same_model() {
+    if !python_has_torch() {
+        eprintln!("skipped: python3 cannot import torch (the PyTorch side of bench train)");
+        return;
+    }
+    let dir = tmp("bench-train-torch");
+    let cfg = tiny_train_config(&dir);
+    let json = dir.join("t.json");
+    let script = repo().join("scripts/bench_train_torch.py");
+    let o = run(formers()
+        .args(["bench", "train", "--config", cfg.to_str().unwrap()])
+        .args([
+            "--lengths",
+            "16,32",
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+            "--threads",
+            "1",
+        ])
+        .arg("--torch")
+        .arg(&script)
+        .arg("--json")
+        .arg(&json));
+    assert!(o.status.success(), "{}", text(&o));
+    let rows = bench_train_rows(&json);
+    assert_eq!(rows.len(), 4);
+    for n in [16, 32] {
+        let of = |i: &str| {
+            rows.iter()
+                .find(|r| r["impl"] == i && r["length"] == n)
+                .unwrap_or_else(|| panic!("no {i} row at {n}"))
+        };
+        let (f, t) = (of("formers"), of("pytorch"));
+        assert_eq!(f["params"], t["params"], "the script checks this too");
+        assert_eq!(t["batch"], 2);
+        assert!(t["steps_per_s"].as_f64().unwrap() > 0.0);
+        assert!(t["peak_rss_bytes"].as_u64().unwrap() > 0);
+    }
+    assert!(String::from_utf8_lossy(&o.stdout).contains("vs pytorch"));
+    // A mixer the script does not build is refused, not timed as something else.
+    let masformer = repo().join("configs/masformer.json");
+    let o = run(formers()
+        .args(["bench", "train", "--config", masformer.to_str().unwrap()])
+        .args([
+            "--lengths",
+            "16",
+            "--warmup",
+            "0",
+            "--steps",
+            "1",
+            "--torch",
+        ])
+        .arg(&script));
+    assert!(
+        !o.status.success() && text(&o).contains("refusing to time a different model"),
+        "{}",
+        text(&o)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

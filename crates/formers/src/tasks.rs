@@ -1,5 +1,6 @@
 //! Built-in toy tasks that make training testable offline: sequence copy / reverse and a
-//! character-level language model on the shipped Shakespeare corpus (`data/README.md`).
+//! character-level language model on the shipped Shakespeare corpus (`data/README.md`), and
+//! random tokens for speed measurements.
 
 use candle_core::{Device, Tensor};
 
@@ -194,6 +195,80 @@ impl Task for CharLm {
     }
     fn eval_batch(&self, rng: &mut Rng, batch_size: usize) -> Result<Batch> {
         self.batch(&self.eval, rng, batch_size)
+    }
+}
+
+/// Random token ids with random targets of the shape the model's head trains on (one id per
+/// position for an `lm` head, one class per sequence for a classifier): what speed
+/// measurements train on, since the cost of a step does not depend on the data.
+#[derive(Debug, Clone)]
+pub struct RandomTokens {
+    vocab: usize,
+    len: usize,
+    /// Classes of a classification head; `None` for per-token targets.
+    classes: Option<usize>,
+}
+
+impl RandomTokens {
+    /// Sequences of `len` tokens for a model of `cfg`; errors when they do not fit it or its
+    /// head has no training loss.
+    pub fn for_model(cfg: &ModelConfig, len: usize) -> Result<Self> {
+        if len == 0 || len > cfg.max_len {
+            return Err(Error::config(
+                "model.max_len",
+                format!(
+                    "a sequence of {len} tokens does not fit a model of max_len {}",
+                    cfg.max_len
+                ),
+            ));
+        }
+        let classes = match cfg.head {
+            HeadSpec::Lm { .. } => None,
+            HeadSpec::Classification { n_classes, .. } => Some(n_classes),
+            HeadSpec::Embedding { .. } => return Err(Error::config(
+                "model.head",
+                "an `embedding` head has no training loss; use an `lm` or `classification` head",
+            )),
+        };
+        Ok(RandomTokens {
+            vocab: cfg.input.vocab_size(),
+            len,
+            classes,
+        })
+    }
+
+    fn batch(&self, rng: &mut Rng, b: usize) -> Result<Batch> {
+        let n = self.len;
+        let ids: Vec<u32> = (0..b * n).map(|_| rng.below(self.vocab) as u32).collect();
+        let targets = match self.classes {
+            Some(c) => {
+                let labels: Vec<u32> = (0..b).map(|_| rng.below(c) as u32).collect();
+                Tensor::from_vec(labels, b, &Device::Cpu)?
+            }
+            None => {
+                let next: Vec<u32> = (0..b * n).map(|_| rng.below(self.vocab) as u32).collect();
+                Tensor::from_vec(next, (b, n), &Device::Cpu)?
+            }
+        };
+        Ok(Batch {
+            inputs: Tensor::from_vec(ids, (b, n), &Device::Cpu)?,
+            targets,
+            weights: None,
+            mask: None,
+            tokens: b * n,
+        })
+    }
+}
+
+impl Task for RandomTokens {
+    fn name(&self) -> &str {
+        "random-tokens"
+    }
+    fn train_batch(&self, rng: &mut Rng, batch_size: usize) -> Result<Batch> {
+        self.batch(rng, batch_size)
+    }
+    fn eval_batch(&self, rng: &mut Rng, batch_size: usize) -> Result<Batch> {
+        self.batch(rng, batch_size)
     }
 }
 
