@@ -5,6 +5,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::flash::{self, Dims, Opts};
+use super::{f32_values, flat};
 use crate::Result;
 
 /// What masks and biases one call: plain vectors, since they take no gradient.
@@ -43,22 +44,6 @@ fn dims(q: &Shape, k: &Shape) -> candle_core::Result<Dims> {
     })
 }
 
-/// The f32 values of a contiguous CPU tensor.
-fn values<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("flash-attention takes f32")
-    };
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("flash-attention takes contiguous tensors")
-    };
-    Ok(&data[start..end])
-}
-
-/// All values of a tensor, in row-major order.
-fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.flatten_all()?.to_vec1::<f32>()
-}
-
 impl CustomOp3 for FlashAttention {
     fn name(&self) -> &'static str {
         "flash-attention"
@@ -76,7 +61,11 @@ impl CustomOp3 for FlashAttention {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = dims(l1.shape(), l2.shape())?;
-        let (q, k, v) = (values(s1, l1)?, values(s2, l2)?, values(s3, l3)?);
+        let (q, k, v) = (
+            f32_values(s1, l1, "flash-attention")?,
+            f32_values(s2, l2, "flash-attention")?,
+            f32_values(s3, l3, "flash-attention")?,
+        );
         let (out, lse) = flash::forward(&dims, &self.opts(), q, k, v);
         let d = dims.d;
         let mut packed = Vec::with_capacity(lse.len() * (d + 1));

@@ -39,6 +39,26 @@ fn gelu_one(x: f32) -> f32 {
     0.5 * x * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
+/// The f32 values of a contiguous CPU tensor, for op `op`.
+pub(crate) fn f32_values<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else {
+        candle_core::bail!("{op} takes f32")
+    };
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op} takes contiguous tensors")
+    };
+    Ok(&data[start..end])
+}
+
+/// All values of an f32 tensor, in row-major order.
+pub(crate) fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
 struct FastGeluErf;
 
 impl CustomOp1 for FastGeluErf {
@@ -51,13 +71,7 @@ impl CustomOp1 for FastGeluErf {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("fast-gelu-erf takes f32")
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("fast-gelu-erf takes contiguous input")
-        };
-        let src = &data[start..end];
+        let src = f32_values(storage, layout, "fast-gelu-erf")?;
         let mut out = vec![0f32; src.len()];
         let threads = if src.len() >= 1 << 16 {
             candle_core::utils::get_num_threads().max(1)
@@ -80,8 +94,8 @@ impl CustomOp1 for FastGeluErf {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let x = arg.flatten_all()?.to_vec1::<f32>()?;
-        let mut dx = grad.flatten_all()?.to_vec1::<f32>()?;
+        let x = flat(arg)?;
+        let mut dx = flat(grad)?;
         gelu_grad(&x, &mut dx);
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }

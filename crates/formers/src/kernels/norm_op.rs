@@ -6,6 +6,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::{f32_values, flat};
 use crate::Result;
 
 /// Rows per parallel block (fixed, so the sums of the gain gradient have one order).
@@ -102,21 +103,6 @@ impl NormOp {
     }
 }
 
-/// The f32 values of a contiguous CPU tensor.
-fn values<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("fused norm takes f32")
-    };
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("fused norm takes contiguous tensors")
-    };
-    Ok(&data[start..end])
-}
-
-fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.flatten_all()?.to_vec1::<f32>()
-}
-
 impl NormOp {
     /// Shared backward of both op forms: gradients for `x`, the gain and the bias.
     fn grads(
@@ -149,7 +135,11 @@ impl CustomOp3 for NormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = self.forward(values(s1, l1)?, values(s2, l2)?, Some(values(s3, l3)?));
+        let y = self.forward(
+            f32_values(s1, l1, "fused norm")?,
+            f32_values(s2, l2, "fused norm")?,
+            Some(f32_values(s3, l3, "fused norm")?),
+        );
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -179,7 +169,11 @@ impl CustomOp2 for NormOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = self.forward(values(s1, l1)?, values(s2, l2)?, None);
+        let y = self.forward(
+            f32_values(s1, l1, "fused norm")?,
+            f32_values(s2, l2, "fused norm")?,
+            None,
+        );
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
