@@ -17,6 +17,7 @@ mod scratch;
 pub use guard::guarded;
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use crate::config::RunConfig;
 use crate::pretrained;
@@ -171,12 +172,22 @@ pub const TINY_RUN: &str = r#"{
 /// The task of [`TINY_RUN`].
 pub const TINY_TASK: &str = "copy";
 
-/// The run directory of [`TINY_RUN`] with its first checkpoint (saved before any step).
-fn tiny_run(run: &RunConfig, task: &dyn tasks::Task) -> Result<Scratch, String> {
+/// The run directory of [`TINY_RUN`] with its first checkpoint (saved before any step),
+/// made once per process (and left in the temp dir: one small directory) and copied per case.
+fn tiny_run() -> Result<Scratch, String> {
+    static TEMPLATE: OnceLock<Result<Scratch, String>> = OnceLock::new();
+    let template = TEMPLATE
+        .get_or_init(|| {
+            let (run, task) = tiny_config();
+            let out = Scratch::new();
+            let mut trainer = Trainer::new(&run, task.as_ref()).map_err(|e| e.to_string())?;
+            RunDir::open(out.path(), &mut trainer, false).map_err(|e| e.to_string())?;
+            trainer.save(out.path()).map_err(|e| e.to_string())?;
+            Ok(out)
+        })
+        .as_ref()?;
     let out = Scratch::new();
-    let mut trainer = Trainer::new(run, task).map_err(|e| e.to_string())?;
-    RunDir::open(out.path(), &mut trainer, false).map_err(|e| e.to_string())?;
-    trainer.save(out.path()).map_err(|e| e.to_string())?;
+    out.copy_from(template.path());
     Ok(out)
 }
 
@@ -188,8 +199,7 @@ fn tiny_config() -> (RunConfig, Box<dyn tasks::Task>) {
 
 /// The `state.json` of [`TINY_RUN`]'s checkpoint: the valid input [`run_state`] starts from.
 pub fn run_state_seed() -> Vec<u8> {
-    let (run, task) = tiny_config();
-    let out = tiny_run(&run, task.as_ref()).expect("the tiny run saves");
+    let out = tiny_run().expect("the tiny run saves");
     std::fs::read(out.path().join(checkpoint::DIR).join("state.json")).expect("its state")
 }
 
@@ -197,7 +207,7 @@ pub fn run_state_seed() -> Vec<u8> {
 /// checkpoint (weights and optimizer state as saved), and `bytes` as the state.
 pub fn run_state(bytes: &[u8]) -> Outcome {
     let (run, task) = tiny_config();
-    let out = tiny_run(&run, task.as_ref())?;
+    let out = tiny_run()?;
     out.write(Path::new(checkpoint::DIR).join("state.json"), bytes);
     let mut trainer = Trainer::new(&run, task.as_ref()).map_err(|e| e.to_string())?;
     text(RunDir::open(out.path(), &mut trainer, true))
