@@ -50,8 +50,11 @@ pub const TINY_GPT2: Fixture = Fixture {
     tokenizer: include_bytes!("../../../../tests/fixtures/tiny-gpt2/tokenizer.json"),
 };
 
-/// The function of each fuzz target of this crate, by the target's name in `fuzz/`.
-pub const TARGETS: &[(&str, fn(&[u8]) -> Outcome)] = &[
+/// A fuzz target: its name in `fuzz/` and the function it calls.
+pub type Target = (&'static str, fn(&[u8]) -> Outcome);
+
+/// The fuzz targets of this crate.
+pub const TARGETS: &[Target] = &[
     ("safetensors", safetensors),
     ("bert_config", |b| hf_config(&TINY_BERT, b)),
     ("gpt2_config", |b| hf_config(&TINY_GPT2, b)),
@@ -64,7 +67,7 @@ pub const TARGETS: &[(&str, fn(&[u8]) -> Outcome)] = &[
 /// Replays the reproducers in `fuzz/regressions/<target>/` of `targets` through [`guarded`]:
 /// those whose name starts with `waits-` (a finding whose fix is still open) only when
 /// `waiting`, the others only when not. Returns the failures, one line each.
-pub fn replay_regressions(targets: &[(&str, fn(&[u8]) -> Outcome)], waiting: bool) -> Vec<String> {
+pub fn replay_regressions(targets: &[Target], waiting: bool) -> Vec<String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/regressions");
     let mut failures = Vec::new();
     for (name, load) in targets {
