@@ -17,6 +17,7 @@ mod scratch;
 pub use guard::guarded;
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use crate::config::RunConfig;
 use crate::pretrained;
@@ -49,11 +50,11 @@ pub const TINY_GPT2: Fixture = Fixture {
     tokenizer: include_bytes!("../../../../tests/fixtures/tiny-gpt2/tokenizer.json"),
 };
 
-/// A loader fed bytes.
-pub type Loader = fn(&[u8]) -> Outcome;
+/// A fuzz target: its name in `fuzz/` and the function it calls.
+pub type Target = (&'static str, fn(&[u8]) -> Outcome);
 
-/// The function of each fuzz target of this crate, by the target's name in `fuzz/`.
-pub const TARGETS: &[(&str, Loader)] = &[
+/// The fuzz targets of this crate.
+pub const TARGETS: &[Target] = &[
     ("safetensors", safetensors),
     ("bert_config", |b| hf_config(&TINY_BERT, b)),
     ("gpt2_config", |b| hf_config(&TINY_GPT2, b)),
@@ -66,7 +67,7 @@ pub const TARGETS: &[(&str, Loader)] = &[
 /// Replays the reproducers in `fuzz/regressions/<target>/` of `targets` through [`guarded`]:
 /// those whose name starts with `waits-` (a finding whose fix is still open) only when
 /// `waiting`, the others only when not. Returns the failures, one line each.
-pub fn replay_regressions(targets: &[(&str, Loader)], waiting: bool) -> Vec<String> {
+pub fn replay_regressions(targets: &[Target], waiting: bool) -> Vec<String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/regressions");
     let mut failures = Vec::new();
     for (name, load) in targets {
@@ -174,14 +175,23 @@ pub const TINY_RUN: &str = r#"{
 /// The task of [`TINY_RUN`].
 pub const TINY_TASK: &str = "copy";
 
-/// The run directory of [`TINY_RUN`] with its first checkpoint (saved after one step: a
-/// checkpoint of step 0 is refused on resume).
-fn tiny_run(run: &RunConfig, task: &dyn tasks::Task) -> Result<Scratch, String> {
+/// The run directory of [`TINY_RUN`] with its first checkpoint (saved after one step: a checkpoint of step 0 is refused on resume),
+/// made once per process (and left in the temp dir: one small directory) and copied per case.
+fn tiny_run() -> Result<Scratch, String> {
+    static TEMPLATE: OnceLock<Result<Scratch, String>> = OnceLock::new();
+    let template = TEMPLATE
+        .get_or_init(|| {
+            let (run, task) = tiny_config();
+            let out = Scratch::new();
+            let mut trainer = Trainer::new(&run, task.as_ref()).map_err(|e| e.to_string())?;
+            RunDir::open(out.path(), &mut trainer, Start::New).map_err(|e| e.to_string())?;
+            trainer.step().map_err(|e| e.to_string())?;
+            trainer.save(out.path()).map_err(|e| e.to_string())?;
+            Ok(out)
+        })
+        .as_ref()?;
     let out = Scratch::new();
-    let mut trainer = Trainer::new(run, task).map_err(|e| e.to_string())?;
-    RunDir::open(out.path(), &mut trainer, Start::New).map_err(|e| e.to_string())?;
-    trainer.step().map_err(|e| e.to_string())?;
-    trainer.save(out.path()).map_err(|e| e.to_string())?;
+    out.copy_from(template.path());
     Ok(out)
 }
 
@@ -193,8 +203,7 @@ fn tiny_config() -> (RunConfig, Box<dyn tasks::Task>) {
 
 /// The `state.json` of [`TINY_RUN`]'s checkpoint: the valid input [`run_state`] starts from.
 pub fn run_state_seed() -> Vec<u8> {
-    let (run, task) = tiny_config();
-    let out = tiny_run(&run, task.as_ref()).expect("the tiny run saves");
+    let out = tiny_run().expect("the tiny run saves");
     std::fs::read(out.path().join(checkpoint::DIR).join("state.json")).expect("its state")
 }
 
@@ -202,7 +211,7 @@ pub fn run_state_seed() -> Vec<u8> {
 /// checkpoint (weights and optimizer state as saved), and `bytes` as the state.
 pub fn run_state(bytes: &[u8]) -> Outcome {
     let (run, task) = tiny_config();
-    let out = tiny_run(&run, task.as_ref())?;
+    let out = tiny_run()?;
     out.write(Path::new(checkpoint::DIR).join("state.json"), bytes);
     let mut trainer = Trainer::new(&run, task.as_ref()).map_err(|e| e.to_string())?;
     text(RunDir::open(out.path(), &mut trainer, Start::Resume))

@@ -29,6 +29,28 @@ impl Scratch {
     }
 }
 
+impl Scratch {
+    /// Copies the files of `dir` (and of its subdirectories) in.
+    pub fn copy_from(&self, dir: &Path) {
+        copy_tree(dir, &self.0);
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(from)
+        .expect("a scratch template")
+        .flatten()
+    {
+        let target = to.join(e.file_name());
+        if e.path().is_dir() {
+            std::fs::create_dir_all(&target).expect("a scratch subdirectory");
+            copy_tree(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).expect("copying a scratch file");
+        }
+    }
+}
+
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
