@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::simd::{dispatch, Simd, LANES};
+use super::simd::{run, Kernel, Simd, LANES};
 
 /// Queries per tile.
 pub const BQ: usize = 32;
@@ -37,13 +37,25 @@ pub struct Opts<'a> {
     pub alibi: Option<&'a [f32]>,
 }
 
-/// One head's view of the inputs.
+/// One head's view of the inputs, with the key-block layouts the kernels read.
 struct Head<'a> {
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
-    bias: Option<&'a [f32]>,
+    /// `k` by key blocks, each transposed: `[blocks][d][BK]`, zero past `m`.
+    kt: &'a [f32],
+    /// `v` in the same layout (backward only; empty in the forward).
+    vt: &'a [f32],
+    /// Per key block `[blocks][BK]`: the key bias (or 0), and -∞ past `m`.
+    bias: &'a [f32],
     slope: f32,
+}
+
+/// What every head shares: the block layouts of all heads.
+struct Prepared {
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+    bias: Vec<f32>,
 }
 
 impl Dims {
@@ -51,22 +63,68 @@ impl Dims {
         self.batch * self.heads
     }
 
+    fn blocks(&self) -> usize {
+        self.m.div_ceil(BK)
+    }
+
+    /// The block layouts of `k` (and of `v` when `with_v`) and the per-block key bias.
+    fn prepare(&self, o: &Opts, k: &[f32], v: Option<&[f32]>) -> Prepared {
+        let (m, d, blocks) = (self.m, self.d, self.blocks());
+        let per_head = blocks * d * BK;
+        let transposed = |x: &[f32]| {
+            let mut t = vec![0f32; self.heads_total() * per_head];
+            t.par_chunks_mut(per_head.max(1))
+                .zip(x.par_chunks(m * d))
+                .for_each(|(th, xh)| {
+                    for blk in 0..blocks {
+                        let ks = blk * BK;
+                        let tb = &mut th[blk * d * BK..(blk + 1) * d * BK];
+                        for j in 0..BK.min(m - ks) {
+                            for (dd, &x) in xh[(ks + j) * d..(ks + j + 1) * d].iter().enumerate() {
+                                tb[dd * BK + j] = x;
+                            }
+                        }
+                    }
+                });
+            t
+        };
+        let mut bias = vec![f32::NEG_INFINITY; self.batch * blocks * BK];
+        for (b, row) in bias.chunks_mut(blocks * BK).enumerate() {
+            match o.key_bias {
+                Some(kb) => row[..m].copy_from_slice(&kb[b * m..(b + 1) * m]),
+                None => row[..m].fill(0.0),
+            }
+        }
+        Prepared {
+            kt: transposed(k),
+            vt: v.map(transposed).unwrap_or_default(),
+            bias,
+        }
+    }
+
     fn head<'a>(
         &self,
         o: &Opts<'a>,
         hb: usize,
+        prep: &'a Prepared,
         q: &'a [f32],
         k: &'a [f32],
         v: &'a [f32],
     ) -> Head<'a> {
         let (n, m, d) = (self.n, self.m, self.d);
+        let (blocks, b) = (self.blocks(), hb / self.heads);
+        let per_head = blocks * d * BK;
         Head {
             q: &q[hb * n * d..(hb + 1) * n * d],
             k: &k[hb * m * d..(hb + 1) * m * d],
             v: &v[hb * m * d..(hb + 1) * m * d],
-            bias: o
-                .key_bias
-                .map(|b| &b[(hb / self.heads) * m..(hb / self.heads + 1) * m]),
+            kt: &prep.kt[hb * per_head..(hb + 1) * per_head],
+            vt: if prep.vt.is_empty() {
+                &[]
+            } else {
+                &prep.vt[hb * per_head..(hb + 1) * per_head]
+            },
+            bias: &prep.bias[b * blocks * BK..(b + 1) * blocks * BK],
             slope: o.alibi.map_or(0.0, |s| s[hb % self.heads]),
         }
     }
@@ -76,58 +134,61 @@ impl Dims {
 const R: usize = 4;
 /// Vectors per score row.
 const KV: usize = BK / LANES;
+/// Query rows per backward tile: `dk` and `dv` are updated once per tile.
+const BT: usize = 32;
+/// A block of zero bias.
+const ZERO_BIAS: [f32; BK] = [0.0; BK];
+/// Lane indices, for the ALiBi distances.
+const IOTA: [f32; LANES] = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0];
 
-/// `kt [d][BK]`: rows `ks..ks + BK` of `k [m, d]` transposed, zero past `m`.
-fn transpose_block(k: &[f32], m: usize, d: usize, ks: usize, kt: &mut [f32]) {
-    kt.fill(0.0);
-    for j in 0..BK.min(m - ks) {
-        let row = &k[(ks + j) * d..(ks + j + 1) * d];
-        for (dd, &x) in row.iter().enumerate() {
-            kt[dd * BK + j] = x;
-        }
-    }
-}
-
-/// `s[r][j] = Σ_dd a[r·d + dd] · kt[dd][j]` for the `R` rows of `a` (`[R, d]`).
+/// `s[r][j] = bias[j] + Σ_dd a[r·d + dd] · kt[dd][j]` for the `R` rows of `a` (`[R, d]`)
+/// and one transposed key block `kt` (`[d][BK]`).
 #[inline(always)]
-unsafe fn products<S: Simd>(a: &[f32], kt: &[f32], d: usize, s: &mut [[f32; BK]; R]) {
+unsafe fn products<S: Simd>(a: &[f32], kt: &[f32], bias: &[f32], d: usize, s: &mut [[f32; BK]]) {
+    debug_assert!(a.len() >= R * d && kt.len() >= d * BK && bias.len() >= BK && s.len() >= R);
+    let (a, kt) = (a.as_ptr(), kt.as_ptr());
     for half in 0..KV / 2 {
         let c = half * 2 * LANES;
-        let mut acc = [[S::splat(0.0); 2]; R];
+        let b0 = S::loadp(bias.as_ptr().add(c));
+        let b1 = S::loadp(bias.as_ptr().add(c + LANES));
+        let mut acc = [[b0, b1]; R];
         for dd in 0..d {
-            let k0 = S::load(&kt[dd * BK + c..]);
-            let k1 = S::load(&kt[dd * BK + c + LANES..]);
-            for r in 0..R {
-                let x = S::splat(a[r * d + dd]);
-                acc[r][0] = S::fma(x, k0, acc[r][0]);
-                acc[r][1] = S::fma(x, k1, acc[r][1]);
+            let k0 = S::loadp(kt.add(dd * BK + c));
+            let k1 = S::loadp(kt.add(dd * BK + c + LANES));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = S::splat(*a.add(r * d + dd));
+                acc[0] = S::fma(x, k0, acc[0]);
+                acc[1] = S::fma(x, k1, acc[1]);
             }
         }
-        for r in 0..R {
-            S::store(&mut s[r][c..], acc[r][0]);
-            S::store(&mut s[r][c + LANES..], acc[r][1]);
+        for (r, acc) in acc.iter().enumerate() {
+            S::storep(s[r].as_mut_ptr().add(c), acc[0]);
+            S::storep(s[r].as_mut_ptr().add(c + LANES), acc[1]);
         }
     }
 }
 
-/// Masks and biases score row `s` of the query at `qpos` against the key block at `ks`:
-/// keys it may not see become -∞.
+/// Applies the ALiBi distance and the causal mask to score row `s` of the query at `qpos`
+/// against the key block at `ks` (the key bias is already in: [`products`]).
 #[inline(always)]
-fn mask_row(s: &mut [f32; BK], ks: usize, qpos: usize, m: usize, causal: bool, h: &Head) {
-    let visible = if causal { (qpos + 1).min(m) } else { m };
-    let end = visible.saturating_sub(ks).min(BK);
-    if let Some(b) = h.bias {
-        for j in 0..end {
-            s[j] += b[ks + j];
+unsafe fn mask_row<S: Simd>(s: &mut [f32; BK], ks: usize, qpos: usize, causal: bool, slope: f32) {
+    if slope != 0.0 {
+        let base = S::splat(qpos as f32 - ks as f32);
+        let iota = S::load(&IOTA);
+        let sl = S::splat(slope);
+        let zero = S::splat(0.0);
+        for c in 0..KV {
+            let dist = S::sub(base, S::add(iota, S::splat((c * LANES) as f32)));
+            let abs = S::max(dist, S::sub(zero, dist));
+            let p = s.as_mut_ptr().add(c * LANES);
+            S::storep(p, S::sub(S::loadp(p), S::mul(sl, abs)));
         }
     }
-    if h.slope != 0.0 {
-        for (j, x) in s.iter_mut().enumerate().take(end) {
-            *x -= h.slope * (qpos.abs_diff(ks + j) as f32);
+    if causal {
+        let visible = (qpos + 1).saturating_sub(ks).min(BK);
+        for x in &mut s[visible..] {
+            *x = f32::NEG_INFINITY;
         }
-    }
-    for x in s.iter_mut().skip(end) {
-        *x = f32::NEG_INFINITY;
     }
 }
 
@@ -136,7 +197,7 @@ fn mask_row(s: &mut [f32; BK], ks: usize, qpos: usize, m: usize, causal: bool, h
 unsafe fn row_max<S: Simd>(s: &[f32; BK]) -> f32 {
     let mut m = S::load(s);
     for c in 1..KV {
-        m = S::max(m, S::load(&s[c * LANES..]));
+        m = S::max(m, S::loadp(s.as_ptr().add(c * LANES)));
     }
     S::hmax(m)
 }
@@ -147,8 +208,9 @@ unsafe fn exp_row<S: Simd>(s: &mut [f32; BK], shift: f32) -> f32 {
     let sh = S::splat(shift);
     let mut sum = S::splat(0.0);
     for c in 0..KV {
-        let e = S::exp(S::sub(S::load(&s[c * LANES..]), sh));
-        S::store(&mut s[c * LANES..], e);
+        let p = s.as_mut_ptr().add(c * LANES);
+        let e = S::exp(S::sub(S::loadp(p), sh));
+        S::storep(p, e);
         sum = S::add(sum, e);
     }
     S::sum(sum)
@@ -156,30 +218,129 @@ unsafe fn exp_row<S: Simd>(s: &mut [f32; BK], shift: f32) -> f32 {
 
 /// For the `R` rows `y_r` of `y` (`[R, d]`, `d` a multiple of [`LANES`]):
 /// `y_r ← alpha_r · y_r + Σ_j p[r][j] · x_j` over the `kl` rows `x_j` of `x` (`[kl, d]`).
-/// The rows are independent chains, and each `x_j` load serves all of them.
+/// Two vectors of each row at a time: each `x_j` load serves all `R` rows.
 #[inline(always)]
 unsafe fn gemm_rows<S: Simd>(
     y: &mut [f32],
     alpha: &[f32; R],
-    p: &[[f32; BK]; R],
+    p: &[[f32; BK]],
     x: &[f32],
     kl: usize,
     d: usize,
 ) {
-    for c in (0..d).step_by(LANES) {
-        // (A loop, not `array::from_fn`: a closure would not inherit the target features.)
-        let mut acc = [S::splat(0.0); R];
+    debug_assert!(y.len() >= R * d && x.len() >= kl * d && p.len() >= R && kl <= BK);
+    let (y, x) = (y.as_mut_ptr(), x.as_ptr());
+    let mut c = 0;
+    while c + 2 * LANES <= d {
+        let mut acc = [[S::splat(0.0); 2]; R];
         for r in 0..R {
-            acc[r] = S::mul(S::load(&y[r * d + c..]), S::splat(alpha[r]));
+            let a = S::splat(alpha[r]);
+            acc[r][0] = S::mul(S::loadp(y.add(r * d + c)), a);
+            acc[r][1] = S::mul(S::loadp(y.add(r * d + c + LANES)), a);
         }
         for j in 0..kl {
-            let xj = S::load(&x[j * d + c..]);
+            let x0 = S::loadp(x.add(j * d + c));
+            let x1 = S::loadp(x.add(j * d + c + LANES));
             for r in 0..R {
-                acc[r] = S::fma(S::splat(p[r][j]), xj, acc[r]);
+                let w = S::splat(*p[r].get_unchecked(j));
+                acc[r][0] = S::fma(w, x0, acc[r][0]);
+                acc[r][1] = S::fma(w, x1, acc[r][1]);
             }
         }
+        for (r, acc) in acc.iter().enumerate() {
+            S::storep(y.add(r * d + c), acc[0]);
+            S::storep(y.add(r * d + c + LANES), acc[1]);
+        }
+        c += 2 * LANES;
+    }
+    if c < d {
+        let mut acc = [S::splat(0.0); R];
         for r in 0..R {
-            S::store(&mut y[r * d + c..], acc[r]);
+            acc[r] = S::mul(S::loadp(y.add(r * d + c)), S::splat(alpha[r]));
+        }
+        for j in 0..kl {
+            let x0 = S::loadp(x.add(j * d + c));
+            for r in 0..R {
+                acc[r] = S::fma(S::splat(*p[r].get_unchecked(j)), x0, acc[r]);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            S::storep(y.add(r * d + c), *acc);
+        }
+    }
+}
+
+/// Keys handled together by [`gemm_cols`].
+const J: usize = 4;
+
+/// For the `kl` rows `y_j` of `y` (`[kl, d]`, `d` a multiple of [`LANES`]):
+/// `y_j += Σ_i w[i][j] · x_i` over the `t` rows `x_i` of `x` (`[t, d]`). `J` keys and two
+/// vectors at a time: each `x_i` load serves `J` keys.
+#[inline(always)]
+unsafe fn gemm_cols<S: Simd>(
+    y: &mut [f32],
+    w: &[[f32; BK]],
+    x: &[f32],
+    t: usize,
+    kl: usize,
+    d: usize,
+) {
+    debug_assert!(y.len() >= kl * d && x.len() >= t * d && w.len() >= t && kl <= BK);
+    let (y, x) = (y.as_mut_ptr(), x.as_ptr());
+    let mut j0 = 0;
+    while j0 + J <= kl {
+        let mut c = 0;
+        while c + 2 * LANES <= d {
+            let mut acc = [[S::splat(0.0); 2]; J];
+            for (jj, acc) in acc.iter_mut().enumerate() {
+                acc[0] = S::loadp(y.add((j0 + jj) * d + c));
+                acc[1] = S::loadp(y.add((j0 + jj) * d + c + LANES));
+            }
+            for i in 0..t {
+                let x0 = S::loadp(x.add(i * d + c));
+                let x1 = S::loadp(x.add(i * d + c + LANES));
+                let wi = w.get_unchecked(i).as_ptr().add(j0);
+                for (jj, acc) in acc.iter_mut().enumerate() {
+                    let s = S::splat(*wi.add(jj));
+                    acc[0] = S::fma(s, x0, acc[0]);
+                    acc[1] = S::fma(s, x1, acc[1]);
+                }
+            }
+            for (jj, acc) in acc.iter().enumerate() {
+                S::storep(y.add((j0 + jj) * d + c), acc[0]);
+                S::storep(y.add((j0 + jj) * d + c + LANES), acc[1]);
+            }
+            c += 2 * LANES;
+        }
+        if c < d {
+            let mut acc = [S::splat(0.0); J];
+            for (jj, acc) in acc.iter_mut().enumerate() {
+                *acc = S::loadp(y.add((j0 + jj) * d + c));
+            }
+            for i in 0..t {
+                let x0 = S::loadp(x.add(i * d + c));
+                let wi = w.get_unchecked(i).as_ptr().add(j0);
+                for (jj, acc) in acc.iter_mut().enumerate() {
+                    *acc = S::fma(S::splat(*wi.add(jj)), x0, *acc);
+                }
+            }
+            for (jj, acc) in acc.iter().enumerate() {
+                S::storep(y.add((j0 + jj) * d + c), *acc);
+            }
+        }
+        j0 += J;
+    }
+    for j in j0..kl {
+        for c in (0..d).step_by(LANES) {
+            let mut acc = S::loadp(y.add(j * d + c));
+            for i in 0..t {
+                acc = S::fma(
+                    S::splat(*w.get_unchecked(i).get_unchecked(j)),
+                    S::loadp(x.add(i * d + c)),
+                    acc,
+                );
+            }
+            S::storep(y.add(j * d + c), acc);
         }
     }
 }
@@ -206,26 +367,25 @@ unsafe fn forward_rows<S: Simd>(
     let mut run_max = vec![f32::NEG_INFINITY; groups * R];
     let mut run_sum = vec![0f32; groups * R];
     let mut acc = vec![0f32; groups * R * d];
-    let mut kt = vec![0f32; d * BK];
     let mut s = [[0f32; BK]; R];
     let last_q = rows.end - 1 + o.q_offset;
-    for ks in (0..m).step_by(BK) {
+    for blk in 0..dims.blocks() {
+        let ks = blk * BK;
         if o.causal && ks > last_q {
             break;
         }
-        transpose_block(h.k, m, d, ks, &mut kt);
+        let kt = &h.kt[blk * d * BK..(blk + 1) * d * BK];
+        let bias = &h.bias[blk * BK..(blk + 1) * BK];
         let kl = BK.min(m - ks);
         let vb = &h.v[ks * d..(ks + kl) * d];
         for g in 0..groups {
             let rs = g * R;
-            products::<S>(&qs[rs * d..(rs + R) * d], &kt, d, &mut s);
+            products::<S>(&qs[rs * d..(rs + R) * d], kt, bias, d, &mut s);
             let mut alpha = [1f32; R];
             for (r, s) in s.iter_mut().enumerate() {
                 let i = rs + r;
-                if i < nq {
-                    mask_row(s, ks, rows.start + i + o.q_offset, m, o.causal, h);
-                }
                 let mx = if i < nq {
+                    mask_row::<S>(s, ks, rows.start + i + o.q_offset, o.causal, h.slope);
                     row_max::<S>(s)
                 } else {
                     f32::NEG_INFINITY
@@ -281,66 +441,58 @@ unsafe fn backward_blocks<S: Simd>(
     }
     let mut dos = vec![0f32; groups * R * d];
     dos[..n * d].copy_from_slice(dout);
-    let mut kt = vec![0f32; d * BK];
-    let mut vt = vec![0f32; d * BK];
-    let mut p = [[0f32; BK]; R];
-    let mut ds = [[0f32; BK]; R];
+    // Probabilities and score gradients of one tile of `BT` query rows against a key block.
+    let mut p = [[0f32; BK]; BT];
+    let mut ds = [[0f32; BK]; BT];
     let mut dqs = vec![0f32; groups * R * d];
     let base = blocks.start * BK;
     for blk in blocks {
         let ks = blk * BK;
         let kl = BK.min(m - ks);
-        transpose_block(h.k, m, d, ks, &mut kt);
-        transpose_block(h.v, m, d, ks, &mut vt);
+        let kt = &h.kt[blk * d * BK..(blk + 1) * d * BK];
+        let vt = &h.vt[blk * d * BK..(blk + 1) * d * BK];
+        let bias = &h.bias[blk * BK..(blk + 1) * BK];
         let r0 = ks - base;
         let dk_b = &mut dk[r0 * d..(r0 + kl) * d];
         let dv_b = &mut dv[r0 * d..(r0 + kl) * d];
         let kb = &h.k[ks * d..(ks + kl) * d];
         // Under the causal mask, queries before `ks - q_offset` see none of these keys.
         let first = if o.causal {
-            ks.saturating_sub(o.q_offset)
+            ks.saturating_sub(o.q_offset) / R * R
         } else {
             0
         };
-        for g in first / R..groups {
-            let rs = g * R;
-            let live = n.saturating_sub(rs).min(R);
-            products::<S>(&qs[rs * d..(rs + R) * d], &kt, d, &mut p);
-            products::<S>(&dos[rs * d..(rs + R) * d], &vt, d, &mut ds);
-            for r in 0..R {
-                if r >= live {
-                    p[r] = [0.0; BK];
-                    ds[r] = [0.0; BK];
-                    continue;
-                }
-                let i = rs + r;
-                mask_row(&mut p[r], ks, i + o.q_offset, m, o.causal, h);
-                exp_row::<S>(&mut p[r], lse[i]);
-                // ds = p · (dp − delta)
-                let di = S::splat(delta[i]);
-                for c in 0..KV {
-                    let pc = S::load(&p[r][c * LANES..]);
-                    let dpc = S::load(&ds[r][c * LANES..]);
-                    S::store(&mut ds[r][c * LANES..], S::mul(pc, S::sub(dpc, di)));
-                }
-            }
-            // dq_i += Σ_j ds_j k_j (times the scale, at the end)
-            gemm_rows::<S>(&mut dqs[rs * d..(rs + R) * d], &[1.0; R], &ds, kb, kl, d);
-            // dv_j += Σ_r p_rj · dout_r, dk_j += Σ_r ds_rj · qs_r: each row of the block
-            // loaded once for the R queries.
-            for j in 0..kl {
-                for c in (0..d).step_by(LANES) {
-                    let mut av = S::load(&dv_b[j * d + c..]);
-                    let mut ak = S::load(&dk_b[j * d + c..]);
-                    for r in 0..R {
-                        let row = (rs + r) * d + c;
-                        av = S::fma(S::splat(p[r][j]), S::load(&dos[row..]), av);
-                        ak = S::fma(S::splat(ds[r][j]), S::load(&qs[row..]), ak);
+        for t0 in (first..groups * R).step_by(BT) {
+            let tl = BT.min(groups * R - t0);
+            for g in (0..tl).step_by(R) {
+                let rs = t0 + g;
+                let live = n.saturating_sub(rs).min(R);
+                let (pg, dsg) = (&mut p[g..g + R], &mut ds[g..g + R]);
+                products::<S>(&qs[rs * d..(rs + R) * d], kt, bias, d, pg);
+                products::<S>(&dos[rs * d..(rs + R) * d], vt, &ZERO_BIAS, d, dsg);
+                for r in 0..R {
+                    if r >= live {
+                        pg[r] = [0.0; BK];
+                        dsg[r] = [0.0; BK];
+                        continue;
                     }
-                    S::store(&mut dv_b[j * d + c..], av);
-                    S::store(&mut dk_b[j * d + c..], ak);
+                    let i = rs + r;
+                    mask_row::<S>(&mut pg[r], ks, i + o.q_offset, o.causal, h.slope);
+                    exp_row::<S>(&mut pg[r], lse[i]);
+                    // ds = p · (dp − delta)
+                    let di = S::splat(delta[i]);
+                    for c in 0..KV {
+                        let pc = S::loadp(pg[r].as_ptr().add(c * LANES));
+                        let dp = dsg[r].as_mut_ptr().add(c * LANES);
+                        S::storep(dp, S::mul(pc, S::sub(S::loadp(dp), di)));
+                    }
                 }
+                // dq_i += Σ_j ds_ij k_j (times the scale, at the end)
+                gemm_rows::<S>(&mut dqs[rs * d..(rs + R) * d], &[1.0; R], dsg, kb, kl, d);
             }
+            // dv_j += Σ_i p_ij · dout_i, dk_j += Σ_i ds_ij · qs_i over the tile's rows.
+            gemm_cols::<S>(dv_b, &p, &dos[t0 * d..(t0 + tl) * d], tl, kl, d);
+            gemm_cols::<S>(dk_b, &ds, &qs[t0 * d..(t0 + tl) * d], tl, kl, d);
         }
     }
     for (y, &x) in dq.iter_mut().zip(&dqs) {
@@ -348,33 +500,56 @@ unsafe fn backward_blocks<S: Simd>(
     }
 }
 
-/// [`forward_rows`] for the best instruction set of this CPU.
-fn forward_rows_best(
-    dims: &Dims,
-    o: &Opts,
-    h: &Head,
+/// One call of [`forward_rows`], as a [`Kernel`].
+struct ForwardRows<'a, 'b> {
+    dims: &'a Dims,
+    o: &'a Opts<'b>,
+    h: &'a Head<'b>,
     rows: std::ops::Range<usize>,
-    out: &mut [f32],
-    lse: &mut [f32],
-) {
-    dispatch!(|S| forward_rows::<S>(dims, o, h, rows, out, lse))
+    out: &'a mut [f32],
+    lse: &'a mut [f32],
 }
 
-/// [`backward_blocks`] for the best instruction set of this CPU.
-#[allow(clippy::too_many_arguments)]
-fn backward_blocks_best(
-    dims: &Dims,
-    o: &Opts,
-    h: &Head,
-    dout: &[f32],
-    lse: &[f32],
-    delta: &[f32],
+impl Kernel for ForwardRows<'_, '_> {
+    type Output = ();
+    #[inline(always)]
+    unsafe fn run<S: Simd>(self) {
+        forward_rows::<S>(self.dims, self.o, self.h, self.rows, self.out, self.lse)
+    }
+}
+
+/// One call of [`backward_blocks`], as a [`Kernel`].
+struct BackwardBlocks<'a, 'b> {
+    dims: &'a Dims,
+    o: &'a Opts<'b>,
+    h: &'a Head<'b>,
+    dout: &'a [f32],
+    lse: &'a [f32],
+    delta: &'a [f32],
     blocks: std::ops::Range<usize>,
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
-) {
-    dispatch!(|S| backward_blocks::<S>(dims, o, h, dout, lse, delta, blocks, dq, dk, dv))
+    dq: &'a mut [f32],
+    dk: &'a mut [f32],
+    dv: &'a mut [f32],
+}
+
+impl Kernel for BackwardBlocks<'_, '_> {
+    type Output = ();
+    #[inline(always)]
+    unsafe fn run<S: Simd>(self) {
+        let BackwardBlocks {
+            dims,
+            o,
+            h,
+            dout,
+            lse,
+            delta,
+            blocks,
+            dq,
+            dk,
+            dv,
+        } = self;
+        backward_blocks::<S>(dims, o, h, dout, lse, delta, blocks, dq, dk, dv)
+    }
 }
 
 /// Output `[batch, heads, n, d]` and log-sum-exp `[batch, heads, n]`.
@@ -390,6 +565,7 @@ pub fn forward(dims: &Dims, o: &Opts, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f
     if n == 0 || dims.m == 0 {
         return (out, lse);
     }
+    let prep = dims.prepare(o, k, None);
     // Work units: (head, query tile); a tile never straddles heads.
     let tiles = n.div_ceil(BQ);
     let mut units: Vec<(usize, usize, &mut [f32], &mut [f32])> = Vec::new();
@@ -400,9 +576,16 @@ pub fn forward(dims: &Dims, o: &Opts, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f
     }
     debug_assert_eq!(units.len(), tiles * dims.heads_total());
     units.into_par_iter().for_each(|(hb, t, oc, lc)| {
-        let h = dims.head(o, hb, q, k, v);
+        let h = dims.head(o, hb, &prep, q, k, v);
         let rows = t * BQ..(t * BQ + BQ).min(n);
-        forward_rows_best(dims, o, &h, rows, oc, lc);
+        run(ForwardRows {
+            dims,
+            o,
+            h: &h,
+            rows,
+            out: oc,
+            lse: lc,
+        });
     });
     (out, lse)
 }
@@ -433,6 +616,7 @@ pub fn backward(
     if n == 0 || m == 0 {
         return (dq, dk, dv);
     }
+    let prep = dims.prepare(o, k, Some(v));
     let delta: Vec<f32> = out
         .chunks_exact(d)
         .zip(dout.chunks_exact(d))
@@ -440,7 +624,7 @@ pub fn backward(
         .collect();
     // Split each head's key blocks into `parts` ranges so that there are enough units for
     // the threads; each range owns its dk/dv rows and sums into a dq of its own.
-    let blocks = m.div_ceil(BK);
+    let blocks = dims.blocks();
     let threads = rayon::current_num_threads().max(1);
     let parts = (2 * threads).div_ceil(hs).clamp(1, blocks);
     let per = blocks.div_ceil(parts);
@@ -462,20 +646,25 @@ pub fn backward(
     let partial: Vec<(usize, Vec<f32>)> = units
         .into_par_iter()
         .map(|(hb, range, dk_p, dv_p)| {
-            let h = dims.head(o, hb, q, k, v);
+            let h = dims.head(o, hb, &prep, q, k, v);
             let mut dqp = vec![0f32; n * d];
-            backward_blocks_best(
-                dims,
-                o,
-                &h,
+            let (dout, lse, delta) = (
                 &dout[hb * n * d..(hb + 1) * n * d],
                 &lse[hb * n..(hb + 1) * n],
                 &delta[hb * n..(hb + 1) * n],
-                range,
-                &mut dqp,
-                dk_p,
-                dv_p,
             );
+            run(BackwardBlocks {
+                dims,
+                o,
+                h: &h,
+                dout,
+                lse,
+                delta,
+                blocks: range,
+                dq: &mut dqp,
+                dk: dk_p,
+                dv: dv_p,
+            });
             (hb, dqp)
         })
         .collect();

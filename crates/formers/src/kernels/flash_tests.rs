@@ -1,4 +1,5 @@
 use super::*;
+use crate::kernels::simd::dispatch;
 
 /// Lane 0 of a vector of any instantiation.
 fn first<V: Copy>(v: V) -> f32 {

@@ -22,6 +22,10 @@ pub unsafe trait Simd: Copy {
     unsafe fn load(x: &[f32]) -> Self::V;
     /// Stores into `x[..LANES]`.
     unsafe fn store(x: &mut [f32], v: Self::V);
+    /// Loads `LANES` floats from `p` (unchecked: the caller guarantees they are readable).
+    unsafe fn loadp(p: *const f32) -> Self::V;
+    /// Stores `LANES` floats at `p` (unchecked: the caller guarantees they are writable).
+    unsafe fn storep(p: *mut f32, v: Self::V);
     /// `a · b + c`.
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
@@ -72,6 +76,16 @@ unsafe impl Simd for Scalar {
     #[inline(always)]
     unsafe fn store(x: &mut [f32], v: Self::V) {
         x[..LANES].copy_from_slice(&v)
+    }
+    #[inline(always)]
+    unsafe fn loadp(p: *const f32) -> Self::V {
+        // SAFETY: the caller guarantees `LANES` readable floats.
+        unsafe { std::ptr::read_unaligned(p as *const [f32; LANES]) }
+    }
+    #[inline(always)]
+    unsafe fn storep(p: *mut f32, v: Self::V) {
+        // SAFETY: the caller guarantees `LANES` writable floats.
+        unsafe { std::ptr::write_unaligned(p as *mut [f32; LANES], v) }
     }
     #[inline(always)]
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
@@ -152,6 +166,18 @@ unsafe impl Simd for Avx2 {
         assert!(x.len() >= LANES);
         // SAFETY: eight writable floats, checked above.
         unsafe { std::arch::x86_64::_mm256_storeu_ps(x.as_mut_ptr(), v) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn loadp(p: *const f32) -> Self::V {
+        // SAFETY: the caller guarantees eight readable floats.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn storep(p: *mut f32, v: Self::V) {
+        // SAFETY: the caller guarantees eight writable floats.
+        unsafe { std::arch::x86_64::_mm256_storeu_ps(p, v) }
     }
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -267,3 +293,32 @@ macro_rules! dispatch {
 }
 
 pub(crate) use dispatch;
+
+/// A computation written over [`Simd`] whose body is too large for [`dispatch!`]'s closure
+/// to be inlined under the features: [`run`] calls [`Kernel::run`] from a function compiled
+/// with them, and implementations mark `run` `#[inline(always)]`, which forces it in.
+pub(crate) trait Kernel {
+    type Output;
+    /// # Safety
+    /// As for [`Simd`]: only [`run`] calls it, with the instantiation this CPU supports.
+    unsafe fn run<S: Simd>(self) -> Self::Output;
+}
+
+/// Runs `k` with the best [`Simd`] this CPU has.
+pub(crate) fn run<K: Kernel>(k: K) -> K::Output {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2<K: Kernel>(k: K) -> K::Output {
+                // SAFETY: reached only when the CPU has AVX2 and FMA.
+                unsafe { k.run::<Avx2>() }
+            }
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            return unsafe { avx2(k) };
+        }
+    }
+    // SAFETY: the portable instantiation runs anywhere.
+    unsafe { k.run::<Scalar>() }
+}
