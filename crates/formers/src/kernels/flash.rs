@@ -396,7 +396,9 @@ unsafe fn forward_rows<S: Simd>(
                     continue;
                 }
                 let new_max = run_max[i].max(mx);
-                alpha[r] = (run_max[i] - new_max).exp();
+                if new_max != run_max[i] {
+                    alpha[r] = (run_max[i] - new_max).exp();
+                }
                 let sum = exp_row::<S>(s, new_max);
                 run_sum[i] = S::fma_scalar(run_sum[i], alpha[r], sum);
                 run_max[i] = new_max;

@@ -32,6 +32,8 @@ pub unsafe trait Simd: Copy {
     unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn min(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn div(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn sum(v: Self::V) -> f32;
     unsafe fn hmax(v: Self::V) -> f32;
     /// `e^x` per lane: relative error below 3e-7, exactly 0 below -87.
@@ -106,6 +108,14 @@ unsafe impl Simd for Scalar {
     #[inline(always)]
     unsafe fn max(a: Self::V, b: Self::V) -> Self::V {
         std::array::from_fn(|l| if a[l] > b[l] { a[l] } else { b[l] })
+    }
+    #[inline(always)]
+    unsafe fn min(a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|l| if a[l] < b[l] { a[l] } else { b[l] })
+    }
+    #[inline(always)]
+    unsafe fn div(a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|l| a[l] / b[l])
     }
     #[inline(always)]
     unsafe fn sum(v: Self::V) -> f32 {
@@ -203,6 +213,16 @@ unsafe impl Simd for Avx2 {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn max(a: Self::V, b: Self::V) -> Self::V {
         std::arch::x86_64::_mm256_max_ps(a, b)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn min(a: Self::V, b: Self::V) -> Self::V {
+        std::arch::x86_64::_mm256_min_ps(a, b)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn div(a: Self::V, b: Self::V) -> Self::V {
+        std::arch::x86_64::_mm256_div_ps(a, b)
     }
     #[inline]
     #[target_feature(enable = "avx2,fma")]
