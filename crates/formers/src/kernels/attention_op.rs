@@ -17,6 +17,8 @@ struct FlashAttention {
     key_bias: Option<Vec<f32>>,
     /// `[heads]`.
     alibi: Option<Vec<f32>>,
+    window: Option<usize>,
+    global: usize,
 }
 
 impl FlashAttention {
@@ -27,6 +29,8 @@ impl FlashAttention {
             q_offset: self.q_offset,
             key_bias: self.key_bias.as_deref(),
             alibi: self.alibi.as_deref(),
+            window: self.window,
+            global: self.global,
         }
     }
 }
@@ -119,6 +123,11 @@ pub struct FlashMask<'a> {
     pub key_bias: Option<&'a Tensor>,
     /// ALiBi slopes `[h]`.
     pub alibi: Option<&'a Tensor>,
+    /// A sliding window: the query at position `p` sees keys within `w` of `p` and the first
+    /// `global` keys; the first `global` queries see every key (as `flash::Opts`).
+    pub window: Option<usize>,
+    /// Leading positions with global attention (with `window` only).
+    pub global: usize,
 }
 
 /// Whether [`flash_attention`] takes these tensors (f32 on the CPU).
@@ -161,6 +170,8 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &FlashMask) -> 
         scale: 1.0 / (d as f32).sqrt(),
         key_bias,
         alibi,
+        window: mask.window,
+        global: mask.global,
     };
     let packed = q
         .contiguous()?
@@ -207,6 +218,7 @@ mod tests {
                             q_offset,
                             key_bias: padded.then_some(&kb),
                             alibi: alibi.then_some(&slopes),
+                            ..Default::default()
                         };
                         let reference = AttendOpts {
                             causal,

@@ -35,6 +35,38 @@ pub struct Opts<'a> {
     pub key_bias: Option<&'a [f32]>,
     /// ALiBi slopes `[heads]`: scores minus `slope · |i − j|`.
     pub alibi: Option<&'a [f32]>,
+    /// A sliding window (Longformer, Beltagy et al. 2020): the query at position `p` sees
+    /// keys within `w` of `p` and the first `global` keys; the first `global` queries see
+    /// every key. `None`: every key.
+    pub window: Option<usize>,
+    /// Leading positions with global attention (with `window` only).
+    pub global: usize,
+}
+
+impl Opts<'_> {
+    /// The keys `[lo, hi)` of the band of the query at position `p` (global keys aside),
+    /// or `None` when it sees every key.
+    fn band(&self, p: usize) -> Option<(usize, usize)> {
+        match self.window {
+            Some(w) if p >= self.global => Some((p.saturating_sub(w), p.saturating_add(w + 1))),
+            _ => None,
+        }
+    }
+
+    /// Whether some query at positions `p0..=p1` may see a key of `k0..k1`.
+    fn sees(&self, p0: usize, p1: usize, k0: usize, k1: usize) -> bool {
+        if self.causal && k0 > p1 {
+            return false;
+        }
+        match self.window {
+            None => true,
+            Some(w) => {
+                p0 < self.global
+                    || k0 < self.global
+                    || (k0 <= p1.saturating_add(w) && k1 > p0.saturating_sub(w))
+            }
+        }
+    }
 }
 
 /// One head's view of the inputs, with the key-block layouts the kernels read.
@@ -168,10 +200,10 @@ unsafe fn products<S: Simd>(a: &[f32], kt: &[f32], bias: &[f32], d: usize, s: &m
     }
 }
 
-/// Applies the ALiBi distance and the causal mask to score row `s` of the query at `qpos`
-/// against the key block at `ks` (the key bias is already in: [`products`]).
+/// Applies the ALiBi distance and the causal and window masks to score row `s` of the
+/// query at `qpos` against the key block at `ks` (the key bias is already in: [`products`]).
 #[inline(always)]
-unsafe fn mask_row<S: Simd>(s: &mut [f32; BK], ks: usize, qpos: usize, causal: bool, slope: f32) {
+unsafe fn mask_row<S: Simd>(s: &mut [f32; BK], ks: usize, qpos: usize, o: &Opts, slope: f32) {
     if slope != 0.0 {
         let base = S::splat(qpos as f32 - ks as f32);
         let iota = S::load(&IOTA);
@@ -184,11 +216,22 @@ unsafe fn mask_row<S: Simd>(s: &mut [f32; BK], ks: usize, qpos: usize, causal: b
             S::storep(p, S::sub(S::loadp(p), S::mul(sl, abs)));
         }
     }
-    if causal {
-        let visible = (qpos + 1).saturating_sub(ks).min(BK);
-        for x in &mut s[visible..] {
-            *x = f32::NEG_INFINITY;
-        }
+    // Keys at or past `end` are hidden, and (with a band) those in `[global, lo)`.
+    let mut end = if o.causal { qpos + 1 } else { usize::MAX };
+    if let Some((lo, hi)) = o.band(qpos) {
+        hide(s, ks, o.global, lo);
+        end = end.min(hi.max(o.global));
+    }
+    hide(s, ks, end, usize::MAX);
+}
+
+/// Sets the scores of keys `from..to` (positions) inside the block at `ks` to -∞.
+#[inline(always)]
+fn hide(s: &mut [f32; BK], ks: usize, from: usize, to: usize) {
+    let a = from.saturating_sub(ks).min(BK);
+    let b = to.saturating_sub(ks).min(BK);
+    if a < b {
+        s[a..b].fill(f32::NEG_INFINITY);
     }
 }
 
@@ -368,15 +411,18 @@ unsafe fn forward_rows<S: Simd>(
     let mut run_sum = vec![0f32; groups * R];
     let mut acc = vec![0f32; groups * R * d];
     let mut s = [[0f32; BK]; R];
-    let last_q = rows.end - 1 + o.q_offset;
+    let (first_q, last_q) = (rows.start + o.q_offset, rows.end - 1 + o.q_offset);
     for blk in 0..dims.blocks() {
         let ks = blk * BK;
         if o.causal && ks > last_q {
             break;
         }
+        let kl = BK.min(m - ks);
+        if !o.sees(first_q, last_q, ks, ks + kl) {
+            continue;
+        }
         let kt = &h.kt[blk * d * BK..(blk + 1) * d * BK];
         let bias = &h.bias[blk * BK..(blk + 1) * BK];
-        let kl = BK.min(m - ks);
         let vb = &h.v[ks * d..(ks + kl) * d];
         for g in 0..groups {
             let rs = g * R;
@@ -385,7 +431,7 @@ unsafe fn forward_rows<S: Simd>(
             for (r, s) in s.iter_mut().enumerate() {
                 let i = rs + r;
                 let mx = if i < nq {
-                    mask_row::<S>(s, ks, rows.start + i + o.q_offset, o.causal, h.slope);
+                    mask_row::<S>(s, ks, rows.start + i + o.q_offset, o, h.slope);
                     row_max::<S>(s)
                 } else {
                     f32::NEG_INFINITY
@@ -466,6 +512,10 @@ unsafe fn backward_blocks<S: Simd>(
         };
         for t0 in (first..groups * R).step_by(BT) {
             let tl = BT.min(groups * R - t0);
+            let last = (t0 + tl).min(n) - 1;
+            if !o.sees(t0 + o.q_offset, last + o.q_offset, ks, ks + kl) {
+                continue;
+            }
             for g in (0..tl).step_by(R) {
                 let rs = t0 + g;
                 let live = n.saturating_sub(rs).min(R);
@@ -479,7 +529,7 @@ unsafe fn backward_blocks<S: Simd>(
                         continue;
                     }
                     let i = rs + r;
-                    mask_row::<S>(&mut pg[r], ks, i + o.q_offset, o.causal, h.slope);
+                    mask_row::<S>(&mut pg[r], ks, i + o.q_offset, o, h.slope);
                     exp_row::<S>(&mut pg[r], lse[i]);
                     // ds = p · (dp − delta)
                     let di = S::splat(delta[i]);

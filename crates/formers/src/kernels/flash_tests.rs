@@ -34,6 +34,11 @@ fn scores(dims: &Dims, o: &Opts, hb: usize, q: &[f64], k: &[f64]) -> Vec<Vec<Opt
                     if o.causal && j > qpos {
                         return None;
                     }
+                    if let Some(w) = o.window {
+                        if qpos >= o.global && j >= o.global && qpos.abs_diff(j) > w {
+                            return None;
+                        }
+                    }
                     let mut s: f64 = (0..d)
                         .map(|x| q[(hb * n + i) * d + x] * k[(hb * m + j) * d + x])
                         .sum::<f64>()
@@ -121,6 +126,18 @@ fn max_rel(a: &[f32], e: &[f64]) -> f64 {
 }
 
 fn check(dims: Dims, causal: bool, q_offset: usize, padded: bool, alibi: bool) {
+    check_band(dims, causal, q_offset, padded, alibi, None, 0)
+}
+
+fn check_band(
+    dims: Dims,
+    causal: bool,
+    q_offset: usize,
+    padded: bool,
+    alibi: bool,
+    window: Option<usize>,
+    global: usize,
+) {
     let Dims {
         batch,
         heads,
@@ -151,10 +168,15 @@ fn check(dims: Dims, causal: bool, q_offset: usize, padded: bool, alibi: bool) {
         q_offset,
         key_bias: padded.then_some(&bias[..]),
         alibi: alibi.then_some(&slopes[..]),
+        window,
+        global,
     };
     let (out, lse) = forward(&dims, &o, &q, &k, &v);
     let (re, rdq, rdk, rdv) = reference(&dims, &o, &wide(&q), &wide(&k), &wide(&v), &wide(&g));
-    let what = format!("{dims:?} causal={causal} off={q_offset} padded={padded} alibi={alibi}");
+    let what = format!(
+        "{dims:?} causal={causal} off={q_offset} padded={padded} alibi={alibi} \
+         window={window:?} global={global}"
+    );
     assert!(
         max_rel(&out, &re) < 1e-5,
         "out {what}: {}",
@@ -221,6 +243,29 @@ fn matches_the_reference_in_values_and_gradients() {
     }
 }
 
+/// Sliding windows narrower and wider than a key block, with global tokens, against the
+/// reference: blocks outside every band are skipped, and partial blocks masked.
+#[test]
+fn windows_match_the_reference_in_values_and_gradients() {
+    let dims = Dims {
+        batch: 2,
+        heads: 2,
+        n: 300,
+        m: 300,
+        d: 16,
+    };
+    for (window, global) in [(1, 0), (5, 0), (70, 0), (5, 3), (100, 70), (400, 0)] {
+        for causal in [false, true] {
+            // Padding hides up to 3 keys: a narrower band would leave the last rows no key
+            // but padding, whose f32 log-sum-exp cannot hold the reference's.
+            check_band(dims, causal, 0, window >= 3, true, Some(window), global);
+        }
+    }
+    // Decoding-like: queries at the end of the keys.
+    let dims = Dims { n: 40, ..dims };
+    check_band(dims, true, 260, false, false, Some(17), 2);
+}
+
 #[test]
 fn the_reference_gradient_is_the_finite_difference() {
     let dims = Dims {
@@ -241,6 +286,8 @@ fn the_reference_gradient_is_the_finite_difference() {
         q_offset: 1,
         key_bias: None,
         alibi: Some(&slopes),
+        window: None,
+        global: 0,
     };
     let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
         let (out, ..) = reference(&dims, &o, q, k, v, &g);

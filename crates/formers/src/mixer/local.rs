@@ -11,6 +11,7 @@ use super::heads::{HeadKernel, MultiHead, Projections};
 use super::{
     no_padding_in_cache, positive, Capabilities, MixCtx, MixerCache, MixerDims, MixerKind, TokenMixer, MASKED,
 };
+use crate::kernels::attention_op::{self, flash_attention, FlashMask};
 use crate::params::Params;
 use crate::Result;
 
@@ -223,7 +224,22 @@ pub struct LocalOpts<'a> {
 }
 
 /// Banded softmax attention of `q [b, h, n, dh]` over `k, v [b, h, m, dh]`.
+///
+/// f32 on the CPU runs the fused FlashAttention op with the band as its mask (key blocks
+/// outside every band skipped, O(n·w) time, O(n·d) memory); other types and devices the
+/// candle path below (query chunks against their band of keys), its reference.
 pub fn attend_local(q: &Tensor, k: &Tensor, v: &Tensor, o: &LocalOpts) -> Result<Tensor> {
+    if attention_op::supports(q) {
+        let mask = FlashMask {
+            causal: o.causal,
+            q_offset: o.q_offset,
+            key_bias: o.key_bias,
+            alibi: o.alibi,
+            window: Some(o.window),
+            global: o.global,
+        };
+        return flash_attention(q, k, v, &mask);
+    }
     let (_, _, n, dh) = q.dims4()?;
     let m = k.dim(2)?;
     let c = o.chunk.max(1);
@@ -400,6 +416,71 @@ mod tests {
                 max_rel(&fast, &reference_band(&q, &k, &v, window, causal)) < 1e-10,
                 "w={window}"
             );
+        }
+    }
+
+    /// The f32 path (the fused kernel with a band mask) against the f64 candle path, values
+    /// and gradients, with padding, ALiBi, global tokens and a query offset. Tolerances are
+    /// f32 rounding.
+    #[test]
+    fn the_fused_f32_band_equals_the_candle_path() {
+        use candle_core::DType;
+        let (b, h, n, d) = (2, 2, 150, 8);
+        let slopes = Tensor::new(&[0.5f64, 0.25], &candle_core::Device::Cpu).unwrap();
+        let kb: Vec<f64> = (0..b * n)
+            .map(|i| if i >= 2 * n - 4 { MASKED } else { 0.0 })
+            .collect();
+        let kb = Tensor::from_vec(kb, (b, 1, 1, n), &candle_core::Device::Cpu).unwrap();
+        for (window, global, causal, off) in [
+            (4, 0, false, 0),
+            (4, 0, true, 0),
+            (70, 3, false, 0),
+            (9, 2, true, 0),
+            (9, 2, true, 30),
+        ] {
+            let m = n;
+            let nq = n - off;
+            let (q, k, v) = (
+                randn(&[b, h, nq, d], 12),
+                randn(&[b, h, m, d], 13),
+                randn(&[b, h, m, d], 14),
+            );
+            let r = randn(&[b, h, nq, d], 15);
+            let run = |dt: DType| {
+                let vars: Vec<Var> = [&q, &k, &v]
+                    .iter()
+                    .map(|t| Var::from_tensor(&t.to_dtype(dt).unwrap()).unwrap())
+                    .collect();
+                let (kb, slopes) = (kb.to_dtype(dt).unwrap(), slopes.to_dtype(dt).unwrap());
+                let o = LocalOpts {
+                    window,
+                    chunk: 16,
+                    causal,
+                    q_offset: off,
+                    key_bias: Some(&kb),
+                    alibi: Some(&slopes),
+                    global,
+                };
+                let y = attend_local(&vars[0], &vars[1], &vars[2], &o).unwrap();
+                let g = (&y * r.to_dtype(dt).unwrap())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let grads: Vec<Tensor> = vars
+                    .iter()
+                    .map(|x| g.get(x).unwrap().to_dtype(DType::F64).unwrap())
+                    .collect();
+                (y.to_dtype(DType::F64).unwrap(), grads)
+            };
+            let (fast, gf) = run(DType::F32);
+            let (slow, gs) = run(DType::F64);
+            let what = format!("w={window} g={global} causal={causal} off={off}");
+            assert!(max_rel(&fast, &slow) < 1e-5, "values {what}");
+            for (a, e) in gf.iter().zip(&gs) {
+                assert!(max_rel(a, e) < 1e-4, "grads {what}: {}", max_rel(a, e));
+            }
         }
     }
 

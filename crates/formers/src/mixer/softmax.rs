@@ -103,6 +103,7 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttendOpts) -> Result<Tens
             q_offset: o.q_offset,
             key_bias: o.key_bias,
             alibi: o.alibi,
+            ..Default::default()
         };
         return flash_attention(q, k, v, &mask);
     }
