@@ -66,6 +66,8 @@ unsafe fn gelu_v<S: Simd>(x: S::V, g: Option<S::V>) -> S::V {
 unsafe fn gelu_lanes<S: Simd>(x: &[f32], g: Option<&[f32]>, out: &mut [f32]) {
     let whole = x.len() / LANES * LANES;
     for i in (0..whole).step_by(LANES) {
+        // (Not `Option::map`: a closure would not inherit the target features.)
+        #[allow(clippy::manual_map)]
         let gv = match g {
             Some(g) => Some(S::loadp(g.as_ptr().add(i))),
             None => None,
