@@ -1,16 +1,47 @@
 //! CPU kernels with backward passes, used in training and inference alike for f32 on the
-//! CPU: the GELU here, exact attention (`flash`, as the candle op `attention_op`) and the
-//! norms of `norm_op`. Each is tested against the differentiable candle path it replaces.
+//! CPU: the GELU here, exact attention (`flash`, as the candle op `attention_op`), the
+//! norms of `norm_op`, softmax cross-entropy (`cross_entropy`), the broadcast bias add
+//! (`bias`) and the AdamW update (`adamw`). Each is tested against the composed candle path it replaces, and
+//! [`fused_enabled`] is the one switch back to those paths.
 
+pub mod adamw;
 pub mod attention_op;
+pub mod bias;
+pub mod cross_entropy;
 pub mod flash;
 pub mod norm_op;
 pub(crate) mod simd;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use std::cell::Cell;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
 use simd::{Simd, LANES};
 
 use crate::Result;
+
+thread_local! {
+    static REFERENCE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the fused kernels may run on this thread (the default). Every place that picks
+/// a fused kernel over its composed candle reference asks this first.
+pub fn fused_enabled() -> bool {
+    !REFERENCE.with(Cell::get)
+}
+
+/// Runs `f` on this thread with the composed reference paths instead of the fused kernels
+/// (for tests that compare the two: a thread's setting, so parallel tests do not see it).
+pub fn with_reference<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            REFERENCE.with(|r| r.set(self.0));
+        }
+    }
+    let _restore = Restore(REFERENCE.with(|r| r.replace(true)));
+    f()
+}
 
 /// `erf` as a rational function on [-4, 4] (beyond, `erf` is ±1 in f32), the form Eigen and
 /// XLA use for f32: no branches, so the loop vectorises (plain `*`/`+`: `mul_add` would be a
@@ -94,28 +125,63 @@ impl CustomOp1 for FastGeluErf {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let x = flat(arg)?;
-        let mut dx = flat(grad)?;
-        gelu_grad(&x, &mut dx);
-        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &GeluGrad)?))
     }
 }
 
-/// `g ← g · gelu'(x)` elementwise, eight lanes at a time.
+/// `(x, grad) → grad · gelu'(x)`: the backward of [`FastGeluErf`] reading both in place.
+struct GeluGrad;
+
+impl CustomOp2 for GeluGrad {
+    fn name(&self) -> &'static str {
+        "fast-gelu-erf-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_values(s1, l1, "fast-gelu-erf-grad")?;
+        let mut dx = f32_values(s2, l2, "fast-gelu-erf-grad")?.to_vec();
+        if dx.len() != x.len() {
+            candle_core::bail!(
+                "fast-gelu-erf-grad: {} values, {} gradients",
+                x.len(),
+                dx.len()
+            )
+        }
+        // Elementwise, so any split gives the same values.
+        dx.par_chunks_mut(1 << 14)
+            .zip(x.par_chunks(1 << 14))
+            .for_each(|(g, x)| gelu_grad(x, g));
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// `g ← g · gelu'(x)` elementwise: per block, `Φ(x)` in a plain loop (which vectorises,
+/// as the forward's does), then `x·φ(x)` eight lanes at a time.
 fn gelu_grad(x: &[f32], g: &mut [f32]) {
     const INV_SQRT_2PI: f32 = 0.398_942_3;
+    const BLOCK: usize = 8 * LANES;
     simd::dispatch!(|S| {
-        for (xc, gc) in x.chunks(LANES).zip(g.chunks_mut(LANES)) {
-            let mut xs = [0f32; LANES];
-            xs[..xc.len()].copy_from_slice(xc);
-            let xv = S::load(&xs);
-            let density = S::exp(S::mul(S::mul(xv, xv), S::splat(-0.5)));
-            let mut e = [0f32; LANES];
-            S::store(&mut e, S::mul(S::mul(xv, density), S::splat(INV_SQRT_2PI)));
-            for (i, g) in gc.iter_mut().enumerate() {
-                let cdf = 0.5 * (1.0 + fast_erf(xs[i] * std::f32::consts::FRAC_1_SQRT_2));
-                *g *= cdf + e[i];
+        for (xb, gb) in x.chunks(BLOCK).zip(g.chunks_mut(BLOCK)) {
+            let mut xs = [0f32; BLOCK];
+            xs[..xb.len()].copy_from_slice(xb);
+            let mut d = [0f32; BLOCK];
+            for (c, &x) in d.iter_mut().zip(&xs) {
+                *c = 0.5 * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2));
             }
+            for l in (0..BLOCK).step_by(LANES) {
+                let xv = S::load(&xs[l..]);
+                let density = S::exp(S::mul(S::mul(xv, xv), S::splat(-0.5)));
+                let e = S::mul(S::mul(xv, density), S::splat(INV_SQRT_2PI));
+                let sum = S::add(S::load(&d[l..]), e);
+                S::store(&mut d[l..], sum);
+            }
+            gb.iter_mut().zip(&d).for_each(|(g, &d)| *g *= d);
         }
     })
 }
@@ -123,7 +189,7 @@ fn gelu_grad(x: &[f32], g: &mut [f32]) {
 /// Exact (erf) GELU: the fast kernel (with its backward) for f32 on the CPU, candle's
 /// `gelu_erf` otherwise.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if x.dtype() != DType::F32 || !x.device().is_cpu() {
+    if x.dtype() != DType::F32 || !x.device().is_cpu() || !fused_enabled() {
         return Ok(x.gelu_erf()?);
     }
     Ok(x.contiguous()?.apply_op1(FastGeluErf)?)
