@@ -10,7 +10,7 @@ use std::cell::RefCell;
 
 use candle_core::{CpuStorage, InplaceOp2, Layout, Storage, Tensor};
 
-use super::f32_values;
+use super::{f32_values, simd};
 use crate::Result;
 
 /// The factors of one AdamW step, as the f32 values the composed update multiplies by.
@@ -69,13 +69,16 @@ impl Scalars {
 pub fn update(s: &Scalars, w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
     assert!(w.len() == g.len() && m.len() == g.len() && v.len() == g.len());
     let s = *s;
-    for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-        let g = g * s.clip;
-        *m = *m * s.beta1 + g * s.one_minus_beta1;
-        *v = *v * s.beta2 + (g * g) * s.one_minus_beta2;
-        let u = (*m * s.inv_bc1) / ((*v * s.inv_bc2).sqrt() + s.eps);
-        *w = *w * s.decay - u * s.lr;
-    }
+    // Plain arithmetic (no `mul_add`), compiled for the CPU's widest vectors.
+    simd::dispatch!(|_S| {
+        for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let g = g * s.clip;
+            *m = *m * s.beta1 + g * s.one_minus_beta1;
+            *v = *v * s.beta2 + (g * g) * s.one_minus_beta2;
+            let u = (*m * s.inv_bc1) / ((*v * s.inv_bc2).sqrt() + s.eps);
+            *w = *w * s.decay - u * s.lr;
+        }
+    })
 }
 
 /// `Σ g²` accumulated in f64, in eight fixed lanes (so it vectorises and has one order).

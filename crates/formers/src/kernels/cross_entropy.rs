@@ -49,12 +49,15 @@ fn u32_values<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32
     Ok(&data[start..end])
 }
 
-/// Checked inputs: classes per row, logits, targets, weights.
+/// Classes per row, logits, targets, weights.
+type Inputs<'a> = (usize, &'a [f32], &'a [u32], &'a [f32]);
+
+/// Checked inputs.
 fn inputs<'a>(
     (s1, l1): (&'a CpuStorage, &Layout),
     (s2, l2): (&'a CpuStorage, &Layout),
     (s3, l3): (&'a CpuStorage, &Layout),
-) -> candle_core::Result<(usize, &'a [f32], &'a [u32], &'a [f32])> {
+) -> candle_core::Result<Inputs<'a>> {
     let (n, c) = l1.shape().dims2()?;
     let x = f32_values(s1, l1, "fused cross-entropy")?;
     let t = u32_values(s2, l2)?;

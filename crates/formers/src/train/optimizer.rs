@@ -282,7 +282,7 @@ mod tests {
                 .to_dtype(DType::F32)
                 .unwrap()
         };
-        let scale = if step % 2 == 0 { 3.0 } else { 0.01 };
+        let scale = if step.is_multiple_of(2) { 3.0 } else { 0.01 };
         let mut grads = BTreeMap::from([
             ("w".to_string(), g(&[13, 7], 10 + step as u64, scale)),
             ("b".to_string(), g(&[7], 20 + step as u64, scale)),
