@@ -88,7 +88,7 @@ impl Module for Linear {
             None => x.matmul(&self.weight.t()?)?,
         };
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => crate::kernels::bias::add(&y, b)?,
             None => y,
         };
         let mut out = dims;

@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Tensor, D};
 
-use crate::Result;
+use crate::{kernels, Result};
 
 /// Log-softmax over the last dimension from differentiable ops.
 pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
@@ -13,8 +13,25 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Mean cross-entropy of `logits [.., c]` against `targets [..]` (u32); `weights [..]`
-/// (same dtype as logits) select which targets count.
+/// (same dtype as logits) select which targets count. f32 on the CPU takes the fused op
+/// ([`kernels::cross_entropy`]); otherwise, and as its reference, [`cross_entropy_composed`].
 pub fn cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    weights: Option<&Tensor>,
+) -> Result<Tensor> {
+    let c = logits.dim(D::Minus1)?;
+    let logits = logits.reshape(((), c))?;
+    let targets = targets.flatten_all()?;
+    if kernels::cross_entropy::supports(&logits) {
+        let weights = weights.map(Tensor::flatten_all).transpose()?;
+        return kernels::cross_entropy::cross_entropy(&logits, &targets, weights.as_ref());
+    }
+    cross_entropy_composed(&logits, &targets, weights)
+}
+
+/// [`cross_entropy`] from differentiable candle ops: log-softmax, gather, weighted mean.
+pub fn cross_entropy_composed(
     logits: &Tensor,
     targets: &Tensor,
     weights: Option<&Tensor>,

@@ -63,7 +63,7 @@ impl Positions {
             Positions::Table(t) => {
                 let n = x.dim(1)?;
                 check_len(offset + n, t.dim(0)?)?;
-                Ok(x.broadcast_add(&t.narrow(0, offset, n)?)?)
+                Ok(crate::kernels::bias::add(x, &t.narrow(0, offset, n)?)?)
             }
             _ => Ok(x.clone()),
         }

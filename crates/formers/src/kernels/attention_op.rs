@@ -130,9 +130,10 @@ pub struct FlashMask<'a> {
     pub global: usize,
 }
 
-/// Whether [`flash_attention`] takes these tensors (f32 on the CPU).
+/// Whether [`flash_attention`] takes these tensors (f32 on the CPU) and the fused kernels
+/// are on ([`super::fused_enabled`]).
 pub fn supports(q: &Tensor) -> bool {
-    q.dtype() == DType::F32 && q.device().is_cpu()
+    q.dtype() == DType::F32 && q.device().is_cpu() && super::fused_enabled()
 }
 
 /// `softmax(q kᵀ / sqrt(d) + masks) v` for `q [b, h, n, d]`, `k, v [b, h, m, d]` (f32, CPU),

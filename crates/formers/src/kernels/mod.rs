@@ -1,16 +1,46 @@
 //! CPU kernels with backward passes, used in training and inference alike for f32 on the
-//! CPU: the GELU here, exact attention (`flash`, as the candle op `attention_op`) and the
-//! norms of `norm_op`. Each is tested against the differentiable candle path it replaces.
+//! CPU: the GELU here, exact attention (`flash`, as the candle op `attention_op`), the
+//! norms of `norm_op`, softmax cross-entropy (`cross_entropy`), the broadcast bias add
+//! (`bias`) and the AdamW update (`adamw`). Each is tested against the composed candle path it replaces, and
+//! [`fused_enabled`] is the one switch back to those paths.
 
+pub mod adamw;
 pub mod attention_op;
+pub mod bias;
+pub mod cross_entropy;
 pub mod flash;
 pub mod norm_op;
 pub(crate) mod simd;
+
+use std::cell::Cell;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use simd::{Simd, LANES};
 
 use crate::Result;
+
+thread_local! {
+    static REFERENCE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the fused kernels may run on this thread (the default). Every place that picks
+/// a fused kernel over its composed candle reference asks this first.
+pub fn fused_enabled() -> bool {
+    !REFERENCE.with(Cell::get)
+}
+
+/// Runs `f` on this thread with the composed reference paths instead of the fused kernels
+/// (for tests that compare the two: a thread's setting, so parallel tests do not see it).
+pub fn with_reference<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            REFERENCE.with(|r| r.set(self.0));
+        }
+    }
+    let _restore = Restore(REFERENCE.with(|r| r.replace(true)));
+    f()
+}
 
 /// `erf` as a rational function on [-4, 4] (beyond, `erf` is ±1 in f32), the form Eigen and
 /// XLA use for f32, eight lanes at a time. Max error ≈ 1e-7 (tested).
@@ -153,7 +183,7 @@ impl CustomOp1 for FastGeluErf {
     }
 }
 
-/// `grad · gelu'(x)`, the backward of [`FastGeluErf`].
+/// `(x, grad) → grad · gelu'(x)`: the backward of [`FastGeluErf`] reading both in place.
 struct GeluGrad;
 
 impl CustomOp2 for GeluGrad {
@@ -182,7 +212,7 @@ impl CustomOp2 for GeluGrad {
 /// Exact (erf) GELU: the fast kernel (with its backward) for f32 on the CPU, candle's
 /// `gelu_erf` otherwise.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if x.dtype() != DType::F32 || !x.device().is_cpu() {
+    if x.dtype() != DType::F32 || !x.device().is_cpu() || !fused_enabled() {
         return Ok(x.gelu_erf()?);
     }
     Ok(x.contiguous()?.apply_op1(FastGeluErf)?)

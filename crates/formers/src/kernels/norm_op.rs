@@ -191,7 +191,10 @@ impl CustomOp2 for NormOp {
 
 /// Whether the fused norms take `x` (f32 on the CPU, with f32 parameters).
 pub fn supports(x: &Tensor, weight: &Tensor) -> bool {
-    x.dtype() == DType::F32 && weight.dtype() == DType::F32 && x.device().is_cpu()
+    x.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && x.device().is_cpu()
+        && super::fused_enabled()
 }
 
 /// LayerNorm over the last dimension, differentiable in `x`, `weight` and `bias`.

@@ -97,7 +97,7 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttendOpts) -> Result<Tens
         let s = tile_scores(&(q * (1.0 / (dh as f64).sqrt()))?, k, o.q_offset, 0, m, o)?;
         return Ok(candle_nn::ops::softmax_last_dim(&s)?.matmul(v)?);
     }
-    if o.clip.is_none() && attention_op::supports(q) {
+    if o.clip.is_none() && crate::kernels::fused_enabled() && attention_op::supports(q) {
         let mask = FlashMask {
             causal: o.causal,
             q_offset: o.q_offset,
