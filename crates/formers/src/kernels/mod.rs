@@ -4,6 +4,8 @@
 
 pub mod attention_op;
 pub mod flash;
+pub mod gemm;
+pub mod matmul_op;
 pub mod norm_op;
 pub(crate) mod simd;
 
