@@ -1,8 +1,10 @@
 //! `C = A·B` (or `C += A·B`) for f32 matrices on the CPU, the BLIS/GotoBLAS way: B packed
 //! into `K × NR` panels, an AVX2+FMA microkernel that keeps an `MR × NR` = 6 × 16 tile of C
 //! in 12 registers, blocks over K so a B micro-panel stays in L1, and rayon over blocks of
-//! rows and columns of C. A is read in place (row or column stride, so a transposed A
-//! costs no copy); B's transpose is taken while packing.
+//! rows and columns of C (split so that the operands are read the fewest times). A block
+//! of A is packed into `MR × KC` panels when it serves at least 8 column panels, and read
+//! in place (row or column stride) otherwise; transposes of either operand are taken while
+//! packing or by the strides, never by a copy of their own.
 //!
 //! Deterministic: each element of C is one chain of FMAs over K in increasing order, in
 //! blocks of [`KC`] that depend on K alone; threads only decide who computes which tile,
@@ -409,6 +411,7 @@ impl Kernel {
     /// `rows[r] + kk·csa` readable for `kk < kc`; `b` holds `kc × NR` values; `c` is a
     /// writable 6 × 16 tile with row stride `ldc`.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn call(
         self,
         kc: usize,
