@@ -9,6 +9,8 @@ pub mod attention_op;
 pub mod bias;
 pub mod cross_entropy;
 pub mod flash;
+pub mod gemm;
+pub mod matmul_op;
 pub mod norm_op;
 pub(crate) mod simd;
 
