@@ -330,8 +330,7 @@ impl Model {
         match &self.head {
             Head::Lm { untied: None } => {
                 let (b, n, d) = h.dims3()?;
-                let logits =
-                    crate::kernels::matmul_op::matmul(&h.reshape((b * n, d))?, &self.embed.t()?)?;
+                let logits = h.reshape((b * n, d))?.matmul(&self.embed.t()?)?;
                 Ok(logits.reshape((b, n, ()))?)
             }
             Head::Lm { untied: Some(l) } => l.forward(h),

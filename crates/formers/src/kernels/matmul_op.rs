@@ -127,8 +127,7 @@ impl CustomOp2 for MatMul {
     }
 }
 
-/// [`matmul`] with candle's error type, for candle ops and modules.
-pub(crate) fn matmul_or_candle(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+fn matmul_or_candle(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     let fast = a.dtype() == DType::F32
         && b.dtype() == DType::F32
         && a.device().is_cpu()
