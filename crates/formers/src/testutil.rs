@@ -6,6 +6,21 @@ use crate::params::Params;
 use crate::rng::Rng;
 use crate::Result;
 
+/// Deterministic f32 values in [-1, 1) from `seed` (for kernels on plain slices).
+pub fn uniform(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
 /// A standard-normal f64 tensor from `seed`.
 pub fn randn(shape: &[usize], seed: u64) -> Tensor {
     let mut r = Rng::new(seed);

@@ -1,4 +1,5 @@
 use super::*;
+use crate::testutil::uniform as rand;
 use crate::kernels::simd::dispatch;
 
 /// Lane 0 of a vector of any instantiation.
@@ -6,21 +7,6 @@ fn first<V: Copy>(v: V) -> f32 {
     assert_eq!(std::mem::size_of::<V>(), 32);
     // SAFETY: both instantiations are eight f32 lanes.
     unsafe { std::mem::transmute_copy::<V, [f32; 8]>(&v)[0] }
-}
-
-/// Deterministic pseudo-random values in [-1, 1).
-fn rand(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
 }
 
 /// Scores of one head in f64 with every mask (masked = None).

@@ -4,21 +4,7 @@
 //! `u = 2⁻²⁴` (Higham's γ_k bound), per element.
 
 use super::*;
-
-/// Deterministic values in [-1, 1).
-fn values(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+use crate::testutil::uniform as values;
 
 /// Element `(r, c)` of batch `bi` of an operand.
 fn at(x: &MatRef, bi: usize, r: usize, c: usize) -> f32 {
