@@ -99,7 +99,7 @@ impl Dims {
         self.m.div_ceil(BK)
     }
 
-    /// The block layouts of `k` (and of `v` when `with_v`) and the per-block key bias.
+    /// The block layouts of `k` (and of `v` when given) and the per-block key bias.
     fn prepare(&self, o: &Opts, k: &[f32], v: Option<&[f32]>) -> Prepared {
         let (m, d, blocks) = (self.m, self.d, self.blocks());
         let per_head = blocks * d * BK;
