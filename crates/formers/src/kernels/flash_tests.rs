@@ -1,6 +1,6 @@
 use super::*;
-use crate::testutil::uniform as rand;
 use crate::kernels::simd::dispatch;
+use crate::testutil::uniform as rand;
 
 /// Lane 0 of a vector of any instantiation.
 fn first<V: Copy>(v: V) -> f32 {
