@@ -79,6 +79,17 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        use crate::kernels::linear_op::linear;
+        let fused = match &self.factor {
+            None => linear(x, &self.weight, self.bias.as_ref()),
+            Some(f) => match linear(x, f, None) {
+                Some(Ok(h)) => linear(&h, &self.weight, self.bias.as_ref()),
+                failed => failed,
+            },
+        };
+        if let Some(y) = fused {
+            return y;
+        }
         let dims = x.dims().to_vec();
         let d_in = *dims.last().expect("linear input has a last dimension");
         let rows = x.elem_count() / d_in.max(1);

@@ -49,10 +49,7 @@ impl CustomOp2 for BiasAdd {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let db = grad
-            .contiguous()?
-            .apply_op1_no_bwd(&RowSum(b.elem_count()))?
-            .reshape(b.shape())?;
+        let db = row_sum(grad, b.elem_count())?.reshape(b.shape())?;
         Ok((Some(grad.clone()), Some(db)))
     }
 }
@@ -84,6 +81,12 @@ impl CustomOp1 for RowSum {
         }
         Ok((CpuStorage::F32(sum), Shape::from(d)))
     }
+}
+
+/// The sum of the rows of `grad [.., d]` as `[d]`, in one contiguous pass per block of rows
+/// (blocks joined in order, so the sum does not depend on the thread count).
+pub(crate) fn row_sum(grad: &Tensor, d: usize) -> candle_core::Result<Tensor> {
+    grad.contiguous()?.apply_op1_no_bwd(&RowSum(d))
 }
 
 /// `y + b` for `b` of the trailing shape of `y`: the fused op for f32 on the CPU (when the
