@@ -1,8 +1,17 @@
 //! Exact softmax attention as one candle op with a backward pass (FlashAttention-2, Dao
 //! 2023): the forward runs [`flash::forward`] and keeps only the output and each row's
 //! log-sum-exp, the backward runs [`flash::backward`], so training memory is O(n·d).
+//!
+//! The op takes heads either split (`[b, h, n, d]`, [`flash_attention`]) or merged as the
+//! projections make them (`[b, n, h·d]`, [`flash_attention_merged`]); merged, the split
+//! into heads and the merge back happen inside the op, so a training step has no transpose,
+//! copy or reshape nodes around attention (each of which candle's backward pays with a
+//! zero-filled gradient buffer and an addition).
+
+use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
 use super::flash::{self, Dims, Opts};
 use super::{f32_values, flat};
@@ -19,6 +28,10 @@ struct FlashAttention {
     alibi: Option<Vec<f32>>,
     window: Option<usize>,
     global: usize,
+    /// `Some(heads)`: inputs and output are `[b, n, heads·d]`; `None`: `[b, h, n, d]`.
+    merged: Option<usize>,
+    /// Each row's log-sum-exp, `[b, h, n]`, saved by the forward for the backward.
+    lse: Mutex<Vec<f32>>,
 }
 
 impl FlashAttention {
@@ -33,19 +46,64 @@ impl FlashAttention {
             global: self.global,
         }
     }
+
+    /// [`Dims`] of `q` and `k` (`[b, h, n, d]`, or `[b, n, h·d]` when merged).
+    fn dims(&self, q: &Shape, k: &Shape) -> candle_core::Result<Dims> {
+        let (batch, heads, n, m, d) = match self.merged {
+            None => {
+                let (batch, heads, n, d) = q.dims4()?;
+                (batch, heads, n, k.dims4()?.2, d)
+            }
+            Some(heads) => {
+                let (batch, n, width) = q.dims3()?;
+                (batch, heads, n, k.dims3()?.1, width / heads.max(1))
+            }
+        };
+        Ok(Dims {
+            batch,
+            heads,
+            n,
+            m,
+            d,
+        })
+    }
+
+    /// `x` in the split layout `[b, h, len, d]` the kernel reads (a copy when merged).
+    fn split<'a>(&self, x: &'a [f32], dims: &Dims, len: usize) -> std::borrow::Cow<'a, [f32]> {
+        match self.merged {
+            None => x.into(),
+            Some(h) => regroup(x, len, h, dims.d, true).into(),
+        }
+    }
+
+    /// The kernel's `[b, h, len, d]` result in this op's layout.
+    fn unsplit(&self, x: Vec<f32>, dims: &Dims, len: usize) -> Vec<f32> {
+        match self.merged {
+            None => x,
+            Some(h) => regroup(&x, len, h, dims.d, false),
+        }
+    }
 }
 
-/// `q [b, h, n, d]` and `k [b, h, m, d]` as [`Dims`].
-fn dims(q: &Shape, k: &Shape) -> candle_core::Result<Dims> {
-    let (batch, heads, n, d) = q.dims4()?;
-    let m = k.dims4()?.2;
-    Ok(Dims {
-        batch,
-        heads,
-        n,
-        m,
-        d,
-    })
+/// `[b, len, h, d]` → `[b, h, len, d]` (`split`), or back.
+fn regroup(x: &[f32], len: usize, h: usize, d: usize, split: bool) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    if x.is_empty() || d == 0 {
+        return out;
+    }
+    // One output row per (batch, [head or position]) pair in parallel.
+    let (outer, inner) = if split { (h, len) } else { (len, h) };
+    out.par_chunks_mut(inner * d)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let (bb, o) = (row / outer, row % outer);
+            for (i, chunk) in dst.chunks_exact_mut(d).enumerate() {
+                // Source index of (bb, o, i) with the roles of o and i swapped.
+                let src = (bb * inner + i) * outer * d + o * d;
+                chunk.copy_from_slice(&x[src..src + d]);
+            }
+        });
+    out
 }
 
 impl CustomOp3 for FlashAttention {
@@ -53,8 +111,6 @@ impl CustomOp3 for FlashAttention {
         "flash-attention"
     }
 
-    /// Returns `[b, h, n, d + 1]`: the output with each row's log-sum-exp appended, which
-    /// the backward needs; [`flash_attention`] hands on the first `d` columns.
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -64,21 +120,21 @@ impl CustomOp3 for FlashAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = dims(l1.shape(), l2.shape())?;
+        let dims = self.dims(l1.shape(), l2.shape())?;
         let (q, k, v) = (
             f32_values(s1, l1, "flash-attention")?,
             f32_values(s2, l2, "flash-attention")?,
             f32_values(s3, l3, "flash-attention")?,
         );
-        let (out, lse) = flash::forward(&dims, &self.opts(), q, k, v);
-        let d = dims.d;
-        let mut packed = Vec::with_capacity(lse.len() * (d + 1));
-        for (row, l) in out.chunks_exact(d.max(1)).zip(&lse) {
-            packed.extend_from_slice(&row[..d]);
-            packed.push(*l);
-        }
-        let shape = Shape::from((dims.batch, dims.heads, dims.n, d + 1));
-        Ok((CpuStorage::F32(packed), shape))
+        let (q, k, v) = (
+            self.split(q, &dims, dims.n),
+            self.split(k, &dims, dims.m),
+            self.split(v, &dims, dims.m),
+        );
+        let (out, lse) = flash::forward(&dims, &self.opts(), &q, &k, &v);
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
+        let out = self.unsplit(out, &dims, dims.n);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
     fn bwd(
@@ -89,25 +145,31 @@ impl CustomOp3 for FlashAttention {
         res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dims = dims(q.shape(), k.shape())?;
-        let d = dims.d;
-        let res = res.detach();
-        let (out, lse) = (res.narrow(3, 0, d)?, res.narrow(3, d, 1)?);
-        let dout = grad_res.narrow(3, 0, d)?;
+        let dims = self.dims(q.shape(), k.shape())?;
+        let lse = self.lse.lock().unwrap_or_else(|e| e.into_inner());
+        if lse.len() != dims.batch * dims.heads * dims.n {
+            candle_core::bail!("flash-attention: backward without its forward")
+        }
+        let (qf, kf, vf) = (flat(q)?, flat(k)?, flat(v)?);
+        let (outf, doutf) = (flat(&res.detach())?, flat(grad_res)?);
+        let (n, m) = (dims.n, dims.m);
         let (dq, dk, dv) = flash::backward(
             &dims,
             &self.opts(),
-            &flat(q)?,
-            &flat(k)?,
-            &flat(v)?,
-            &flat(&out)?,
-            &flat(&lse)?,
-            &flat(&dout)?,
+            &self.split(&qf, &dims, n),
+            &self.split(&kf, &dims, m),
+            &self.split(&vf, &dims, m),
+            &self.split(&outf, &dims, n),
+            &lse,
+            &self.split(&doutf, &dims, n),
         );
+        let back = |g: Vec<f32>, len: usize, like: &Tensor| {
+            Tensor::from_vec(self.unsplit(g, &dims, len), like.shape(), like.device())
+        };
         Ok((
-            Some(Tensor::from_vec(dq, q.shape(), q.device())?),
-            Some(Tensor::from_vec(dk, k.shape(), k.device())?),
-            Some(Tensor::from_vec(dv, v.shape(), v.device())?),
+            Some(back(dq, n, q)?),
+            Some(back(dk, m, k)?),
+            Some(back(dv, m, v)?),
         ))
     }
 }
@@ -140,7 +202,44 @@ pub fn supports(q: &Tensor) -> bool {
 /// differentiable in `q`, `k` and `v` with O(n·d) memory.
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &FlashMask) -> Result<Tensor> {
     let (b, h, _, d) = q.dims4()?;
-    let m = k.dim(2)?;
+    let op = op(b, h, k.dim(2)?, d, None, mask)?;
+    Ok(q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+/// [`flash_attention`] on heads merged as the projections make them: `q [b, n, heads·d]`,
+/// `k, v [b, m, heads·d]`, the output `[b, n, heads·d]` (head `i` in columns `i·d..(i+1)·d`).
+pub fn flash_attention_merged(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: &FlashMask,
+) -> Result<Tensor> {
+    let (b, _, width) = q.dims3()?;
+    let (kb, m, kw) = k.dims3()?;
+    if heads == 0 || width % heads != 0 || kw != width || kb != b || v.dims() != k.dims() {
+        return Err(crate::Error::Input(format!(
+            "merged attention: q {:?}, k {:?}, v {:?} for {heads} heads",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )));
+    }
+    let op = op(b, heads, m, width / heads, Some(heads), mask)?;
+    Ok(q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+/// The op for `b` rows of `h` heads of width `d` over `m` keys.
+fn op(
+    b: usize,
+    h: usize,
+    m: usize,
+    d: usize,
+    merged: Option<usize>,
+    mask: &FlashMask,
+) -> Result<FlashAttention> {
     let key_bias = match mask.key_bias {
         None => None,
         Some(kb) => {
@@ -165,7 +264,7 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &FlashMask) -> 
             "ALiBi slopes for {h} heads expected"
         )));
     }
-    let op = FlashAttention {
+    Ok(FlashAttention {
         causal: mask.causal,
         q_offset: mask.q_offset,
         scale: 1.0 / (d as f32).sqrt(),
@@ -173,11 +272,9 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &FlashMask) -> 
         alibi,
         window: mask.window,
         global: mask.global,
-    };
-    let packed = q
-        .contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
-    Ok(packed.narrow(3, 0, d)?)
+        merged,
+        lse: Mutex::new(Vec::new()),
+    })
 }
 
 #[cfg(test)]
@@ -247,6 +344,104 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The merged layout against the differentiable reference on the split one, for the
+    /// masks the arena's mixers use (causal, padded, ALiBi, a window with global tokens).
+    #[test]
+    fn merged_heads_match_the_reference_in_values_and_gradients() {
+        let (b, h, n, d) = (2, 3, 45, 8);
+        let slopes = Tensor::new(&[0.5f32, 0.25, 0.125], &Device::Cpu).unwrap();
+        let kb: Vec<f32> = (0..b * n)
+            .map(|i| if i >= 2 * n - 4 { MASKED as f32 } else { 0.0 })
+            .collect();
+        let kb = Tensor::from_vec(kb, (b, 1, 1, n), &Device::Cpu).unwrap();
+        let split = |x: &Tensor| {
+            x.reshape((b, n, h, d))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        for (causal, padded, alibi, window) in [
+            (false, false, false, None),
+            (true, false, false, None),
+            (false, true, true, None),
+            (true, true, true, None),
+            (false, true, false, Some(6)),
+            (true, false, true, Some(9)),
+        ] {
+            let (q, k, v) = (
+                var(&[b, n, h * d], 5),
+                var(&[b, n, h * d], 6),
+                var(&[b, n, h * d], 7),
+            );
+            let mask = FlashMask {
+                causal,
+                key_bias: padded.then_some(&kb),
+                alibi: alibi.then_some(&slopes),
+                window,
+                global: if window.is_some() { 2 } else { 0 },
+                ..Default::default()
+            };
+            let what = format!("causal={causal} padded={padded} alibi={alibi} window={window:?}");
+            let fast = flash_attention_merged(&q, &k, &v, h, &mask).unwrap();
+            let slow = match window {
+                None => {
+                    let reference = AttendOpts {
+                        causal,
+                        key_bias: mask.key_bias,
+                        alibi: mask.alibi,
+                        ..Default::default()
+                    };
+                    reference_attend_with(&split(&q), &split(&k), &split(&v), &reference).unwrap()
+                }
+                Some(w) => {
+                    let reference = crate::mixer::local::LocalOpts {
+                        window: w,
+                        chunk: 16,
+                        causal,
+                        q_offset: 0,
+                        key_bias: mask.key_bias,
+                        alibi: mask.alibi,
+                        global: 2,
+                    };
+                    crate::kernels::with_reference(|| {
+                        crate::mixer::local::attend_local(
+                            &split(&q),
+                            &split(&k),
+                            &split(&v),
+                            &reference,
+                        )
+                    })
+                    .unwrap()
+                }
+            }
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, n, h * d))
+            .unwrap();
+            assert!(max_rel(&fast, &slow) < 1e-5, "values {what}");
+            let r = randn(&[b, n, h * d], 8).to_dtype(DType::F32).unwrap();
+            let gf = (fast * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gs = (slow * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+                let (a, e) = (gf.get(var).unwrap(), gs.get(var).unwrap());
+                assert!(
+                    max_rel(a, e) < 1e-4,
+                    "grad {name} {what}: {}",
+                    max_rel(a, e)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn merged_heads_of_the_wrong_width_are_an_error() {
+        let x = Tensor::zeros((1, 4, 10), DType::F32, &Device::Cpu).unwrap();
+        let err = flash_attention_merged(&x, &x, &x, 3, &FlashMask::default()).unwrap_err();
+        assert!(err.to_string().contains("3 heads"), "{err}");
     }
 
     fn var(shape: &[usize], seed: u64) -> Var {

@@ -12,6 +12,7 @@ use super::{
     no_padding_in_cache, positive, Capabilities, MixCtx, MixerCache, MixerDims, MixerKind, TokenMixer};
 use crate::params::Params;
 use crate::{Error, Result};
+use crate::kernels::attention_op::{self, flash_attention_merged, FlashMask};
 
 /// Config of exact attention.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -193,5 +194,27 @@ impl HeadKernel for FullKernel {
             inference: self.inference,
         };
         attend(q, &k, &v, &opts)
+    }
+
+    fn attend_merged(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        ctx: &MixCtx,
+    ) -> Option<Result<Tensor>> {
+        // Inference keeps `attend`'s single-tile path for short inputs; clipping has no
+        // fused form.
+        if self.clip.is_some() || self.inference || !attention_op::supports(q) {
+            return None;
+        }
+        let mask = FlashMask {
+            causal: self.causal,
+            key_bias: ctx.key_bias,
+            alibi: ctx.alibi,
+            ..Default::default()
+        };
+        Some(flash_attention_merged(q, k, v, heads, &mask))
     }
 }

@@ -22,6 +22,20 @@ pub trait HeadKernel: std::fmt::Debug + Send + Sync {
         ctx: &MixCtx,
         cache: Option<&mut MixerCache>,
     ) -> Result<Tensor>;
+
+    /// Mixes `q, k, v [b, n, heads·dh]` as the projections make them (no RoPE, no cache, no
+    /// packed segments), when this kernel has a fused path for that layout, which saves the
+    /// split into heads and the merge back; `None` sends the caller to [`Self::attend`].
+    fn attend_merged(
+        &self,
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+        _heads: usize,
+        _ctx: &MixCtx,
+    ) -> Option<Result<Tensor>> {
+        None
+    }
 }
 
 /// The projections around a kernel.
@@ -154,12 +168,23 @@ impl MultiHead {
 impl TokenMixer for MultiHead {
     fn forward(&self, x: &Tensor, ctx: &MixCtx, cache: Option<&mut MixerCache>) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
-        let k = self.heads(&self.k.forward(x)?)?;
+        let k = self.k.forward(x)?;
         let q = match &self.q {
-            Some(q) => self.heads(&q.forward(x)?)?,
+            Some(q) => q.forward(x)?,
             None => k.clone(),
         };
-        let mut v = self.heads(&self.v.forward(x)?)?;
+        let v = self.v.forward(x)?;
+        let plain = ctx.rope.is_none()
+            && ctx.first_values.is_none()
+            && ctx.segments.is_none()
+            && cache.is_none()
+            && self.gate.is_none();
+        if plain {
+            if let Some(y) = self.kernel.attend_merged(&q, &k, &v, self.n_heads, ctx) {
+                return self.o.forward(&y?);
+            }
+        }
+        let (q, k, mut v) = (self.heads(&q)?, self.heads(&k)?, self.heads(&v)?);
         if let Some(cell) = ctx.first_values {
             let mut first = cell.borrow_mut();
             match first.as_ref() {
