@@ -204,9 +204,9 @@ impl HeadKernel for FullKernel {
         heads: usize,
         ctx: &MixCtx,
     ) -> Option<Result<Tensor>> {
-        // Inference keeps `attend`'s single-tile path for short inputs; clipping has no
-        // fused form.
-        if self.clip.is_some() || self.inference || !attention_op::supports(q) {
+        // Clipping has no fused form. Inference takes this path too: without the split into
+        // heads it beat `attend`'s single-tile candle path on MiniLM embeddings.
+        if self.clip.is_some() || !attention_op::supports(q) {
             return None;
         }
         let mask = FlashMask {
