@@ -53,6 +53,13 @@ impl Mlp {
 
 impl ChannelMixer for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let (Hidden::Pointwise(Pointwise::Gelu), None, Some(b)) =
+            (&self.hidden, &self.up.factor, &self.up.bias)
+        {
+            if let Some(h) = crate::kernels::linear_op::linear_gelu(x, &self.up.weight, b) {
+                return self.down.forward(&h?);
+            }
+        }
         let h = self.up.forward(x)?;
         let h = match &self.hidden {
             Hidden::Pointwise(act) => act.apply(&h)?,

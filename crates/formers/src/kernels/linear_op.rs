@@ -101,6 +101,57 @@ impl CustomOp3 for LinearBias {
     }
 }
 
+/// `gelu(x Wᵀ + b)` (exact, erf): inputs `(x, w, b)`. The pre-activation stays in the op
+/// for the backward (as the separate GELU node kept it), which saves that node's gradient
+/// buffer and a pass over the widest activation of a block.
+struct LinearBiasGelu {
+    pre: std::sync::Mutex<Vec<f32>>,
+}
+
+impl CustomOp3 for LinearBiasGelu {
+    fn name(&self) -> &'static str {
+        "fused-linear-gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (pre, shape) = LinearBias.cpu_fwd(s1, l1, s2, l2, s3, l3)?;
+        let CpuStorage::F32(pre) = pre else {
+            candle_core::bail!("fused linear: f32 product expected")
+        };
+        let mut out = vec![0f32; pre.len()];
+        super::gelu_map(&pre, None, &mut out);
+        *self.pre.lock().unwrap_or_else(|e| e.into_inner()) = pre;
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let pre = self.pre.lock().unwrap_or_else(|e| e.into_inner());
+        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        if pre.len() != g.len() {
+            candle_core::bail!("fused linear-gelu: backward without its forward")
+        }
+        let mut dpre = vec![0f32; g.len()];
+        super::gelu_map(&pre, Some(&g), &mut dpre);
+        let dpre = Tensor::from_vec(dpre, res.shape(), res.device())?;
+        LinearBias.bwd(x, w, b, res, &dpre)
+    }
+}
+
 /// `x Wᵀ`: inputs `(x, w)`.
 struct LinearNoBias;
 
@@ -173,6 +224,21 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Option<candle_core:
     Some(run())
 }
 
+/// `gelu(x Wᵀ + b)` (exact GELU) as one fused node for f32 on the CPU; `None` where the
+/// caller's composed path (the linear layer, then `kernels::gelu_erf`) applies.
+pub fn linear_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Option<candle_core::Result<Tensor>> {
+    if !fused(x, w) || b.dtype() != DType::F32 {
+        return None;
+    }
+    let op = LinearBiasGelu {
+        pre: std::sync::Mutex::new(Vec::new()),
+    };
+    Some(
+        x.contiguous()
+            .and_then(|x| x.apply_op3(w, &b.contiguous()?, op)),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use crate::linear::Linear;
@@ -231,6 +297,54 @@ mod tests {
                 let err = max_rel(a, e);
                 assert!(err < 1e-5, "gradient of {name}, {what}: {err}");
             }
+        }
+    }
+
+    /// The fused linear + GELU of the MLP against the composed MLP (linear, then the GELU
+    /// kernel, both checked against f64 references elsewhere), values and all gradients.
+    #[test]
+    fn fused_linear_gelu_matches_the_composed_mlp_in_values_and_gradients() {
+        use crate::config::Activation;
+        use crate::ffn::{mlp::Mlp, ChannelMixer};
+        let p = Params::new(3, DType::F32, &Device::Cpu);
+        let mlp = Mlp::new(&p, 24, 96, Activation::Gelu, true, None).unwrap();
+        for (name, var) in p.vars() {
+            if name.ends_with("bias") {
+                let n = var.elem_count();
+                var.set(&randn(&[n], 4).to_dtype(DType::F32).unwrap())
+                    .unwrap();
+            }
+        }
+        let x =
+            candle_core::Var::from_tensor(&randn(&[3, 70, 24], 5).to_dtype(DType::F32).unwrap())
+                .unwrap();
+        let r = randn(&[3, 70, 24], 6).to_dtype(DType::F32).unwrap();
+        let run = |reference: bool| {
+            let go = || mlp.forward(x.as_tensor()).unwrap();
+            let y = if reference {
+                crate::kernels::with_reference(go)
+            } else {
+                go()
+            };
+            let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let mut all: Vec<(String, Tensor)> = p
+                .vars()
+                .into_iter()
+                .map(|(n, v)| (n, grads.get(v.as_tensor()).unwrap().clone()))
+                .collect();
+            all.push(("x".into(), grads.get(x.as_tensor()).unwrap().clone()));
+            (y, all)
+        };
+        let (fast, fast_grads) = run(false);
+        let (slow, slow_grads) = run(true);
+        assert!(
+            max_rel(&fast, &slow) < 1e-5,
+            "values: {}",
+            max_rel(&fast, &slow)
+        );
+        for ((name, a), (_, e)) in fast_grads.iter().zip(&slow_grads) {
+            let err = max_rel(a, e);
+            assert!(err < 1e-5, "gradient of {name}: {err}");
         }
     }
 
