@@ -1292,3 +1292,32 @@ fn embed_out_is_never_overwritten_without_force_nor_written_through_a_link() {
     assert!(std::fs::read(&out).unwrap().starts_with(b"\x93NUMPY"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn arena_jobs_are_explained_and_checked() {
+    let o = run(formers().args(["arena", "--help"]));
+    let help = String::from_utf8_lossy(&o.stdout);
+    assert!(help.contains("--jobs <N>"), "{help}");
+    assert!(
+        help.contains("1.4-1.6x") && help.contains("alone") && help.contains("available cores"),
+        "{help}"
+    );
+    let dir = tmp("arena-jobs-flags");
+    let out = dir.join("arena");
+    let o = run(formers().args(["arena", "--jobs", "0", "--out"]).arg(&out));
+    assert!(
+        !o.status.success() && text(&o).contains("at least one job"),
+        "{}",
+        text(&o)
+    );
+    let o = run(formers()
+        .args(["arena", "--jobs", "2", "--in-process", "--out"])
+        .arg(&out));
+    assert!(
+        !o.status.success() && text(&o).contains("--in-process runs one job at a time"),
+        "{}",
+        text(&o)
+    );
+    assert!(!out.exists(), "a refused arena made its directory");
+    let _ = std::fs::remove_dir_all(&dir);
+}
