@@ -1,10 +1,9 @@
 //! Executing one job in this process: train a variant on a task and score it on the test
 //! split, or time training steps; progress goes out as [`Event`]s.
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use formers::config::{HeadSpec, InputSpec, ModelConfig, Pooling, RunConfig};
@@ -52,14 +51,15 @@ type Opened = Result<Arc<dyn ArenaTask>, String>;
 /// checks which tasks can run, and in-process jobs).
 #[derive(Default)]
 pub struct Tasks {
-    opened: RefCell<BTreeMap<String, Opened>>,
+    opened: Mutex<BTreeMap<String, Opened>>,
 }
 
 impl Tasks {
     /// Task `name` of the suite, or why it cannot run here.
     pub fn get(&self, name: &str, opts: &Options) -> Opened {
         self.opened
-            .borrow_mut()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
             .entry(name.to_string())
             .or_insert_with(|| open_task(name, opts.suite.setting, &opts.data))
             .clone()

@@ -16,6 +16,7 @@ pub mod mem;
 pub mod pathfinder;
 pub mod pidlock;
 pub mod plan;
+pub mod pool;
 pub mod report;
 pub mod results;
 pub mod retrieval;

@@ -94,6 +94,12 @@ impl Job {
         }
     }
 
+    /// Whether the job must run alone, with all the arena's threads: a speed measurement,
+    /// whose timing another job running beside it would corrupt.
+    pub fn runs_alone(&self) -> bool {
+        matches!(self, Job::Speed { .. })
+    }
+
     /// A short name for progress bars and directories.
     pub fn label(&self) -> String {
         match self {

@@ -1,6 +1,7 @@
 //! The arena loop: keeps a shard of the plan, skips jobs already in the results store, runs
-//! the rest (in this process or in workers) and appends each record the moment it finishes.
-//! Planning is [`crate::plan`], running one job [`crate::exec`], workers [`crate::worker`].
+//! the rest (in this process or in workers, up to N at once) and appends each record the
+//! moment it finishes. Planning is [`crate::plan`], running one job [`crate::exec`], jobs
+//! at once [`crate::pool`], workers [`crate::worker`].
 //!
 //! One arena process at a time runs in a directory: [`run_arena`] holds the directory's
 //! [`LOCK_FILE`] (a [`PidLock`]) from before it reads anything until it returns, and a
@@ -12,23 +13,31 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::pidlock::{holder, LockError, PidLock};
+use crate::pool::{self, Happened};
 use crate::results::{self, Record, Skipped};
 
 pub use crate::exec::{configure, run_job, Event, Tasks};
 pub use crate::plan::{
     load_options, plan, save_options, shard, Budget, Job, Options, OPTIONS_FILE,
 };
+pub use crate::pool::{Concurrency, Exec};
 
-/// What the arena loop reports.
+/// What the arena loop reports. Jobs running at once each have a slot, `0..at_once`; all
+/// calls come from the thread that runs the arena.
 pub trait Progress {
-    /// The shard has `total` jobs, `done` of them already finished earlier.
-    fn start(&mut self, _total: usize, _done: usize) {}
+    /// The shard has `total` jobs, `done` of them already finished earlier; up to
+    /// `at_once` of the rest run at a time.
+    fn start(&mut self, _total: usize, _done: usize, _at_once: usize) {}
     /// A task is left out (its jobs are not run).
     fn skipped(&mut self, _task: &str, _reason: &str) {}
-    /// A job is about to run.
-    fn job(&mut self, _job: &Job) {}
-    fn finished(&mut self, _job: &Job, _record: &Record) {}
-    fn failed(&mut self, _job: &Job, _error: &str) {}
+    /// A job starts in `slot`.
+    fn job(&mut self, _slot: usize, _job: &Job) {}
+    /// Progress of the job in `slot`.
+    fn event(&mut self, _slot: usize, _event: &Event) {}
+    /// The job in `slot` finished; its record is stored.
+    fn finished(&mut self, _slot: usize, _job: &Job, _record: &Record) {}
+    /// The job in `slot` failed (the others go on).
+    fn failed(&mut self, _slot: usize, _job: &Job, _error: &str) {}
 }
 
 /// How an arena invocation went.
@@ -65,14 +74,16 @@ pub fn lock_dir(out: &Path) -> Result<PidLock, String> {
 }
 
 /// Runs the shard of `opts` into arena directory `out` (`results.jsonl` plus run
-/// directories), with `exec` running each job (in this process or a worker process);
-/// `tasks` are opened here to find which can run. Holds `out`'s [`LOCK_FILE`] throughout,
-/// refuses a directory of another suite and saves `opts` into it.
+/// directories), with `exec` running each job (in this process or a worker process), up
+/// to `concurrency.jobs` at once (a speed job alone; see [`crate::pool`]); `tasks` are
+/// opened here to find which can run. Holds `out`'s [`LOCK_FILE`] throughout, refuses a
+/// directory of another suite and saves `opts` into it. Only this thread writes the store.
 pub fn run_arena(
     opts: &Options,
     out: &Path,
     tasks: &Tasks,
-    exec: &mut dyn FnMut(&Job) -> Result<Record, String>,
+    concurrency: Concurrency,
+    exec: &Exec,
     progress: &mut dyn Progress,
 ) -> Result<Outcome, String> {
     let (i, n) = opts.shard;
@@ -117,7 +128,6 @@ pub fn run_arena(
         .filter(|j| !matches!(j, Job::Run { task, .. } if unavailable.contains(task)))
         .collect();
     let already_done = jobs.iter().filter(|j| done.contains(&j.key(opts))).count();
-    progress.start(jobs.len(), already_done);
     let mut outcome = Outcome {
         already_done,
         ..Outcome::default()
@@ -126,32 +136,37 @@ pub fn run_arena(
         .iter()
         .filter(|j| !done.contains(&j.key(opts)))
         .collect();
-    for job in pending {
-        progress.job(job);
-        match exec(job) {
-            Ok(rec) => {
-                results::append(&store, &rec)?;
-                progress.finished(job, &rec);
-                done.insert(rec.key());
-                records.push(rec);
-                outcome.ran += 1;
-            }
-            Err(e) => {
-                progress.failed(job, &e);
-                outcome.failed.push((job.clone(), e));
-            }
+    let at_once = pool::at_once(concurrency, &pending);
+    progress.start(jobs.len(), already_done, at_once);
+    pool::run(&pending, at_once, concurrency, exec, &mut |happened| {
+        match happened {
+            Happened::Started(slot, job) => progress.job(slot, job),
+            Happened::Event(slot, e) => progress.event(slot, &e),
+            Happened::Finished(slot, job, result) => match *result {
+                Ok(rec) => {
+                    results::append(&store, &rec)?;
+                    progress.finished(slot, job, &rec);
+                    done.insert(rec.key());
+                    records.push(rec);
+                    outcome.ran += 1;
+                }
+                Err(e) => {
+                    progress.failed(slot, job, &e);
+                    outcome.failed.push((job.clone(), e));
+                }
+            },
         }
-    }
+        Ok(())
+    })?;
     outcome.records = records;
     Ok(outcome)
 }
 
-/// Runs every job of `opts` in this process (tests, and `--in-process`).
+/// Runs every job of `opts` in this process, one at a time (tests, and `--in-process`).
 pub fn run_in_process(
     opts: &Options,
     out: &Path,
     progress: &mut dyn Progress,
-    events: &mut dyn FnMut(Event),
 ) -> Result<Outcome, String> {
     let work: PathBuf = out.join("runs");
     let tasks = Tasks::default();
@@ -159,7 +174,8 @@ pub fn run_in_process(
         opts,
         out,
         &tasks,
-        &mut |job| run_job(job, opts, &tasks, &work, events),
+        Concurrency::one_at_a_time(),
+        &|job, _threads, events| run_job(job, opts, &tasks, &work, events),
         progress,
     )
 }

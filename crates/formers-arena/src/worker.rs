@@ -154,3 +154,59 @@ fn parent_gone(why: &str) -> ! {
     );
     std::process::exit(PARENT_GONE)
 }
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use crate::plan::Budget;
+    use crate::suite::{DataDirs, SuiteSpec};
+    use crate::task::Setting;
+
+    fn order() -> WorkOrder {
+        WorkOrder {
+            opts: Options {
+                suite: SuiteSpec::new(Setting::Lite),
+                tasks: vec!["listops".into()],
+                variants: Vec::new(),
+                budget: Budget::Steps(1),
+                seeds: 1,
+                shard: (1, 1),
+                speed: false,
+                data: DataDirs::default(),
+            },
+            job: Job::Run {
+                task: "listops".into(),
+                variant: "vanilla".into(),
+                seed: 0,
+            },
+            work: PathBuf::from("runs"),
+        }
+    }
+
+    #[test]
+    fn a_worker_that_dies_midway_is_an_error_naming_its_last_words() {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            r#"read order; echo '{"progress":{"event":"start","steps":3}}'; echo dying >&2; kill -9 $$"#,
+        ]);
+        let mut events = Vec::new();
+        let err = run(cmd, &order(), &mut |e| events.push(e.clone())).unwrap_err();
+        assert_eq!(events, [Event::Start { steps: 3 }]);
+        assert!(
+            err.contains("without a result") && err.contains("dying"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_worker_that_reports_its_failure_is_that_error() {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            r#"read order; echo '{"failed":"no such task"}'; exit 1"#,
+        ]);
+        let err = run(cmd, &order(), &mut |_| {}).unwrap_err();
+        assert_eq!(err, "no such task");
+    }
+}

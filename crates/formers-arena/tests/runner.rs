@@ -6,11 +6,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::Mutex;
 
 use formers_arena::jobdir::{self, JobDir};
 use formers_arena::report::{self, ReportMeta};
 use formers_arena::results::{self, Record, RunResult, SpeedResult};
-use formers_arena::runner::{self, Budget, Event, Job, Options, Outcome, Progress, Tasks};
+use formers_arena::runner::{
+    self, Budget, Concurrency, Event, Job, Options, Outcome, Progress, Tasks,
+};
 use formers_arena::suite::{self, DataDirs, SuiteSpec};
 use formers_arena::task::{Setting, Split};
 use formers_arena::variants;
@@ -75,13 +79,25 @@ fn options(tasks: &[&str], variant_names: &[&str], seeds: u64, steps: usize) -> 
 }
 
 fn run_in(opts: &Options, dir: &Path) -> Outcome {
-    let outcome = runner::run_in_process(opts, dir, &mut Quiet, &mut |_| {}).unwrap();
+    let outcome = runner::run_in_process(opts, dir, &mut Quiet).unwrap();
     assert!(
         outcome.failed.is_empty(),
         "failed jobs: {:?}",
         outcome.failed
     );
     outcome
+}
+
+/// One job at a time, as `--jobs 1`.
+fn one() -> Concurrency {
+    Concurrency::new(1).unwrap()
+}
+
+/// An executor that ignores threads and progress: `f(job)`.
+fn simple(
+    f: impl Fn(&Job) -> Result<Record, String> + Sync,
+) -> impl Fn(&Job, Option<usize>, &mut dyn FnMut(Event)) -> Result<Record, String> + Sync {
+    move |job, _threads, _events| f(job)
 }
 
 fn keys(records: &[Record]) -> BTreeSet<String> {
@@ -167,39 +183,52 @@ fn a_rerun_after_a_kill_does_not_redo_finished_runs() {
 
     // First invocation: dies (panics) as it starts job k.
     let tasks = Tasks::default();
-    let mut started = 0;
+    let started = AtomicUsize::new(0);
     let killed = panic::catch_unwind(AssertUnwindSafe(|| {
-        let mut exec = |job: &Job| {
-            if started == k {
+        let exec = simple(|job: &Job| {
+            if started.load(SeqCst) == k {
                 panic!("simulated kill before job {k}");
             }
-            started += 1;
+            started.fetch_add(1, SeqCst);
             runner::run_job(job, &opts, &tasks, &work, &mut |_| {})
-        };
-        runner::run_arena(&opts, dir.path(), &Tasks::default(), &mut exec, &mut Quiet)
+        });
+        runner::run_arena(
+            &opts,
+            dir.path(),
+            &Tasks::default(),
+            one(),
+            &exec,
+            &mut Quiet,
+        )
     }));
     assert!(
         killed.is_err(),
         "the first invocation should have been killed"
     );
-    assert_eq!(started, k);
+    assert_eq!(started.load(SeqCst), k);
     let before = fs::read_to_string(dir.store()).unwrap();
     let first_lines: Vec<&str> = before.lines().collect();
     assert_eq!(first_lines.len(), k);
 
     // Second invocation: only the unfinished jobs run (cheap stand-in records: what is
     // tested here is the runner's bookkeeping, not training).
-    let mut calls = 0;
-    let mut ran_keys = Vec::new();
-    let mut exec = |job: &Job| {
-        calls += 1;
-        ran_keys.push(job.key(&opts));
+    let ran_keys = Mutex::new(Vec::new());
+    let exec = simple(|job: &Job| {
+        ran_keys.lock().unwrap().push(job.key(&opts));
         Ok(stand_in(job, &opts))
-    };
-    let out =
-        runner::run_arena(&opts, dir.path(), &Tasks::default(), &mut exec, &mut Quiet).unwrap();
+    });
+    let out = runner::run_arena(
+        &opts,
+        dir.path(),
+        &Tasks::default(),
+        one(),
+        &exec,
+        &mut Quiet,
+    )
+    .unwrap();
     assert!(out.failed.is_empty(), "{:?}", out.failed);
-    assert_eq!(calls, total - k);
+    let ran_keys = ran_keys.lock().unwrap().clone();
+    assert_eq!(ran_keys.len(), total - k);
     assert_eq!(out.ran, total - k);
     assert_eq!(out.already_done, k);
     assert_eq!(out.records.len(), total);
@@ -222,14 +251,24 @@ fn a_rerun_after_a_kill_does_not_redo_finished_runs() {
     assert_eq!(ran_keys, plan_keys[k..]);
 
     // A third invocation has nothing left to do.
-    let mut calls = 0;
-    let mut exec = |_: &Job| -> Result<Record, String> {
-        calls += 1;
+    let calls = AtomicUsize::new(0);
+    let exec = simple(|_: &Job| -> Result<Record, String> {
+        calls.fetch_add(1, SeqCst);
         Err("nothing should run".into())
-    };
-    let out =
-        runner::run_arena(&opts, dir.path(), &Tasks::default(), &mut exec, &mut Quiet).unwrap();
-    assert_eq!((calls, out.ran, out.already_done), (0, 0, total));
+    });
+    let out = runner::run_arena(
+        &opts,
+        dir.path(),
+        &Tasks::default(),
+        one(),
+        &exec,
+        &mut Quiet,
+    )
+    .unwrap();
+    assert_eq!(
+        (calls.load(SeqCst), out.ran, out.already_done),
+        (0, 0, total)
+    );
     assert_eq!(fs::read_to_string(dir.store()).unwrap(), after);
 }
 
@@ -338,12 +377,13 @@ fn an_append_after_a_cut_last_line_leaves_a_valid_file() {
     // The same through the runner: killed while writing, then rerun twice.
     let opts = options(&["listops"], &["vanilla", "poolformer"], 1, 2);
     let arena = TempDir::new("cut-arena");
-    let mut exec = |job: &Job| Ok(stand_in(job, &opts));
+    let exec = simple(|job: &Job| Ok(stand_in(job, &opts)));
     let once = runner::run_arena(
         &opts,
         arena.path(),
         &Tasks::default(),
-        &mut exec,
+        one(),
+        &exec,
         &mut Quiet,
     )
     .unwrap();
@@ -356,7 +396,8 @@ fn an_append_after_a_cut_last_line_leaves_a_valid_file() {
         &opts,
         arena.path(),
         &Tasks::default(),
-        &mut exec,
+        one(),
+        &exec,
         &mut Quiet,
     )
     .unwrap();
@@ -365,7 +406,8 @@ fn an_append_after_a_cut_last_line_leaves_a_valid_file() {
         &opts,
         arena.path(),
         &Tasks::default(),
-        &mut exec,
+        one(),
+        &exec,
         &mut Quiet,
     )
     .expect("the store stays readable after a rerun");
@@ -423,8 +465,8 @@ fn shards_are_disjoint_and_cover_the_plan() {
     for bad in [(0, 2), (3, 2), (1, 0), (0, 0)] {
         let mut o = opts.clone();
         o.shard = bad;
-        let mut exec = |j: &Job| -> Result<Record, String> { panic!("ran {j:?}") };
-        let err = runner::run_arena(&o, dir.path(), &Tasks::default(), &mut exec, &mut Quiet)
+        let exec = simple(|j: &Job| -> Result<Record, String> { panic!("ran {j:?}") });
+        let err = runner::run_arena(&o, dir.path(), &Tasks::default(), one(), &exec, &mut Quiet)
             .unwrap_err();
         assert!(err.contains("shard"), "{err}");
         assert!(!dir.path().exists(), "an invalid shard created the arena");
@@ -490,8 +532,7 @@ fn a_task_without_its_data_is_skipped_and_the_others_run() {
             self.0.push(task.to_string());
         }
     }
-    let out =
-        runner::run_in_process(&opts, dir.path(), &mut Notes(&mut skipped), &mut |_| {}).unwrap();
+    let out = runner::run_in_process(&opts, dir.path(), &mut Notes(&mut skipped)).unwrap();
     assert_eq!(skipped, ["image"]);
     assert!(out.failed.is_empty(), "{:?}", out.failed);
     assert_eq!(out.ran, 1);
@@ -536,7 +577,7 @@ fn a_task_without_its_data_is_skipped_and_the_others_run() {
     );
 
     // A rerun neither redoes the run nor records the skip twice.
-    let again = runner::run_in_process(&opts, dir.path(), &mut Quiet, &mut |_| {}).unwrap();
+    let again = runner::run_in_process(&opts, dir.path(), &mut Quiet).unwrap();
     assert_eq!((again.ran, again.already_done), (0, 1));
     assert_eq!(results::load(&dir.store()).unwrap(), stored);
 }
@@ -709,13 +750,20 @@ fn a_second_arena_on_a_directory_is_refused_and_a_dead_ones_lock_taken_over() {
     let dir = TempDir::new("dirlock");
     fs::create_dir_all(dir.path()).unwrap();
     let lock = dir.path().join(runner::LOCK_FILE);
-    let mut exec = |job: &Job| Ok(stand_in(job, &opts));
+    let exec = simple(|job: &Job| Ok(stand_in(job, &opts)));
 
     // Another arena lives and holds the directory: refused at once, naming it, nothing run.
     let mut first = Command::new("sleep").arg("30").spawn().unwrap();
     fs::write(&lock, format!("{}\n", first.id())).unwrap();
-    let err =
-        runner::run_arena(&opts, dir.path(), &Tasks::default(), &mut exec, &mut Quiet).unwrap_err();
+    let err = runner::run_arena(
+        &opts,
+        dir.path(),
+        &Tasks::default(),
+        one(),
+        &exec,
+        &mut Quiet,
+    )
+    .unwrap_err();
     first.kill().unwrap();
     first.wait().unwrap();
     assert!(err.contains(&format!("process {}", first.id())), "{err}");
@@ -725,21 +773,28 @@ fn a_second_arena_on_a_directory_is_refused_and_a_dead_ones_lock_taken_over() {
 
     // Its owner died (a kill leaves the lock): taken over, and removed at the end.
     fs::write(&lock, format!("{}\n", dead_pid())).unwrap();
-    let out =
-        runner::run_arena(&opts, dir.path(), &Tasks::default(), &mut exec, &mut Quiet).unwrap();
+    let out = runner::run_arena(
+        &opts,
+        dir.path(),
+        &Tasks::default(),
+        one(),
+        &exec,
+        &mut Quiet,
+    )
+    .unwrap();
     assert_eq!(out.ran, 1);
     assert!(!lock.exists(), "the lock outlived the arena");
 
     // While an arena runs, its directory is locked with its pid.
-    let mut seen = None;
-    let mut exec = |job: &Job| {
-        seen = jobdir::owner(&lock);
+    let seen = Mutex::new(None);
+    let exec = simple(|job: &Job| {
+        *seen.lock().unwrap() = jobdir::owner(&lock);
         Ok(stand_in(job, &opts))
-    };
+    });
     let mut o = opts.clone();
     o.seeds = 2;
-    runner::run_arena(&o, dir.path(), &Tasks::default(), &mut exec, &mut Quiet).unwrap();
-    assert_eq!(seen, Some(std::process::id()));
+    runner::run_arena(&o, dir.path(), &Tasks::default(), one(), &exec, &mut Quiet).unwrap();
+    assert_eq!(*seen.lock().unwrap(), Some(std::process::id()));
 }
 
 #[test]
@@ -781,4 +836,229 @@ fn a_report_flags_a_key_stored_twice_and_reports_its_first_record() {
     fs::remove_file(&store).unwrap();
     results::append(&store, &first).unwrap();
     assert!(report::write_dir(dir.path()).unwrap().warnings.is_empty());
+}
+
+/// Records what the arena reports with jobs at once: which job each slot runs, and checks
+/// as it goes that events reach the slot of their job and that a finished job's record is
+/// the last line of the store by then.
+struct Slots {
+    store: PathBuf,
+    plan: Vec<Job>,
+    at_once: usize,
+    in_slot: BTreeMap<usize, Job>,
+    events: usize,
+    finished: Vec<String>,
+    failed: Vec<String>,
+}
+
+impl Progress for Slots {
+    fn start(&mut self, _total: usize, _done: usize, at_once: usize) {
+        self.at_once = at_once;
+    }
+    fn job(&mut self, slot: usize, job: &Job) {
+        assert!(slot < self.at_once, "slot {slot} of {}", self.at_once);
+        let before = self.in_slot.insert(slot, job.clone());
+        assert_eq!(before, None, "slot {slot} taken twice");
+    }
+    fn event(&mut self, slot: usize, event: &Event) {
+        let job = &self.in_slot[&slot];
+        let index = self.plan.iter().position(|j| j == job).unwrap();
+        assert_eq!(
+            event,
+            &Event::Start { steps: index },
+            "event of another job"
+        );
+        self.events += 1;
+    }
+    fn finished(&mut self, slot: usize, job: &Job, record: &Record) {
+        assert_eq!(self.in_slot.remove(&slot).as_ref(), Some(job));
+        let stored = results::load(&self.store).unwrap();
+        assert_eq!(stored.last(), Some(record), "not stored at once");
+        self.finished.push(job.label());
+    }
+    fn failed(&mut self, slot: usize, job: &Job, _error: &str) {
+        assert_eq!(self.in_slot.remove(&slot).as_ref(), Some(job));
+        self.failed.push(job.label());
+    }
+}
+
+impl Slots {
+    fn new(dir: &TempDir, opts: &Options) -> Slots {
+        Slots {
+            store: dir.store(),
+            plan: runner::plan(opts),
+            at_once: 0,
+            in_slot: BTreeMap::new(),
+            events: 0,
+            finished: Vec::new(),
+            failed: Vec::new(),
+        }
+    }
+}
+
+/// The jobs running now, and the most that ever ran at once.
+#[derive(Default)]
+struct Running {
+    now: Mutex<Vec<Job>>,
+    most: AtomicUsize,
+}
+
+impl Running {
+    /// Marks `job` running for `ms` milliseconds; fails the job if a speed job ever ran
+    /// beside another.
+    fn hold(&self, job: &Job, ms: u64) -> Result<(), String> {
+        let beside = {
+            let mut now = self.now.lock().unwrap();
+            now.push(job.clone());
+            self.most.fetch_max(now.len(), SeqCst);
+            now.len() > 1 && now.iter().any(Job::runs_alone)
+        };
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        let mut now = self.now.lock().unwrap();
+        let beside = beside || (now.len() > 1 && now.iter().any(Job::runs_alone));
+        now.retain(|j| j != job);
+        if beside {
+            return Err(format!("{} ran beside a speed job", job.label()));
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn jobs_run_at_once_each_with_its_share_of_threads_and_a_speed_job_alone() {
+    let mut opts = options(&["listops", "text"], &["vanilla", "poolformer"], 1, 2);
+    opts.suite.speed_lengths = vec![64, 128];
+    let plan = runner::plan(&opts);
+    assert_eq!(plan.len(), 4 + 4);
+    let dir = TempDir::new("at-once");
+    let running = Running::default();
+    let threads = Mutex::new(Vec::new());
+    let exec = |job: &Job, share: Option<usize>, events: &mut dyn FnMut(Event)| {
+        threads.lock().unwrap().push((job.runs_alone(), share));
+        let index = plan.iter().position(|j| j == job).unwrap();
+        events(Event::Start { steps: index });
+        running.hold(job, 60)?;
+        Ok(stand_in(job, &opts))
+    };
+    let c = Concurrency {
+        jobs: 2,
+        threads: 2,
+    };
+    let mut progress = Slots::new(&dir, &opts);
+    let out = runner::run_arena(
+        &opts,
+        dir.path(),
+        &Tasks::default(),
+        c,
+        &exec,
+        &mut progress,
+    )
+    .unwrap();
+    assert!(out.failed.is_empty(), "{:?}", out.failed);
+    assert_eq!(out.ran, plan.len());
+    assert_eq!(progress.at_once, 2);
+    assert_eq!(progress.events, plan.len());
+    assert_eq!(running.most.load(SeqCst), 2, "runs did not run at once");
+    for (alone, share) in threads.into_inner().unwrap() {
+        assert_eq!(share, if alone { None } else { Some(1) });
+    }
+    // Every record stored once, in the order the jobs finished.
+    let stored = results::load(&dir.store()).unwrap();
+    let labels: Vec<String> = stored
+        .iter()
+        .map(|r| {
+            let job = plan.iter().find(|j| j.key(&opts) == r.key()).unwrap();
+            job.label()
+        })
+        .collect();
+    assert_eq!(labels, progress.finished);
+    assert_eq!(keys(&stored), plan.iter().map(|j| j.key(&opts)).collect());
+    // Speed jobs come last in the plan: they ran after every run, one at a time.
+    let first_speed = labels.iter().position(|l| l.starts_with("speed")).unwrap();
+    assert_eq!(first_speed, 4, "{labels:?}");
+}
+
+#[test]
+fn with_jobs_at_once_a_failing_job_is_reported_and_the_others_go_on() {
+    let mut opts = options(&["listops", "text"], &["vanilla", "poolformer"], 1, 2);
+    opts.speed = false;
+    let plan = runner::plan(&opts);
+    let dir = TempDir::new("at-once-fail");
+    let bad = plan[1].clone();
+    let exec = |job: &Job, _: Option<usize>, events: &mut dyn FnMut(Event)| {
+        let index = plan.iter().position(|j| j == job).unwrap();
+        events(Event::Start { steps: index });
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        if *job == bad {
+            return Err("worker exited with signal 9 without a result".into());
+        }
+        Ok(stand_in(job, &opts))
+    };
+    let c = Concurrency {
+        jobs: 3,
+        threads: 2,
+    };
+    let mut progress = Slots::new(&dir, &opts);
+    let out = runner::run_arena(
+        &opts,
+        dir.path(),
+        &Tasks::default(),
+        c,
+        &exec,
+        &mut progress,
+    )
+    .unwrap();
+    assert_eq!(progress.at_once, 3);
+    assert_eq!(out.ran, 3);
+    assert_eq!(out.failed.len(), 1);
+    assert_eq!(out.failed[0].0, bad);
+    assert!(out.failed[0].1.contains("signal 9"));
+    assert_eq!(progress.failed, [bad.label()]);
+    assert_eq!(results::load(&dir.store()).unwrap().len(), 3);
+
+    // The rerun runs the failed job only.
+    let mut progress = Slots::new(&dir, &opts);
+    let again = runner::run_arena(
+        &opts,
+        dir.path(),
+        &Tasks::default(),
+        c,
+        &simple(|job: &Job| Ok(stand_in(job, &opts))),
+        &mut progress,
+    )
+    .unwrap();
+    assert_eq!((again.ran, again.already_done), (1, 3));
+    assert_eq!(
+        progress.at_once, 1,
+        "one job left: it runs with all the threads"
+    );
+}
+
+#[test]
+fn with_jobs_at_once_a_panicking_job_stops_the_arena_without_hanging() {
+    let mut opts = options(&["listops", "text"], &["vanilla", "poolformer"], 1, 2);
+    opts.speed = false;
+    let plan = runner::plan(&opts);
+    let dir = TempDir::new("at-once-panic");
+    let exec = simple(|job: &Job| {
+        if *job == plan[0] {
+            panic!("simulated crash of the arena");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        Ok(stand_in(job, &opts))
+    });
+    let c = Concurrency {
+        jobs: 2,
+        threads: 2,
+    };
+    let crashed = panic::catch_unwind(AssertUnwindSafe(|| {
+        runner::run_arena(&opts, dir.path(), &Tasks::default(), c, &exec, &mut Quiet)
+    }));
+    assert!(crashed.is_err(), "the panic was swallowed");
+    // Jobs beside it may have finished (the panic hook can take a while); the panicking
+    // job stored nothing and the directory is free again.
+    let stored = results::load(&dir.store()).unwrap_or_default();
+    assert!(stored.len() < plan.len(), "{stored:?}");
+    assert!(!keys(&stored).contains(&plan[0].key(&opts)));
+    assert!(!dir.path().join(runner::LOCK_FILE).exists());
 }

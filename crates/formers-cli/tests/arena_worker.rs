@@ -1,5 +1,6 @@
-//! An arena worker whose parent is killed stops at once and writes nothing more, and the
-//! rerun's run directory holds that rerun's files only (Linux: reads `/proc`).
+//! An arena worker whose parent is killed stops at once and writes nothing more, the
+//! rerun's run directory holds that rerun's files only, and jobs run at once store the
+//! records one at a time would (Linux: reads `/proc`).
 #![cfg(target_os = "linux")]
 
 use std::collections::BTreeMap;
@@ -172,4 +173,92 @@ fn a_second_arena_on_the_same_directory_is_refused_naming_the_first() {
     // Workers of the killed first arena stop on their own; give them a moment, then clean.
     std::thread::sleep(Duration::from_millis(500));
     let _ = fs::remove_dir_all(&out);
+}
+
+/// `RAYON_NUM_THREADS` of process `pid` (`None` if unset or unreadable).
+fn threads_var(pid: u32) -> Option<String> {
+    let env = fs::read(format!("/proc/{pid}/environ")).ok()?;
+    env.split(|&b| b == 0)
+        .filter_map(|kv| std::str::from_utf8(kv).ok())
+        .find_map(|kv| kv.strip_prefix("RAYON_NUM_THREADS=").map(String::from))
+}
+
+/// Runs a 2-job arena with `--jobs jobs` and 2 threads into `out`, watching its workers:
+/// its records by key without the measured fields (speed, memory, time), the most workers
+/// seen at once and the `RAYON_NUM_THREADS` each worker had.
+fn arena_with_jobs(
+    out: &Path,
+    jobs: &str,
+) -> (BTreeMap<String, serde_json::Value>, usize, Vec<String>) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_formers"));
+    cmd.args([
+        "arena",
+        "--tasks",
+        "listops",
+        "--variants",
+        "vanilla,poolformer",
+    ])
+    .args(["--budget", "3", "--no-speed", "--jobs", jobs, "--out"])
+    .arg(out)
+    .env("RAYON_NUM_THREADS", "2")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let mut parent = cmd.spawn().unwrap();
+    let (mut most, mut threads) = (0, Vec::new());
+    let start = Instant::now();
+    while parent.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(600), "arena hangs");
+        let workers = children(parent.id());
+        most = most.max(workers.len());
+        for w in workers {
+            if let Some(t) = threads_var(w) {
+                threads.push(t);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(parent.wait().unwrap().success());
+    let mut records = BTreeMap::new();
+    for line in fs::read_to_string(out.join("results.jsonl"))
+        .unwrap()
+        .lines()
+    {
+        let mut r: serde_json::Value = serde_json::from_str(line).unwrap();
+        let key = format!("{}/{}/{}", r["task"], r["variant"], r["seed"]);
+        let fields = r.as_object_mut().unwrap();
+        for measured in [
+            "train_steps_per_s",
+            "infer_tokens_per_s",
+            "peak_rss_bytes",
+            "wall_s",
+        ] {
+            assert!(fields.remove(measured).is_some(), "no {measured}");
+        }
+        assert!(records.insert(key, r).is_none(), "a record stored twice");
+    }
+    threads.sort();
+    threads.dedup();
+    (records, most, threads)
+}
+
+#[test]
+fn two_jobs_at_once_store_the_same_records_as_one_at_a_time() {
+    let one = tmp("arena-jobs1");
+    let two = tmp("arena-jobs2");
+    let (sequential, most1, threads1) = arena_with_jobs(&one, "1");
+    let (concurrent, most2, threads2) = arena_with_jobs(&two, "2");
+    assert_eq!(most1, 1, "--jobs 1 ran workers at once");
+    assert_eq!(threads1, ["2"], "--jobs 1 workers keep the arena's threads");
+    assert_eq!(most2, 2, "--jobs 2 never ran two workers at once");
+    assert_eq!(
+        threads2,
+        ["1"],
+        "--jobs 2 workers get half the threads each"
+    );
+    assert_eq!(sequential.len(), 2);
+    // Same seeds, same weights: the accuracies, loss curves and step counts are equal.
+    assert_eq!(sequential, concurrent);
+    let _ = fs::remove_dir_all(&one);
+    let _ = fs::remove_dir_all(&two);
 }

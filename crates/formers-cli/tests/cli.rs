@@ -408,12 +408,11 @@ fn run_with_stdin(cmd: &mut Command, input: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
+    let written = child.stdin.take().unwrap().write_all(input.as_bytes());
+    // A command that refuses its arguments may exit before it reads its input.
+    if let Err(e) = written {
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
+    }
     child.wait_with_output().unwrap()
 }
 
@@ -1291,5 +1290,34 @@ fn embed_out_is_never_overwritten_without_force_nor_written_through_a_link() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
     assert!(std::fs::read(&out).unwrap().starts_with(b"\x93NUMPY"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn arena_jobs_are_explained_and_checked() {
+    let o = run(formers().args(["arena", "--help"]));
+    let help = String::from_utf8_lossy(&o.stdout);
+    assert!(help.contains("--jobs <N>"), "{help}");
+    assert!(
+        help.contains("1.4-1.6x") && help.contains("alone") && help.contains("available cores"),
+        "{help}"
+    );
+    let dir = tmp("arena-jobs-flags");
+    let out = dir.join("arena");
+    let o = run(formers().args(["arena", "--jobs", "0", "--out"]).arg(&out));
+    assert!(
+        !o.status.success() && text(&o).contains("at least one job"),
+        "{}",
+        text(&o)
+    );
+    let o = run(formers()
+        .args(["arena", "--jobs", "2", "--in-process", "--out"])
+        .arg(&out));
+    assert!(
+        !o.status.success() && text(&o).contains("--in-process runs one job at a time"),
+        "{}",
+        text(&o)
+    );
+    assert!(!out.exists(), "a refused arena made its directory");
     let _ = std::fs::remove_dir_all(&dir);
 }
