@@ -10,7 +10,7 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::flash::{self, Dims, Opts};
@@ -72,7 +72,7 @@ impl FlashAttention {
     fn split<'a>(&self, x: &'a [f32], dims: &Dims, len: usize) -> std::borrow::Cow<'a, [f32]> {
         match self.merged {
             None => x.into(),
-            Some(h) => regroup(x, len, h, dims.d, true).into(),
+            Some(h) => split_heads(x, len, h, dims.d, h * dims.d, 0).into(),
         }
     }
 
@@ -80,30 +80,64 @@ impl FlashAttention {
     fn unsplit(&self, x: Vec<f32>, dims: &Dims, len: usize) -> Vec<f32> {
         match self.merged {
             None => x,
-            Some(h) => regroup(&x, len, h, dims.d, false),
+            Some(h) => {
+                let mut out = vec![0f32; x.len()];
+                merge_heads(&x, len, h, dims.d, &mut out, h * dims.d, 0);
+                out
+            }
         }
     }
 }
 
-/// `[b, len, h, d]` → `[b, h, len, d]` (`split`), or back.
-fn regroup(x: &[f32], len: usize, h: usize, d: usize, split: bool) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    if x.is_empty() || d == 0 {
+/// Heads `[b, h, len, d]` out of rows of `stride` values (`[b, len, stride]`) in which head
+/// `i` is the `d` values at `offset + i·d`.
+fn split_heads(
+    x: &[f32],
+    len: usize,
+    h: usize,
+    d: usize,
+    stride: usize,
+    offset: usize,
+) -> Vec<f32> {
+    let rows = x.len().checked_div(stride).unwrap_or(0);
+    let mut out = vec![0f32; rows * h * d];
+    if out.is_empty() || len == 0 {
         return out;
     }
-    // One output row per (batch, [head or position]) pair in parallel.
-    let (outer, inner) = if split { (h, len) } else { (len, h) };
-    out.par_chunks_mut(inner * d)
+    out.par_chunks_mut(len * d)
         .enumerate()
-        .for_each(|(row, dst)| {
-            let (bb, o) = (row / outer, row % outer);
+        .for_each(|(bh, dst)| {
+            let (bb, hh) = (bh / h, bh % h);
             for (i, chunk) in dst.chunks_exact_mut(d).enumerate() {
-                // Source index of (bb, o, i) with the roles of o and i swapped.
-                let src = (bb * inner + i) * outer * d + o * d;
+                let src = (bb * len + i) * stride + offset + hh * d;
                 chunk.copy_from_slice(&x[src..src + d]);
             }
         });
     out
+}
+
+/// The inverse of [`split_heads`]: writes heads `x [b, h, len, d]` into the rows of `out`.
+fn merge_heads(
+    x: &[f32],
+    len: usize,
+    h: usize,
+    d: usize,
+    out: &mut [f32],
+    stride: usize,
+    offset: usize,
+) {
+    if x.is_empty() || len == 0 || d == 0 {
+        return;
+    }
+    out.par_chunks_mut(stride)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let (bb, i) = (row / len, row % len);
+            for hh in 0..h {
+                let src = ((bb * h + hh) * len + i) * d;
+                dst[offset + hh * d..offset + (hh + 1) * d].copy_from_slice(&x[src..src + d]);
+            }
+        });
 }
 
 impl CustomOp3 for FlashAttention {
@@ -174,6 +208,80 @@ impl CustomOp3 for FlashAttention {
     }
 }
 
+/// Attention on one packed projection `qkv [b, n, 3·h·d]` (each row `[q | k | v]`, heads
+/// merged in each): the output `[b, n, h·d]` and, backward, one packed gradient, so a layer
+/// projects q, k and v in one product and keeps one node where three were.
+struct FlashQkv(FlashAttention);
+
+impl FlashQkv {
+    fn dims(&self, qkv: &Shape) -> candle_core::Result<Dims> {
+        let (batch, n, width) = qkv.dims3()?;
+        let heads = self.0.merged.unwrap_or(1).max(1);
+        Ok(Dims {
+            batch,
+            heads,
+            n,
+            m: n,
+            d: width / (3 * heads),
+        })
+    }
+
+    /// q, k and v of the packed rows, each `[b, h, n, d]`.
+    fn parts(&self, qkv: &[f32], dims: &Dims) -> [Vec<f32>; 3] {
+        let hd = dims.heads * dims.d;
+        [0, 1, 2].map(|i| split_heads(qkv, dims.n, dims.heads, dims.d, 3 * hd, i * hd))
+    }
+}
+
+impl CustomOp1 for FlashQkv {
+    fn name(&self) -> &'static str {
+        "flash-attention-qkv"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = self.dims(l.shape())?;
+        let qkv = f32_values(s, l, "flash-attention-qkv")?;
+        let [q, k, v] = self.parts(qkv, &dims);
+        let (out, lse) = flash::forward(&dims, &self.0.opts(), &q, &k, &v);
+        *self.0.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
+        let out = self.0.unsplit(out, &dims, dims.n);
+        let shape = Shape::from((dims.batch, dims.n, dims.heads * dims.d));
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let dims = self.dims(qkv.shape())?;
+        let lse = self.0.lse.lock().unwrap_or_else(|e| e.into_inner());
+        if lse.len() != dims.batch * dims.heads * dims.n {
+            candle_core::bail!("flash-attention-qkv: backward without its forward")
+        }
+        let [q, k, v] = self.parts(&flat(qkv)?, &dims);
+        let (outf, doutf) = (flat(&res.detach())?, flat(grad)?);
+        let n = dims.n;
+        let grads = flash::backward(
+            &dims,
+            &self.0.opts(),
+            &q,
+            &k,
+            &v,
+            &self.0.split(&outf, &dims, n),
+            &lse,
+            &self.0.split(&doutf, &dims, n),
+        );
+        let hd = dims.heads * dims.d;
+        let mut packed = vec![0f32; qkv.elem_count()];
+        for (i, g) in [grads.0, grads.1, grads.2].iter().enumerate() {
+            merge_heads(g, n, dims.heads, dims.d, &mut packed, 3 * hd, i * hd);
+        }
+        Ok(Some(Tensor::from_vec(packed, qkv.shape(), qkv.device())?))
+    }
+}
+
 /// Masks and biases of [`flash_attention`], as in `softmax::AttendOpts`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FlashMask<'a> {
@@ -229,6 +337,20 @@ pub fn flash_attention_merged(
     let op = op(b, heads, m, width / heads, Some(heads), mask)?;
     Ok(q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+/// [`flash_attention_merged`] on one packed projection `qkv [b, n, 3·heads·d]` whose rows are
+/// `[q | k | v]` (self-attention: as many keys as queries); the output is `[b, n, heads·d]`.
+pub fn flash_attention_qkv(qkv: &Tensor, heads: usize, mask: &FlashMask) -> Result<Tensor> {
+    let (b, n, width) = qkv.dims3()?;
+    if heads == 0 || width % (3 * heads) != 0 {
+        return Err(crate::Error::Input(format!(
+            "packed attention: qkv {:?} for {heads} heads",
+            qkv.dims()
+        )));
+    }
+    let op = op(b, heads, n, width / (3 * heads), Some(heads), mask)?;
+    Ok(qkv.contiguous()?.apply_op1(FlashQkv(op))?)
 }
 
 /// The op for `b` rows of `h` heads of width `d` over `m` keys.
@@ -346,16 +468,11 @@ mod tests {
         }
     }
 
-    /// The merged layout against the differentiable reference on the split one, for the
-    /// masks the arena's mixers use (causal, padded, ALiBi, a window with global tokens).
-    #[test]
-    fn merged_heads_match_the_reference_in_values_and_gradients() {
-        let (b, h, n, d) = (2, 3, 45, 8);
-        let slopes = Tensor::new(&[0.5f32, 0.25, 0.125], &Device::Cpu).unwrap();
-        let kb: Vec<f32> = (0..b * n)
-            .map(|i| if i >= 2 * n - 4 { MASKED as f32 } else { 0.0 })
-            .collect();
-        let kb = Tensor::from_vec(kb, (b, 1, 1, n), &Device::Cpu).unwrap();
+    /// The reference on merged heads `[b, n, h·d]`: split, `reference_attend_with` (or the
+    /// local mixer's candle path for a window), merged back.
+    fn reference_merged(q: &Tensor, k: &Tensor, v: &Tensor, h: usize, mask: &FlashMask) -> Tensor {
+        let (b, n, width) = q.dims3().unwrap();
+        let d = width / h;
         let split = |x: &Tensor| {
             x.reshape((b, n, h, d))
                 .unwrap()
@@ -364,6 +481,48 @@ mod tests {
                 .contiguous()
                 .unwrap()
         };
+        let (q, k, v) = (split(q), split(k), split(v));
+        let out = match mask.window {
+            None => {
+                let reference = AttendOpts {
+                    causal: mask.causal,
+                    key_bias: mask.key_bias,
+                    alibi: mask.alibi,
+                    ..Default::default()
+                };
+                reference_attend_with(&q, &k, &v, &reference).unwrap()
+            }
+            Some(w) => {
+                let reference = crate::mixer::local::LocalOpts {
+                    window: w,
+                    chunk: 16,
+                    causal: mask.causal,
+                    q_offset: 0,
+                    key_bias: mask.key_bias,
+                    alibi: mask.alibi,
+                    global: mask.global,
+                };
+                crate::kernels::with_reference(|| {
+                    crate::mixer::local::attend_local(&q, &k, &v, &reference)
+                })
+                .unwrap()
+            }
+        };
+        out.transpose(1, 2).unwrap().reshape((b, n, h * d)).unwrap()
+    }
+
+    /// The merged layout, and the packed `[q | k | v]` one, against the differentiable
+    /// reference on split heads, for the masks the arena's mixers use (causal, padded,
+    /// ALiBi, a window with global tokens), in values and gradients.
+    #[test]
+    fn merged_and_packed_heads_match_the_reference_in_values_and_gradients() {
+        let (b, h, n, d) = (2, 3, 45, 8);
+        let hd = h * d;
+        let slopes = Tensor::new(&[0.5f32, 0.25, 0.125], &Device::Cpu).unwrap();
+        let kb: Vec<f32> = (0..b * n)
+            .map(|i| if i >= 2 * n - 4 { MASKED as f32 } else { 0.0 })
+            .collect();
+        let kb = Tensor::from_vec(kb, (b, 1, 1, n), &Device::Cpu).unwrap();
         for (causal, padded, alibi, window) in [
             (false, false, false, None),
             (true, false, false, None),
@@ -372,11 +531,6 @@ mod tests {
             (false, true, false, Some(6)),
             (true, false, true, Some(9)),
         ] {
-            let (q, k, v) = (
-                var(&[b, n, h * d], 5),
-                var(&[b, n, h * d], 6),
-                var(&[b, n, h * d], 7),
-            );
             let mask = FlashMask {
                 causal,
                 key_bias: padded.then_some(&kb),
@@ -386,54 +540,39 @@ mod tests {
                 ..Default::default()
             };
             let what = format!("causal={causal} padded={padded} alibi={alibi} window={window:?}");
+            let r = randn(&[b, n, hd], 8).to_dtype(DType::F32).unwrap();
+            let grads = |y: Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+
+            let (q, k, v) = (
+                var(&[b, n, hd], 5),
+                var(&[b, n, hd], 6),
+                var(&[b, n, hd], 7),
+            );
             let fast = flash_attention_merged(&q, &k, &v, h, &mask).unwrap();
-            let slow = match window {
-                None => {
-                    let reference = AttendOpts {
-                        causal,
-                        key_bias: mask.key_bias,
-                        alibi: mask.alibi,
-                        ..Default::default()
-                    };
-                    reference_attend_with(&split(&q), &split(&k), &split(&v), &reference).unwrap()
-                }
-                Some(w) => {
-                    let reference = crate::mixer::local::LocalOpts {
-                        window: w,
-                        chunk: 16,
-                        causal,
-                        q_offset: 0,
-                        key_bias: mask.key_bias,
-                        alibi: mask.alibi,
-                        global: 2,
-                    };
-                    crate::kernels::with_reference(|| {
-                        crate::mixer::local::attend_local(
-                            &split(&q),
-                            &split(&k),
-                            &split(&v),
-                            &reference,
-                        )
-                    })
-                    .unwrap()
-                }
-            }
-            .transpose(1, 2)
-            .unwrap()
-            .reshape((b, n, h * d))
-            .unwrap();
-            assert!(max_rel(&fast, &slow) < 1e-5, "values {what}");
-            let r = randn(&[b, n, h * d], 8).to_dtype(DType::F32).unwrap();
-            let gf = (fast * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let gs = (slow * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let slow = reference_merged(&q, &k, &v, h, &mask);
+            assert!(max_rel(&fast, &slow) < 1e-5, "merged values {what}");
+            let (gf, gs) = (grads(fast), grads(slow));
             for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
                 let (a, e) = (gf.get(var).unwrap(), gs.get(var).unwrap());
                 assert!(
                     max_rel(a, e) < 1e-4,
-                    "grad {name} {what}: {}",
+                    "merged grad {name} {what}: {}",
                     max_rel(a, e)
                 );
             }
+
+            let qkv = var(&[b, n, 3 * hd], 9);
+            let part = |i: usize| qkv.narrow(2, i * hd, hd).unwrap();
+            let fast = flash_attention_qkv(&qkv, h, &mask).unwrap();
+            let slow = reference_merged(&part(0), &part(1), &part(2), h, &mask);
+            assert!(max_rel(&fast, &slow) < 1e-5, "packed values {what}");
+            let (a, e) = (grads(fast), grads(slow));
+            let (a, e) = (a.get(&qkv).unwrap(), e.get(&qkv).unwrap());
+            assert!(
+                max_rel(a, e) < 1e-4,
+                "packed grad {what}: {}",
+                max_rel(a, e)
+            );
         }
     }
 
@@ -441,6 +580,8 @@ mod tests {
     fn merged_heads_of_the_wrong_width_are_an_error() {
         let x = Tensor::zeros((1, 4, 10), DType::F32, &Device::Cpu).unwrap();
         let err = flash_attention_merged(&x, &x, &x, 3, &FlashMask::default()).unwrap_err();
+        assert!(err.to_string().contains("3 heads"), "{err}");
+        let err = flash_attention_qkv(&x, 3, &FlashMask::default()).unwrap_err();
         assert!(err.to_string().contains("3 heads"), "{err}");
     }
 

@@ -12,7 +12,7 @@ use super::{
     no_padding_in_cache, positive, Capabilities, MixCtx, MixerCache, MixerDims, MixerKind, TokenMixer};
 use crate::params::Params;
 use crate::{Error, Result};
-use crate::kernels::attention_op::{self, flash_attention_merged, FlashMask};
+use crate::kernels::attention_op::{self, FlashMask};
 
 /// Config of exact attention.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -196,25 +196,17 @@ impl HeadKernel for FullKernel {
         attend(q, &k, &v, &opts)
     }
 
-    fn attend_merged(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        heads: usize,
-        ctx: &MixCtx,
-    ) -> Option<Result<Tensor>> {
-        // Clipping has no fused form. Inference takes this path too: without the split into
-        // heads it beat `attend`'s single-tile candle path on MiniLM embeddings.
-        if self.clip.is_some() || !attention_op::supports(q) {
+    fn fused_mask<'a>(&self, x: &Tensor, ctx: &MixCtx<'a>) -> Option<FlashMask<'a>> {
+        // Clipping has no fused form. Inference takes the fused op too: without the split
+        // into heads it beat `attend`'s single-tile candle path on MiniLM embeddings.
+        if self.clip.is_some() || !attention_op::supports(x) {
             return None;
         }
-        let mask = FlashMask {
+        Some(FlashMask {
             causal: self.causal,
             key_bias: ctx.key_bias,
             alibi: ctx.alibi,
             ..Default::default()
-        };
-        Some(flash_attention_merged(q, k, v, heads, &mask))
+        })
     }
 }

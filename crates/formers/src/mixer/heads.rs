@@ -5,6 +5,7 @@
 use candle_core::Tensor;
 
 use super::{MixCtx, MixerCache, MixerDims, TokenMixer};
+use crate::kernels::attention_op::{flash_attention_merged, flash_attention_qkv, FlashMask};
 use crate::linear::Linear;
 use crate::params::Params;
 use crate::{Error, Result};
@@ -23,17 +24,11 @@ pub trait HeadKernel: std::fmt::Debug + Send + Sync {
         cache: Option<&mut MixerCache>,
     ) -> Result<Tensor>;
 
-    /// Mixes `q, k, v [b, n, heads·dh]` as the projections make them (no RoPE, no cache, no
-    /// packed segments), when this kernel has a fused path for that layout, which saves the
-    /// split into heads and the merge back; `None` sends the caller to [`Self::attend`].
-    fn attend_merged(
-        &self,
-        _q: &Tensor,
-        _k: &Tensor,
-        _v: &Tensor,
-        _heads: usize,
-        _ctx: &MixCtx,
-    ) -> Option<Result<Tensor>> {
+    /// The masks under which the fused attention op computes what [`Self::attend`] does
+    /// without a cache, for inputs of `x`'s type and device; `None` when this kernel has no
+    /// fused form there. [`MultiHead`] then projects q, k and v in one product and never
+    /// splits the heads out of the projections (the op does, inside).
+    fn fused_mask<'a>(&self, _x: &Tensor, _ctx: &MixCtx<'a>) -> Option<FlashMask<'a>> {
         None
     }
 }
@@ -141,6 +136,27 @@ impl MultiHead {
         })
     }
 
+    /// q, k and v as one dense layer of stacked weights (`[3d, d]`, rows q then k then v),
+    /// when they are dense and alike in their biases.
+    fn packed_qkv(&self) -> Result<Option<Linear>> {
+        let Some(q) = &self.q else { return Ok(None) };
+        let parts = [q, &self.k, &self.v];
+        if parts.iter().any(|l| l.factor.is_some()) {
+            return Ok(None);
+        }
+        let weight = Tensor::cat(&parts.map(|l| &l.weight), 0)?;
+        let bias = match parts.map(|l| l.bias.as_ref()) {
+            [Some(a), Some(b), Some(c)] => Some(Tensor::cat(&[a, b, c], 0)?),
+            [None, None, None] => None,
+            _ => return Ok(None),
+        };
+        Ok(Some(Linear {
+            weight,
+            factor: None,
+            bias,
+        }))
+    }
+
     fn heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
         Ok(x.reshape((b, n, self.n_heads, d / self.n_heads))?
@@ -168,23 +184,32 @@ impl MultiHead {
 impl TokenMixer for MultiHead {
     fn forward(&self, x: &Tensor, ctx: &MixCtx, cache: Option<&mut MixerCache>) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
-        let k = self.k.forward(x)?;
-        let q = match &self.q {
-            Some(q) => q.forward(x)?,
-            None => k.clone(),
-        };
-        let v = self.v.forward(x)?;
         let plain = ctx.rope.is_none()
             && ctx.first_values.is_none()
             && ctx.segments.is_none()
             && cache.is_none()
             && self.gate.is_none();
-        if plain {
-            if let Some(y) = self.kernel.attend_merged(&q, &k, &v, self.n_heads, ctx) {
-                return self.o.forward(&y?);
-            }
+        if let Some(mask) = plain.then(|| self.kernel.fused_mask(x, ctx)).flatten() {
+            let y = match self.packed_qkv()? {
+                Some(qkv) => flash_attention_qkv(&qkv.forward(x)?, self.n_heads, &mask)?,
+                None => {
+                    let k = self.k.forward(x)?;
+                    let q = match &self.q {
+                        Some(q) => q.forward(x)?,
+                        None => k.clone(),
+                    };
+                    let v = self.v.forward(x)?;
+                    flash_attention_merged(&q, &k, &v, self.n_heads, &mask)?
+                }
+            };
+            return self.o.forward(&y);
         }
-        let (q, k, mut v) = (self.heads(&q)?, self.heads(&k)?, self.heads(&v)?);
+        let k = self.heads(&self.k.forward(x)?)?;
+        let q = match &self.q {
+            Some(q) => self.heads(&q.forward(x)?)?,
+            None => k.clone(),
+        };
+        let mut v = self.heads(&self.v.forward(x)?)?;
         if let Some(cell) = ctx.first_values {
             let mut first = cell.borrow_mut();
             match first.as_ref() {

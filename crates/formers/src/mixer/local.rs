@@ -107,26 +107,15 @@ pub struct LocalKernel {
 }
 
 impl HeadKernel for LocalKernel {
-    fn attend_merged(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        heads: usize,
-        ctx: &MixCtx,
-    ) -> Option<Result<Tensor>> {
-        if !attention_op::supports(q) {
-            return None;
-        }
-        let mask = FlashMask {
+    fn fused_mask<'a>(&self, x: &Tensor, ctx: &MixCtx<'a>) -> Option<FlashMask<'a>> {
+        attention_op::supports(x).then_some(FlashMask {
             causal: self.causal,
             key_bias: ctx.key_bias,
             alibi: ctx.alibi,
             window: Some(self.window),
             global: self.global,
             ..Default::default()
-        };
-        Some(attention_op::flash_attention_merged(q, k, v, heads, &mask))
+        })
     }
 
     fn attend(
