@@ -642,6 +642,10 @@ pub fn forward(dims: &Dims, o: &Opts, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f
     (out, lse)
 }
 
+/// Work units the backward aims for when batch × heads is small (each a range of one head's
+/// key blocks): enough for 8 threads.
+const UNITS: usize = 8;
+
 /// Gradients `(dq, dk, dv)` from the forward's `out` and `lse` and the output gradient.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
@@ -675,10 +679,11 @@ pub fn backward(
         .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum())
         .collect();
     // Split each head's key blocks into `parts` ranges so that there are enough units for
-    // the threads; each range owns its dk/dv rows and sums into a dq of its own.
+    // several threads; each range owns its dk/dv rows and sums into a dq of its own. The
+    // split depends on the shapes only (never on the thread count), so the sums, and the
+    // gradients, are the same bits on any machine.
     let blocks = dims.blocks();
-    let threads = rayon::current_num_threads().max(1);
-    let parts = (2 * threads).div_ceil(hs).clamp(1, blocks);
+    let parts = UNITS.div_ceil(hs).clamp(1, blocks);
     let per = blocks.div_ceil(parts);
     let mut units = Vec::new();
     for (hb, (dkh, dvh)) in dk.chunks_mut(m * d).zip(dv.chunks_mut(m * d)).enumerate() {

@@ -313,3 +313,43 @@ fn exp_is_accurate() {
         assert_eq!(unsafe { super::super::simd::Scalar::exp([x; 8]) }[0], 0.0);
     }
 }
+
+#[test]
+fn gradients_are_the_same_bits_for_any_thread_count() {
+    // One head of 600 keys: the backward splits its key blocks into several units.
+    let dims = Dims {
+        batch: 1,
+        heads: 1,
+        n: 300,
+        m: 600,
+        d: 16,
+    };
+    let o = Opts {
+        scale: 0.25,
+        causal: true,
+        q_offset: 300,
+        key_bias: None,
+        alibi: None,
+        window: None,
+        global: 0,
+    };
+    let (q, k, v) = (rand(300 * 16, 1), rand(600 * 16, 2), rand(600 * 16, 3));
+    let dout = rand(300 * 16, 4);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let (out, lse) = forward(&dims, &o, &q, &k, &v);
+            backward(&dims, &o, &q, &k, &v, &out, &lse, &dout)
+        })
+    };
+    let one = run(1);
+    for threads in [2, 3] {
+        assert!(
+            run(threads) == one,
+            "{threads} threads changed the gradients"
+        );
+    }
+}
