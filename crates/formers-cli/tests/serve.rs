@@ -20,7 +20,7 @@ fn fixture(name: &str) -> String {
         .to_string()
 }
 
-/// A `formers serve` process and the address it printed.
+/// A `formers serve` process and the address it printed (killed if a test fails first).
 struct Serving {
     child: Child,
     addr: String,
@@ -42,22 +42,29 @@ fn serve(model: &str) -> Serving {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let stderr = child.stderr.take();
+    let mut s = Serving {
+        child,
+        addr: String::new(),
+        stderr: BufReader::new(stderr.expect("stderr is piped")),
+    };
     let mut line = String::new();
     loop {
         line.clear();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "serve ended before listening"
-        );
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            let addr = rest.split_whitespace().next().unwrap().to_string();
-            return Serving {
-                child,
-                addr,
-                stderr,
-            };
+        if s.stderr.read_line(&mut line).unwrap_or(0) == 0 {
+            panic!("serve ended before listening");
         }
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            s.addr = rest.split_whitespace().next().unwrap().to_string();
+            return s;
+        }
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
