@@ -53,6 +53,13 @@ pub enum BenchCommand {
     /// (each length in its own python process, which refuses what it does not implement and
     /// checks the parameter count) and prints the ratios.
     Train(TrainArgs),
+    /// Load a running `formers serve` on this machine: N concurrent clients × M requests;
+    /// prints throughput, p50/p90/p99 latency, answers by status and the server's memory.
+    ///
+    /// Each client sends one sentence per request (the shipped data/sentences.txt, or
+    /// --sentences) on its own keep-alive connection. Compare with `formers bench embed
+    /// --batch-sizes 32` on the same sentences.
+    Serve(ServeArgs),
     /// One measurement (run by the other bench commands in a child process, for a clean peak RSS).
     #[command(hide = true)]
     Measure(MeasureArgs),
@@ -173,6 +180,32 @@ pub struct EmbedArgs {
     #[arg(long, value_name = "SCRIPT")]
     pub torch: Option<PathBuf>,
     /// Also write the results as a JSON array to this file
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+/// Flags of `formers bench serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The server's address (loopback only)
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: std::net::SocketAddr,
+    /// Concurrent clients
+    #[arg(long, default_value_t = 200)]
+    pub clients: usize,
+    /// Requests each client sends, one after another
+    #[arg(long, default_value_t = 20)]
+    pub requests_per_client: usize,
+    /// Send completions (greedy, this many tokens each) instead of embeddings
+    #[arg(long, value_name = "TOKENS")]
+    pub completions: Option<usize>,
+    /// One sentence per line [default: the shipped data/sentences.txt, 999 KJV verses]
+    #[arg(long, value_name = "FILE")]
+    pub sentences: Option<PathBuf>,
+    /// Stop after this many seconds (requests not sent by then are not counted)
+    #[arg(long, default_value_t = 600)]
+    pub time_limit: u64,
+    /// Also write the results as JSON to this file
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
 }
@@ -349,6 +382,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Embed(a) => embed(a),
         BenchCommand::Mixers(a) => mixers(a),
         BenchCommand::Train(a) => train(a),
+        BenchCommand::Serve(a) => serve(a),
         BenchCommand::Measure(a) => {
             let job: Job = serde_json::from_str(&a.job).context("--job")?;
             println!("{}", measure(job)?);
@@ -511,6 +545,78 @@ fn attention_one(
         peak_rss_bytes: mem::peak_rss().unwrap_or(0),
         base_rss_bytes: base,
     })?)
+}
+
+/// The benchmark sentences: `path`'s non-empty lines, or the shipped ones.
+fn sentences_of(path: Option<&Path>) -> Result<Vec<String>> {
+    let text = match path {
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+        }
+        None => SENTENCES.to_string(),
+    };
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect())
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    use formers_serve::loadgen::{self, Endpoint, LoadOptions};
+    let opts = LoadOptions {
+        addr: a.addr,
+        clients: a.clients,
+        requests_per_client: a.requests_per_client,
+        endpoint: match a.completions {
+            Some(max_tokens) => Endpoint::Completions { max_tokens },
+            None => Endpoint::Embeddings,
+        },
+        sentences: sentences_of(a.sentences.as_deref())?,
+        time_limit: std::time::Duration::from_secs(a.time_limit),
+    };
+    let r = loadgen::run(&opts)?;
+    let mib = |b: Option<u64>| {
+        b.map_or("-".to_string(), |b| {
+            format!("{:.1} MiB", b as f64 / 1048576.0)
+        })
+    };
+    println!(
+        "{} clients x {} requests: {} answered in {:.2} s{}",
+        a.clients,
+        a.requests_per_client,
+        r.answered,
+        r.seconds,
+        if r.timed_out {
+            " (time limit reached)"
+        } else {
+            ""
+        }
+    );
+    println!("| 200/s | p50 ms | p90 ms | p99 ms | max ms |");
+    println!("|---:|---:|---:|---:|---:|");
+    println!(
+        "| {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+        r.ok_per_s, r.p50_ms, r.p90_ms, r.p99_ms, r.max_ms
+    );
+    let statuses: Vec<String> = r
+        .by_status
+        .iter()
+        .map(|(s, n)| format!("{s}: {n}"))
+        .collect();
+    println!(
+        "answers by status: {}; no answer (connection errors, timeouts): {}",
+        statuses.join(", "),
+        r.failed
+    );
+    println!(
+        "server RSS: {} before, {} after, {} peak since start",
+        mib(r.server_rss_before),
+        mib(r.server_rss_after),
+        mib(r.server_peak_rss)
+    );
+    write_json(a.json.as_deref(), &[serde_json::to_value(&r)?])
 }
 
 fn embed(a: EmbedArgs) -> Result<()> {

@@ -7,9 +7,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use formers::embed;
 use formers::fsio;
 use formers::limits::Limits;
-use formers::model::Packed;
 use formers::pretrained::{self, Family, Pretrained};
 
 use crate::limits::LoadArgs;
@@ -45,7 +45,7 @@ pub fn tokenize_lines(p: &Pretrained, lines: &[String], truncate: bool) -> Resul
         .iter()
         .enumerate()
         .map(|(i, line)| {
-            let mut ids = pretrained::encode(&p.tokenizer, line, true)?;
+            let mut ids = embed::tokenize(&p.tokenizer, line)?;
             if ids.len() > max_len {
                 if !truncate {
                     bail!(
@@ -54,9 +54,7 @@ pub fn tokenize_lines(p: &Pretrained, lines: &[String], truncate: bool) -> Resul
                         ids.len()
                     );
                 }
-                let last = *ids.last().expect("non-empty");
-                ids.truncate(max_len);
-                ids[max_len - 1] = last; // keep the closing special token
+                embed::truncate(&mut ids, max_len);
             }
             Ok(ids)
         })
@@ -74,9 +72,7 @@ pub fn embed_lines(
     let mut rows = Vec::with_capacity(lines.len());
     for chunk in lines.chunks(batch_size.max(1)) {
         let ids = tokenize_lines(p, chunk, truncate)?;
-        let packed = Packed::new(&ids)?;
-        let emb = p.model.forward_packed(&packed)?;
-        rows.extend(emb.to_vec2::<f32>()?);
+        rows.extend(embed::embed_batch(&p.model, &ids)?);
         each(chunk.len());
     }
     Ok(rows)

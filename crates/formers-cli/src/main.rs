@@ -7,6 +7,7 @@ mod embed;
 mod generate;
 mod limits;
 mod progress;
+mod serve;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +30,8 @@ enum Command {
     Embed(embed::EmbedArgs),
     /// Continue a prompt with a causal LM: a formers run or a GPT-2-family checkpoint (uses the KV cache).
     Generate(generate::GenerateArgs),
+    /// Serve a checkpoint over HTTP: OpenAI-shaped embeddings or completions, with dynamic batching.
+    Serve(serve::ServeArgs),
     /// The arena: train every variant on Long-Range-Arena tasks and report accuracy, speed and memory.
     Arena(arena::ArenaArgs),
     /// Measure speed and memory.
@@ -57,6 +60,7 @@ fn main() {
         Command::Eval(a) => train::eval(a),
         Command::Embed(a) => embed::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Bench(c) => bench::run(c),
         Command::Arena(a) => arena::run(a),
     };

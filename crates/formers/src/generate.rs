@@ -97,6 +97,22 @@ pub fn generate(
     use_cache: bool,
     mut on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
+    generate_until(model, prompt, max_new, sampling, use_cache, |t| {
+        on_token(t);
+        true
+    })
+}
+
+/// [`generate`] that stops early, after the token for which `on_token` returns false (a
+/// stop sequence, a client gone): the tokens up to and including that one.
+pub fn generate_until(
+    model: &Model,
+    prompt: &[u32],
+    max_new: usize,
+    sampling: &Sampling,
+    use_cache: bool,
+    mut on_token: impl FnMut(u32) -> bool,
+) -> Result<Vec<u32>> {
     check(model, prompt, max_new, sampling)?;
     let mut rng = Rng::new(sampling.seed);
     let mut tokens = prompt.to_vec();
@@ -114,7 +130,9 @@ pub fn generate(
         let next = sample(&last, sampling, &mut rng);
         tokens.push(next);
         out.push(next);
-        on_token(next);
+        if !on_token(next) {
+            break;
+        }
     }
     Ok(out)
 }

@@ -9,6 +9,7 @@
 pub mod block;
 pub mod compress;
 pub mod config;
+pub mod embed;
 pub mod error;
 pub mod ffn;
 pub mod fsio;
