@@ -246,6 +246,50 @@ mod tests {
     use crate::testutil::{max_rel, randn};
     use candle_core::{DType, Device, Tensor};
 
+    /// Largest relative differences between the fused and the composed forward `f` over
+    /// `p`'s parameters (with random, non-zero biases) for input `x`: of the values and of
+    /// each gradient (named), under the loss `Σ f(x) · r` for a fixed random `r`.
+    fn fused_against_composed(
+        p: &Params,
+        x: &[usize],
+        f: impl Fn(&Tensor) -> Tensor,
+    ) -> (f64, Vec<(String, f64)>) {
+        for (name, var) in p.vars() {
+            if name.ends_with("bias") {
+                let n = var.elem_count();
+                var.set(&randn(&[n], 9).to_dtype(DType::F32).unwrap())
+                    .unwrap();
+            }
+        }
+        let x = candle_core::Var::from_tensor(&randn(x, 1).to_dtype(DType::F32).unwrap()).unwrap();
+        let run = |reference: bool| {
+            let go = || f(x.as_tensor());
+            let y = if reference {
+                crate::kernels::with_reference(go)
+            } else {
+                go()
+            };
+            let r = randn(y.dims(), 2).to_dtype(DType::F32).unwrap();
+            let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let mut all: Vec<(String, Tensor)> = p
+                .vars()
+                .into_iter()
+                .map(|(n, v)| (n, grads.get(v.as_tensor()).unwrap().clone()))
+                .collect();
+            all.push(("x".into(), grads.get(x.as_tensor()).unwrap().clone()));
+            (y, all)
+        };
+        let (fast, fast_grads) = run(false);
+        let (slow, slow_grads) = run(true);
+        assert_eq!(fast.dims(), slow.dims());
+        let grads = fast_grads
+            .iter()
+            .zip(&slow_grads)
+            .map(|((name, a), (_, e))| (name.clone(), max_rel(a, e)))
+            .collect();
+        (max_rel(&fast, &slow), grads)
+    }
+
     /// The fused layer against the composed one (itself checked against f64 finite
     /// differences in `linear.rs`), in values and in every gradient: dense with and without
     /// bias, low-rank, rank 2 and 3 inputs, one row and many.
@@ -260,41 +304,10 @@ mod tests {
             let p = Params::new(7, DType::F32, &Device::Cpu);
             let d_in = *shape.last().unwrap();
             let layer = Linear::with_rank(&p, d_in, d_out, rank, bias).unwrap();
-            // Non-zero biases, so their gradient path is exercised by the values too.
-            for (name, var) in p.vars() {
-                if name.ends_with("bias") {
-                    var.set(&randn(&[d_out], 9).to_dtype(DType::F32).unwrap())
-                        .unwrap();
-                }
-            }
-            let x = candle_core::Var::from_tensor(&randn(&shape, 1).to_dtype(DType::F32).unwrap())
-                .unwrap();
-            let mut out_shape = shape.clone();
-            *out_shape.last_mut().unwrap() = d_out;
-            let r = randn(&out_shape, 2).to_dtype(DType::F32).unwrap();
-            let run = |reference: bool| {
-                let go = || layer.forward(x.as_tensor()).unwrap();
-                let y = if reference {
-                    crate::kernels::with_reference(go)
-                } else {
-                    go()
-                };
-                let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-                let mut all: Vec<(String, Tensor)> = p
-                    .vars()
-                    .into_iter()
-                    .map(|(n, v)| (n, grads.get(v.as_tensor()).unwrap().clone()))
-                    .collect();
-                all.push(("x".into(), grads.get(x.as_tensor()).unwrap().clone()));
-                (y, all)
-            };
-            let (fast, fast_grads) = run(false);
-            let (slow, slow_grads) = run(true);
+            let (values, grads) = fused_against_composed(&p, &shape, |x| layer.forward(x).unwrap());
             let what = format!("{shape:?} -> {d_out}, rank {rank:?}, bias {bias}");
-            assert_eq!(fast.dims(), slow.dims(), "{what}");
-            assert!(max_rel(&fast, &slow) < 1e-6, "values {what}");
-            for ((name, a), (_, e)) in fast_grads.iter().zip(&slow_grads) {
-                let err = max_rel(a, e);
+            assert!(values < 1e-6, "values {what}: {values}");
+            for (name, err) in grads {
                 assert!(err < 1e-5, "gradient of {name}, {what}: {err}");
             }
         }
@@ -308,42 +321,9 @@ mod tests {
         use crate::ffn::{mlp::Mlp, ChannelMixer};
         let p = Params::new(3, DType::F32, &Device::Cpu);
         let mlp = Mlp::new(&p, 24, 96, Activation::Gelu, true, None).unwrap();
-        for (name, var) in p.vars() {
-            if name.ends_with("bias") {
-                let n = var.elem_count();
-                var.set(&randn(&[n], 4).to_dtype(DType::F32).unwrap())
-                    .unwrap();
-            }
-        }
-        let x =
-            candle_core::Var::from_tensor(&randn(&[3, 70, 24], 5).to_dtype(DType::F32).unwrap())
-                .unwrap();
-        let r = randn(&[3, 70, 24], 6).to_dtype(DType::F32).unwrap();
-        let run = |reference: bool| {
-            let go = || mlp.forward(x.as_tensor()).unwrap();
-            let y = if reference {
-                crate::kernels::with_reference(go)
-            } else {
-                go()
-            };
-            let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let mut all: Vec<(String, Tensor)> = p
-                .vars()
-                .into_iter()
-                .map(|(n, v)| (n, grads.get(v.as_tensor()).unwrap().clone()))
-                .collect();
-            all.push(("x".into(), grads.get(x.as_tensor()).unwrap().clone()));
-            (y, all)
-        };
-        let (fast, fast_grads) = run(false);
-        let (slow, slow_grads) = run(true);
-        assert!(
-            max_rel(&fast, &slow) < 1e-5,
-            "values: {}",
-            max_rel(&fast, &slow)
-        );
-        for ((name, a), (_, e)) in fast_grads.iter().zip(&slow_grads) {
-            let err = max_rel(a, e);
+        let (values, grads) = fused_against_composed(&p, &[3, 70, 24], |x| mlp.forward(x).unwrap());
+        assert!(values < 1e-5, "values: {values}");
+        for (name, err) in grads {
             assert!(err < 1e-5, "gradient of {name}: {err}");
         }
     }
