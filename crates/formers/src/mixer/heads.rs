@@ -137,11 +137,16 @@ impl MultiHead {
     }
 
     /// q, k and v as one dense layer of stacked weights (`[3d, d]`, rows q then k then v),
-    /// when they are dense and alike in their biases.
+    /// when they are trainable, dense and alike in their biases. The stack is a copy made
+    /// per call, which training's one product and one gradient node repay; inference (plain
+    /// tensors) keeps three products on the weights as they are.
     fn packed_qkv(&self) -> Result<Option<Linear>> {
         let Some(q) = &self.q else { return Ok(None) };
         let parts = [q, &self.k, &self.v];
-        if parts.iter().any(|l| l.factor.is_some()) {
+        if parts
+            .iter()
+            .any(|l| l.factor.is_some() || !l.weight.is_variable())
+        {
             return Ok(None);
         }
         let weight = Tensor::cat(&parts.map(|l| &l.weight), 0)?;
