@@ -28,17 +28,8 @@ impl CustomOp2 for BiasAdd {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let y = f32_values(s1, l1, "fused bias add")?;
         let b = f32_values(s2, l2, "fused bias add")?;
-        let d = b.len();
-        let mut out = vec![0f32; y.len()];
-        out.par_chunks_mut(BLOCK * d)
-            .zip(y.par_chunks(BLOCK * d))
-            .for_each(|(ob, yb)| {
-                for (orow, yrow) in ob.chunks_exact_mut(d).zip(yb.chunks_exact(d)) {
-                    for ((o, &y), &b) in orow.iter_mut().zip(yrow).zip(b) {
-                        *o = y + b;
-                    }
-                }
-            });
+        let mut out = y.to_vec();
+        add_rows(&mut out, b);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -52,6 +43,18 @@ impl CustomOp2 for BiasAdd {
         let db = row_sum(grad, b.elem_count())?.reshape(b.shape())?;
         Ok((Some(grad.clone()), Some(db)))
     }
+}
+
+/// `y_r += b` for every row `y_r` of `y` (`[.., b.len()]`), in parallel blocks of rows.
+pub(crate) fn add_rows(y: &mut [f32], b: &[f32]) {
+    if b.is_empty() {
+        return;
+    }
+    y.par_chunks_mut(BLOCK * b.len()).for_each(|block| {
+        for row in block.chunks_exact_mut(b.len()) {
+            row.iter_mut().zip(b).for_each(|(y, &b)| *y += b);
+        }
+    });
 }
 
 /// Sum of the rows of `[.., d]` as `[d]`.

@@ -11,12 +11,8 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
-use super::bias::row_sum;
-
-/// Rows of the output per parallel block of the bias add.
-const BLOCK: usize = 64;
+use super::bias::{add_rows, row_sum};
 
 /// `x Wᵀ` for `x [.., d_in]` (contiguous) and `w [d_out, d_in]`, with the shape of `x` and
 /// `d_out` last.
@@ -77,13 +73,7 @@ impl CustomOp3 for LinearBias {
         let CpuStorage::F32(mut y) = y else {
             candle_core::bail!("fused linear: f32 product expected")
         };
-        if d_out > 0 {
-            y.par_chunks_mut(BLOCK * d_out).for_each(|block| {
-                for row in block.chunks_exact_mut(d_out) {
-                    row.iter_mut().zip(b).for_each(|(y, &b)| *y += b);
-                }
-            });
-        }
+        add_rows(&mut y, b);
         Ok((CpuStorage::F32(y), shape))
     }
 
@@ -141,7 +131,7 @@ impl CustomOp3 for LinearBiasGelu {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let pre = self.pre.lock().unwrap_or_else(|e| e.into_inner());
-        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let g = super::flat(grad)?;
         if pre.len() != g.len() {
             candle_core::bail!("fused linear-gelu: backward without its forward")
         }
