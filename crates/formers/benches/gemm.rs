@@ -10,6 +10,10 @@
 //! `cargo bench -p formers --bench gemm` prints criterion's times and throughput (FLOP/s as
 //! "elem/s"), then a table: GFLOP/s of each side, their ratio and the share of this
 //! machine's FMA peak measured in the same run.
+//!
+//! On a machine shared with other work, wall time counts the waits: `GEMM_BENCH_CPU=1`
+//! times each side by the process's CPU time instead, on one thread (it sets
+//! `RAYON_NUM_THREADS=1`), against the one-core FMA peak measured the same way.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -21,6 +25,25 @@ use formers::kernels::{gemm::measured_fma_peak, matmul_op::matmul};
 
 /// Seconds per call, by (shape, side): one mean per criterion sample.
 static SAMPLES: Mutex<BTreeMap<(String, &'static str), Vec<f64>>> = Mutex::new(BTreeMap::new());
+
+/// Seconds of CPU time of the whole process (`CLOCK_PROCESS_CPUTIME_ID`).
+fn process_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) },
+        0
+    );
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// Whether sides are timed by CPU time (`GEMM_BENCH_CPU=1`) rather than wall time.
+fn cpu_mode() -> bool {
+    std::env::var_os("GEMM_BENCH_CPU").is_some_and(|v| v == "1")
+}
 
 /// `name`, M, K, N, A stored transposed, B stored transposed.
 type Case = (&'static str, usize, usize, usize, bool, bool);
@@ -81,11 +104,15 @@ fn bench(cr: &mut Criterion) {
         for (side, f) in sides {
             g.bench_with_input(BenchmarkId::new(side, &id), &(), |bch, _| {
                 bch.iter_custom(|iters| {
-                    let t = Instant::now();
+                    let (t, c) = (Instant::now(), process_cpu_seconds());
                     for _ in 0..iters {
                         std::hint::black_box(f(&a, &b));
                     }
-                    let e = t.elapsed();
+                    let e = if cpu_mode() {
+                        Duration::from_secs_f64(process_cpu_seconds() - c)
+                    } else {
+                        t.elapsed()
+                    };
                     SAMPLES
                         .lock()
                         .unwrap()
@@ -106,20 +133,23 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn main() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+    if cpu_mode() {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+    } else if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         std::env::set_var("RAYON_NUM_THREADS", "2");
     }
     let threads = rayon::current_num_threads();
     assert_eq!(threads, candle_core::utils::get_num_threads());
-    let peak = measured_fma_peak(0.5);
+    let peak = measured_fma_peak(0.5, cpu_mode());
     let mut cr = Criterion::default().configure_from_args();
     bench(&mut cr);
     cr.final_summary();
-    let peak_after = measured_fma_peak(0.5);
+    let peak_after = measured_fma_peak(0.5, cpu_mode());
     let mut samples = SAMPLES.lock().unwrap();
     println!(
-        "\nthreads: {threads} (formers and candle); measured FMA peak: {peak:.0} GFLOP/s \
-         before, {peak_after:.0} after"
+        "\nthreads: {threads} (formers and candle), timed by {}; measured FMA peak: {peak:.0} \
+         GFLOP/s before, {peak_after:.0} after",
+        if cpu_mode() { "CPU time" } else { "wall time" }
     );
     let peak = peak.max(peak_after);
     println!(

@@ -1,9 +1,10 @@
-//! `C = A·B` (or `C += A·B`) for f32 matrices on the CPU, the BLIS/GotoBLAS way: B packed
-//! into `K × NR` panels, an AVX2+FMA microkernel that keeps an `MR × NR` = 6 × 16 tile of C
-//! in 12 registers, blocks over K so a B micro-panel stays in L1, and rayon over blocks of
-//! rows and columns of C (split so that the operands are read the fewest times). A block
-//! of A is packed into `MR × KC` panels when it serves at least 8 column panels, and read
-//! in place (row or column stride) otherwise; transposes of either operand are taken while
+//! `C = A·B` (or `C += A·B`) for f32 matrices on the CPU, the BLIS/GotoBLAS way: an
+//! AVX2+FMA microkernel that keeps an `MR × NR` = 6 × 16 tile of C in 12 registers; B packed
+//! one K block at a time into `KC × NR` micro-panels (one stays in L1 while it serves a
+//! column of tiles, the packed block in L2 however long K is); rayon over blocks of rows
+//! and columns of C (split so that the operands are read the fewest times). A block of A
+//! is packed into `MR × KC` panels when it serves at least 8 column panels, and read in
+//! place (row or column stride) otherwise; transposes of either operand are taken while
 //! packing or by the strides, never by a copy of their own.
 //!
 //! Deterministic: each element of C is one chain of FMAs over K in increasing order, in
@@ -173,46 +174,55 @@ unsafe fn blocked(
     let Dims { batch, m, n, k } = d;
     let panels = n.div_ceil(NR);
     let tiles = m.div_ceil(MR);
-    let panel_len = k * NR;
-    // B packed once when all batches share it.
-    let b_batches = batches(b, batch);
-    let mut packed = vec![0f32; b_batches * panels * panel_len];
-    let pack_one = |(i, dst): (usize, &mut [f32])| {
-        let (bi, p) = (i / panels, i % panels);
-        pack_b(b, bi, p * NR, (n - p * NR).min(NR), k, dst, kernel);
-    };
     let threads = rayon::current_num_threads();
-    if threads > 1 && b_batches * panels * panel_len >= 1 << 16 {
-        packed
-            .par_chunks_mut(panel_len)
-            .enumerate()
-            .for_each(pack_one);
-    } else {
-        packed.chunks_mut(panel_len).enumerate().for_each(pack_one);
-    }
-
     let (tm, tn) = split(batch, tiles, panels, k, threads);
-    let run = |t: usize| {
-        let bi = t / (tm * tn);
-        let (im, in_) = ((t / tn) % tm, t % tn);
-        let job = Job {
-            d,
-            a,
-            packed: &packed[(bi % b_batches) * panels * panel_len..],
-            bi,
-            tiles: im * tiles / tm..(im + 1) * tiles / tm,
-            panels: in_ * panels / tn..(in_ + 1) * panels / tn,
-            accumulate,
-            ldc,
-        };
-        // SAFETY: tasks write disjoint tiles of C, all inside `c` (the caller's promise).
-        unsafe { job.run(kernel, c.get().add(bi * c_batch_stride)) }
-    };
     let tasks = batch * tm * tn;
-    if tasks == 1 {
-        run(0);
-    } else {
-        (0..tasks).into_par_iter().for_each(run);
+    // B is packed one K block at a time (`KC × NR` micro-panels of every column panel), so
+    // what is packed stays in cache while every row block uses it, however long K is.
+    // When all batches share B, it is packed once per block.
+    let b_batches = batches(b, batch);
+    let block_len = KC * NR;
+    let mut packed = vec![0f32; b_batches * panels * block_len];
+    let mut p0 = 0;
+    while p0 < k {
+        let kc = (k - p0).min(KC);
+        let pack_one = |(i, dst): (usize, &mut [f32])| {
+            let (bi, p) = (i / panels, i % panels);
+            let nr = (n - p * NR).min(NR);
+            pack_b(b, bi, p * NR, nr, p0, kc, &mut dst[..kc * NR], kernel);
+        };
+        if threads > 1 && b_batches * panels * kc * NR >= 1 << 16 {
+            packed
+                .par_chunks_mut(block_len)
+                .enumerate()
+                .for_each(pack_one);
+        } else {
+            packed.chunks_mut(block_len).enumerate().for_each(pack_one);
+        }
+        let run = |t: usize| {
+            let bi = t / (tm * tn);
+            let (im, in_) = ((t / tn) % tm, t % tn);
+            let job = Job {
+                d,
+                a,
+                packed: &packed[(bi % b_batches) * panels * block_len..],
+                bi,
+                tiles: im * tiles / tm..(im + 1) * tiles / tm,
+                panels: in_ * panels / tn..(in_ + 1) * panels / tn,
+                p0,
+                kc,
+                load_c: accumulate || p0 > 0,
+                ldc,
+            };
+            // SAFETY: tasks write disjoint tiles of C, all inside `c` (the caller's promise).
+            unsafe { job.run(kernel, c.get().add(bi * c_batch_stride)) }
+        };
+        if tasks == 1 {
+            run(0);
+        } else {
+            (0..tasks).into_par_iter().for_each(run);
+        }
+        p0 += kc;
     }
 }
 
@@ -240,15 +250,26 @@ fn split(batch: usize, tiles: usize, panels: usize, k: usize, threads: usize) ->
     best
 }
 
-/// `K × NR` panel of B's columns `j0..j0 + nr` (zero beyond `nr`), batch `bi`.
-fn pack_b(b: &MatRef, bi: usize, j0: usize, nr: usize, k: usize, dst: &mut [f32], kernel: Kernel) {
+/// `kc × NR` panel of B's rows `p0..p0 + kc` and columns `j0..j0 + nr` (zero beyond
+/// `nr`), batch `bi`.
+#[allow(clippy::too_many_arguments)]
+fn pack_b(
+    b: &MatRef,
+    bi: usize,
+    j0: usize,
+    nr: usize,
+    p0: usize,
+    kc: usize,
+    dst: &mut [f32],
+    kernel: Kernel,
+) {
     let base = &b.data[bi * b.batch_stride..];
     #[cfg(target_arch = "x86_64")]
     if b.trans && nr == NR && matches!(kernel, Kernel::Avx2) {
-        let src = &base[j0 * b.ld..];
-        assert!((NR - 1) * b.ld + k <= src.len() && dst.len() >= k * NR);
-        // SAFETY: 16 stored rows of k values and a k × 16 panel (checked above); AVX2.
-        unsafe { avx2::pack_transposed(src.as_ptr(), b.ld, k, dst.as_mut_ptr()) };
+        let src = &base[j0 * b.ld + p0..];
+        assert!((NR - 1) * b.ld + kc <= src.len() && dst.len() >= kc * NR);
+        // SAFETY: 16 stored rows of kc values and a kc × 16 panel (checked above); AVX2.
+        unsafe { avx2::pack_transposed(src.as_ptr(), b.ld, kc, dst.as_mut_ptr()) };
         return;
     }
     let _ = kernel;
@@ -258,14 +279,21 @@ fn pack_b(b: &MatRef, bi: usize, j0: usize, nr: usize, k: usize, dst: &mut [f32]
             dst.fill(0.0);
         }
         for j in 0..nr {
-            let src = &base[(j0 + j) * b.ld..][..k];
+            let src = &base[(j0 + j) * b.ld + p0..][..kc];
             for (kk, &v) in src.iter().enumerate() {
                 dst[kk * NR + j] = v;
             }
         }
+    } else if nr == NR {
+        // Fixed-size rows: two vector moves each, not a `memcpy` call per 16 values.
+        for (kk, d) in dst.chunks_exact_mut(NR).enumerate() {
+            let d: &mut [f32; NR] = d.try_into().expect("NR values");
+            let o = (p0 + kk) * b.ld + j0;
+            *d = base[o..o + NR].try_into().expect("NR values");
+        }
     } else {
         for (kk, d) in dst.chunks_exact_mut(NR).enumerate() {
-            let src = &base[kk * b.ld + j0..][..nr];
+            let src = &base[(p0 + kk) * b.ld + j0..][..nr];
             d[..nr].copy_from_slice(src);
             d[nr..].fill(0.0);
         }
@@ -286,15 +314,20 @@ impl SyncPtr {
     }
 }
 
-/// One task: row tiles × column panels of one batch, all of K.
+/// One task: row tiles × column panels of one batch, over one K block.
 struct Job<'a> {
     d: Dims,
     a: &'a MatRef<'a>,
+    /// This batch's B, packed for this K block: `KC × NR` per column panel.
     packed: &'a [f32],
     bi: usize,
     tiles: std::ops::Range<usize>,
     panels: std::ops::Range<usize>,
-    accumulate: bool,
+    /// The K block: `p0..p0 + kc`.
+    p0: usize,
+    kc: usize,
+    /// C already holds a partial sum (earlier K blocks, or the caller's C to add to).
+    load_c: bool,
     ldc: usize,
 }
 
@@ -302,7 +335,8 @@ impl Job<'_> {
     /// # Safety
     /// `c` is this batch's C, valid for its tiles, and no other thread touches them.
     unsafe fn run(&self, kernel: Kernel, c: *mut f32) {
-        let Dims { m, n, k, .. } = self.d;
+        let Dims { m, n, .. } = self.d;
+        let (p0, kc, load_c) = (self.p0, self.kc, self.load_c);
         let (rsa, csa) = self.a.strides();
         let a = self.a.data[self.bi * self.a.batch_stride..].as_ptr();
         // A is packed when the copy pays: its rows serve many column panels.
@@ -310,79 +344,80 @@ impl Job<'_> {
         let mut apack = vec![
             0f32;
             if pack_a {
-                self.tiles.len() * MR * k.min(KC)
+                self.tiles.len() * MR * kc
             } else {
                 0
             }
         ];
-        let mut p0 = 0;
-        while p0 < k {
-            let kc = (k - p0).min(KC);
-            let load_c = self.accumulate || p0 > 0;
-            // This task's rows of A for this K block, as MR × kc panels (k-major).
-            for (t, dst) in self.tiles.clone().zip(apack.chunks_exact_mut(MR * kc)) {
+        // This task's rows of A for this K block, as MR × kc panels (k-major).
+        for (t, dst) in self.tiles.clone().zip(apack.chunks_exact_mut(MR * kc)) {
+            let i0 = t * MR;
+            let mr = (m - i0).min(MR);
+            // SAFETY: rows i0..i0 + mr < m and columns p0..p0 + kc ≤ k are in A.
+            let at = |r: usize, kk: usize| unsafe { *a.add((i0 + r) * rsa + (p0 + kk) * csa) };
+            if rsa == 1 && mr == MR {
+                // A stored transposed: the tile's MR values of each k are adjacent.
+                for (kk, d) in dst.chunks_exact_mut(MR).enumerate() {
+                    let d: &mut [f32; MR] = d.try_into().expect("MR values");
+                    // SAFETY: as `at`: the MR rows of column p0 + kk are in A.
+                    *d = unsafe { *(a.add(i0 + (p0 + kk) * csa) as *const [f32; MR]) };
+                }
+            } else if csa == 1 {
+                for r in 0..mr {
+                    for kk in 0..kc {
+                        dst[kk * MR + r] = at(r, kk);
+                    }
+                }
+            } else {
+                for kk in 0..kc {
+                    for r in 0..mr {
+                        dst[kk * MR + r] = at(r, kk);
+                    }
+                }
+            }
+            if mr < MR {
+                for kk in 0..kc {
+                    dst[kk * MR + mr..(kk + 1) * MR].fill(0.0);
+                }
+            }
+        }
+        for p in self.panels.clone() {
+            let j0 = p * NR;
+            let nr = (n - j0).min(NR);
+            let bp = self.packed[p * KC * NR..].as_ptr();
+            for (ti, t) in self.tiles.clone().enumerate() {
                 let i0 = t * MR;
                 let mr = (m - i0).min(MR);
-                // SAFETY: rows i0..i0 + mr < m and columns p0..p0 + kc ≤ k are in A.
-                let at = |r: usize, kk: usize| unsafe { *a.add((i0 + r) * rsa + (p0 + kk) * csa) };
-                if csa == 1 {
-                    for r in 0..mr {
-                        for kk in 0..kc {
-                            dst[kk * MR + r] = at(r, kk);
-                        }
-                    }
+                let rows: [*const f32; MR] = if pack_a {
+                    let ap = apack[ti * MR * kc..].as_ptr();
+                    std::array::from_fn(|r| ap.add(r))
                 } else {
-                    for kk in 0..kc {
-                        for r in 0..mr {
-                            dst[kk * MR + r] = at(r, kk);
-                        }
-                    }
-                }
-                if mr < MR {
-                    for kk in 0..kc {
-                        dst[kk * MR + mr..(kk + 1) * MR].fill(0.0);
-                    }
-                }
-            }
-            for p in self.panels.clone() {
-                let j0 = p * NR;
-                let nr = (n - j0).min(NR);
-                let bp = self.packed[p * k * NR + p0 * NR..].as_ptr();
-                for (ti, t) in self.tiles.clone().enumerate() {
-                    let i0 = t * MR;
-                    let mr = (m - i0).min(MR);
-                    let rows: [*const f32; MR] = if pack_a {
-                        let ap = apack[ti * MR * kc..].as_ptr();
-                        std::array::from_fn(|r| ap.add(r))
-                    } else {
-                        // Rows past the edge repeat the last row: read, computed, dropped.
-                        std::array::from_fn(|r| a.add((i0 + r.min(mr - 1)) * rsa + p0 * csa))
-                    };
-                    let csa = if pack_a { MR } else { csa };
-                    let ldc = self.ldc;
-                    let ct = c.add(i0 * ldc + j0);
-                    if mr == MR && nr == NR {
-                        kernel.call(kc, &rows, csa, bp, ct, ldc, load_c);
-                    } else {
-                        // Edge tiles go through a tile of our own.
-                        let mut tmp = [0f32; MR * NR];
-                        if load_c {
-                            for r in 0..mr {
-                                for j in 0..nr {
-                                    tmp[r * NR + j] = *ct.add(r * ldc + j);
-                                }
-                            }
-                        }
-                        kernel.call(kc, &rows, csa, bp, tmp.as_mut_ptr(), NR, load_c);
+                    // Rows past the edge repeat the last row: read, computed, dropped.
+                    std::array::from_fn(|r| a.add((i0 + r.min(mr - 1)) * rsa + p0 * csa))
+                };
+                let csa = if pack_a { MR } else { csa };
+                let ldc = self.ldc;
+                let ct = c.add(i0 * ldc + j0);
+                if mr == MR && nr == NR {
+                    kernel.call(kc, &rows, csa, bp, ct, ldc, load_c);
+                } else {
+                    // Edge tiles go through a tile of our own.
+                    let mut tmp = [0f32; MR * NR];
+                    if load_c {
                         for r in 0..mr {
                             for j in 0..nr {
-                                *ct.add(r * ldc + j) = tmp[r * NR + j];
+                                tmp[r * NR + j] = *ct.add(r * ldc + j);
                             }
+                        }
+                    }
+                    kernel.call(kc, &rows, csa, bp, tmp.as_mut_ptr(), NR, load_c);
+                    for r in 0..mr {
+                        for j in 0..nr {
+                            *ct.add(r * ldc + j) = tmp[r * NR + j];
                         }
                     }
                 }
             }
-            p0 += kc;
         }
     }
 }
@@ -593,10 +628,28 @@ mod avx2 {
     }
 }
 
+/// Seconds of CPU time this thread has run (`CLOCK_THREAD_CPUTIME_ID`): what a kernel costs
+/// on a machine shared with other work, where wall time also counts the waits.
+pub fn thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
 /// The f32 FMA peak of this machine, measured: every thread of the current rayon pool runs
 /// 12 independent chains of 8-lane FMAs for about `seconds`; returns GFLOP/s (2 FLOPs per
 /// lane per FMA) summed over the threads. Without AVX2+FMA, a scalar loop's rate.
-pub fn measured_fma_peak(seconds: f64) -> f64 {
+///
+/// With `cpu_time`, each thread's rate is over its own CPU time (the core's rate while it
+/// runs, whatever else shares the machine); otherwise over the wall time of the whole run.
+pub fn measured_fma_peak(seconds: f64, cpu_time: bool) -> f64 {
     let threads = rayon::current_num_threads().max(1);
     let kernel = Kernel::detect();
     let one = |iters: u64| -> f64 {
@@ -627,11 +680,19 @@ pub fn measured_fma_peak(seconds: f64) -> f64 {
         }
         iters *= 4;
     }
+    let flops = (iters as f64) * 12.0 * 8.0 * 2.0;
     let t = std::time::Instant::now();
-    let sums = rayon::broadcast(|_| one(iters));
-    std::hint::black_box(sums);
+    let rates = rayon::broadcast(|_| {
+        let c = thread_cpu_seconds();
+        std::hint::black_box(one(iters));
+        flops / (thread_cpu_seconds() - c).max(1e-9)
+    });
     let e = t.elapsed().as_secs_f64();
-    (threads as f64) * (iters as f64) * 12.0 * 8.0 * 2.0 / e / 1e9
+    if cpu_time {
+        rates.iter().sum::<f64>() / 1e9
+    } else {
+        (threads as f64) * flops / e / 1e9
+    }
 }
 
 #[cfg(test)]
