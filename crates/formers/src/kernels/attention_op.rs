@@ -303,7 +303,7 @@ pub struct FlashMask<'a> {
 /// Whether [`flash_attention`] takes these tensors (f32 on the CPU) and the fused kernels
 /// are on ([`super::fused_enabled`]).
 pub fn supports(q: &Tensor) -> bool {
-    q.dtype() == DType::F32 && q.device().is_cpu() && super::fused_enabled()
+    super::fused_f32_cpu(&[q])
 }
 
 /// `softmax(q kᵀ / sqrt(d) + masks) v` for `q [b, h, n, d]`, `k, v [b, h, m, d]` (f32, CPU),

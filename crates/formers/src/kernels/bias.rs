@@ -4,7 +4,7 @@
 //! sums through its generic strided reduction instead, the largest non-GEMM cost of a
 //! training step in the profile. Row sums run per block of rows, joined in block order.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::f32_values;
@@ -96,12 +96,7 @@ pub(crate) fn row_sum(grad: &Tensor, d: usize) -> candle_core::Result<Tensor> {
 /// kernels are enabled), candle's `broadcast_add` otherwise.
 pub fn add(y: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     let trailing = y.rank() >= b.rank() && y.dims()[y.rank() - b.rank()..] == *b.dims();
-    let fused = trailing
-        && b.elem_count() > 0
-        && y.dtype() == DType::F32
-        && b.dtype() == DType::F32
-        && y.device().is_cpu()
-        && super::fused_enabled();
+    let fused = trailing && b.elem_count() > 0 && super::fused_f32_cpu(&[y, b]);
     if !fused {
         return y.broadcast_add(b);
     }
@@ -112,7 +107,7 @@ pub fn add(y: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 mod tests {
     use super::*;
     use crate::testutil::{max_rel, randn};
-    use candle_core::Var;
+    use candle_core::{DType, Var};
 
     #[test]
     fn fused_bias_add_matches_broadcast_add_in_values_and_gradients() {

@@ -188,7 +188,7 @@ impl CustomOp3 for CrossEntropyGrad {
 
 /// Whether the fused op takes these logits: f32 on the CPU (and the kernels enabled).
 pub fn supports(logits: &Tensor) -> bool {
-    logits.dtype() == DType::F32 && logits.device().is_cpu() && super::fused_enabled()
+    super::fused_f32_cpu(&[logits])
 }
 
 /// Weighted mean cross-entropy of `logits [n, c]` (f32, CPU) against `targets [n]` (u32)

@@ -190,12 +190,7 @@ fn gradients(
 /// Whether [`linear`] runs the fused op on these tensors: f32 on the CPU with the fused
 /// kernels on.
 fn fused(x: &Tensor, w: &Tensor) -> bool {
-    x.dtype() == DType::F32
-        && w.dtype() == DType::F32
-        && x.device().is_cpu()
-        && w.rank() == 2
-        && x.rank() >= 1
-        && super::fused_enabled()
+    w.rank() == 2 && x.rank() >= 1 && super::fused_f32_cpu(&[x, w])
 }
 
 /// `x Wᵀ + b` over the last dimension of `x` (any rank) for `w [d_out, d_in]`: one fused

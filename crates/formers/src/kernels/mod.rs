@@ -32,6 +32,15 @@ pub fn fused_enabled() -> bool {
     !REFERENCE.with(Cell::get)
 }
 
+/// Whether a fused CPU kernel takes these tensors: every one f32 on the CPU, and the fused
+/// kernels on ([`fused_enabled`]). The one test every fused path starts from.
+pub fn fused_f32_cpu(tensors: &[&Tensor]) -> bool {
+    tensors
+        .iter()
+        .all(|t| t.dtype() == DType::F32 && t.device().is_cpu())
+        && fused_enabled()
+}
+
 /// Runs `f` on this thread with the composed reference paths instead of the fused kernels
 /// (for tests that compare the two: a thread's setting, so parallel tests do not see it).
 pub fn with_reference<R>(f: impl FnOnce() -> R) -> R {
@@ -215,7 +224,7 @@ impl CustomOp2 for GeluGrad {
 /// Exact (erf) GELU: the fast kernel (with its backward) for f32 on the CPU, candle's
 /// `gelu_erf` otherwise.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if x.dtype() != DType::F32 || !x.device().is_cpu() || !fused_enabled() {
+    if !fused_f32_cpu(&[x]) {
         return Ok(x.gelu_erf()?);
     }
     Ok(x.contiguous()?.apply_op1(FastGeluErf)?)

@@ -3,7 +3,7 @@
 //! row's statistics instead of storing them), the gain and bias gradients summed per block of
 //! rows in a fixed order (so results do not depend on the thread count).
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{f32_values, flat};
@@ -191,10 +191,7 @@ impl CustomOp2 for NormOp {
 
 /// Whether the fused norms take `x` (f32 on the CPU, with f32 parameters).
 pub fn supports(x: &Tensor, weight: &Tensor) -> bool {
-    x.dtype() == DType::F32
-        && weight.dtype() == DType::F32
-        && x.device().is_cpu()
-        && super::fused_enabled()
+    super::fused_f32_cpu(&[x, weight])
 }
 
 /// LayerNorm over the last dimension, differentiable in `x`, `weight` and `bias`.
@@ -219,7 +216,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::testutil::{max_rel, randn};
-    use candle_core::{Device, Var, D};
+    use candle_core::{DType, Device, Var, D};
 
     /// The composed reference in f64 (what `Norm::forward_composed` computes).
     fn reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Tensor {
