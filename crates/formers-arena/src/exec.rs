@@ -263,6 +263,7 @@ fn train_and_test(
         test_examples,
         val_accuracy: summary.eval.accuracy,
         train_steps_per_s: summary.steps as f64 / train_seconds.max(1e-9),
+        threads: crate::pool::arena_threads(),
         infer_tokens_per_s,
         peak_rss_bytes: mem::peak_rss().unwrap_or(0),
         params: summary.params,

@@ -44,6 +44,11 @@ pub struct RunResult {
     pub val_accuracy: f64,
     /// Optimizer steps per second (forward, backward, update).
     pub train_steps_per_s: f64,
+    /// Compute threads the run had: fewer than the arena's when other jobs ran beside it
+    /// (`formers arena --jobs`), which its speed figures reflect. 0 in records stored before
+    /// this field was.
+    #[serde(default)]
+    pub threads: usize,
     /// Input tokens (padding included) per second of inference on the test split.
     pub infer_tokens_per_s: f64,
     /// Peak resident memory of the process during this run, bytes.
@@ -315,5 +320,19 @@ mod tests {
         f.write_all(b"{\"kind\":\"ski").unwrap();
         assert_eq!(load(&store).unwrap(), vec![skipped("a"), skipped("b")]);
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_run_record_stored_before_the_thread_count_still_loads() {
+        let old = r#"{"kind":"run","suite":"lite","task":"text","variant":"vanilla","seed":0,
+            "budget":"3","source":"s","seq_len":8,"batch_size":2,"steps":3,
+            "test_accuracy":0.5,"test_examples":4,"val_accuracy":0.5,"train_steps_per_s":1.0,
+            "infer_tokens_per_s":1.0,"peak_rss_bytes":1,"params":1,"flops_per_token":1.0,
+            "wall_s":1.0,"loss_curve":[[1,0.5]]}"#
+            .replace('\n', "");
+        let Ok(Some(Record::Run(r))) = record_of(&old, true) else {
+            panic!("not loaded: {:?}", record_of(&old, true))
+        };
+        assert_eq!((r.threads, r.steps), (0, 3));
     }
 }

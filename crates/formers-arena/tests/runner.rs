@@ -288,6 +288,7 @@ fn fake_run(task: &str, seed: u64) -> Record {
         test_examples: 10,
         val_accuracy: 0.5,
         train_steps_per_s: 1.0,
+        threads: 1,
         infer_tokens_per_s: 1.0,
         peak_rss_bytes: 1,
         params: 1,

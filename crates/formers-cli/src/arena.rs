@@ -442,13 +442,16 @@ impl Progress for Bars {
         self.ended(slot);
         let line = match record {
             Record::Run(r) => format!(
-                "{:<10} {:<12} seed {}: test accuracy {:.2}% ({} steps, {:.1} steps/s, {}, {:.0} s)",
+                "{:<10} {:<12} seed {}: test accuracy {:.2}% ({} steps, {:.1} steps/s on {} \
+                 thread{}, {}, {:.0} s)",
                 r.task,
                 r.variant,
                 r.seed,
                 r.test_accuracy * 100.0,
                 r.steps,
                 r.train_steps_per_s,
+                r.threads,
+                if r.threads == 1 { "" } else { "s" },
                 formers_arena::mem::human(r.peak_rss_bytes),
                 r.wall_s
             ),

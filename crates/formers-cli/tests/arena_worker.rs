@@ -189,7 +189,12 @@ fn threads_var(pid: u32) -> Option<String> {
 fn arena_with_jobs(
     out: &Path,
     jobs: &str,
-) -> (BTreeMap<String, serde_json::Value>, usize, Vec<String>) {
+) -> (
+    BTreeMap<String, serde_json::Value>,
+    usize,
+    Vec<String>,
+    Vec<u64>,
+) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_formers"));
     cmd.args([
         "arena",
@@ -219,7 +224,7 @@ fn arena_with_jobs(
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(parent.wait().unwrap().success());
-    let mut records = BTreeMap::new();
+    let (mut records, mut stored_threads) = (BTreeMap::new(), Vec::new());
     for line in fs::read_to_string(out.join("results.jsonl"))
         .unwrap()
         .lines()
@@ -227,6 +232,7 @@ fn arena_with_jobs(
         let mut r: serde_json::Value = serde_json::from_str(line).unwrap();
         let key = format!("{}/{}/{}", r["task"], r["variant"], r["seed"]);
         let fields = r.as_object_mut().unwrap();
+        stored_threads.push(fields.remove("threads").and_then(|t| t.as_u64()).unwrap());
         for measured in [
             "train_steps_per_s",
             "infer_tokens_per_s",
@@ -239,15 +245,20 @@ fn arena_with_jobs(
     }
     threads.sort();
     threads.dedup();
-    (records, most, threads)
+    stored_threads.sort();
+    stored_threads.dedup();
+    (records, most, threads, stored_threads)
 }
 
 #[test]
 fn two_jobs_at_once_store_the_same_records_as_one_at_a_time() {
     let one = tmp("arena-jobs1");
     let two = tmp("arena-jobs2");
-    let (sequential, most1, threads1) = arena_with_jobs(&one, "1");
-    let (concurrent, most2, threads2) = arena_with_jobs(&two, "2");
+    let (sequential, most1, threads1, stored1) = arena_with_jobs(&one, "1");
+    let (concurrent, most2, threads2, stored2) = arena_with_jobs(&two, "2");
+    // Each record says how many threads its speed figures had.
+    assert_eq!(stored1, [2], "--jobs 1 records");
+    assert_eq!(stored2, [1], "--jobs 2 records");
     assert_eq!(most1, 1, "--jobs 1 ran workers at once");
     assert_eq!(threads1, ["2"], "--jobs 1 workers keep the arena's threads");
     assert_eq!(most2, 2, "--jobs 2 never ran two workers at once");

@@ -313,15 +313,28 @@ pub fn details(runs: &Runs) -> Table {
         header,
     );
     t.align[1] = Align::Left;
+    let mut threads = Vec::new();
     for task in &runs.tasks {
         for v in &runs.variants {
             if let Some(cell) = runs.cell(task, v) {
                 t.push_row(details_row(task, v, cell));
+                threads.extend(cell.runs.iter().map(|r| r.threads).filter(|&n| n > 0));
             }
         }
     }
     if t.rows.is_empty() {
         t.footnotes.push("No finished runs.".to_string());
+    }
+    threads.sort_unstable();
+    threads.dedup();
+    if !threads.is_empty() {
+        let list: Vec<String> = threads.iter().map(usize::to_string).collect();
+        t.footnotes.push(format!(
+            "Train steps/s: each run on {} compute thread(s); runs that train at once \
+             (`--jobs`) share the cores, so compare speeds in the speed table, whose jobs run \
+             alone.",
+            list.join(" or ")
+        ));
     }
     t
 }

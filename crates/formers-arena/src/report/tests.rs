@@ -16,6 +16,7 @@ fn run(task: &str, variant: &str, seed: u64, acc: f64) -> Record {
         test_examples: 1000,
         val_accuracy: acc,
         train_steps_per_s: if variant == "vanilla" { 2.0 } else { 3.0 },
+        threads: 2,
         infer_tokens_per_s: 12345.0,
         peak_rss_bytes: 200 << 20,
         params: 123_456,
@@ -291,4 +292,25 @@ fn degenerate_inputs_do_not_panic() {
     let md = table1_markdown(&[skipped("pathx", "b"), skipped("pathx", "a")], &meta());
     assert!(md.contains("Path-X skipped: a; b"), "{md}");
     assert!(charts(&[], &meta()).is_empty());
+}
+
+#[test]
+fn the_details_table_says_how_many_threads_each_run_had() {
+    let mut recs = sample();
+    let md = details_markdown(&recs, &meta());
+    assert!(md.contains("each run on 2 compute thread(s)"), "{md}");
+    // Runs trained beside another job (one thread each) and records from before the field.
+    for (i, r) in recs.iter_mut().enumerate() {
+        if let Record::Run(r) = r {
+            r.threads = [1, 2, 0][i % 3];
+        }
+    }
+    let md = details_markdown(&recs, &meta());
+    assert!(md.contains("each run on 1 or 2 compute thread(s)"), "{md}");
+    for r in recs.iter_mut() {
+        if let Record::Run(r) = r {
+            r.threads = 0;
+        }
+    }
+    assert!(!details_markdown(&recs, &meta()).contains("compute thread"));
 }
