@@ -131,12 +131,11 @@ impl CustomOp3 for LinearBiasGelu {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let pre = self.pre.lock().unwrap_or_else(|e| e.into_inner());
-        let g = super::flat(grad)?;
-        if pre.len() != g.len() {
+        if pre.len() != grad.elem_count() {
             candle_core::bail!("fused linear-gelu: backward without its forward")
         }
-        let mut dpre = vec![0f32; g.len()];
-        super::gelu_map(&pre, Some(&g), &mut dpre);
+        let mut dpre = vec![0f32; pre.len()];
+        super::with_f32(grad, |g| super::gelu_map(&pre, Some(g), &mut dpre))?;
         let dpre = Tensor::from_vec(dpre, res.shape(), res.device())?;
         LinearBias.bwd(x, w, b, res, &dpre)
     }

@@ -167,6 +167,21 @@ pub(crate) fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 
+/// `f` of the values of an f32 tensor in row-major order: read in place when the tensor
+/// is contiguous on the CPU (no copy; its storage stays read-locked while `f` runs, so `f`
+/// must not write to that tensor), a copy ([`flat`]) otherwise.
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(f(&data[a..b]));
+        }
+    }
+    Ok(f(&flat(t)?))
+}
+
 struct FastGeluErf;
 
 impl CustomOp1 for FastGeluErf {
@@ -284,5 +299,22 @@ mod tests {
             .map(|(a, b)| (*a as f64 - b).abs())
             .fold(0f64, f64::max);
         assert!(worst < 1e-6, "max error {worst}");
+    }
+
+    #[test]
+    fn values_are_read_in_place_or_copied_in_row_major_order() {
+        let t = Tensor::arange(0f32, 24., &Device::Cpu)
+            .unwrap()
+            .reshape((4, 6))
+            .unwrap();
+        for view in [
+            t.clone(),
+            t.narrow(0, 1, 2).unwrap(), // contiguous, with an offset
+            t.t().unwrap(),             // strided: copied
+            t.narrow(1, 2, 3).unwrap(), // strided rows: copied
+        ] {
+            let got = with_f32(&view, |v| v.to_vec()).unwrap();
+            assert_eq!(got, flat(&view).unwrap(), "{:?}", view.layout());
+        }
     }
 }
