@@ -2,10 +2,17 @@
 //! keeps only the output and each query row's log-sum-exp; the backward recomputes the score
 //! tiles from them. Memory is O(n·d) whatever the length. Plain slices in, plain vectors out:
 //! the candle op around it is `kernels::attention_op`.
+//!
+//! Inside, scores are in base 2: the scale, key bias and ALiBi slopes are multiplied by
+//! `log2 e` once, so each probability is one [`Simd::exp2`] of `s − max` (no `ln 2` range
+//! reduction per element), and the log-sum-exp the forward returns is `log2 Σ 2^s`.
 
 use rayon::prelude::*;
 
 use super::simd::{run, Kernel, Simd, LANES};
+
+/// Scores times it are in base 2: `e^s = 2^(s·log2 e)`.
+const LOG2E: f32 = std::f32::consts::LOG2_E;
 
 /// Queries per tile.
 pub const BQ: usize = 32;
@@ -78,8 +85,9 @@ struct Head<'a> {
     kt: &'a [f32],
     /// `v` in the same layout (backward only; empty in the forward).
     vt: &'a [f32],
-    /// Per key block `[blocks][BK]`: the key bias (or 0), and -∞ past `m`.
+    /// Per key block `[blocks][BK]`: the key bias (or 0) in base 2, and -∞ past `m`.
     bias: &'a [f32],
+    /// The ALiBi slope in base 2.
     slope: f32,
 }
 
@@ -99,11 +107,12 @@ impl Dims {
         self.m.div_ceil(BK)
     }
 
-    /// The block layouts of `k` (and of `v` when given) and the per-block key bias.
+    /// The block layouts of `k` (and of `v` times `ln 2` when given: the backward's `dp`
+    /// then comes out in base 2, as its `p`) and the per-block key bias in base 2.
     fn prepare(&self, o: &Opts, k: &[f32], v: Option<&[f32]>) -> Prepared {
         let (m, d, blocks) = (self.m, self.d, self.blocks());
         let per_head = blocks * d * BK;
-        let transposed = |x: &[f32]| {
+        let transposed = |x: &[f32], factor: f32| {
             let mut t = vec![0f32; self.heads_total() * per_head];
             t.par_chunks_mut(per_head.max(1))
                 .zip(x.par_chunks(m * d))
@@ -113,7 +122,7 @@ impl Dims {
                         let tb = &mut th[blk * d * BK..(blk + 1) * d * BK];
                         for j in 0..BK.min(m - ks) {
                             for (dd, &x) in xh[(ks + j) * d..(ks + j + 1) * d].iter().enumerate() {
-                                tb[dd * BK + j] = x;
+                                tb[dd * BK + j] = x * factor;
                             }
                         }
                     }
@@ -123,13 +132,19 @@ impl Dims {
         let mut bias = vec![f32::NEG_INFINITY; self.batch * blocks * BK];
         for (b, row) in bias.chunks_mut(blocks * BK).enumerate() {
             match o.key_bias {
-                Some(kb) => row[..m].copy_from_slice(&kb[b * m..(b + 1) * m]),
+                // A finite bias stays finite (`max`), so a row of only masked keys keeps
+                // its softmax; -∞ (`min`) stays -∞.
+                Some(kb) => {
+                    for (y, &x) in row.iter_mut().zip(&kb[b * m..(b + 1) * m]) {
+                        *y = (x * LOG2E).max(x.min(f32::MIN));
+                    }
+                }
                 None => row[..m].fill(0.0),
             }
         }
         Prepared {
-            kt: transposed(k),
-            vt: v.map(transposed).unwrap_or_default(),
+            kt: transposed(k, 1.0),
+            vt: v.map_or_else(Vec::new, |v| transposed(v, std::f32::consts::LN_2)),
             bias,
         }
     }
@@ -157,7 +172,7 @@ impl Dims {
                 &prep.vt[hb * per_head..(hb + 1) * per_head]
             },
             bias: &prep.bias[b * blocks * BK..(b + 1) * blocks * BK],
-            slope: o.alibi.map_or(0.0, |s| s[hb % self.heads]),
+            slope: o.alibi.map_or(0.0, |s| s[hb % self.heads] * LOG2E),
         }
     }
 }
@@ -245,14 +260,14 @@ unsafe fn row_max<S: Simd>(s: &[f32; BK]) -> f32 {
     S::hmax(m)
 }
 
-/// `s ← exp(s − shift)`; returns the sum.
+/// `s ← 2^(s − shift)` (`s <= shift`); returns the sum.
 #[inline(always)]
 unsafe fn exp_row<S: Simd>(s: &mut [f32; BK], shift: f32) -> f32 {
     let sh = S::splat(shift);
     let mut sum = S::splat(0.0);
     for c in 0..KV {
         let p = s.as_mut_ptr().add(c * LANES);
-        let e = S::exp(S::sub(S::loadp(p), sh));
+        let e = S::exp2(S::sub(S::loadp(p), sh));
         S::storep(p, e);
         sum = S::add(sum, e);
     }
@@ -402,10 +417,11 @@ unsafe fn forward_rows<S: Simd>(
     let (m, d) = (dims.m, dims.d);
     let nq = rows.len();
     let groups = nq.div_ceil(R);
-    // Scaled queries, padded with zero rows to whole groups.
+    // Scaled queries (in base 2), padded with zero rows to whole groups.
     let mut qs = vec![0f32; groups * R * d];
+    let scale = o.scale * LOG2E;
     for (dst, src) in qs.iter_mut().zip(&h.q[rows.start * d..rows.end * d]) {
-        *dst = src * o.scale;
+        *dst = src * scale;
     }
     let mut run_max = vec![f32::NEG_INFINITY; groups * R];
     let mut run_sum = vec![0f32; groups * R];
@@ -443,7 +459,7 @@ unsafe fn forward_rows<S: Simd>(
                 }
                 let new_max = run_max[i].max(mx);
                 if new_max != run_max[i] {
-                    alpha[r] = (run_max[i] - new_max).exp();
+                    alpha[r] = (run_max[i] - new_max).exp2();
                 }
                 let sum = exp_row::<S>(s, new_max);
                 run_sum[i] = S::fma_scalar(run_sum[i], alpha[r], sum);
@@ -460,13 +476,16 @@ unsafe fn forward_rows<S: Simd>(
         {
             *y = a * inv;
         }
-        lse[i] = run_max[i] + run_sum[i].ln();
+        lse[i] = run_max[i] + run_sum[i].log2();
     }
 }
 
 /// Backward over key blocks `blocks` of one head: adds into `dq` (all rows), writes
-/// `dk`, `dv`, which hold the rows of those blocks only. `delta[i] = Σ dout_i · out_i`;
-/// `d` is a multiple of [`LANES`].
+/// `dk`, `dv`, which hold the rows of those blocks only. `delta[i] = ln 2 · Σ dout_i · out_i`
+/// (in base 2, as `dp` from `h.vt`); `d` is a multiple of [`LANES`].
+///
+/// With `p = 2^(s₂ − lse)` and `s₂ = log2 e · s`, `ds₂ = p·(dp₂ − delta)` is `ln 2 · ds`:
+/// `dk = Σ ds₂ · qs` with `qs` the base-2 scaled queries, `dq = scale · log2 e · Σ ds₂ · k`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn backward_blocks<S: Simd>(
@@ -483,9 +502,10 @@ unsafe fn backward_blocks<S: Simd>(
 ) {
     let (n, m, d) = (dims.n, dims.m, dims.d);
     let groups = n.div_ceil(R);
+    let scale = o.scale * LOG2E;
     let mut qs = vec![0f32; groups * R * d];
     for (dst, src) in qs.iter_mut().zip(h.q) {
-        *dst = src * o.scale;
+        *dst = src * scale;
     }
     let mut dos = vec![0f32; groups * R * d];
     dos[..n * d].copy_from_slice(dout);
@@ -548,7 +568,7 @@ unsafe fn backward_blocks<S: Simd>(
         }
     }
     for (y, &x) in dq.iter_mut().zip(&dqs) {
-        *y = S::fma_scalar(x, o.scale, *y);
+        *y = S::fma_scalar(x, scale, *y);
     }
 }
 
@@ -604,7 +624,8 @@ impl Kernel for BackwardBlocks<'_, '_> {
     }
 }
 
-/// Output `[batch, heads, n, d]` and log-sum-exp `[batch, heads, n]`.
+/// Output `[batch, heads, n, d]` and log-sum-exp `[batch, heads, n]` in base 2
+/// (`log2 Σ_j 2^(s_ij · log2 e)`, what [`backward`] takes).
 pub fn forward(dims: &Dims, o: &Opts, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let Dims { n, d, .. } = *dims;
     if d % LANES != 0 {
@@ -676,7 +697,7 @@ pub fn backward(
     let delta: Vec<f32> = out
         .chunks_exact(d)
         .zip(dout.chunks_exact(d))
-        .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum())
+        .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>() * std::f32::consts::LN_2)
         .collect();
     // Split each head's key blocks into `parts` ranges so that there are enough units for
     // several threads; each range owns its dk/dv rows and sums into a dq of its own. The
