@@ -17,7 +17,7 @@ pub(crate) mod simd;
 
 use std::cell::Cell;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor};
 use simd::{Simd, LANES};
 
 use crate::Result;
@@ -156,6 +156,21 @@ pub(crate) fn f32_values<'a>(
 /// All values of an f32 tensor, in row-major order.
 pub(crate) fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
+}
+
+/// `f` of the values of an f32 tensor in row-major order: read in place when the tensor is
+/// contiguous on the CPU (no copy, the storage's read lock held during `f`), else of a copy
+/// ([`flat`]).
+pub(crate) fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(f(&data[a..b]));
+        }
+    }
+    Ok(f(&flat(t)?))
 }
 
 struct FastGeluErf;
