@@ -30,7 +30,8 @@ struct FlashAttention {
     global: usize,
     /// `Some(heads)`: inputs and output are `[b, n, heads·d]`; `None`: `[b, h, n, d]`.
     merged: Option<usize>,
-    /// Each row's log-sum-exp, `[b, h, n]`, saved by the forward for the backward.
+    /// Each row's log-sum-exp (base 2, as [`flash::forward`] gives it), `[b, h, n]`, saved
+    /// by the forward for the backward.
     lse: Mutex<Vec<f32>>,
 }
 

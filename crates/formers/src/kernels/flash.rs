@@ -217,8 +217,16 @@ unsafe fn products<S: Simd>(a: &[f32], kt: &[f32], bias: &[f32], d: usize, s: &m
 
 /// Applies the ALiBi distance and the causal and window masks to score row `s` of the
 /// query at `qpos` against the key block at `ks` (the key bias is already in: [`products`]).
+/// Returns how many leading vectors of the row may hold a visible key: the rest are -∞
+/// (the keys past the causal or band end), so [`row_max`] and [`exp_row`] skip them.
 #[inline(always)]
-unsafe fn mask_row<S: Simd>(s: &mut [f32; BK], ks: usize, qpos: usize, o: &Opts, slope: f32) {
+unsafe fn mask_row<S: Simd>(
+    s: &mut [f32; BK],
+    ks: usize,
+    qpos: usize,
+    o: &Opts,
+    slope: f32,
+) -> usize {
     if slope != 0.0 {
         let base = S::splat(qpos as f32 - ks as f32);
         let iota = S::load(&IOTA);
@@ -238,6 +246,7 @@ unsafe fn mask_row<S: Simd>(s: &mut [f32; BK], ks: usize, qpos: usize, o: &Opts,
         end = end.min(hi.max(o.global));
     }
     hide(s, ks, end, usize::MAX);
+    end.saturating_sub(ks).min(BK).div_ceil(LANES)
 }
 
 /// Sets the scores of keys `from..to` (positions) inside the block at `ks` to -∞.
@@ -250,27 +259,29 @@ fn hide(s: &mut [f32; BK], ks: usize, from: usize, to: usize) {
     }
 }
 
-/// Largest element of a score row.
+/// Largest element of the first `live` vectors of a score row (-∞ for none).
 #[inline(always)]
-unsafe fn row_max<S: Simd>(s: &[f32; BK]) -> f32 {
-    let mut m = S::load(s);
-    for c in 1..KV {
+unsafe fn row_max<S: Simd>(s: &[f32; BK], live: usize) -> f32 {
+    let mut m = S::splat(f32::NEG_INFINITY);
+    for c in 0..live {
         m = S::max(m, S::loadp(s.as_ptr().add(c * LANES)));
     }
     S::hmax(m)
 }
 
-/// `s ← 2^(s − shift)` (`s <= shift`); returns the sum.
+/// `s ← 2^(s − shift)` (`s <= shift`) on the first `live` vectors, 0 (what -∞ gives) on
+/// the rest; returns the sum.
 #[inline(always)]
-unsafe fn exp_row<S: Simd>(s: &mut [f32; BK], shift: f32) -> f32 {
+unsafe fn exp_row<S: Simd>(s: &mut [f32; BK], shift: f32, live: usize) -> f32 {
     let sh = S::splat(shift);
     let mut sum = S::splat(0.0);
-    for c in 0..KV {
+    for c in 0..live {
         let p = s.as_mut_ptr().add(c * LANES);
         let e = S::exp2(S::sub(S::loadp(p), sh));
         S::storep(p, e);
         sum = S::add(sum, e);
     }
+    s[live * LANES..].fill(0.0);
     S::sum(sum)
 }
 
@@ -444,28 +455,34 @@ unsafe fn forward_rows<S: Simd>(
             let rs = g * R;
             products::<S>(&qs[rs * d..(rs + R) * d], kt, bias, d, &mut s);
             let mut alpha = [1f32; R];
+            let mut any = false;
             for (r, s) in s.iter_mut().enumerate() {
                 let i = rs + r;
+                let mut live = 0;
                 let mx = if i < nq {
-                    mask_row::<S>(s, ks, rows.start + i + o.q_offset, o, h.slope);
-                    row_max::<S>(s)
+                    live = mask_row::<S>(s, ks, rows.start + i + o.q_offset, o, h.slope);
+                    row_max::<S>(s, live)
                 } else {
                     f32::NEG_INFINITY
                 };
-                if mx == f32::NEG_INFINITY {
-                    // A padding row, or a row that sees none of these keys.
+                if mx == f32::NEG_INFINITY || mx < run_max[i] - 127.0 {
+                    // A padding row, a row that sees none of these keys, or one whose
+                    // probabilities here are all 0 in f32 (2^(s − max) below 2^-127).
                     *s = [0.0; BK];
                     continue;
                 }
+                any = true;
                 let new_max = run_max[i].max(mx);
                 if new_max != run_max[i] {
                     alpha[r] = (run_max[i] - new_max).exp2();
                 }
-                let sum = exp_row::<S>(s, new_max);
+                let sum = exp_row::<S>(s, new_max, live);
                 run_sum[i] = S::fma_scalar(run_sum[i], alpha[r], sum);
                 run_max[i] = new_max;
             }
-            gemm_rows::<S>(&mut acc[rs * d..(rs + R) * d], &alpha, &s, vb, kl, d);
+            if any {
+                gemm_rows::<S>(&mut acc[rs * d..(rs + R) * d], &alpha, &s, vb, kl, d);
+            }
         }
     }
     for i in 0..nq {
@@ -549,8 +566,8 @@ unsafe fn backward_blocks<S: Simd>(
                         continue;
                     }
                     let i = rs + r;
-                    mask_row::<S>(&mut pg[r], ks, i + o.q_offset, o, h.slope);
-                    exp_row::<S>(&mut pg[r], lse[i]);
+                    let live = mask_row::<S>(&mut pg[r], ks, i + o.q_offset, o, h.slope);
+                    exp_row::<S>(&mut pg[r], lse[i], live);
                     // ds = p · (dp − delta)
                     let di = S::splat(delta[i]);
                     for c in 0..KV {
