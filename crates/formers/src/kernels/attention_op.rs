@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor
 use rayon::prelude::*;
 
 use super::flash::{self, Dims, Opts};
-use super::{f32_values, flat};
+use super::{f32_values, flat, with_values};
 use crate::Result;
 
 /// What masks and biases one call: plain vectors, since they take no gradient.
@@ -30,7 +30,8 @@ struct FlashAttention {
     global: usize,
     /// `Some(heads)`: inputs and output are `[b, n, heads·d]`; `None`: `[b, h, n, d]`.
     merged: Option<usize>,
-    /// Each row's log-sum-exp, `[b, h, n]`, saved by the forward for the backward.
+    /// Each row's log-sum-exp (base 2, as [`flash::forward`] gives it), `[b, h, n]`, saved
+    /// by the forward for the backward.
     lse: Mutex<Vec<f32>>,
 }
 
@@ -74,6 +75,11 @@ impl FlashAttention {
             None => x.into(),
             Some(h) => split_heads(x, len, h, dims.d, h * dims.d, 0).into(),
         }
+    }
+
+    /// [`Self::split`] of a tensor's values, read in place: one copy of the values in all.
+    fn split_tensor(&self, t: &Tensor, dims: &Dims, len: usize) -> candle_core::Result<Vec<f32>> {
+        with_values(t, |x| self.split(x, dims, len).into_owned())
     }
 
     /// The kernel's `[b, h, len, d]` result in this op's layout.
@@ -184,18 +190,16 @@ impl CustomOp3 for FlashAttention {
         if lse.len() != dims.batch * dims.heads * dims.n {
             candle_core::bail!("flash-attention: backward without its forward")
         }
-        let (qf, kf, vf) = (flat(q)?, flat(k)?, flat(v)?);
-        let (outf, doutf) = (flat(&res.detach())?, flat(grad_res)?);
         let (n, m) = (dims.n, dims.m);
         let (dq, dk, dv) = flash::backward(
             &dims,
             &self.opts(),
-            &self.split(&qf, &dims, n),
-            &self.split(&kf, &dims, m),
-            &self.split(&vf, &dims, m),
-            &self.split(&outf, &dims, n),
+            &self.split_tensor(q, &dims, n)?,
+            &self.split_tensor(k, &dims, m)?,
+            &self.split_tensor(v, &dims, m)?,
+            &self.split_tensor(res, &dims, n)?,
             &lse,
-            &self.split(&doutf, &dims, n),
+            &self.split_tensor(grad_res, &dims, n)?,
         );
         let back = |g: Vec<f32>, len: usize, like: &Tensor| {
             Tensor::from_vec(self.unsplit(g, &dims, len), like.shape(), like.device())
@@ -260,8 +264,7 @@ impl CustomOp1 for FlashQkv {
         if lse.len() != dims.batch * dims.heads * dims.n {
             candle_core::bail!("flash-attention-qkv: backward without its forward")
         }
-        let [q, k, v] = self.parts(&flat(qkv)?, &dims);
-        let (outf, doutf) = (flat(&res.detach())?, flat(grad)?);
+        let [q, k, v] = with_values(qkv, |x| self.parts(x, &dims))?;
         let n = dims.n;
         let grads = flash::backward(
             &dims,
@@ -269,9 +272,9 @@ impl CustomOp1 for FlashQkv {
             &q,
             &k,
             &v,
-            &self.0.split(&outf, &dims, n),
+            &self.0.split_tensor(res, &dims, n)?,
             &lse,
-            &self.0.split(&doutf, &dims, n),
+            &self.0.split_tensor(grad, &dims, n)?,
         );
         let hd = dims.heads * dims.d;
         let mut packed = vec![0f32; qkv.elem_count()];

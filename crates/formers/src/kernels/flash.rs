@@ -2,10 +2,17 @@
 //! keeps only the output and each query row's log-sum-exp; the backward recomputes the score
 //! tiles from them. Memory is O(n·d) whatever the length. Plain slices in, plain vectors out:
 //! the candle op around it is `kernels::attention_op`.
+//!
+//! Inside, scores are in base 2: the scale, key bias and ALiBi slopes are multiplied by
+//! `log2 e` once, so each probability is one [`Simd::exp2`] of `s − max` (no `ln 2` range
+//! reduction per element), and the log-sum-exp the forward returns is `log2 Σ 2^s`.
 
 use rayon::prelude::*;
 
 use super::simd::{run, Kernel, Simd, LANES};
+
+/// Scores times it are in base 2: `e^s = 2^(s·log2 e)`.
+const LOG2E: f32 = std::f32::consts::LOG2_E;
 
 /// Queries per tile.
 pub const BQ: usize = 32;
@@ -78,8 +85,9 @@ struct Head<'a> {
     kt: &'a [f32],
     /// `v` in the same layout (backward only; empty in the forward).
     vt: &'a [f32],
-    /// Per key block `[blocks][BK]`: the key bias (or 0), and -∞ past `m`.
+    /// Per key block `[blocks][BK]`: the key bias (or 0) in base 2, and -∞ past `m`.
     bias: &'a [f32],
+    /// The ALiBi slope in base 2.
     slope: f32,
 }
 
@@ -99,11 +107,12 @@ impl Dims {
         self.m.div_ceil(BK)
     }
 
-    /// The block layouts of `k` (and of `v` when given) and the per-block key bias.
+    /// The block layouts of `k` (and of `v` times `ln 2` when given: the backward's `dp`
+    /// then comes out in base 2, as its `p`) and the per-block key bias in base 2.
     fn prepare(&self, o: &Opts, k: &[f32], v: Option<&[f32]>) -> Prepared {
         let (m, d, blocks) = (self.m, self.d, self.blocks());
         let per_head = blocks * d * BK;
-        let transposed = |x: &[f32]| {
+        let transposed = |x: &[f32], factor: f32| {
             let mut t = vec![0f32; self.heads_total() * per_head];
             t.par_chunks_mut(per_head.max(1))
                 .zip(x.par_chunks(m * d))
@@ -113,7 +122,7 @@ impl Dims {
                         let tb = &mut th[blk * d * BK..(blk + 1) * d * BK];
                         for j in 0..BK.min(m - ks) {
                             for (dd, &x) in xh[(ks + j) * d..(ks + j + 1) * d].iter().enumerate() {
-                                tb[dd * BK + j] = x;
+                                tb[dd * BK + j] = x * factor;
                             }
                         }
                     }
@@ -123,13 +132,19 @@ impl Dims {
         let mut bias = vec![f32::NEG_INFINITY; self.batch * blocks * BK];
         for (b, row) in bias.chunks_mut(blocks * BK).enumerate() {
             match o.key_bias {
-                Some(kb) => row[..m].copy_from_slice(&kb[b * m..(b + 1) * m]),
+                // A finite bias stays finite (`max`), so a row of only masked keys keeps
+                // its softmax; -∞ (`min`) stays -∞.
+                Some(kb) => {
+                    for (y, &x) in row.iter_mut().zip(&kb[b * m..(b + 1) * m]) {
+                        *y = (x * LOG2E).max(x.min(f32::MIN));
+                    }
+                }
                 None => row[..m].fill(0.0),
             }
         }
         Prepared {
-            kt: transposed(k),
-            vt: v.map(transposed).unwrap_or_default(),
+            kt: transposed(k, 1.0),
+            vt: v.map_or_else(Vec::new, |v| transposed(v, std::f32::consts::LN_2)),
             bias,
         }
     }
@@ -157,7 +172,7 @@ impl Dims {
                 &prep.vt[hb * per_head..(hb + 1) * per_head]
             },
             bias: &prep.bias[b * blocks * BK..(b + 1) * blocks * BK],
-            slope: o.alibi.map_or(0.0, |s| s[hb % self.heads]),
+            slope: o.alibi.map_or(0.0, |s| s[hb % self.heads] * LOG2E),
         }
     }
 }
@@ -202,8 +217,16 @@ unsafe fn products<S: Simd>(a: &[f32], kt: &[f32], bias: &[f32], d: usize, s: &m
 
 /// Applies the ALiBi distance and the causal and window masks to score row `s` of the
 /// query at `qpos` against the key block at `ks` (the key bias is already in: [`products`]).
+/// Returns how many leading vectors of the row may hold a visible key: the rest are -∞
+/// (the keys past the causal or band end), so [`row_max`] and [`exp_row`] skip them.
 #[inline(always)]
-unsafe fn mask_row<S: Simd>(s: &mut [f32; BK], ks: usize, qpos: usize, o: &Opts, slope: f32) {
+unsafe fn mask_row<S: Simd>(
+    s: &mut [f32; BK],
+    ks: usize,
+    qpos: usize,
+    o: &Opts,
+    slope: f32,
+) -> usize {
     if slope != 0.0 {
         let base = S::splat(qpos as f32 - ks as f32);
         let iota = S::load(&IOTA);
@@ -223,6 +246,7 @@ unsafe fn mask_row<S: Simd>(s: &mut [f32; BK], ks: usize, qpos: usize, o: &Opts,
         end = end.min(hi.max(o.global));
     }
     hide(s, ks, end, usize::MAX);
+    end.saturating_sub(ks).min(BK).div_ceil(LANES)
 }
 
 /// Sets the scores of keys `from..to` (positions) inside the block at `ks` to -∞.
@@ -235,27 +259,29 @@ fn hide(s: &mut [f32; BK], ks: usize, from: usize, to: usize) {
     }
 }
 
-/// Largest element of a score row.
+/// Largest element of the first `live` vectors of a score row (-∞ for none).
 #[inline(always)]
-unsafe fn row_max<S: Simd>(s: &[f32; BK]) -> f32 {
-    let mut m = S::load(s);
-    for c in 1..KV {
+unsafe fn row_max<S: Simd>(s: &[f32; BK], live: usize) -> f32 {
+    let mut m = S::splat(f32::NEG_INFINITY);
+    for c in 0..live {
         m = S::max(m, S::loadp(s.as_ptr().add(c * LANES)));
     }
     S::hmax(m)
 }
 
-/// `s ← exp(s − shift)`; returns the sum.
+/// `s ← 2^(s − shift)` (`s <= shift`) on the first `live` vectors, 0 (what -∞ gives) on
+/// the rest; returns the sum.
 #[inline(always)]
-unsafe fn exp_row<S: Simd>(s: &mut [f32; BK], shift: f32) -> f32 {
+unsafe fn exp_row<S: Simd>(s: &mut [f32; BK], shift: f32, live: usize) -> f32 {
     let sh = S::splat(shift);
     let mut sum = S::splat(0.0);
-    for c in 0..KV {
+    for c in 0..live {
         let p = s.as_mut_ptr().add(c * LANES);
-        let e = S::exp(S::sub(S::loadp(p), sh));
+        let e = S::exp2(S::sub(S::loadp(p), sh));
         S::storep(p, e);
         sum = S::add(sum, e);
     }
+    s[live * LANES..].fill(0.0);
     S::sum(sum)
 }
 
@@ -402,10 +428,11 @@ unsafe fn forward_rows<S: Simd>(
     let (m, d) = (dims.m, dims.d);
     let nq = rows.len();
     let groups = nq.div_ceil(R);
-    // Scaled queries, padded with zero rows to whole groups.
+    // Scaled queries (in base 2), padded with zero rows to whole groups.
     let mut qs = vec![0f32; groups * R * d];
+    let scale = o.scale * LOG2E;
     for (dst, src) in qs.iter_mut().zip(&h.q[rows.start * d..rows.end * d]) {
-        *dst = src * o.scale;
+        *dst = src * scale;
     }
     let mut run_max = vec![f32::NEG_INFINITY; groups * R];
     let mut run_sum = vec![0f32; groups * R];
@@ -428,28 +455,34 @@ unsafe fn forward_rows<S: Simd>(
             let rs = g * R;
             products::<S>(&qs[rs * d..(rs + R) * d], kt, bias, d, &mut s);
             let mut alpha = [1f32; R];
+            let mut any = false;
             for (r, s) in s.iter_mut().enumerate() {
                 let i = rs + r;
+                let mut live = 0;
                 let mx = if i < nq {
-                    mask_row::<S>(s, ks, rows.start + i + o.q_offset, o, h.slope);
-                    row_max::<S>(s)
+                    live = mask_row::<S>(s, ks, rows.start + i + o.q_offset, o, h.slope);
+                    row_max::<S>(s, live)
                 } else {
                     f32::NEG_INFINITY
                 };
-                if mx == f32::NEG_INFINITY {
-                    // A padding row, or a row that sees none of these keys.
+                if mx == f32::NEG_INFINITY || mx < run_max[i] - 127.0 {
+                    // A padding row, a row that sees none of these keys, or one whose
+                    // probabilities here are all 0 in f32 (2^(s − max) below 2^-127).
                     *s = [0.0; BK];
                     continue;
                 }
+                any = true;
                 let new_max = run_max[i].max(mx);
                 if new_max != run_max[i] {
-                    alpha[r] = (run_max[i] - new_max).exp();
+                    alpha[r] = (run_max[i] - new_max).exp2();
                 }
-                let sum = exp_row::<S>(s, new_max);
+                let sum = exp_row::<S>(s, new_max, live);
                 run_sum[i] = S::fma_scalar(run_sum[i], alpha[r], sum);
                 run_max[i] = new_max;
             }
-            gemm_rows::<S>(&mut acc[rs * d..(rs + R) * d], &alpha, &s, vb, kl, d);
+            if any {
+                gemm_rows::<S>(&mut acc[rs * d..(rs + R) * d], &alpha, &s, vb, kl, d);
+            }
         }
     }
     for i in 0..nq {
@@ -460,13 +493,16 @@ unsafe fn forward_rows<S: Simd>(
         {
             *y = a * inv;
         }
-        lse[i] = run_max[i] + run_sum[i].ln();
+        lse[i] = run_max[i] + run_sum[i].log2();
     }
 }
 
 /// Backward over key blocks `blocks` of one head: adds into `dq` (all rows), writes
-/// `dk`, `dv`, which hold the rows of those blocks only. `delta[i] = Σ dout_i · out_i`;
-/// `d` is a multiple of [`LANES`].
+/// `dk`, `dv`, which hold the rows of those blocks only. `delta[i] = ln 2 · Σ dout_i · out_i`
+/// (in base 2, as `dp` from `h.vt`); `d` is a multiple of [`LANES`].
+///
+/// With `p = 2^(s₂ − lse)` and `s₂ = log2 e · s`, `ds₂ = p·(dp₂ − delta)` is `ln 2 · ds`:
+/// `dk = Σ ds₂ · qs` with `qs` the base-2 scaled queries, `dq = scale · log2 e · Σ ds₂ · k`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn backward_blocks<S: Simd>(
@@ -483,9 +519,10 @@ unsafe fn backward_blocks<S: Simd>(
 ) {
     let (n, m, d) = (dims.n, dims.m, dims.d);
     let groups = n.div_ceil(R);
+    let scale = o.scale * LOG2E;
     let mut qs = vec![0f32; groups * R * d];
     for (dst, src) in qs.iter_mut().zip(h.q) {
-        *dst = src * o.scale;
+        *dst = src * scale;
     }
     let mut dos = vec![0f32; groups * R * d];
     dos[..n * d].copy_from_slice(dout);
@@ -529,8 +566,8 @@ unsafe fn backward_blocks<S: Simd>(
                         continue;
                     }
                     let i = rs + r;
-                    mask_row::<S>(&mut pg[r], ks, i + o.q_offset, o, h.slope);
-                    exp_row::<S>(&mut pg[r], lse[i]);
+                    let live = mask_row::<S>(&mut pg[r], ks, i + o.q_offset, o, h.slope);
+                    exp_row::<S>(&mut pg[r], lse[i], live);
                     // ds = p · (dp − delta)
                     let di = S::splat(delta[i]);
                     for c in 0..KV {
@@ -548,7 +585,7 @@ unsafe fn backward_blocks<S: Simd>(
         }
     }
     for (y, &x) in dq.iter_mut().zip(&dqs) {
-        *y = S::fma_scalar(x, o.scale, *y);
+        *y = S::fma_scalar(x, scale, *y);
     }
 }
 
@@ -604,7 +641,8 @@ impl Kernel for BackwardBlocks<'_, '_> {
     }
 }
 
-/// Output `[batch, heads, n, d]` and log-sum-exp `[batch, heads, n]`.
+/// Output `[batch, heads, n, d]` and log-sum-exp `[batch, heads, n]` in base 2
+/// (`log2 Σ_j 2^(s_ij · log2 e)`, what [`backward`] takes).
 pub fn forward(dims: &Dims, o: &Opts, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let Dims { n, d, .. } = *dims;
     if d % LANES != 0 {
@@ -676,7 +714,7 @@ pub fn backward(
     let delta: Vec<f32> = out
         .chunks_exact(d)
         .zip(dout.chunks_exact(d))
-        .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum())
+        .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>() * std::f32::consts::LN_2)
         .collect();
     // Split each head's key blocks into `parts` ranges so that there are enough units for
     // several threads; each range owns its dk/dv rows and sums into a dq of its own. The

@@ -135,7 +135,7 @@ impl CustomOp3 for LinearBiasGelu {
             candle_core::bail!("fused linear-gelu: backward without its forward")
         }
         let mut dpre = vec![0f32; pre.len()];
-        super::with_f32(grad, |g| super::gelu_map(&pre, Some(g), &mut dpre))?;
+        super::with_values(grad, |g| super::gelu_map(&pre, Some(g), &mut dpre))?;
         let dpre = Tensor::from_vec(dpre, res.shape(), res.device())?;
         LinearBias.bwd(x, w, b, res, &dpre)
     }

@@ -17,7 +17,7 @@ pub(crate) mod simd;
 
 use std::cell::Cell;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor};
 use simd::{Simd, LANES};
 
 use crate::Result;
@@ -167,13 +167,13 @@ pub(crate) fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 
-/// `f` of the values of an f32 tensor in row-major order: read in place when the tensor
-/// is contiguous on the CPU (no copy; its storage stays read-locked while `f` runs, so `f`
-/// must not write to that tensor), a copy ([`flat`]) otherwise.
-pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+/// `f` of the values of an f32 tensor in row-major order: read in place when the tensor is
+/// contiguous on the CPU (no copy; the storage stays read-locked while `f` runs, so `f` must
+/// not write to that tensor), else of a copy ([`flat`]).
+pub(crate) fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     {
         let (storage, layout) = t.storage_and_layout();
-        if let (candle_core::Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) =
+        if let (Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) =
             (&*storage, layout.contiguous_offsets())
         {
             return Ok(f(&data[a..b]));
@@ -313,7 +313,7 @@ mod tests {
             t.t().unwrap(),             // strided: copied
             t.narrow(1, 2, 3).unwrap(), // strided rows: copied
         ] {
-            let got = with_f32(&view, |v| v.to_vec()).unwrap();
+            let got = with_values(&view, |v| v.to_vec()).unwrap();
             assert_eq!(got, flat(&view).unwrap(), "{:?}", view.layout());
         }
     }

@@ -38,6 +38,10 @@ pub unsafe trait Simd: Copy {
     unsafe fn hmax(v: Self::V) -> f32;
     /// `e^x` per lane: relative error below 3e-7, exactly 0 below -87.
     unsafe fn exp(x: Self::V) -> Self::V;
+    /// `2^x` per lane for `x <= 127` (larger `x` wraps: the caller keeps below it), in 12
+    /// operations where [`Simd::exp`] takes 20 (no `ln 2` reduction, one clamp): relative
+    /// error below 1e-7 from -126 up, exactly 0 below -126.5 and for -∞ and NaN.
+    unsafe fn exp2(x: Self::V) -> Self::V;
 }
 
 /// Constants of [`Simd::exp`]: `x = n·ln 2 + r`, `e^r` by a degree-6 polynomial.
@@ -55,6 +59,27 @@ mod expc {
     ];
     pub const LO: f32 = -87.0;
     pub const HI: f32 = 88.0;
+}
+
+/// Constants of [`Simd::exp2`]: `x = n + f` with `n` an integer and `|f| <= 1/2`, `2^f` by a
+/// degree-6 polynomial (minimax relative error 3.9e-9 on `[-1/2, 1/2]`, by Remez; the f32
+/// evaluation brings it to 7.9e-8, measured on every f32 of `[-126, 1/2]`), `2^n` put in the
+/// exponent bits (as Cephes `exp2f`, with the rounding by a "magic" addition).
+mod exp2c {
+    /// `1.5·2^23 + 127`: `x + MAGIC` rounds `x` to an integer `n` whose low mantissa bits
+    /// hold `n + 127`, the biased exponent of `2^n`.
+    pub const MAGIC: f32 = 12_583_039.0;
+    /// Below it the result is 0 (`n = -127` makes the exponent bits, and the float, zero).
+    pub const LO: f32 = -127.0;
+    /// `2^f ≈ 1 + f·(C[5] + f·(C[4] + ...))`.
+    pub const C: [f32; 6] = [
+        1.546_973_2e-4,
+        1.341_000_1e-3,
+        9.618_031e-3,
+        5.550_297_3e-2,
+        0.240_226_5,
+        0.693_147_24,
+    ];
 }
 
 /// Plain arrays: the portable instantiation.
@@ -141,6 +166,18 @@ unsafe impl Simd for Scalar {
             } else {
                 e
             }
+        })
+    }
+    #[inline(always)]
+    unsafe fn exp2(x: Self::V) -> Self::V {
+        std::array::from_fn(|l| {
+            use exp2c::*;
+            // `max` maps NaN to LO, as `_mm256_max_ps(x, LO)` does.
+            let xc = x[l].max(LO);
+            let t = xc + MAGIC;
+            let f = xc - (t - MAGIC);
+            let p = C.iter().fold(0.0, |p, &c| p * f + c) * f + 1.0;
+            p * f32::from_bits(t.to_bits() << 23)
         })
     }
 }
@@ -270,6 +307,24 @@ unsafe impl Simd for Avx2 {
         let e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
         // Zero where x < LO (and for -∞).
         _mm256_and_ps(e, _mm256_cmp_ps(x, lo, _CMP_GE_OQ))
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp2(x: Self::V) -> Self::V {
+        use exp2c::*;
+        use std::arch::x86_64::*;
+        // `max_ps` returns its second operand when the first is NaN.
+        let xc = _mm256_max_ps(x, _mm256_set1_ps(LO));
+        let magic = _mm256_set1_ps(MAGIC);
+        let t = _mm256_add_ps(xc, magic);
+        let f = _mm256_sub_ps(xc, _mm256_sub_ps(t, magic));
+        let mut p = _mm256_set1_ps(C[0]);
+        for &c in &C[1..] {
+            p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c));
+        }
+        let p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0));
+        let scale = _mm256_slli_epi32(_mm256_castps_si256(t), 23);
+        _mm256_mul_ps(p, _mm256_castsi256_ps(scale))
     }
 }
 
