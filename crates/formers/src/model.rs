@@ -603,7 +603,9 @@ mod tests {
                     value_lambda: model.value_lambda(),
                     ..MixCtx::default()
                 };
-                model.head(&model.run_blocks(h.clone(), &ctx, None, None)?, None)
+                let out = model
+                    .run_blocks(h.clone(), |_, block, x| block.forward(x, &ctx, None, None))?;
+                model.head(&out, None)
             });
         }
     }
