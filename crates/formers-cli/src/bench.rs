@@ -54,7 +54,8 @@ pub enum BenchCommand {
     /// checks the parameter count) and prints the ratios.
     Train(TrainArgs),
     /// Load a running `formers serve` on this machine: N concurrent clients × M requests;
-    /// prints throughput, p50/p90/p99 latency, answers by status and the server's memory.
+    /// prints throughput, p50/p90/p99 latency, answers by status, the slowest /health answer
+    /// during the load and the server's memory.
     ///
     /// Each client sends one sentence per request (the shipped data/sentences.txt, or
     /// --sentences) on its own keep-alive connection. Compare with `formers bench embed
@@ -609,6 +610,10 @@ fn serve(a: ServeArgs) -> Result<()> {
         "answers by status: {}; no answer (connection errors, timeouts): {}",
         statuses.join(", "),
         r.failed
+    );
+    println!(
+        "/health during the load: {} checks, {} failed, p99 {:.1} ms, max {:.1} ms",
+        r.health_checks, r.health_failed, r.health_p99_ms, r.health_max_ms
     );
     println!(
         "server RSS: {} before, {} after, {} peak since start",

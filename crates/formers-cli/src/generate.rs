@@ -1,19 +1,15 @@
 //! `formers generate`: continue a prompt with a trained causal LM.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Args;
 
 use crate::limits::LoadArgs;
-use formers::config::InputSpec;
 use formers::generate::{check, generate, Sampling};
-use formers::limits::Limits;
-use formers::pretrained::{self, Family};
-use formers::train::trainer::{load_trained_with, RunRecord};
-use formers::Model;
+use formers::lm::{self, Codec};
 
 /// Flags of `formers generate`.
 #[derive(Debug, Args)]
@@ -48,31 +44,6 @@ pub struct GenerateArgs {
     pub no_cache: bool,
     #[command(flatten)]
     pub limits: LoadArgs,
-}
-
-/// How text becomes tokens and back.
-enum Codec {
-    Bytes,
-    Tokenizer(Box<tokenizers::Tokenizer>),
-}
-
-impl Codec {
-    fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(match self {
-            Codec::Bytes => text.bytes().map(u32::from).collect(),
-            Codec::Tokenizer(t) => pretrained::encode(t, text, false)?,
-        })
-    }
-
-    fn decode(&self, ids: &[u32]) -> Result<String> {
-        Ok(match self {
-            Codec::Bytes => {
-                String::from_utf8_lossy(&ids.iter().map(|&t| t as u8).collect::<Vec<_>>())
-                    .into_owned()
-            }
-            Codec::Tokenizer(t) => pretrained::decode(t, ids)?,
-        })
-    }
 }
 
 /// Prints the decoding of a growing list of ids piece by piece: each call prints the part of
@@ -113,37 +84,6 @@ impl TextStream {
     }
 }
 
-fn load(dir: &Path, limits: &Limits) -> Result<(Model, Codec)> {
-    if dir.join(RunRecord::FILE).is_file() {
-        let (rec, model) = load_trained_with(dir, limits)?;
-        if !rec.config.model.is_causal() {
-            bail!(
-                "{}: not a causal LM (its attention is bidirectional)",
-                dir.display()
-            );
-        }
-        if rec.config.model.input != InputSpec::Bytes {
-            bail!(
-                "{}: generate reads text, so the model must take bytes",
-                dir.display()
-            );
-        }
-        return Ok((model, Codec::Bytes));
-    }
-    let p = pretrained::load_with(dir, limits)?;
-    if let Some(w) = p.unused_warning() {
-        eprintln!("{w}");
-    }
-    if p.family != Family::Gpt2 {
-        bail!(
-            "{}: a {:?} encoder; generate needs a causal LM (GPT-2 family)",
-            dir.display(),
-            p.family
-        );
-    }
-    Ok((p.model, Codec::Tokenizer(Box::new(p.tokenizer))))
-}
-
 /// A library error about a sampling field, told as the flag that set it.
 fn as_flag(e: formers::Error) -> anyhow::Error {
     match e {
@@ -169,7 +109,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if a.prompt.is_empty() {
         bail!("--prompt is empty");
     }
-    let (model, codec) = load(&a.model, &a.limits.limits())?;
+    let lm = lm::load(&a.model, &a.limits.limits())?;
+    if let Some(w) = &lm.unused_warning {
+        eprintln!("{w}");
+    }
+    let (model, codec) = (lm.model, lm.codec);
     let prompt = codec.encode(&a.prompt)?;
     if prompt.is_empty() {
         bail!(

@@ -14,7 +14,7 @@ use crate::limits::LoadArgs;
 #[command(after_help = "Endpoints:
   POST /v1/embeddings   {\"input\": \"text\" | [\"text\", ...], \"truncate\"?: bool}   (BERT family)
   POST /v1/completions  {\"prompt\": \"text\", \"max_tokens\"?, \"temperature\"? (0 = greedy), \"top_p\"?,
-                         \"seed\"?, \"stop\"?, \"stream\"?: bool}                          (GPT-2 family)
+                         \"seed\"?, \"stop\"?, \"stream\"?: bool}      (GPT-2 family, formers runs)
   GET  /health          200 while serving, 503 while draining
   GET  /metrics         Prometheus text
 
@@ -27,7 +27,8 @@ Example:
   curl -s localhost:8080/v1/embeddings -d '{\"input\": \"Hello world\"}'")]
 pub struct ServeArgs {
     /// Checkpoint directory (config.json, model.safetensors, tokenizer.json): a BERT-family
-    /// encoder serves embeddings, a GPT-2-family decoder serves completions
+    /// encoder serves embeddings, a GPT-2-family decoder serves completions; or a run
+    /// directory written by `formers train` (a causal LM over bytes) serves completions
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
     /// Address to listen on
@@ -37,8 +38,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
     /// Most tokens in one padding-free embedding batch (concurrent requests are packed
-    /// together up to this)
-    #[arg(long, default_value_t = 8192)]
+    /// together up to this; it bounds the batch's activations, hence the server's memory),
+    /// and most prompt tokens joining one decoding step of completions
+    #[arg(long, default_value_t = 1024)]
     pub max_batch_tokens: usize,
     /// Most requests waiting for the model; more are answered 429 with Retry-After
     #[arg(long, default_value_t = 256)]

@@ -1,10 +1,13 @@
 //! The model side of the server: one dedicated thread owns the model and drains a bounded
 //! queue. Embedding requests waiting together are packed into padding-free batches of up
-//! to `max_batch_tokens` tokens (dynamic batching); completions run one at a time, token by
-//! token, each token sent to its request as it comes. The async side never runs model code.
+//! to `max_batch_tokens` tokens (dynamic batching). Completions are batched continuously:
+//! every sequence being generated advances by one token in one shared forward pass per
+//! step, new requests join between steps (their prompts packed into that step) and
+//! finished ones leave, so a short request never waits for a long one to end. Each token
+//! is sent to its request as it comes. The async side never runs model code.
 //!
 //! A request whose client has left is skipped before its batch runs, and a generation
-//! stops at the next token once nobody reads it.
+//! leaves the batch at the next step once nobody reads it.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -13,28 +16,50 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use formers::embed;
-use formers::generate::{generate_until, Sampling};
+use formers::generate::{self, Sampling, Sequence};
 use formers::limits::Limits;
-use formers::pretrained::{self, Family};
+use formers::lm::{self, Codec};
+use formers::pretrained;
+use formers::train::trainer::RunRecord;
 use formers::Model;
-use tokenizers::Tokenizer;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::api::ApiError;
 use crate::metrics::Metrics;
 use crate::text::Completion;
 
+/// What a served model answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `POST /v1/embeddings` (a BERT-family encoder).
+    Embeddings,
+    /// `POST /v1/completions` (a GPT-2-family checkpoint or a `formers train` run of a
+    /// causal byte-level LM).
+    Completions,
+}
+
+impl Kind {
+    /// The endpoint it answers.
+    pub fn endpoint(self) -> &'static str {
+        match self {
+            Kind::Embeddings => "/v1/embeddings",
+            Kind::Completions => "/v1/completions",
+        }
+    }
+}
+
 /// What the served model is and what it can be asked.
 #[derive(Debug)]
 pub struct ModelInfo {
     /// The name responses give (the checkpoint directory's name).
     pub name: String,
-    /// Its family: BERT serves embeddings, GPT-2 serves completions.
-    pub family: Family,
+    /// What it answers.
+    pub kind: Kind,
     /// The model's position table: no sequence may be longer.
     pub max_len: usize,
-    /// Its tokenizer (used on the async side to count and check inputs).
-    pub tokenizer: Tokenizer,
+    /// Its codec (used on the async side to count and check inputs); a tokenizer for
+    /// embeddings.
+    pub codec: Codec,
 }
 
 /// A batch of sentences to embed, as token ids, and where the rows go.
@@ -120,27 +145,29 @@ impl Engine {
         if max_queue == 0 || max_batch_tokens == 0 {
             bail!("--max-queue and --max-batch-tokens must be at least 1");
         }
-        let p = pretrained::load_with(dir, limits)
-            .with_context(|| format!("loading the model in {}", dir.display()))?;
-        if let Some(w) = p.unused_warning() {
-            eprintln!("{w}");
-        }
+        let (model, codec) =
+            load(dir, limits).with_context(|| format!("loading the model in {}", dir.display()))?;
         let name = dir
             .canonicalize()
             .ok()
             .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "model".into());
+        let kind = if model.config().is_causal() {
+            Kind::Completions
+        } else {
+            Kind::Embeddings
+        };
         let info = Arc::new(ModelInfo {
             name,
-            family: p.family,
-            max_len: p.config.max_len,
-            tokenizer: p.tokenizer.clone(),
+            kind,
+            max_len: model.config().max_len,
+            codec: codec.clone(),
         });
         let metrics = Arc::new(Metrics::default());
         let (tx, rx) = mpsc::channel(max_queue);
         let worker = Worker {
-            model: p.model,
-            tokenizer: p.tokenizer,
+            model,
+            codec,
             metrics: metrics.clone(),
             max_batch_tokens,
         };
@@ -173,38 +200,92 @@ impl Engine {
     }
 }
 
+/// The model in `dir` and its codec: a `formers train` run directory of a causal
+/// byte-level LM (through [`lm::load`], as `formers generate` loads it), else a Hugging
+/// Face checkpoint of either family.
+fn load(dir: &Path, limits: &Limits) -> Result<(Model, Codec)> {
+    if dir.join(RunRecord::FILE).is_file() {
+        let lm = lm::load(dir, limits)?;
+        return Ok((lm.model, lm.codec));
+    }
+    let p = pretrained::load_with(dir, limits)?;
+    if let Some(w) = p.unused_warning() {
+        eprintln!("{w}");
+    }
+    Ok((p.model, Codec::Tokenizer(Box::new(p.tokenizer))))
+}
+
 /// The model thread's state.
 struct Worker {
     model: Model,
-    tokenizer: Tokenizer,
+    codec: Codec,
     metrics: Arc<Metrics>,
     max_batch_tokens: usize,
 }
 
+/// Most sequences generated together: each keeps its KV cache, so this bounds their memory.
+pub const MAX_SEQUENCES: usize = 64;
+
+/// Returns the allocator's free pages to the system: glibc keeps the heap pages a burst of
+/// large batches freed, which are most of a busy server's resident memory. Called when
+/// the model thread runs out of work, so it never delays a waiting request.
+fn release_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only hands free pages of the allocator's heaps back to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// A completion in the running batch.
+struct Generation {
+    seq: Sequence,
+    text: Completion,
+    events: mpsc::UnboundedSender<Event>,
+}
+
 impl Worker {
-    /// Drains the queue until it is closed and empty.
+    /// Drains the queue until it is closed, empty and nothing is being generated. Blocks
+    /// for work only when no generation runs; otherwise takes what is waiting (completions
+    /// up to [`MAX_SEQUENCES`] and, per step, `max_batch_tokens` of new prompts; embedding
+    /// batches between steps) and runs one decoding step.
     fn run(self, mut rx: mpsc::Receiver<Job>) {
         let mut carried: Option<Job> = None;
+        let mut active: Vec<Generation> = Vec::new();
+        let mut fresh_tokens = 0;
+        let mut worked = false;
         loop {
-            let first = match carried.take() {
-                Some(j) => j,
-                None => match rx.blocking_recv() {
-                    Some(j) => {
-                        self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
-                        j
+            let room = active.len() < MAX_SEQUENCES && fresh_tokens < self.max_batch_tokens;
+            let job = if !room {
+                None
+            } else if let Some(j) = carried.take() {
+                Some(j)
+            } else if active.is_empty() {
+                let j = match rx.try_recv() {
+                    Ok(j) => Some(j),
+                    Err(_) => {
+                        if worked {
+                            release_memory();
+                            worked = false;
+                        }
+                        rx.blocking_recv()
                     }
+                };
+                match j {
+                    Some(j) => Some(self.taken(j)),
                     None => return,
-                },
+                }
+            } else {
+                rx.try_recv().ok().map(|j| self.taken(j))
             };
-            match first {
-                Job::Complete(j) => self.complete(j),
-                Job::Embed(j) => {
+            match job {
+                Some(Job::Embed(j)) => {
                     // Dynamic batching: take what else is waiting, up to the token budget.
                     let mut tokens: usize = j.seqs.iter().map(Vec::len).sum();
                     let mut batch = vec![j];
                     while tokens < self.max_batch_tokens {
                         let Ok(next) = rx.try_recv() else { break };
-                        self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+                        let next = self.taken(next);
                         let n = next.tokens();
                         match next {
                             Job::Embed(e) if tokens + n <= self.max_batch_tokens => {
@@ -218,8 +299,23 @@ impl Worker {
                         }
                     }
                     self.embed(batch);
+                    worked = true;
+                    continue;
                 }
+                Some(Job::Complete(j)) => {
+                    let n = j.prompt.len();
+                    if fresh_tokens == 0 || fresh_tokens + n <= self.max_batch_tokens {
+                        fresh_tokens += n;
+                        active.extend(self.start(j));
+                        continue;
+                    }
+                    carried = Some(Job::Complete(j));
+                }
+                None => {}
             }
+            fresh_tokens = 0;
+            self.step(&mut active);
+            worked = true;
         }
     }
 
@@ -273,65 +369,118 @@ impl Worker {
         }
     }
 
-    /// Generates one completion, sending text as it is safe to send.
-    fn complete(&self, j: CompleteJob) {
+    /// `job`, just taken off the queue (the queue-depth gauge counts it out).
+    fn taken(&self, job: Job) -> Job {
+        self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+        job
+    }
+
+    /// A completion joining the batch; `None` when its client is gone or it cannot start
+    /// (the error is sent).
+    fn start(&self, j: CompleteJob) -> Option<Generation> {
         if j.events.is_closed() {
             self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
-            return;
+            return None;
         }
-        let fail = |msg: String| {
-            let _ = j.events.send(Event::Failed(msg));
-        };
-        let prompt_text = match pretrained::decode(&self.tokenizer, &j.prompt) {
-            Ok(t) => t,
-            Err(e) => return fail(e.to_string()),
-        };
-        self.metrics
-            .prompt_tokens
-            .fetch_add(j.prompt.len() as u64, Ordering::Relaxed);
-        let mut text = Completion::new(&prompt_text, j.stops.clone());
-        let mut ids = j.prompt.clone();
-        let mut gone = false;
-        let mut failed = None;
-        let result = generate_until(&self.model, &j.prompt, j.max_new, &j.sampling, true, |t| {
-            ids.push(t);
-            self.metrics
-                .generated_tokens
-                .fetch_add(1, Ordering::Relaxed);
-            let decoded = match pretrained::decode(&self.tokenizer, &ids) {
-                Ok(d) => d,
-                Err(e) => {
-                    failed = Some(e.to_string());
-                    return false;
+        let started = self
+            .codec
+            .decode(&j.prompt)
+            .map_err(|e| e.to_string())
+            .and_then(|prompt_text| {
+                let seq = Sequence::new(&self.model, &j.prompt, j.max_new, &j.sampling)
+                    .map_err(|e| format!("generation failed: {e}"))?;
+                Ok((prompt_text, seq))
+            });
+        match started {
+            Ok((prompt_text, seq)) => {
+                self.metrics
+                    .prompt_tokens
+                    .fetch_add(j.prompt.len() as u64, Ordering::Relaxed);
+                let g = Generation {
+                    seq,
+                    text: Completion::new(&prompt_text, j.stops),
+                    events: j.events,
+                };
+                // Nothing to generate: done at once.
+                if g.seq.finished() {
+                    let _ = g.events.send(Event::Done {
+                        finish: "length",
+                        tokens: 0,
+                    });
+                    return None;
                 }
-            };
-            let stop = text.update(&decoded);
-            let piece = text.take(false);
-            if (!piece.is_empty() && j.events.send(Event::Text(piece)).is_err())
-                || j.events.is_closed()
-            {
-                gone = true;
-                return false;
+                Some(g)
             }
-            !stop
-        });
-        match (result, failed) {
-            (Err(e), _) => fail(format!("generation failed: {e}")),
-            (_, Some(e)) => fail(format!("cannot decode the generated tokens: {e}")),
-            (Ok(_), None) if gone => {
+            Err(msg) => {
+                let _ = j.events.send(Event::Failed(msg));
+                None
+            }
+        }
+    }
+
+    /// One decoding step of every running completion: those whose client left are dropped
+    /// first, the others advance by a token, send the text that is safe to send, and leave
+    /// when done (length or stop sequence).
+    fn step(&self, active: &mut Vec<Generation>) {
+        active.retain(|g| {
+            let gone = g.events.is_closed();
+            if gone {
                 self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
             }
-            (Ok(new), None) => {
-                let rest = text.take(true);
-                if !rest.is_empty() {
-                    let _ = j.events.send(Event::Text(rest));
-                }
-                let finish = if text.stopped() { "stop" } else { "length" };
-                let _ = j.events.send(Event::Done {
-                    finish,
-                    tokens: new.len(),
-                });
-            }
+            !gone
+        });
+        if active.is_empty() {
+            return;
         }
+        let fresh: usize = active.iter().map(|g| g.seq.pending()).sum();
+        let t = Instant::now();
+        let mut seqs: Vec<&mut Sequence> = active.iter_mut().map(|g| &mut g.seq).collect();
+        if let Err(e) = generate::step(&self.model, &mut seqs) {
+            for g in active.drain(..) {
+                let _ = g
+                    .events
+                    .send(Event::Failed(format!("generation failed: {e}")));
+            }
+            return;
+        }
+        self.metrics
+            .batch(active.len(), fresh, t.elapsed().as_secs_f64());
+        self.metrics
+            .generated_tokens
+            .fetch_add(active.len() as u64, Ordering::Relaxed);
+        active.retain_mut(|g| self.advance(g));
+    }
+
+    /// Sends what the newest token of `g` adds to its text; false when `g` is over
+    /// (finished, failed or its client gone).
+    fn advance(&self, g: &mut Generation) -> bool {
+        let decoded = match self.codec.decode(g.seq.tokens()) {
+            Ok(d) => d,
+            Err(e) => {
+                let msg = format!("cannot decode the generated tokens: {e}");
+                let _ = g.events.send(Event::Failed(msg));
+                return false;
+            }
+        };
+        let stop = g.text.update(&decoded);
+        let piece = g.text.take(false);
+        if (!piece.is_empty() && g.events.send(Event::Text(piece)).is_err()) || g.events.is_closed()
+        {
+            self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        if !stop && !g.seq.finished() {
+            return true;
+        }
+        let rest = g.text.take(true);
+        if !rest.is_empty() {
+            let _ = g.events.send(Event::Text(rest));
+        }
+        let finish = if g.text.stopped() { "stop" } else { "length" };
+        let _ = g.events.send(Event::Done {
+            finish,
+            tokens: g.seq.generated().len(),
+        });
+        false
     }
 }

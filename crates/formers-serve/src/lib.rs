@@ -40,7 +40,8 @@ pub struct Options {
     pub host: String,
     /// Port to listen on (0: any free port).
     pub port: u16,
-    /// Most tokens in one embedding batch.
+    /// Most tokens in one embedding batch (bounds its activations), and most prompt tokens
+    /// joining one decoding step.
     pub max_batch_tokens: usize,
     /// Most requests waiting for the model; more are answered 429.
     pub max_queue: usize,
@@ -51,7 +52,7 @@ pub struct Options {
 }
 
 impl Options {
-    /// Defaults for `model`: 127.0.0.1:8080, batches of 8192 tokens, a queue of 256,
+    /// Defaults for `model`: 127.0.0.1:8080, batches of 1024 tokens, a queue of 256,
     /// 30 s of grace.
     pub fn new(model: PathBuf) -> Self {
         Options {
@@ -59,7 +60,7 @@ impl Options {
             limits: Limits::default(),
             host: "127.0.0.1".into(),
             port: 8080,
-            max_batch_tokens: 8192,
+            max_batch_tokens: 1024,
             max_queue: 256,
             max_input_tokens: None,
             grace: Duration::from_secs(30),

@@ -1,11 +1,14 @@
 //! The load generator of `formers bench serve`: N concurrent clients, each on its own
 //! keep-alive connection, send a fixed number of requests to a running server on this
 //! machine, and the report gives throughput, latency percentiles, answers by status and
-//! the server's resident memory (read from its `/metrics`). Bounded in clients, requests
-//! and time; loopback addresses only.
+//! the server's resident memory (read from its `/metrics`). Meanwhile a thread of its own
+//! asks `GET /health` every [`HEALTH_EVERY`] on a fresh connection, as a load balancer
+//! would, and the report gives the slowest answer. Bounded in clients, requests and time;
+//! loopback addresses only.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +21,10 @@ use crate::client::{self, Conn};
 pub const MAX_CLIENTS: usize = 10_000;
 /// Most requests in one run.
 pub const MAX_REQUESTS: usize = 1_000_000;
+/// Pause between two `/health` checks during a run.
+pub const HEALTH_EVERY: Duration = Duration::from_millis(50);
+/// A `/health` check not answered within this counts as failed.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the clients send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +84,46 @@ pub struct LoadReport {
     pub server_peak_rss: Option<u64>,
     /// The run hit its time limit.
     pub timed_out: bool,
+    /// `/health` checks made during the run.
+    pub health_checks: usize,
+    /// Checks not answered 200 within [`HEALTH_TIMEOUT`].
+    pub health_failed: usize,
+    /// Slowest `/health` answer during the run, in milliseconds (connect included).
+    pub health_max_ms: f64,
+    /// 99th percentile of the `/health` answers.
+    pub health_p99_ms: f64,
+}
+
+/// `/health` checks every [`HEALTH_EVERY`] on a thread (and runtime) of its own, so the
+/// load's tasks do not delay them, until `stop` is set: the time of each, `None` when it
+/// failed.
+fn watch_health(
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<Option<f64>>> {
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return vec![None];
+        };
+        let mut out = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let t = Instant::now();
+            // The timer must be made inside the runtime.
+            let r = rt.block_on(async {
+                tokio::time::timeout(HEALTH_TIMEOUT, client::request(addr, "GET", "/health", b""))
+                    .await
+            });
+            out.push(match r {
+                Ok(Ok(r)) if r.status == 200 => Some(t.elapsed().as_secs_f64() * 1e3),
+                _ => None,
+            });
+            std::thread::sleep(HEALTH_EVERY);
+        }
+        out
+    })
 }
 
 /// Value of an unlabelled sample `name` in Prometheus text.
@@ -156,6 +203,8 @@ pub fn run(opts: &LoadOptions) -> Result<LoadReport> {
             Endpoint::Embeddings => "/v1/embeddings",
             Endpoint::Completions { .. } => "/v1/completions",
         };
+        let stop_health = Arc::new(AtomicBool::new(false));
+        let health = watch_health(opts.addr, stop_health.clone());
         let start = Instant::now();
         let deadline = start + opts.time_limit;
         let mut tasks = Vec::with_capacity(opts.clients);
@@ -209,6 +258,10 @@ pub fn run(opts: &LoadOptions) -> Result<LoadReport> {
             }
         }
         let seconds = start.elapsed().as_secs_f64();
+        stop_health.store(true, Ordering::Relaxed);
+        let health = health.join().unwrap_or_else(|_| vec![None]);
+        let mut health_ms: Vec<f64> = health.iter().flatten().copied().collect();
+        health_ms.sort_by(f64::total_cmp);
         let (rss_after, peak) = server_memory(opts.addr).await;
         ok_latencies.sort_by(f64::total_cmp);
         Ok(LoadReport {
@@ -225,6 +278,10 @@ pub fn run(opts: &LoadOptions) -> Result<LoadReport> {
             server_rss_after: rss_after,
             server_peak_rss: peak,
             timed_out: Instant::now() >= deadline,
+            health_checks: health.len(),
+            health_failed: health.len() - health_ms.len(),
+            health_max_ms: health_ms.last().copied().unwrap_or(0.0),
+            health_p99_ms: percentile(&health_ms, 0.99),
         })
     })
 }

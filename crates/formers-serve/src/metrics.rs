@@ -177,7 +177,7 @@ impl Metrics {
             &mut out,
             "formers_batch_sequences",
             "histogram",
-            "Sequences per embedding batch.",
+            "Sequences per model batch: an embedding batch or a decoding step of completions.",
         );
         m.batch_sequences
             .write(&mut out, "formers_batch_sequences", "");
@@ -185,14 +185,14 @@ impl Metrics {
             &mut out,
             "formers_batch_tokens",
             "histogram",
-            "Tokens per embedding batch.",
+            "Tokens per model batch (a decoding step counts the tokens it feeds).",
         );
         m.batch_tokens.write(&mut out, "formers_batch_tokens", "");
         head(
             &mut out,
             "formers_batch_duration_seconds",
             "histogram",
-            "Model time per embedding batch.",
+            "Model time per model batch.",
         );
         m.batch_seconds
             .write(&mut out, "formers_batch_duration_seconds", "");

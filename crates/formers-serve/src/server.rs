@@ -20,14 +20,14 @@ use axum::routing::{get, post};
 use axum::Router;
 use formers::embed;
 use formers::generate::Sampling;
-use formers::pretrained::{self, Family};
+use formers::lm::Codec;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::api::{
     self, ApiError, Choice, CompletionsRequest, CompletionsResponse, Embedding, EmbeddingsRequest,
     EmbeddingsResponse, Usage,
 };
-use crate::engine::{CompleteJob, EmbedJob, Engine, Event, Job};
+use crate::engine::{CompleteJob, EmbedJob, Engine, Event, Job, Kind};
 use crate::Options;
 
 /// Largest request body accepted (larger ones get 413).
@@ -110,7 +110,7 @@ async fn health(State(s): State<AppState>) -> Response {
         &serde_json::json!({
             "status": if draining { "draining" } else { "ok" },
             "model": info.name,
-            "serves": endpoint_of(info.family),
+            "serves": info.kind.endpoint(),
             "queue_depth": s.engine.metrics.queued.load(Ordering::Relaxed),
         }),
     )
@@ -128,14 +128,6 @@ async fn metrics(State(s): State<AppState>) -> Response {
         .into_response()
 }
 
-fn endpoint_of(family: Family) -> &'static str {
-    match family {
-        Family::Bert => "/v1/embeddings",
-        Family::Gpt2 => "/v1/completions",
-    }
-}
-
-/// The body, or the JSON error for a body that could not be read (413 when too large).
 fn body_of(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
         let status = e.status();
@@ -153,14 +145,13 @@ fn body_of(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 }
 
 /// Refuses a request for the endpoint the model does not serve.
-fn require(s: &AppState, family: Family) -> Result<(), ApiError> {
+fn require(s: &AppState, kind: Kind) -> Result<(), ApiError> {
     let info = &s.engine.info;
-    if info.family != family {
+    if info.kind != kind {
         return Err(ApiError::bad_request(format!(
-            "model `{}` is a {:?}-family model: this server answers {} only",
+            "model `{}` serves {} only",
             info.name,
-            info.family,
-            endpoint_of(info.family)
+            info.kind.endpoint()
         )));
     }
     Ok(())
@@ -187,7 +178,7 @@ async fn embeddings(
 ) -> Result<Response, ApiError> {
     let body = body_of(body)?;
     let req: EmbeddingsRequest = api::parse(&body)?;
-    require(&s, Family::Bert)?;
+    require(&s, Kind::Embeddings)?;
     if let Some(f) = req.encoding_format.as_deref().filter(|f| *f != "float") {
         return Err(ApiError::bad_request(format!(
             "encoding_format `{f}` is not supported; use \"float\""
@@ -211,7 +202,10 @@ async fn embeddings(
             .iter()
             .enumerate()
             .map(|(i, text)| {
-                let mut ids = embed::tokenize(&info.tokenizer, text)
+                let Codec::Tokenizer(tokenizer) = &info.codec else {
+                    return Err(ApiError::internal("an encoder without a tokenizer"));
+                };
+                let mut ids = embed::tokenize(tokenizer, text)
                     .map_err(|e| ApiError::bad_request(format!("input {i}: {e}")))?;
                 if ids.is_empty() {
                     return Err(ApiError::bad_request(format!("input {i} has no tokens")));
@@ -268,7 +262,7 @@ async fn completions(
 ) -> Result<Response, ApiError> {
     let body = body_of(body)?;
     let req: CompletionsRequest = api::parse(&body)?;
-    require(&s, Family::Gpt2)?;
+    require(&s, Kind::Completions)?;
     if req.n.is_some_and(|n| n != 1) {
         return Err(ApiError::bad_request(
             "`n`: only 1 completion per request is supported",
@@ -305,7 +299,9 @@ async fn completions(
     let info = s.engine.info.clone();
     let limit = s.max_input_tokens;
     let ids = tokenize_on(body.len(), move || {
-        let ids = pretrained::encode(&info.tokenizer, &prompt, false)
+        let ids = info
+            .codec
+            .encode(&prompt)
             .map_err(|e| ApiError::bad_request(format!("`prompt`: {e}")))?;
         if ids.is_empty() {
             return Err(ApiError::bad_request(

@@ -46,18 +46,42 @@ impl Block {
         x: &Tensor,
         ctx: &MixCtx,
         cache: Option<&mut MixerCache>,
+        rng: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        self.apply(x, |h| self.mixer.forward(h, ctx, cache), rng)
+    }
+
+    /// One decoding step over packed independent sequences, each with its own cache and
+    /// context ([`TokenMixer::forward_cached_packed`]); no dropout.
+    pub fn forward_cached_packed(
+        &self,
+        x: &Tensor,
+        segments: &[(usize, usize)],
+        ctxs: &[MixCtx],
+        caches: &mut [&mut MixerCache],
+    ) -> Result<Tensor> {
+        self.apply(
+            x,
+            |h| self.mixer.forward_cached_packed(h, segments, ctxs, caches),
+            None,
+        )
+    }
+
+    /// The block around the token mixer `mix`.
+    fn apply(
+        &self,
+        x: &Tensor,
+        mix: impl FnOnce(&Tensor) -> Result<Tensor>,
         mut rng: Option<&mut Rng>,
     ) -> Result<Tensor> {
         let mut drop = |t: Tensor| dropout(t, self.dropout, rng.as_deref_mut());
         match self.placement {
             Placement::Pre => {
-                let x = (x + drop(self.mixer.forward(&self.norm1.forward(x)?, ctx, cache)?)?)?;
+                let x = (x + drop(mix(&self.norm1.forward(x)?)?)?)?;
                 Ok((&x + drop(self.ffn.forward(&self.norm2.forward(&x)?)?)?)?)
             }
             Placement::Post => {
-                let x = self
-                    .norm1
-                    .forward(&(x + drop(self.mixer.forward(x, ctx, cache)?)?)?)?;
+                let x = self.norm1.forward(&(x + drop(mix(x)?)?)?)?;
                 self.norm2.forward(&(&x + drop(self.ffn.forward(&x)?)?)?)
             }
         }

@@ -113,18 +113,23 @@ pub fn generate_until(
     use_cache: bool,
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<Vec<u32>> {
+    if use_cache {
+        let mut seq = Sequence::new(model, prompt, max_new, sampling)?;
+        while !seq.finished() {
+            let next = step(model, &mut [&mut seq])?[0];
+            if !on_token(next) {
+                break;
+            }
+        }
+        return Ok(seq.generated().to_vec());
+    }
+    // The reference: every step recomputes the whole sequence.
     check(model, prompt, max_new, sampling)?;
     let mut rng = Rng::new(sampling.seed);
     let mut tokens = prompt.to_vec();
-    let mut cache = Cache::default();
     let mut out = Vec::with_capacity(max_new);
     for _ in 0..max_new {
-        let logits = if use_cache {
-            let fresh = &tokens[cache.len()..];
-            model.forward_cached(&ids_tensor(fresh)?, &mut cache)?
-        } else {
-            model.forward(&ids_tensor(&tokens)?, None, None)?
-        };
+        let logits = model.forward(&ids_tensor(&tokens)?, None, None)?;
         let last = logits.narrow(1, logits.dim(1)? - 1, 1)?.flatten_all()?;
         let last: Vec<f32> = last.to_dtype(DType::F32)?.to_vec1()?;
         let next = sample(&last, sampling, &mut rng);
@@ -135,6 +140,87 @@ pub fn generate_until(
         }
     }
     Ok(out)
+}
+
+/// A sequence being generated with the KV cache: its tokens, its cache and its own seeded
+/// sampler. Several advance together, a token each per [`step`]; they may join and leave
+/// between steps (continuous batching, Orca: Yu et al. 2022).
+#[derive(Debug, Clone)]
+pub struct Sequence {
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    max_new: usize,
+    sampling: Sampling,
+    rng: Rng,
+    cache: Cache,
+}
+
+impl Sequence {
+    /// A sequence that will continue `prompt` by up to `max_new` tokens (checked as
+    /// [`check`] does).
+    pub fn new(model: &Model, prompt: &[u32], max_new: usize, sampling: &Sampling) -> Result<Self> {
+        check(model, prompt, max_new, sampling)?;
+        Ok(Sequence {
+            tokens: prompt.to_vec(),
+            prompt_len: prompt.len(),
+            max_new,
+            sampling: sampling.clone(),
+            rng: Rng::new(sampling.seed),
+            cache: Cache::default(),
+        })
+    }
+
+    /// The prompt and the tokens generated so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// The tokens generated so far.
+    pub fn generated(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    /// Tokens the next step will feed: the prompt at first, then the newest token.
+    pub fn pending(&self) -> usize {
+        self.tokens.len() - self.cache.len()
+    }
+
+    /// Whether all `max_new` tokens are generated.
+    pub fn finished(&self) -> bool {
+        self.generated().len() >= self.max_new
+    }
+}
+
+/// Advances each of `seqs` by one token in one batched forward pass
+/// ([`Model::forward_cached_batch`]: a newcomer's whole prompt, one token of the others)
+/// and returns the new tokens in order. Each sequence samples with its own generator, so
+/// its tokens do not depend on which others share its steps. A finished sequence is an
+/// error; after any error the sequences of the step cannot continue.
+pub fn step(model: &Model, seqs: &mut [&mut Sequence]) -> Result<Vec<u32>> {
+    if let Some(i) = seqs.iter().position(|s| s.finished()) {
+        return Err(Error::Input(format!(
+            "sequence {i} of the step already has its {} tokens",
+            seqs[i].max_new
+        )));
+    }
+    let (fresh, mut caches): (Vec<&[u32]>, Vec<&mut Cache>) = seqs
+        .iter_mut()
+        .map(|s| {
+            let Sequence { tokens, cache, .. } = &mut **s;
+            (&tokens[cache.len()..], cache)
+        })
+        .unzip();
+    let logits = model.forward_cached_batch(&fresh, &mut caches)?;
+    let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+    Ok(seqs
+        .iter_mut()
+        .zip(rows)
+        .map(|(s, row)| {
+            let next = sample(&row, &s.sampling, &mut s.rng);
+            s.tokens.push(next);
+            next
+        })
+        .collect())
 }
 
 /// Picks a token id from `logits` under `s`.
@@ -222,6 +308,88 @@ mod tests {
             let a = generate(&model, &prompt, 20, &s, true, |_| {}).unwrap();
             let b = generate(&model, &prompt, 20, &s, false, |_| {}).unwrap();
             assert_eq!(a, b);
+        }
+    }
+
+    /// Three sequences of different lengths joining at steps 0, 2 and 3 and leaving when
+    /// done, decoded together, give each the tokens it gets alone (greedy and seeded
+    /// sampling), for every causal mixer and the position and residual schemes that reach
+    /// into the mixers.
+    #[test]
+    fn sequences_decoded_together_equal_each_decoded_alone() {
+        use crate::mixer::MixerSpec;
+        let mut configs: Vec<(String, String)> = MixerSpec::examples()
+            .into_iter()
+            .filter(|m| m.kind().capabilities().causal)
+            .map(|m| {
+                (
+                    m.kind().name().to_string(),
+                    serde_json::to_string(&m).unwrap(),
+                )
+            })
+            .map(|(name, mixer)| (name, format!(r#""defaults": {{"mixer": {mixer}}}"#)))
+            .collect();
+        let attention =
+            r#""defaults": {"mixer": {"kind": "attention", "q_chunk": 4, "k_chunk": 4}}"#;
+        configs.push((
+            "rope + value residual".into(),
+            format!(r#"{attention}, "position": {{"kind": "rope"}}, "residual": {{"kind": "value_residual", "lambda": 0.5}}"#),
+        ));
+        configs.push((
+            "alibi + denseformer".into(),
+            format!(r#"{attention}, "position": {{"kind": "alibi"}}, "residual": {{"kind": "dense_former"}}"#),
+        ));
+        assert!(configs.len() >= 6, "{configs:?}");
+        let prompts: [&[u8]; 3] = [b"to be", b"or not to be, that is", b"x"];
+        let (max_new, join) = ([12, 6, 9], [0, 2, 3]);
+        let ids = |p: &[u8]| p.iter().map(|&c| u32::from(c)).collect::<Vec<u32>>();
+        for (name, extra) in &configs {
+            let cfg = ModelConfig::from_json(&format!(
+                r#"{{"d_model": 16, "n_heads": 2, "n_layers": 2, "max_len": 40, "input": {{"kind": "bytes"}},
+                   "head": {{"kind": "lm"}}, "causal": true, {extra}}}"#
+            ))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let model =
+                Model::new(&cfg, &Params::new(3, DType::F32, &Device::Cpu).frozen()).unwrap();
+            let sampled = Sampling {
+                temperature: 0.9,
+                top_p: Some(0.95),
+                seed: 7,
+                ..Default::default()
+            };
+            for s in [
+                Sampling {
+                    greedy: true,
+                    ..Default::default()
+                },
+                sampled,
+            ] {
+                let mut seqs: Vec<Sequence> = prompts
+                    .iter()
+                    .zip(max_new)
+                    .map(|(p, n)| Sequence::new(&model, &ids(p), n, &s).unwrap())
+                    .collect();
+                let mut widest = 0;
+                for t in 0..20 {
+                    let mut active: Vec<&mut Sequence> = seqs
+                        .iter_mut()
+                        .enumerate()
+                        .filter(|(i, q)| join[*i] <= t && !q.finished())
+                        .map(|(_, q)| q)
+                        .collect();
+                    widest = widest.max(active.len());
+                    if !active.is_empty() {
+                        step(&model, &mut active).unwrap();
+                    }
+                }
+                assert_eq!(widest, 3, "{name}");
+                for (i, q) in seqs.iter().enumerate() {
+                    let alone = generate(&model, &ids(prompts[i]), max_new[i], &s, true, |_| {});
+                    assert_eq!(q.generated(), alone.unwrap(), "{name}, sequence {i}, {s:?}");
+                }
+                let e = step(&model, &mut [&mut seqs[1]]).unwrap_err();
+                assert!(e.to_string().contains("already has its 6 tokens"), "{e}");
+            }
         }
     }
 

@@ -19,6 +19,7 @@ pub mod generate;
 pub mod kernels;
 pub mod limits;
 pub mod linear;
+pub mod lm;
 pub mod loss;
 pub mod mixer;
 pub mod model;

@@ -158,13 +158,86 @@ impl Model {
 
     /// LM logits `[b, n, vocab]` of `ids`, which continue the sequence held in `cache`.
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        self.check_decoder()?;
+        let h = self.hidden(ids, None, Some(cache), None)?;
+        self.head(&h, None)
+    }
+
+    /// One decoding step over independent sequences (continuous batching, Orca: Yu et al.
+    /// 2022): `ids[i]` continues the sequence `caches[i]` holds (its whole prompt when the
+    /// cache is empty, then a token per step). LM logits `[sequences, vocab]` at each
+    /// sequence's last token. One forward pass over the packed tokens of all of them:
+    /// every layer but the token mixer sees one `[total, d]` matrix, each mixer mixes
+    /// every sequence with its own cache. After an error the caches are unusable.
+    pub fn forward_cached_batch(
+        &self,
+        ids: &[&[u32]],
+        caches: &mut [&mut Cache],
+    ) -> Result<Tensor> {
+        self.check_decoder()?;
+        if ids.len() != caches.len() || ids.is_empty() {
+            return Err(Error::Input(format!(
+                "a decoding step needs one cache per sequence and at least one sequence, found {} sequences and {} caches",
+                ids.len(),
+                caches.len()
+            )));
+        }
+        let total = ids.iter().map(|s| s.len()).sum();
+        let mut flat = Vec::with_capacity(total);
+        let mut positions = Vec::with_capacity(total);
+        let mut segments = Vec::with_capacity(ids.len());
+        for (i, (s, c)) in ids.iter().zip(caches.iter()).enumerate() {
+            if s.is_empty() {
+                return Err(Error::Input(format!("sequence {i} of the step is empty")));
+            }
+            self.check_len(c.len + s.len())?;
+            segments.push((flat.len(), s.len()));
+            flat.extend_from_slice(s);
+            positions.extend((c.len..c.len + s.len()).map(|p| p as u32));
+        }
+        let x = self.embed_tokens(&Tensor::from_vec(flat, total, &Device::Cpu)?)?;
+        let x = self
+            .positions
+            .add_at(&x, &Tensor::from_vec(positions, total, &Device::Cpu)?)?;
+        let x = self.finish_embeddings(x, None)?.unsqueeze(0)?;
+        let cells: Vec<_> = ids.iter().map(|_| std::cell::RefCell::new(None)).collect();
+        let ctxs: Vec<MixCtx> = caches
+            .iter()
+            .zip(&cells)
+            .map(|(c, cell)| MixCtx {
+                key_bias: None,
+                offset: c.len,
+                rope: self.positions.rope(),
+                alibi: self.positions.alibi(),
+                first_values: self.value_residual().then_some(cell),
+                value_lambda: self.value_lambda(),
+                segments: None,
+            })
+            .collect();
+        for c in caches.iter_mut() {
+            c.layers.resize_with(self.blocks.len(), MixerCache::default);
+        }
+        let h = self.run_blocks(x, |i, block, x| {
+            let mut layer: Vec<&mut MixerCache> =
+                caches.iter_mut().map(|c| &mut c.layers[i]).collect();
+            block.forward_cached_packed(x, &segments, &ctxs, &mut layer)
+        })?;
+        for (c, s) in caches.iter_mut().zip(ids) {
+            c.len += s.len();
+        }
+        let last: Vec<u32> = segments.iter().map(|&(s, n)| (s + n - 1) as u32).collect();
+        let last = Tensor::from_vec(last, segments.len(), &Device::Cpu)?;
+        let h = h.squeeze(0)?.index_select(&last, 0)?.unsqueeze(0)?;
+        Ok(self.head(&h, None)?.squeeze(0)?)
+    }
+
+    fn check_decoder(&self) -> Result<()> {
         if !matches!(self.head, Head::Lm { .. }) || !self.cfg.causal {
             return Err(Error::Input(
                 "decoding needs a causal model with an `lm` head".into(),
             ));
         }
-        let h = self.hidden(ids, None, Some(cache), None)?;
-        self.head(&h, None)
+        Ok(())
     }
 
     /// Final hidden states `[b, n, d]`.
@@ -201,8 +274,11 @@ impl Model {
             c.layers.resize_with(self.blocks.len(), MixerCache::default);
             c.len += n;
         }
-        let layer_caches = cache.map(|c| &mut c.layers);
-        self.run_blocks(x, &ctx, layer_caches, rng)
+        let mut layer_caches = cache.map(|c| &mut c.layers);
+        self.run_blocks(x, |i, block, x| {
+            let layer_cache = layer_caches.as_deref_mut().map(|c| &mut c[i]);
+            block.forward(x, &ctx, layer_cache, rng.as_deref_mut())
+        })
     }
 
     /// Final hidden states `[total, d]` of a padding-free batch (ByteTransformer, Zhai et
@@ -226,7 +302,8 @@ impl Model {
             value_lambda: self.value_lambda(),
             segments: Some(&batch.segments),
         };
-        Ok(self.run_blocks(x, &ctx, None, None)?.squeeze(0)?)
+        let h = self.run_blocks(x, |_, block, x| block.forward(x, &ctx, None, None))?;
+        Ok(h.squeeze(0)?)
     }
 
     /// The head's output for a padding-free batch: one row per sequence for pooled heads
@@ -292,17 +369,16 @@ impl Model {
         dropout(x, self.cfg.embed_dropout, rng)
     }
 
+    /// Runs `layer(i, block, x)` for each block in turn, with the DenseFormer averaging
+    /// between blocks, then the final norm.
     fn run_blocks(
         &self,
         mut x: Tensor,
-        ctx: &MixCtx,
-        mut caches: Option<&mut Vec<MixerCache>>,
-        mut rng: Option<&mut Rng>,
+        mut layer: impl FnMut(usize, &Block, &Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let mut history = Vec::new();
         for (i, block) in self.blocks.iter().enumerate() {
-            let layer_cache = caches.as_deref_mut().map(|c| &mut c[i]);
-            let out = block.forward(&x, ctx, layer_cache, rng.as_deref_mut())?;
+            let out = layer(i, block, &x)?;
             x = match &self.dwa {
                 Some(weights) => {
                     if history.is_empty() {
@@ -527,7 +603,9 @@ mod tests {
                     value_lambda: model.value_lambda(),
                     ..MixCtx::default()
                 };
-                model.head(&model.run_blocks(h.clone(), &ctx, None, None)?, None)
+                let out = model
+                    .run_blocks(h.clone(), |_, block, x| block.forward(x, &ctx, None, None))?;
+                model.head(&out, None)
             });
         }
     }

@@ -4,7 +4,7 @@
 
 use candle_core::Tensor;
 
-use super::{MixCtx, MixerCache, MixerDims, TokenMixer};
+use super::{per_sequence, MixCtx, MixerCache, MixerDims, TokenMixer};
 use crate::kernels::attention_op::{flash_attention_merged, flash_attention_qkv, FlashMask};
 use crate::linear::Linear;
 use crate::params::Params;
@@ -169,6 +169,48 @@ impl MultiHead {
             .contiguous()?)
     }
 
+    /// q, k and v of `x [b, n, d]` split into heads `[b, h, n, dh]` (q is k when shared).
+    fn qkv_heads(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let k = self.heads(&self.k.forward(x)?)?;
+        let q = match &self.q {
+            Some(q) => self.heads(&q.forward(x)?)?,
+            None => k.clone(),
+        };
+        Ok((q, k, self.heads(&self.v.forward(x)?)?))
+    }
+
+    /// The value residual (ResFormer): the first attention layer leaves its values in
+    /// `ctx.first_values`, later ones mix them into theirs.
+    fn value_residual(&self, v: Tensor, ctx: &MixCtx) -> Result<Tensor> {
+        let Some(cell) = ctx.first_values else {
+            return Ok(v);
+        };
+        let mut first = cell.borrow_mut();
+        Ok(match first.as_ref() {
+            None => {
+                *first = Some(v.clone());
+                v
+            }
+            Some(v1) => ((v * ctx.value_lambda)? + (v1 * (1.0 - ctx.value_lambda))?)?,
+        })
+    }
+
+    /// The heads' output `y [b, h, n, dh]` gated (per head, from `x`), merged to
+    /// `[b, n, d]` and projected by `o`.
+    fn output(&self, x: &Tensor, y: Tensor, (b, n, d): (usize, usize, usize)) -> Result<Tensor> {
+        let y = match &self.gate {
+            // [b, n, h] → [b, h, n, 1]: one gate per head and token.
+            Some(g) => y.broadcast_mul(
+                &candle_nn::ops::sigmoid(&g.forward(x)?)?
+                    .transpose(1, 2)?
+                    .unsqueeze(3)?,
+            )?,
+            None => y,
+        };
+        let y = y.transpose(1, 2)?.reshape((b, n, d))?;
+        self.o.forward(&y)
+    }
+
     /// One sequence (or a padded batch) given its heads `[b, h, n, dh]`.
     fn attend_one(
         &self,
@@ -209,19 +251,8 @@ impl TokenMixer for MultiHead {
             };
             return self.o.forward(&y);
         }
-        let k = self.heads(&self.k.forward(x)?)?;
-        let q = match &self.q {
-            Some(q) => self.heads(&q.forward(x)?)?,
-            None => k.clone(),
-        };
-        let mut v = self.heads(&self.v.forward(x)?)?;
-        if let Some(cell) = ctx.first_values {
-            let mut first = cell.borrow_mut();
-            match first.as_ref() {
-                None => *first = Some(v.clone()),
-                Some(v1) => v = ((v * ctx.value_lambda)? + (v1 * (1.0 - ctx.value_lambda))?)?,
-            }
-        }
+        let (q, k, v) = self.qkv_heads(x)?;
+        let v = self.value_residual(v, ctx)?;
         let y = match ctx.segments {
             Some(segments) => {
                 if cache.is_some() {
@@ -240,16 +271,24 @@ impl TokenMixer for MultiHead {
             }
             None => self.attend_one(q, k, v, ctx, cache)?,
         };
-        let y = match &self.gate {
-            // [b, n, h] → [b, h, n, 1]: one gate per head and token.
-            Some(g) => y.broadcast_mul(
-                &candle_nn::ops::sigmoid(&g.forward(x)?)?
-                    .transpose(1, 2)?
-                    .unsqueeze(3)?,
-            )?,
-            None => y,
-        };
-        let y = y.transpose(1, 2)?.reshape((b, n, d))?;
-        self.o.forward(&y)
+        self.output(x, y, (b, n, d))
+    }
+
+    /// The projections of all rows at once, then each sequence's heads with its own cache
+    /// and context (its position offset, its first layer's values).
+    fn forward_cached_packed(
+        &self,
+        x: &Tensor,
+        segments: &[(usize, usize)],
+        ctxs: &[MixCtx],
+        caches: &mut [&mut MixerCache],
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.qkv_heads(x)?;
+        let parts = per_sequence(segments, ctxs, caches, |(start, len), ctx, cache| {
+            let part = |t: &Tensor| t.narrow(2, start, len);
+            let v = self.value_residual(part(&v)?, ctx)?;
+            self.attend_one(part(&q)?, part(&k)?, v, ctx, Some(cache))
+        })?;
+        self.output(x, Tensor::cat(&parts, 2)?, x.dims3()?)
     }
 }

@@ -52,6 +52,38 @@ pub trait TokenMixer: std::fmt::Debug + Send + Sync {
     /// Mixes `x`; with `cache` (causal models only), `x` continues the sequence the cache
     /// holds.
     fn forward(&self, x: &Tensor, ctx: &MixCtx, cache: Option<&mut MixerCache>) -> Result<Tensor>;
+
+    /// One decoding step over independent sequences packed padding-free into
+    /// `x [1, total, d]`: the `i`-th is `segments[i]` and continues what `caches[i]` holds,
+    /// under its own `ctxs[i]` (offset, value residual). By default each sequence runs
+    /// through [`Self::forward`] alone; the attention family projects all rows at once.
+    fn forward_cached_packed(
+        &self,
+        x: &Tensor,
+        segments: &[(usize, usize)],
+        ctxs: &[MixCtx],
+        caches: &mut [&mut MixerCache],
+    ) -> Result<Tensor> {
+        let parts = per_sequence(segments, ctxs, caches, |(start, len), ctx, cache| {
+            self.forward(&x.narrow(1, start, len)?, ctx, Some(cache))
+        })?;
+        Ok(Tensor::cat(&parts, 1)?)
+    }
+}
+
+/// `f(segment, ctx, cache)` for each sequence of a packed decoding step, in order.
+pub(crate) fn per_sequence(
+    segments: &[(usize, usize)],
+    ctxs: &[MixCtx],
+    caches: &mut [&mut MixerCache],
+    mut f: impl FnMut((usize, usize), &MixCtx, &mut MixerCache) -> Result<Tensor>,
+) -> Result<Vec<Tensor>> {
+    segments
+        .iter()
+        .zip(ctxs)
+        .zip(caches.iter_mut())
+        .map(|((&segment, ctx), cache)| f(segment, ctx, cache))
+        .collect()
 }
 
 /// The model-level facts a mixer is configured against.
