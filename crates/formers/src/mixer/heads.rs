@@ -285,7 +285,8 @@ impl TokenMixer for MultiHead {
     ) -> Result<Tensor> {
         let (q, k, v) = self.qkv_heads(x)?;
         let parts = per_sequence(segments, ctxs, caches, |(start, len), ctx, cache| {
-            let part = |t: &Tensor| t.narrow(2, start, len);
+            // Contiguous: kernels (the local band's cache) index the parts.
+            let part = |t: &Tensor| t.narrow(2, start, len)?.contiguous();
             let v = self.value_residual(part(&v)?, ctx)?;
             self.attend_one(part(&q)?, part(&k)?, v, ctx, Some(cache))
         })?;
