@@ -285,8 +285,7 @@ impl TokenMixer for MultiHead {
     ) -> Result<Tensor> {
         let (q, k, v) = self.qkv_heads(x)?;
         let parts = per_sequence(segments, ctxs, caches, |(start, len), ctx, cache| {
-            // Contiguous: kernels (the local band's cache) index the parts.
-            let part = |t: &Tensor| t.narrow(2, start, len)?.contiguous();
+            let part = |t: &Tensor| t.narrow(2, start, len);
             let v = self.value_residual(part(&v)?, ctx)?;
             self.attend_one(part(&q)?, part(&k)?, v, ctx, Some(cache))
         })?;

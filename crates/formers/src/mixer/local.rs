@@ -168,7 +168,9 @@ impl HeadKernel for LocalKernel {
                 .map(|i| i as u32)
                 .collect();
             let idx = Tensor::from_vec(idx.clone(), idx.len(), t.device())?;
-            Ok(t.index_select(&idx, 2)?)
+            // `index_select` takes contiguous tensors; a caller's keys may be a strided view
+            // (one sequence of a packed decoding step).
+            Ok(t.contiguous()?.index_select(&idx, 2)?)
         };
         cache.tensors = vec![
             pick(&k, &is_global)?,
