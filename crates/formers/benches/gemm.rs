@@ -21,24 +21,11 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput};
-use formers::kernels::{gemm::measured_fma_peak, matmul_op::matmul};
+use formers::kernels::gemm::{measured_fma_peak, process_cpu_seconds};
+use formers::kernels::matmul_op::matmul;
 
 /// Seconds per call, by (shape, side): one mean per criterion sample.
 static SAMPLES: Mutex<BTreeMap<(String, &'static str), Vec<f64>>> = Mutex::new(BTreeMap::new());
-
-/// Seconds of CPU time of the whole process (`CLOCK_PROCESS_CPUTIME_ID`).
-fn process_cpu_seconds() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write.
-    assert_eq!(
-        unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) },
-        0
-    );
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
-}
 
 /// Whether sides are timed by CPU time (`GEMM_BENCH_CPU=1`) rather than wall time.
 fn cpu_mode() -> bool {

@@ -631,13 +631,22 @@ mod avx2 {
 /// Seconds of CPU time this thread has run (`CLOCK_THREAD_CPUTIME_ID`): what a kernel costs
 /// on a machine shared with other work, where wall time also counts the waits.
 pub fn thread_cpu_seconds() -> f64 {
+    clock_seconds(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+/// Seconds of CPU time the whole process has run, all its threads (`CLOCK_PROCESS_CPUTIME_ID`).
+pub fn process_cpu_seconds() -> f64 {
+    clock_seconds(libc::CLOCK_PROCESS_CPUTIME_ID)
+}
+
+/// The reading of `clock` in seconds (0 if it cannot be read).
+fn clock_seconds(clock: libc::clockid_t) -> f64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: `ts` is a valid timespec to write.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    if rc != 0 {
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
         return 0.0;
     }
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
