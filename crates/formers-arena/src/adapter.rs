@@ -12,8 +12,9 @@ use formers::tasks::{Batch, Task};
 
 use crate::task::{ArenaTask, Split};
 
-/// An arena task as a formers [`Task`]: training batches from the train split, evaluation
-/// batches from the validation split, examples drawn uniformly with the caller's generator.
+/// An arena task as a formers [`Task`]: training batches from the train split (fresh
+/// examples every batch for a generated task), evaluation batches from the validation split,
+/// examples drawn uniformly with the caller's generator.
 #[derive(Clone)]
 pub struct Adapter {
     task: Arc<dyn ArenaTask>,
@@ -40,6 +41,28 @@ impl Task for Adapter {
     }
     fn eval_batch(&self, rng: &mut Rng, batch_size: usize) -> formers::Result<Batch> {
         self.draw(Split::Val, rng, batch_size)
+    }
+    /// A generated task's batch `number` holds training examples `number · b ..` `(number +
+    /// 1) · b`: fresh ones every step, none seen twice in a run, and none a validation or
+    /// test example (its splits are disjoint by construction). Other tasks draw from their
+    /// training split with `rng`.
+    fn train_batch_numbered(
+        &self,
+        number: u64,
+        rng: &mut Rng,
+        batch_size: usize,
+    ) -> formers::Result<Batch> {
+        if !self.task.generated() {
+            return self.train_batch(rng, batch_size);
+        }
+        let first = usize::try_from(number)
+            .ok()
+            .and_then(|n| n.checked_mul(batch_size))
+            .ok_or_else(|| {
+                formers::Error::Input(format!("training batch {number} is out of range"))
+            })?;
+        let indices: Vec<usize> = (first..first + batch_size).collect();
+        batch(self.task.as_ref(), Split::Train, &indices)
     }
 }
 
@@ -98,4 +121,95 @@ pub fn split_accuracy(
         counted,
         positions / seconds.max(1e-9),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use formers::train::Trainer;
+
+    use super::*;
+    use crate::exec::{configure, speed_run};
+    use crate::listops::ListOps;
+    use crate::suite::SuiteSpec;
+    use crate::task::{Example, Setting};
+    use crate::variants;
+
+    /// Generated ListOps that records which training examples were asked for.
+    struct Recording {
+        inner: ListOps,
+        train: Mutex<Vec<usize>>,
+    }
+
+    impl ArenaTask for Recording {
+        fn name(&self) -> &'static str {
+            "listops"
+        }
+        fn source(&self) -> String {
+            self.inner.source()
+        }
+        fn n_classes(&self) -> usize {
+            self.inner.n_classes()
+        }
+        fn vocab_size(&self) -> usize {
+            self.inner.vocab_size()
+        }
+        fn max_len(&self) -> usize {
+            self.inner.max_len()
+        }
+        fn len(&self, split: Split) -> usize {
+            self.inner.len(split)
+        }
+        fn generated(&self) -> bool {
+            true
+        }
+        fn example(&self, split: Split, index: usize) -> Example {
+            if split == Split::Train {
+                self.train.lock().unwrap().push(index);
+            }
+            self.inner.example(split, index)
+        }
+        fn write_tsv(
+            &self,
+            split: Split,
+            n: usize,
+            out: &mut dyn std::io::Write,
+        ) -> std::io::Result<()> {
+            self.inner.write_tsv(split, n, out)
+        }
+    }
+
+    #[test]
+    fn a_generated_task_trains_on_fresh_examples_that_never_repeat() {
+        let task = Arc::new(Recording {
+            inner: ListOps::new(Setting::Lite, 1),
+            train: Mutex::new(Vec::new()),
+        });
+        let vanilla = variants::resolve(&["vanilla".to_string()])
+            .unwrap()
+            .remove(0);
+        let suite = SuiteSpec::new(Setting::Lite);
+        let (steps, batch, accum) = (4, 3, 2);
+        let mut run = speed_run(&vanilla, &suite, 64, steps);
+        run.model = configure(
+            &vanilla,
+            &suite,
+            task.vocab_size(),
+            task.max_len(),
+            task.n_classes(),
+        );
+        run.train.seq_len = task.max_len();
+        run.train.batch_size = batch;
+        run.train.grad_accum = accum;
+        let adapter = Adapter::new(task.clone());
+        let mut trainer = Trainer::new(&run, &adapter).unwrap();
+        while !trainer.is_done() {
+            trainer.step().unwrap();
+        }
+        let seen = task.train.lock().unwrap().clone();
+        // Batch k of the run (one per micro-batch) holds examples k·b .. (k+1)·b.
+        let expected: Vec<usize> = (0..steps * accum * batch).collect();
+        assert_eq!(seen, expected);
+    }
 }

@@ -19,9 +19,10 @@
 //!
 //! Settings: `Full` is LRA's (lengths 501–1999, 96,000 / 2,000 / 2,000, max_len 2,000); `Lite`
 //! uses the same depth/argument bounds with lengths 65–255 (64 < length < 256), 5,000 / 500 /
-//! 1,000, max_len 256. Generated examples are a pure function of (seed, split, index); unlike
-//! LRA, which de-duplicates all trees through a Python `set`, splits are disjoint only with
-//! overwhelming probability, not by construction.
+//! 1,000, max_len 256. Generated examples are a pure function of (seed, split, index), and
+//! the splits are disjoint by construction (`task::draw_in_split`: a hash of the tokens
+//! decides which split an expression may belong to), as LRA's de-duplication through a
+//! Python `set` makes them; training on generated ListOps draws fresh expressions every step.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Write};
@@ -29,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 use formers::rng::Rng;
 
-use crate::task::{example_rng, ArenaTask, Example, Setting, Split};
+use crate::task::{draw_in_split, ArenaTask, Example, Setting, Split};
 
 /// Token strings by id; id 0 is padding and never produced.
 pub const VOCAB: [&str; 16] = [
@@ -213,10 +214,15 @@ impl ListOps {
     fn tokens_and_label(&self, split: Split, index: usize) -> (Vec<u8>, u32) {
         match &self.origin {
             Origin::Generated { seed } => {
-                let mut rng = example_rng(*seed, split, index);
-                let tokens = sample_tokens(&mut rng, &self.config);
-                let label = eval_ids(&tokens).expect("generated expressions are well formed");
-                (tokens, label)
+                let ex = draw_in_split(*seed, split, index, |rng| {
+                    let tokens = sample_tokens(rng, &self.config);
+                    let label = eval_ids(&tokens).expect("generated expressions are well formed");
+                    Example {
+                        ids: tokens.iter().map(|&t| u32::from(t)).collect(),
+                        label,
+                    }
+                });
+                (ex.ids.iter().map(|&t| t as u8).collect(), ex.label)
             }
             Origin::Files { rows, .. } => {
                 let row = &rows[split_slot(split)][index];
@@ -250,6 +256,10 @@ impl ArenaTask for ListOps {
 
     fn max_len(&self) -> usize {
         self.config.model_max_len
+    }
+
+    fn generated(&self) -> bool {
+        matches!(self.origin, Origin::Generated { .. })
     }
 
     fn len(&self, split: Split) -> usize {

@@ -19,10 +19,12 @@
 //!   the first dot equals the distance between A's two ends, so the distance between the two
 //!   dots has the same distribution in both classes. The second dot sits on the other end of
 //!   A (label 1) or on that end of B (label 0).
-//! - The label is a fair coin drawn first from `example_rng(seed, split, index)`; the
-//!   geometry comes from a fork of that generator, so for a given (split, index) the paths
-//!   are identical whichever label the coin gives — the classes differ only in where the
-//!   second dot is. [`Pathfinder::scene_with_label`] builds both versions.
+//! - The label is a fair coin drawn first from the example's generator (the first of
+//!   `task::attempts(seed, split, index)` whose image belongs to the split: the splits never
+//!   share an image); the geometry comes from a fork of that generator, so for a given
+//!   (split, index) the paths are identical whichever label the coin gives — the classes
+//!   differ only in where the second dot is. [`Pathfinder::scene_with_label`] builds both
+//!   versions. Training draws fresh images every step.
 //!
 //! Splits: LRA split each Pathfinder data set 80/10/10 (`[:80%]`, `[80%:90%]`, `[90%:]` in
 //! `lra_benchmarks/image/input_pipeline.py`); with the released 200k images per set that is
@@ -38,7 +40,7 @@ use std::path::Path;
 
 use formers::rng::Rng;
 
-use crate::task::{example_rng, ArenaTask, Example, Setting, Split};
+use crate::task::{attempts, split_of_content, ArenaTask, Example, Setting, Split};
 
 /// Image sizes the generator supports.
 pub const SIZES: [usize; 4] = [16, 32, 64, 128];
@@ -548,24 +550,43 @@ impl Pathfinder {
         Params::for_size(self.size)
     }
 
+    /// The generator of example `index` of `split`: the first of its [`attempts`] whose
+    /// image belongs to `split` ([`split_of_content`]), so the splits never share an image.
+    fn example_rng(&self, split: Split, index: usize) -> Rng {
+        attempts(self.seed, split, index)
+            .find(|rng| {
+                let ids: Vec<u32> = render(&self.scene_from(rng.clone(), None))
+                    .into_iter()
+                    .map(u32::from)
+                    .collect();
+                split_of_content(&ids) == split
+            })
+            .expect("the attempts never end")
+    }
+
     /// The label of example `index` of `split` (a fair coin).
     pub fn label(&self, split: Split, index: usize) -> u32 {
-        example_rng(self.seed, split, index).below(2) as u32
+        self.scene(split, index).label
     }
 
     /// The scene of example `index` of `split`.
     pub fn scene(&self, split: Split, index: usize) -> Scene {
-        self.scene_with_label(split, index, self.label(split, index))
+        self.scene_from(self.example_rng(split, index), None)
     }
 
     /// The scene of example `index` of `split` drawn with `label` (1 = connected, any other
     /// value = not) instead of its coin: the paths are the same for both labels.
     pub fn scene_with_label(&self, split: Split, index: usize, label: u32) -> Scene {
-        let mut rng = example_rng(self.seed, split, index);
-        let _coin = rng.below(2);
+        self.scene_from(self.example_rng(split, index), Some(label))
+    }
+
+    /// The scene drawn from `rng`: its coin first (the label unless `label` is given), then
+    /// the geometry from a fork.
+    fn scene_from(&self, mut rng: Rng, label: Option<u32>) -> Scene {
+        let coin = rng.below(2) as u32;
         let mut geometry = rng.fork(0x9a7f);
         let lay = layout(&mut geometry, self.size);
-        let label = u32::from(label == 1);
+        let label = u32::from(label.unwrap_or(coin) == 1);
         let second = if label == 1 { lay.same } else { lay.other };
         Scene {
             size: self.size,
@@ -602,6 +623,10 @@ impl ArenaTask for Pathfinder {
 
     fn max_len(&self) -> usize {
         self.size * self.size
+    }
+
+    fn generated(&self) -> bool {
+        true
     }
 
     fn len(&self, split: Split) -> usize {

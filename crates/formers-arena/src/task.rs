@@ -89,6 +89,58 @@ pub fn example_rng(seed: u64, split: Split, index: usize) -> Rng {
     r.fork(index as u64)
 }
 
+/// Eighths of all example contents that belong to the test and to the validation split
+/// ([`split_of_content`]); the other six eighths are training contents.
+const HELD_OUT_EIGHTHS: u64 = 1;
+
+/// The split an example with these input ids belongs to, by a hash of the ids: 1/8 of all
+/// possible inputs are test inputs, 1/8 validation, the rest training. A generated task
+/// keeps drawing until it gets an input of the split it was asked for
+/// ([`draw_in_split`]), so its splits are disjoint by construction: the same input can never
+/// be both a training and a test example, however many examples are drawn.
+pub fn split_of_content(ids: &[u32]) -> Split {
+    // FNV-1a over the ids, then a final mix so every bit of the hash depends on every id.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &id in ids {
+        for b in id.to_le_bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    let bucket = Rng::new(h).next_u64() % 8;
+    if bucket < HELD_OUT_EIGHTHS {
+        Split::Test
+    } else if bucket < 2 * HELD_OUT_EIGHTHS {
+        Split::Val
+    } else {
+        Split::Train
+    }
+}
+
+/// The generators of attempts 0, 1, ... at example `index` of `split` of a generated task,
+/// each a pure function of (seed, split, index, attempt); attempt 0 is
+/// [`example_rng`]'s. A generated task takes the first attempt whose input belongs to
+/// `split` ([`split_of_content`]): about 1.3 attempts for a training example, 8 for a test
+/// or validation one.
+pub fn attempts(seed: u64, split: Split, index: usize) -> impl Iterator<Item = Rng> {
+    let mut base = example_rng(seed, split, index);
+    let first = base.clone();
+    std::iter::once(first).chain((1u64..).map(move |attempt| base.fork(attempt)))
+}
+
+/// Example `index` of `split` of a generated task: `make` draws an example from the
+/// generator of each of the [`attempts`] until one belongs to `split`.
+pub fn draw_in_split(
+    seed: u64,
+    split: Split,
+    index: usize,
+    mut make: impl FnMut(&mut Rng) -> Example,
+) -> Example {
+    attempts(seed, split, index)
+        .map(|mut rng| make(&mut rng))
+        .find(|ex| split_of_content(&ex.ids) == split)
+        .expect("the attempts never end")
+}
+
 /// An arena task: a labelled, deterministic, finite data set per split.
 pub trait ArenaTask: Send + Sync {
     /// Short name used on the command line and in results (`listops`, `text`, ...).
@@ -106,7 +158,74 @@ pub trait ArenaTask: Send + Sync {
     fn len(&self, split: Split) -> usize;
     /// Example `index` (< `len(split)`) of `split`; the same every call.
     fn example(&self, split: Split, index: usize) -> Example;
+    /// Whether the task generates its examples (every index of every split exists and
+    /// the splits are disjoint by construction, [`draw_in_split`]): training then draws
+    /// fresh examples every step instead of cycling the training split's `len`.
+    fn generated(&self) -> bool {
+        false
+    }
     /// Writes the first `n` examples of `split` in the layout of LRA's released files
     /// (documented per task), with a header line when that layout has one.
     fn write_tsv(&self, split: Split, n: usize, out: &mut dyn Write) -> io::Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::listops::ListOps;
+    use crate::pathfinder::Pathfinder;
+
+    /// Each generated example's input is one its split may hold, so no input can be both a
+    /// training and a held-out example, however many are drawn.
+    #[test]
+    fn generated_splits_are_disjoint_by_construction() {
+        let tasks: Vec<Box<dyn ArenaTask>> = vec![
+            Box::new(ListOps::new(Setting::Lite, 5)),
+            Box::new(Pathfinder::for_task("pathfinder", Setting::Lite, 5).unwrap()),
+        ];
+        for task in &tasks {
+            assert!(task.generated());
+            for split in Split::ALL {
+                // Far past the split's nominal size: training indices are unbounded.
+                for index in (0..60).chain([50_000, 1 << 40]) {
+                    let ex = task.example(split, index);
+                    assert_eq!(
+                        split_of_content(&ex.ids),
+                        split,
+                        "{} {split:?} {index}",
+                        task.name()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn content_buckets_have_their_shares() {
+        let mut counts = [0usize; 3];
+        let mut rng = Rng::new(9);
+        for _ in 0..16_000 {
+            let ids: Vec<u32> = (0..1 + rng.below(20))
+                .map(|_| rng.below(16) as u32)
+                .collect();
+            counts[split_of_content(&ids) as usize] += 1;
+        }
+        // 12,000 / 2,000 / 2,000 expected; ±10% is > 8 standard deviations.
+        assert!((10_800..13_200).contains(&counts[0]), "{counts:?}");
+        assert!((1_800..2_200).contains(&counts[1]), "{counts:?}");
+        assert!((1_800..2_200).contains(&counts[2]), "{counts:?}");
+    }
+
+    #[test]
+    fn attempts_start_with_the_example_generator_and_differ() {
+        let mut a = attempts(3, Split::Test, 7);
+        let first = a.next().unwrap();
+        assert_eq!(first, example_rng(3, Split::Test, 7));
+        let mut seen: Vec<u64> = vec![first.clone().next_u64()];
+        for mut r in a.take(20) {
+            let x = r.next_u64();
+            assert!(!seen.contains(&x));
+            seen.push(x);
+        }
+    }
 }

@@ -38,6 +38,14 @@ pub trait Task: Send + Sync {
     fn train_batch(&self, rng: &mut Rng, batch_size: usize) -> Result<Batch>;
     /// A held-out batch drawn with `rng`.
     fn eval_batch(&self, rng: &mut Rng, batch_size: usize) -> Result<Batch>;
+    /// Training batch `number` of a run (0, 1, ...: one number per micro-batch, the same
+    /// after a resume), drawn with `rng`. By default [`Task::train_batch`]; a task with an
+    /// unbounded supply of examples uses `number` to give every batch examples no earlier
+    /// batch of the run has seen.
+    fn train_batch_numbered(&self, number: u64, rng: &mut Rng, batch_size: usize) -> Result<Batch> {
+        let _ = number;
+        self.train_batch(rng, batch_size)
+    }
 }
 
 /// The task `name` for a model of `cfg` trained with `train`; errors when they do not fit.

@@ -197,8 +197,11 @@ impl<'t> Trainer<'t> {
         let lr = lr_at(state.step, tc.steps, tc.lr, tc.warmup, tc.min_lr_ratio);
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss_sum = 0f32;
-        for _ in 0..tc.grad_accum {
-            let batch = self.task.train_batch(&mut state.data_rng, tc.batch_size)?;
+        for micro in 0..tc.grad_accum {
+            let number = (state.step * tc.grad_accum + micro) as u64;
+            let batch =
+                self.task
+                    .train_batch_numbered(number, &mut state.data_rng, tc.batch_size)?;
             self.tokens += batch.tokens;
             let mut loss: Option<Tensor> = None;
             for g in granularity_schedule(self.model.granularities(), state.step, tc.matformer_all)
