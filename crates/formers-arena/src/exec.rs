@@ -285,6 +285,65 @@ fn thin(curve: Vec<(usize, f32)>, max: usize) -> Vec<(usize, f32)> {
         .collect()
 }
 
+/// How much work a job is, relative to the other jobs of the same arena, for estimating
+/// how long the rest of the run takes ([`work`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Work {
+    /// The whole job.
+    pub total: f64,
+    /// The part of it done by the end of training (the rest is evaluation and testing).
+    pub training: f64,
+}
+
+/// Input positions a worker process costs besides its steps (start, model, task): about a
+/// second of the lite model's training on this machine's two cores.
+const JOB_OVERHEAD_POSITIONS: f64 = 20_000.0;
+
+/// How much work `job` is: input positions processed with a steps budget (training steps ×
+/// batch × length, the evaluations and the test split at a third of a training position
+/// each, and [`JOB_OVERHEAD_POSITIONS`]); seconds with a minutes budget (a run then takes
+/// its budget, a speed job a few seconds). A task that cannot be opened weighs nothing.
+pub fn work(job: &Job, opts: &Options, tasks: &Tasks) -> Work {
+    let suite = &opts.suite;
+    let speed_positions =
+        |length: usize| ((SPEED_WARMUP + SPEED_STEPS) * suite.speed_batch * length) as f64;
+    let all_training = |total: f64| Work {
+        total,
+        training: total,
+    };
+    match (job, opts.budget) {
+        (Job::Speed { length, .. }, Budget::Steps(_)) => {
+            all_training(JOB_OVERHEAD_POSITIONS + speed_positions(*length))
+        }
+        (Job::Speed { length, .. }, Budget::Minutes(_)) => {
+            all_training(1.0 + speed_positions(*length) / JOB_OVERHEAD_POSITIONS)
+        }
+        (Job::Run { task, .. }, budget) => {
+            let Ok(t) = tasks.get(task, opts) else {
+                return all_training(0.0);
+            };
+            match budget {
+                Budget::Minutes(m) => Work {
+                    total: m * 60.0 + 5.0,
+                    training: m * 60.0 * 0.8,
+                },
+                Budget::Steps(steps) => {
+                    let tc = train_config(suite, steps, t.max_len(), 0);
+                    let evals =
+                        steps.div_ceil(tc.eval_every.max(1)) * tc.eval_batches * tc.batch_size;
+                    let len = t.max_len() as f64;
+                    let training = JOB_OVERHEAD_POSITIONS + (steps * tc.batch_size) as f64 * len;
+                    let held_out = (evals + t.len(Split::Test)) as f64 / 3.0 * len;
+                    Work {
+                        total: training + held_out,
+                        training,
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Steps timed per speed measurement, after warm-up steps.
 pub const SPEED_STEPS: usize = 5;
 pub const SPEED_WARMUP: usize = 2;
@@ -330,4 +389,61 @@ fn speed(
         peak_rss_bytes: peak,
         params: trainer.param_count(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::suite::DataDirs;
+    use crate::task::Setting;
+
+    fn opts(budget: Budget) -> Options {
+        Options {
+            suite: SuiteSpec::new(Setting::Lite),
+            tasks: vec!["listops".into(), "pathfinder".into()],
+            variants: Vec::new(),
+            budget,
+            seeds: 1,
+            shard: (1, 1),
+            speed: true,
+            data: DataDirs::default(),
+        }
+    }
+
+    fn run(task: &str) -> Job {
+        Job::Run {
+            task: task.into(),
+            variant: "vanilla".into(),
+            seed: 0,
+        }
+    }
+
+    #[test]
+    fn work_grows_with_steps_and_length_and_a_run_outweighs_a_speed_job() {
+        let tasks = Tasks::default();
+        let (o100, o400) = (opts(Budget::Steps(100)), opts(Budget::Steps(400)));
+        let w100 = work(&run("listops"), &o100, &tasks).total;
+        let w400 = work(&run("listops"), &o400, &tasks).total;
+        // Training dominates: 4x the steps is more than 3x the work, less than 4x.
+        assert!(w400 > 3.0 * w100 && w400 < 4.0 * w100, "{w100} {w400}");
+        let speed = |length| Job::Speed {
+            variant: "vanilla".into(),
+            length,
+        };
+        let (s256, s1024) = (
+            work(&speed(256), &o100, &tasks).total,
+            work(&speed(1024), &o100, &tasks).total,
+        );
+        // Positions grow 4x, the per-process overhead does not.
+        assert!(s1024 > 1.5 * s256 && s1024 < 4.0 * s256, "{s256} {s1024}");
+        assert!(w100 > 10.0 * s256, "{w100} {s256}");
+        // A task that cannot be opened here weighs nothing.
+        assert_eq!(work(&run("image"), &o100, &tasks).total, 0.0);
+        let w = work(&run("listops"), &o100, &tasks);
+        assert!(w.training > 0.5 * w.total && w.training < w.total, "{w:?}");
+        // With a minutes budget a run weighs its seconds.
+        let m = opts(Budget::Minutes(2.0));
+        assert_eq!(work(&run("pathfinder"), &m, &tasks).total, 125.0);
+        assert!(work(&speed(256), &m, &tasks).total < 5.0);
+    }
 }

@@ -25,6 +25,9 @@ pub use crate::pool::{Concurrency, Exec};
 /// What the arena loop reports. Jobs running at once each have a slot, `0..at_once`; all
 /// calls come from the thread that runs the arena.
 pub trait Progress {
+    /// The jobs about to run, each with its share of the work ([`crate::exec::work`]), so
+    /// the time left can be estimated from the first steps on. Called before `start`.
+    fn planned(&mut self, _work: &[(Job, crate::exec::Work)]) {}
     /// The shard has `total` jobs, `done` of them already finished earlier; up to
     /// `at_once` of the rest run at a time.
     fn start(&mut self, _total: usize, _done: usize, _at_once: usize) {}
@@ -137,6 +140,11 @@ pub fn run_arena(
         .filter(|j| !done.contains(&j.key(opts)))
         .collect();
     let at_once = pool::at_once(concurrency, &pending);
+    let planned: Vec<(Job, crate::exec::Work)> = pending
+        .iter()
+        .map(|&j| (j.clone(), crate::exec::work(j, opts, tasks)))
+        .collect();
+    progress.planned(&planned);
     progress.start(jobs.len(), already_done, at_once);
     pool::run(&pending, at_once, concurrency, exec, &mut |happened| {
         match happened {

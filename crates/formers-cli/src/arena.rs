@@ -3,6 +3,7 @@
 //! merge shards and write the report.
 
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
+use formers_arena::exec::Work;
 use formers_arena::pathfinder::{self, Pathfinder};
 use formers_arena::pool;
 use formers_arena::report;
@@ -104,6 +106,9 @@ struct RunArgs {
     /// steps (lite) or 5000 (full).
     #[arg(long)]
     budget: Option<String>,
+    /// Peak learning rate of every run [default: the suite's: 2e-3 lite, 5e-4 full].
+    #[arg(long)]
+    lr: Option<f64>,
     /// Seeds per (task, variant); tables show mean ± std.
     #[arg(long, default_value_t = 1)]
     seeds: u64,
@@ -241,7 +246,13 @@ fn parse_shard(s: &str) -> Result<(usize, usize)> {
 }
 
 fn options(a: &RunArgs) -> Result<Options> {
-    let suite = SuiteSpec::new(a.suite);
+    let mut suite = SuiteSpec::new(a.suite);
+    if let Some(lr) = a.lr {
+        if !(lr.is_finite() && lr > 0.0 && lr < 1.0) {
+            bail!("--lr {lr}: expected a learning rate in (0, 1), e.g. 2e-3");
+        }
+        suite.lr = lr;
+    }
     for t in &a.tasks {
         if !TASKS.contains(&t.as_str()) {
             bail!("unknown task `{t}`; expected some of {}", TASKS.join(", "));
@@ -277,7 +288,10 @@ fn style(template: &str) -> ProgressStyle {
         .progress_chars("=> ")
 }
 
-/// One overall bar (jobs, ETA, jobs running) and one bar per job running at once.
+/// One overall bar (jobs, ETA, jobs running) and one bar per job running at once. The
+/// overall bar counts work, not jobs ([`formers_arena::exec::work`]: a speed job is a few
+/// seconds, a run minutes), with partial credit for the steps of the jobs running, so its
+/// ETA holds from the first steps on.
 struct Bars {
     overall: ProgressBar,
     slots: Vec<JobView>,
@@ -285,6 +299,13 @@ struct Bars {
     running: usize,
     /// A speed job runs (alone).
     alone: bool,
+    /// Work of each planned job, by label.
+    work: HashMap<String, Work>,
+    /// Work of the jobs finished (or failed) so far.
+    work_done: f64,
+    /// Jobs of the shard, and how many are over.
+    jobs_total: usize,
+    jobs_done: usize,
 }
 
 impl Bars {
@@ -292,7 +313,7 @@ impl Bars {
         let multi = MultiProgress::new();
         let overall = multi.add(ProgressBar::new(0));
         overall.set_style(style(
-            "arena   [{bar:30}] {pos}/{len} jobs, {elapsed} elapsed (ETA {eta}) {msg}",
+            "arena   [{bar:30}] {prefix} jobs, {elapsed} elapsed (ETA {eta}) {msg}",
         ));
         // Redraw every second so elapsed time and ETA move during long runs.
         overall.enable_steady_tick(std::time::Duration::from_secs(1));
@@ -302,7 +323,21 @@ impl Bars {
             multi,
             running: 0,
             alone: false,
+            work: HashMap::new(),
+            work_done: 0.0,
+            jobs_total: 0,
+            jobs_done: 0,
         }
+    }
+
+    /// The overall bar's position: the work of the jobs over, plus each running job's
+    /// share of its own work done.
+    fn show_work(&self) {
+        let running: f64 = self.slots.iter().map(|v| v.done.get()).sum();
+        self.overall
+            .set_position((self.work_done + running).round() as u64);
+        self.overall
+            .set_prefix(format!("{}/{}", self.jobs_done, self.jobs_total));
     }
 
     /// A line above the bars, or on stderr when they are hidden (not a terminal).
@@ -327,14 +362,16 @@ impl Bars {
     }
 
     /// The job in `slot` is over: its bar waits for the next.
-    fn ended(&mut self, slot: usize) {
-        self.overall.inc(1);
+    fn ended(&mut self, slot: usize, job: &Job) {
+        self.jobs_done += 1;
+        self.work_done += self.work.get(&job.label()).map_or(0.0, |w| w.total);
         self.running = self.running.saturating_sub(1);
         self.alone = false;
         self.show_running();
         if let Some(view) = self.slots.get(slot) {
             view.idle();
         }
+        self.show_work();
     }
 
     fn clear(&self) {
@@ -351,7 +388,15 @@ struct JobView {
     bar: ProgressBar,
     loss: Cell<Option<f32>>,
     accuracy: Cell<Option<f64>>,
+    /// The job's work ([`formers_arena::exec::work`]) and how much of it is done.
+    work: Cell<Work>,
+    done: Cell<f64>,
 }
+
+const NO_WORK: Work = Work {
+    total: 0.0,
+    training: 0.0,
+};
 
 impl JobView {
     fn new(bar: ProgressBar) -> Self {
@@ -360,10 +405,14 @@ impl JobView {
             bar,
             loss: Cell::new(None),
             accuracy: Cell::new(None),
+            work: Cell::new(NO_WORK),
+            done: Cell::new(0.0),
         }
     }
 
     fn idle(&self) {
+        self.work.set(NO_WORK);
+        self.done.set(0.0);
         self.bar.set_prefix("(idle)");
         self.bar.set_length(0);
         self.bar.set_position(0);
@@ -391,6 +440,9 @@ impl JobView {
             }
             Event::Step { step, loss } => {
                 self.bar.set_position(*step as u64);
+                let steps = self.bar.length().unwrap_or(0).max(1) as f64;
+                let w = self.work.get();
+                self.done.set(w.training * (*step as f64 / steps).min(1.0));
                 self.loss.set(Some(*loss));
                 self.show_training();
             }
@@ -399,6 +451,10 @@ impl JobView {
                 self.show_training();
             }
             Event::Testing { done, total } => {
+                let share = *done as f64 / (*total).max(1) as f64;
+                let w = self.work.get();
+                self.done
+                    .set(w.training + (w.total - w.training) * share.min(1.0));
                 self.bar.set_message(format!("testing {done}/{total}"))
             }
         }
@@ -406,13 +462,20 @@ impl JobView {
 }
 
 impl Progress for Bars {
+    fn planned(&mut self, work: &[(Job, Work)]) {
+        self.work = work.iter().map(|(j, w)| (j.label(), *w)).collect();
+    }
     fn start(&mut self, total: usize, done: usize, at_once: usize) {
-        self.overall.set_length(total as u64);
-        self.overall.set_position(done as u64);
+        self.jobs_total = total;
+        self.jobs_done = done;
+        self.work_done = 0.0;
+        let all: f64 = self.work.values().map(|w| w.total).sum();
+        self.overall.set_length(all.round().max(1.0) as u64);
         self.overall.reset_eta();
         self.slots = (0..at_once)
             .map(|_| JobView::new(self.multi.add(ProgressBar::new(0))))
             .collect();
+        self.show_work();
         if done > 0 {
             self.say(format!("{done} of {total} jobs already done: not rerun"));
         }
@@ -431,15 +494,19 @@ impl Progress for Bars {
         self.show_running();
         if let Some(view) = self.slots.get(slot) {
             view.bar.set_prefix(job.label());
+            view.work
+                .set(self.work.get(&job.label()).copied().unwrap_or(NO_WORK));
+            view.done.set(0.0);
         }
     }
     fn event(&mut self, slot: usize, event: &Event) {
         if let Some(view) = self.slots.get(slot) {
             view.event(event);
         }
+        self.show_work();
     }
-    fn finished(&mut self, slot: usize, _job: &Job, record: &Record) {
-        self.ended(slot);
+    fn finished(&mut self, slot: usize, job: &Job, record: &Record) {
+        self.ended(slot, job);
         let line = match record {
             Record::Run(r) => format!(
                 "{:<10} {:<12} seed {}: test accuracy {:.2}% ({} steps, {:.1} steps/s on {} \
@@ -467,7 +534,7 @@ impl Progress for Bars {
         self.say(line);
     }
     fn failed(&mut self, slot: usize, job: &Job, error: &str) {
-        self.ended(slot);
+        self.ended(slot, job);
         self.say(format!("FAILED {}: {error}", job.label()));
     }
 }

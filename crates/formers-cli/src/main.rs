@@ -33,7 +33,7 @@ enum Command {
     /// Serve a checkpoint over HTTP: OpenAI-shaped embeddings or completions, with dynamic batching.
     Serve(serve::ServeArgs),
     /// The arena: train every variant on Long-Range-Arena tasks and report accuracy, speed and memory.
-    Arena(arena::ArenaArgs),
+    Arena(Box<arena::ArenaArgs>),
     /// Measure speed and memory.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -62,7 +62,7 @@ fn main() {
         Command::Generate(a) => generate::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Bench(c) => bench::run(c),
-        Command::Arena(a) => arena::run(a),
+        Command::Arena(a) => arena::run(*a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
