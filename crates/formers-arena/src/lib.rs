@@ -3,6 +3,7 @@
 //! that survives a kill, and a report (Markdown tables, SVG charts, one HTML page).
 
 pub mod adapter;
+pub mod baseline;
 pub mod corpus;
 pub mod exec;
 pub mod flops;
