@@ -222,9 +222,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
     }
     let (mut cfg, task) = load_config(&args, &out)?;
-    if let Some(note) = apply_overrides(&mut cfg, &args)? {
-        eprintln!("{note}");
-    }
+    let note = apply_overrides(&mut cfg, &args)?;
     let pb = bar(cfg.train.steps as u64, "train");
     if args.quiet {
         pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -243,6 +241,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let limits = args.limits.limits();
     let mut trainer = Trainer::with_limits(&cfg, task_impl.as_ref(), &limits)?;
     let mut dir = RunDir::open(&out, &mut trainer, start)?;
+    if let Some(note) = note {
+        eprintln!("{note}");
+    }
     eprintln!("training `{task}` into {}", out.display());
     let summary = dir.train(&mut trainer, &mut obs)?;
     obs.pb.finish_and_clear();
