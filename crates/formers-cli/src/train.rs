@@ -287,6 +287,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
 
 /// Runs `formers eval`.
 pub fn eval(args: EvalArgs) -> Result<()> {
+    if args.model.join(OPTIONS_FILE).is_file() {
+        anyhow::bail!(
+            "{0} is an arena directory, not a run: pass one of its runs (--model {0}/runs/LABEL), \
+             or read every run's score in {0}/{1}",
+            args.model.display(),
+            formers_arena::results::FILE
+        );
+    }
     let (rec, model) = load_trained_with(&args.model, &args.limits.limits())?;
     if let Some(g) = args.granularity {
         if g >= model.granularities() {

@@ -116,6 +116,13 @@ fn eval_scores_an_arena_run_on_its_test_split_as_the_arena_did() {
     assert_eq!(got["split"], "test");
     assert_eq!(got["examples"], record["test_examples"]);
     assert_eq!(got["accuracy"], record["test_accuracy"]);
+    // The arena directory itself is not a run: the message says which directory is.
+    let o = run(formers().args(["eval", "--model", arena.to_str().unwrap()]));
+    assert!(
+        !o.status.success() && text(&o).contains("runs/LABEL"),
+        "{}",
+        text(&o)
+    );
     // `--batches` does not apply: the whole split is scored.
     let o = run(formers().args([
         "eval",
