@@ -21,7 +21,8 @@ pub struct GenerateArgs {
     /// Text to continue
     #[arg(long)]
     pub prompt: String,
-    /// Tokens to generate
+    /// Tokens to generate (capped, with a note, at what the model's max_len leaves after
+    /// the prompt)
     #[arg(long, default_value_t = 200)]
     pub max_new_tokens: usize,
     /// Always take the most likely token
@@ -94,6 +95,26 @@ fn as_flag(e: formers::Error) -> anyhow::Error {
     }
 }
 
+/// The new tokens to generate: `asked`, or what fits beside a prompt of `prompt` tokens in
+/// `max_len` positions, with a note saying so. A prompt that leaves no room is an error.
+fn fit_new_tokens(asked: usize, prompt: usize, max_len: usize) -> Result<(usize, Option<String>)> {
+    let room = max_len.saturating_sub(prompt);
+    if room == 0 {
+        bail!(
+            "--prompt is {prompt} tokens and the model's max_len is {max_len}: no room for a new \
+             token; shorten the prompt"
+        );
+    }
+    if asked <= room {
+        return Ok((asked, None));
+    }
+    let note = format!(
+        "note: --max-new-tokens {asked} capped at {room}: the prompt's {prompt} tokens and the \
+         new ones must fit the model's max_len {max_len}"
+    );
+    Ok((room, Some(note)))
+}
+
 /// Runs `formers generate`.
 ///
 /// Everything is checked (flags, model, prompt, length) before anything is printed.
@@ -121,12 +142,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             a.prompt
         );
     }
-    check(&model, &prompt, a.max_new_tokens, &sampling).map_err(|e| match e {
-        formers::Error::Input(msg) if msg.contains("max_len") => {
-            anyhow::anyhow!("--max-new-tokens {}: {msg}", a.max_new_tokens)
-        }
-        e => e.into(),
-    })?;
+    let (max_new, note) = fit_new_tokens(a.max_new_tokens, prompt.len(), model.config().max_len)?;
+    check(&model, &prompt, max_new, &sampling)?;
+    if let Some(note) = note {
+        eprintln!("{note}");
+    }
     let mut stdout = std::io::stdout().lock();
     // The printed text is the decoding of prompt + continuation as one sequence: decoders
     // may join or strip spaces at token boundaries (a continuation decoded on its own can
@@ -134,17 +154,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let mut stream = TextStream::new(prompt.clone());
     stream.emit(&codec, &mut stdout, false)?;
     let start = Instant::now();
-    let new = generate(
-        &model,
-        &prompt,
-        a.max_new_tokens,
-        &sampling,
-        !a.no_cache,
-        |t| {
-            stream.ids.push(t);
-            let _ = stream.emit(&codec, &mut stdout, false);
-        },
-    )?;
+    let new = generate(&model, &prompt, max_new, &sampling, !a.no_cache, |t| {
+        stream.ids.push(t);
+        let _ = stream.emit(&codec, &mut stdout, false);
+    })?;
     stream.emit(&codec, &mut stdout, true)?;
     writeln!(stdout)?;
     let secs = start.elapsed().as_secs_f64();
@@ -156,4 +169,22 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         if a.no_cache { "no cache" } else { "KV cache" }
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fit_new_tokens;
+
+    #[test]
+    fn new_tokens_are_capped_at_the_room_the_prompt_leaves() {
+        assert_eq!(fit_new_tokens(200, 56, 256).unwrap(), (200, None));
+        let (n, note) = fit_new_tokens(200, 57, 256).unwrap();
+        assert_eq!(n, 199);
+        assert!(note.unwrap().contains("capped at 199"));
+        assert_eq!(fit_new_tokens(200, 255, 256).unwrap().0, 1);
+        for prompt in [256, 300] {
+            let e = fit_new_tokens(200, prompt, 256).unwrap_err().to_string();
+            assert!(e.contains("no room") && e.contains("max_len is 256"), "{e}");
+        }
+    }
 }

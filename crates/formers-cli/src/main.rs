@@ -12,7 +12,8 @@ mod train;
 
 use clap::{Parser, Subcommand};
 
-/// Build, train, run and benchmark efficient Transformers on a CPU.
+/// Train, evaluate, generate, embed, serve, compare (arena) and benchmark efficient
+/// Transformers on a CPU (the one-line `--help` is the package description).
 #[derive(Debug, Parser)]
 #[command(name = "formers", version, about, long_about = None)]
 struct Cli {
@@ -24,7 +25,7 @@ struct Cli {
 enum Command {
     /// Train a model on a built-in task; writes checkpoints, metrics and a sample.
     Train(train::TrainArgs),
-    /// Evaluate a trained run on its task's held-out data.
+    /// Evaluate a trained run on its task's held-out data (an arena run: its whole test split).
     Eval(train::EvalArgs),
     /// Sentence embeddings from a BERT-family checkpoint: lines on stdin, JSON lines (or .npy) out.
     Embed(embed::EmbedArgs),

@@ -6,9 +6,14 @@ use anyhow::{Context, Result};
 use clap::Args;
 use formers::config::RunConfig;
 use formers::generate::{generate, Sampling};
+use formers::model::Model;
 use formers::tasks;
 use formers::train::trainer::{evaluate, load_trained_with, RunRecord};
 use formers::train::{RunDir, Start, TrainConfig, Trainer};
+use formers_arena::adapter::split_accuracy;
+use formers_arena::plan::{load_options, OPTIONS_FILE};
+use formers_arena::suite as arena_suite;
+use formers_arena::Split;
 
 use crate::limits::{LoadArgs, MemoryArgs};
 use crate::progress::{bar, TrainBar};
@@ -75,10 +80,11 @@ pub struct TrainArgs {
 /// Flags of `formers eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Run directory written by `formers train`
+    /// Run directory written by `formers train`, or by `formers arena` (ARENA/runs/LABEL)
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
-    /// Held-out batches to evaluate [default: train.eval_batches of the run]
+    /// Held-out batches to evaluate [default: train.eval_batches of the run; an arena run
+    /// is scored on its whole test split]
     #[arg(long)]
     pub batches: Option<usize>,
     /// MatFormer models: evaluate every nested layer at this granularity index
@@ -101,10 +107,20 @@ fn load_config(args: &TrainArgs, out: &Path) -> Result<(RunConfig, String)> {
     Ok((cfg, args.task.clone()))
 }
 
-fn apply_overrides(cfg: &mut RunConfig, a: &TrainArgs) -> Result<()> {
+/// Applies the override flags; returns a note for the user when `--steps` made the
+/// config's warm-up too long and it was capped.
+fn apply_overrides(cfg: &mut RunConfig, a: &TrainArgs) -> Result<Option<String>> {
     let t = &mut cfg.train;
+    let mut note = None;
     if let Some(v) = a.steps {
         t.steps = v;
+        if let Some(was) = t.cap_warmup() {
+            note = Some(format!(
+                "note: --steps {v}: warm-up capped from {was} to {} steps (a tenth of the run) \
+                 so the learning rate decays",
+                t.warmup
+            ));
+        }
     }
     if let Some(v) = a.seed {
         t.seed = v;
@@ -125,7 +141,7 @@ fn apply_overrides(cfg: &mut RunConfig, a: &TrainArgs) -> Result<()> {
         t.eval_every = v;
     }
     cfg.validate()?;
-    Ok(())
+    Ok(note)
 }
 
 /// A resumed run keeps the config it was started with (the learning-rate schedule and the
@@ -206,7 +222,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
     }
     let (mut cfg, task) = load_config(&args, &out)?;
-    apply_overrides(&mut cfg, &args)?;
+    let note = apply_overrides(&mut cfg, &args)?;
     let pb = bar(cfg.train.steps as u64, "train");
     if args.quiet {
         pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -225,6 +241,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let limits = args.limits.limits();
     let mut trainer = Trainer::with_limits(&cfg, task_impl.as_ref(), &limits)?;
     let mut dir = RunDir::open(&out, &mut trainer, start)?;
+    if let Some(note) = note {
+        eprintln!("{note}");
+    }
     eprintln!("training `{task}` into {}", out.display());
     let summary = dir.train(&mut trainer, &mut obs)?;
     obs.pb.finish_and_clear();
@@ -268,10 +287,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
 
 /// Runs `formers eval`.
 pub fn eval(args: EvalArgs) -> Result<()> {
+    if args.model.join(OPTIONS_FILE).is_file() {
+        anyhow::bail!(
+            "{0} is an arena directory, not a run: pass one of its runs (--model {0}/runs/LABEL), \
+             or read every run's score in {0}/{1}",
+            args.model.display(),
+            formers_arena::results::FILE
+        );
+    }
     let (rec, model) = load_trained_with(&args.model, &args.limits.limits())?;
-    let tc = &rec.config.train;
-    let task = tasks::by_name(&rec.task, &rec.config.model, tc)?;
-    let batches = args.batches.unwrap_or(tc.eval_batches);
     if let Some(g) = args.granularity {
         if g >= model.granularities() {
             anyhow::bail!(
@@ -281,10 +305,97 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         }
         model.set_granularity(Some(g));
     }
+    if !tasks::TASKS.contains(&rec.task.as_str()) {
+        return eval_arena_run(&args, &rec, &model);
+    }
+    let tc = &rec.config.train;
+    let task = tasks::by_name(&rec.task, &rec.config.model, tc)?;
+    let batches = args.batches.unwrap_or(tc.eval_batches);
     let e = evaluate(&model, task.as_ref(), tc.seed, batches, tc.batch_size)?;
     println!(
         "{}",
         serde_json::json!({"task": rec.task, "batches": batches, "granularity": args.granularity, "loss": e.loss, "accuracy": e.accuracy})
     );
     Ok(())
+}
+
+/// `formers eval` of a run `formers arena` trained (`ARENA/runs/LABEL`): accuracy on the
+/// task's whole test split, scored as the arena scores it (its `test_accuracy`).
+fn eval_arena_run(args: &EvalArgs, rec: &RunRecord, model: &Model) -> Result<()> {
+    let name = rec.task.as_str();
+    let dir = args.model.display();
+    if !arena_suite::TASKS.contains(&name) {
+        anyhow::bail!(
+            "{dir}: task `{name}` is neither a built-in task ({}) nor an arena task ({})",
+            tasks::TASKS.join(", "),
+            arena_suite::TASKS.join(", ")
+        );
+    }
+    let arena = args.model.parent().and_then(Path::parent);
+    let opts = arena.and_then(load_options).ok_or_else(|| {
+        anyhow::anyhow!(
+            "{dir}: a run of `formers arena` (task `{name}`, a classification task); eval reads \
+             the task's settings from {OPTIONS_FILE} of its arena directory, two levels up \
+             (ARENA/runs/LABEL), and finds none there. Evaluate the run inside its arena \
+             directory, or read its test accuracy in ARENA/{} (`formers arena report ARENA` \
+             prints the tables)",
+            formers_arena::results::FILE
+        )
+    })?;
+    if args.batches.is_some() {
+        anyhow::bail!(
+            "--batches: an arena run is scored on its whole test split, as `formers arena` \
+             scores it; leave --batches out"
+        );
+    }
+    let task = arena_suite::open_task(name, opts.suite.setting, &opts.data)
+        .map_err(|e| anyhow::anyhow!("task `{name}`: {e}"))?;
+    let (accuracy, examples, _) = split_accuracy(
+        model,
+        task.as_ref(),
+        Split::Test,
+        opts.suite.batch_size,
+        |_, _| {},
+    )?;
+    println!(
+        "{}",
+        serde_json::json!({"task": name, "split": "test", "examples": examples, "granularity": args.granularity, "accuracy": accuracy})
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        train: TrainArgs,
+    }
+
+    fn overridden(flags: &[&str]) -> (RunConfig, Option<String>) {
+        let args = Cli::try_parse_from(std::iter::once("train").chain(flags.iter().copied()))
+            .unwrap()
+            .train;
+        let mut cfg = RunConfig::from_json(DEFAULT_CONFIG).unwrap();
+        let note = apply_overrides(&mut cfg, &args).unwrap();
+        (cfg, note)
+    }
+
+    #[test]
+    fn steps_override_caps_the_warm_up_with_a_note() {
+        let (cfg, note) = overridden(&[]);
+        assert!(cfg.train.warmup >= 50 && note.is_none());
+        let (cfg, note) = overridden(&["--steps", "50"]);
+        assert_eq!((cfg.train.steps, cfg.train.warmup), (50, 5));
+        let note = note.expect("a note");
+        assert!(
+            note.contains("warm-up capped") && note.contains("to 5"),
+            "{note}"
+        );
+        let (cfg, note) = overridden(&["--steps", "5000"]);
+        assert!(cfg.train.warmup >= 50 && note.is_none());
+    }
 }

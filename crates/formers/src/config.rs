@@ -345,9 +345,22 @@ pub enum Placement {
 }
 
 impl ModelConfig {
-    /// Parses JSON and validates.
+    /// Parses JSON and validates. A run config (the files in `configs/`: a `model` and a
+    /// `train` section) is refused with a pointer to [`RunConfig::from_path`].
     pub fn from_json(text: &str) -> Result<Self> {
-        let cfg: ModelConfig = parse_json(text, "<model config>")?;
+        let cfg: ModelConfig = parse_json(text, "<model config>").map_err(|e| {
+            let value = serde_json::from_str::<serde_json::Value>(text).ok();
+            if value.as_ref().is_some_and(|v| v.get("model").is_some()) {
+                Error::config(
+                    "(top level)",
+                    "this is a run config (a `model` section and an optional `train` \
+                     section, as the files in configs/ are), not a model config: read it with \
+                     `RunConfig::from_path` (or `RunConfig::from_json`) and use its `.model`",
+                )
+            } else {
+                e
+            }
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -679,6 +692,22 @@ mod tests {
             "input": {"kind": "tokens", "vocab_size": 10},
             "head": {"kind": "lm"}
         })
+    }
+
+    #[test]
+    fn a_run_config_given_as_a_model_config_points_to_run_config() {
+        let text = include_str!("../../../configs/charlm.json");
+        let e = ModelConfig::from_json(text).unwrap_err().to_string();
+        assert!(
+            e.contains("run config") && e.contains("RunConfig::from_path"),
+            "{e}"
+        );
+        let run = RunConfig::from_json(text).unwrap();
+        let model = serde_json::to_string(&run.model).unwrap();
+        assert_eq!(ModelConfig::from_json(&model).unwrap(), run.model);
+        // Other mistakes keep their own message.
+        let e = err_of(serde_json::json!({"d_model": 32}));
+        assert!(!e.contains("run config"), "{e}");
     }
 
     fn err_of(v: serde_json::Value) -> String {

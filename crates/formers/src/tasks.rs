@@ -50,6 +50,16 @@ pub trait Task: Send + Sync {
 
 /// The task `name` for a model of `cfg` trained with `train`; errors when they do not fit.
 pub fn by_name(name: &str, cfg: &ModelConfig, train: &TrainConfig) -> Result<Box<dyn Task>> {
+    // The name first: a model's head only matters for a task that exists.
+    if !TASKS.contains(&name) {
+        return Err(Error::config(
+            "task",
+            format!(
+                "unknown task `{name}`; expected one of {}",
+                TASKS.join(", ")
+            ),
+        ));
+    }
     let n = train.seq_len;
     if n > cfg.max_len {
         return Err(Error::config(
@@ -299,6 +309,26 @@ mod tests {
             assert_eq!(xi.iter().rev().copied().collect::<Vec<_>>(), *yi);
             assert!(xi.iter().all(|&v| v < 7));
         }
+    }
+
+    #[test]
+    fn an_unknown_task_is_named_before_the_head_is_checked() {
+        let cfg = crate::config::RunConfig::from_json(include_str!(
+            "../../../configs/encoder-classifier.json"
+        ))
+        .unwrap();
+        assert!(!matches!(cfg.model.head, HeadSpec::Lm { .. }));
+        let e = by_name("listops", &cfg.model, &cfg.train)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("unknown task `listops`"), "{e}");
+        assert!(!e.contains("lm` head"), "{e}");
+        let e = by_name("copy", &cfg.model, &cfg.train)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("lm` head"), "{e}");
     }
 
     #[test]

@@ -78,6 +78,16 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// The longest warm-up [`TrainConfig::cap_warmup`] leaves, as a fraction of `steps`.
+    pub const MAX_WARMUP_FRACTION: f64 = 0.1;
+
+    /// Caps `warmup` at a tenth of `steps`, so a shortened run still decays its learning
+    /// rate; returns the warm-up it replaced, if it was longer.
+    pub fn cap_warmup(&mut self) -> Option<usize> {
+        let cap = (self.steps as f64 * Self::MAX_WARMUP_FRACTION) as usize;
+        (self.warmup > cap).then(|| std::mem::replace(&mut self.warmup, cap))
+    }
+
     /// Rejects impossible values, naming the key.
     pub fn validate(&self) -> Result<()> {
         for (key, v) in [
@@ -129,5 +139,40 @@ impl TrainConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::schedule::lr_at;
+    use super::TrainConfig;
+
+    #[test]
+    fn a_warm_up_longer_than_a_tenth_of_the_steps_is_capped_so_the_rate_decays() {
+        let mut t = TrainConfig {
+            steps: 50,
+            warmup: 50,
+            ..TrainConfig::default()
+        };
+        let last = |t: &TrainConfig| lr_at(t.steps - 1, t.steps, 1.0, t.warmup, t.min_lr_ratio);
+        assert_eq!(last(&t), 1.0, "uncapped, the last step is still warming up");
+        assert_eq!(t.cap_warmup(), Some(50));
+        assert_eq!(t.warmup, 5);
+        assert!(last(&t) < 0.2, "capped, the rate decays: {}", last(&t));
+        assert_eq!(t.cap_warmup(), None, "capping twice changes nothing");
+        let mut long = TrainConfig {
+            steps: 600,
+            warmup: 50,
+            ..TrainConfig::default()
+        };
+        assert_eq!(long.cap_warmup(), None);
+        assert_eq!(long.warmup, 50);
+        let mut tiny = TrainConfig {
+            steps: 3,
+            warmup: 1,
+            ..TrainConfig::default()
+        };
+        assert_eq!(tiny.cap_warmup(), Some(1));
+        assert_eq!(tiny.warmup, 0);
     }
 }
