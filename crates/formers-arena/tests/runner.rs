@@ -286,6 +286,7 @@ fn fake_run(task: &str, seed: u64) -> Record {
         steps: 2,
         test_accuracy: 0.5,
         test_examples: 10,
+        majority_accuracy: None,
         val_accuracy: 0.5,
         train_steps_per_s: 1.0,
         threads: 1,
