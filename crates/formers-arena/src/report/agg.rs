@@ -268,39 +268,6 @@ impl<'a> Runs<'a> {
             .filter_map(|(_, c)| c.max_of(|r| r.seq_len))
             .max()
     }
-
-    /// Mean over the variant's tasks of its training steps/s relative to the baseline on the
-    /// same task (`None` if no task has both).
-    pub fn relative_speed(&self, variant: &str) -> Option<f64> {
-        let ratios: Vec<f64> = self
-            .tasks
-            .iter()
-            .filter_map(|t| {
-                let own = self.cell(t, variant)?.mean_of(|r| r.train_steps_per_s)?;
-                let base = self.cell(t, BASELINE)?.mean_of(|r| r.train_steps_per_s)?;
-                ratio(own, base)
-            })
-            .collect();
-        mean(&ratios)
-    }
-
-    /// Mean over the variant's tasks of its training steps/s.
-    pub fn mean_speed(&self, variant: &str) -> Option<f64> {
-        let v: Vec<f64> = self
-            .tasks
-            .iter()
-            .filter_map(|t| self.cell(t, variant)?.mean_of(|r| r.train_steps_per_s))
-            .collect();
-        mean(&v)
-    }
-
-    /// Largest peak RSS over all the variant's runs, bytes.
-    pub fn peak_rss(&self, variant: &str) -> Option<u64> {
-        self.tasks
-            .iter()
-            .filter_map(|t| self.cell(t, variant)?.max_of(|r| r.peak_rss_bytes))
-            .max()
-    }
 }
 
 /// Class counts of the LRA tasks whose labels do not depend on the files given (the text

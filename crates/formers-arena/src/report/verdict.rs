@@ -131,11 +131,18 @@ fn figures(p: &Point) -> String {
 /// noise)`, plus which front members' accuracies are within seed noise of each other.
 fn describe(points: &[Point]) -> String {
     let st = front(points);
-    let on: Vec<String> = points
+    // The front from the most accurate to the least (then fastest first).
+    let mut on: Vec<&Point> = points
         .iter()
         .zip(&st)
         .filter(|(_, s)| **s == Standing::Front)
-        .map(|(p, _)| format!("{} ({})", p.variant, figures(p)))
+        .map(|(p, _)| p)
+        .collect();
+    let acc = |p: &Point| p.acc.map_or(0.0, |a| a.0);
+    on.sort_by(|a, b| acc(b).total_cmp(&acc(a)).then(b.speed.total_cmp(&a.speed)));
+    let on: Vec<String> = on
+        .iter()
+        .map(|p| format!("{} ({})", p.variant, figures(p)))
         .collect();
     let behind: Vec<String> = points
         .iter()
@@ -366,7 +373,10 @@ mod tests {
         assert_eq!(st[4], Standing::Front);
         let text = describe(&pts);
         assert!(
-            text.contains("front: vanilla (60.0 ± 1.0%, 1.00× speed, 300 MiB)"),
+            text.contains(
+                "front: vanilla (60.0 ± 1.0%, 1.00× speed, 300 MiB), performer (58.0 ± 0.5%, \
+                 1.20× speed, 200 MiB), local (55.0 ± 1.0%, 2.00× speed, 100 MiB); behind:"
+            ),
             "{text}"
         );
         assert!(
