@@ -441,3 +441,40 @@ fn the_speed_figure_comes_from_the_speed_jobs_at_the_nearest_length() {
     );
     assert!(chart.svg.contains("local (90 MiB)"), "{}", chart.svg);
 }
+
+/// The x of each `<text>` element whose content is `label`.
+fn text_x(svg: &str, label: &str) -> Vec<i32> {
+    svg.split("<text ")
+        .skip(1)
+        .filter(|t| {
+            t.split_once('>').is_some_and(|(_, rest)| {
+                rest.trim_start().starts_with(&format!("{label}\n"))
+                    || rest.trim_start().starts_with(&format!("{label}<"))
+            })
+        })
+        .filter_map(|t| t.strip_prefix("x=\"")?.split('"').next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn the_loss_legend_sits_beside_the_plot_and_a_smoothed_curve_is_drawn() {
+    let charts = charts(&sample(), &meta());
+    let loss = charts
+        .iter()
+        .find(|c| c.file == "loss_listops.svg")
+        .unwrap();
+    for v in ["vanilla", "performer", "local", "zeta"] {
+        let xs = text_x(&loss.svg, v);
+        assert_eq!(xs.len(), 1, "{v}: {xs:?}");
+        // The plot ends at 860 − 150 px; the legend panel starts there.
+        assert!(xs[0] >= 710, "{v} legend at x = {}", xs[0]);
+    }
+    // 50 logged points: a 3-point window, said in the caption; raw curves drawn faint.
+    assert!(
+        loss.note
+            .contains("moving average of the training loss over 3"),
+        "{}",
+        loss.note
+    );
+    assert!(loss.svg.contains("opacity=\"0.25\""));
+}
