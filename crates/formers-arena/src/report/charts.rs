@@ -258,9 +258,15 @@ fn overlap(a: Rect, b: Rect) -> f64 {
     w * h
 }
 
-/// Approximate pixel width of `text` at [`LABEL_FONT`] px.
+/// Approximate pixel width of `text` in the label font (plotters' SVG writes a font of
+/// size `s` as `s / 1.24` px; sans-serif letters average about 0.6 em).
 fn text_width(text: &str) -> f64 {
-    text.chars().count() as f64 * LABEL_FONT as f64 * 0.56
+    text.chars().count() as f64 * label_px() * 0.6
+}
+
+/// Pixel height of the label font as drawn.
+fn label_px() -> f64 {
+    LABEL_FONT as f64 / 1.24
 }
 
 const LABEL_FONT: u32 = 13;
@@ -270,7 +276,7 @@ const LABEL_FONT: u32 = 13;
 /// and no bubble, else the one that overlaps least. Returns each label's top-left corner and
 /// whether it moved off the first ring (then a leader line is drawn). Deterministic.
 fn place_labels(items: &[((f64, f64), f64, f64)], area: Rect) -> Vec<((f64, f64), bool)> {
-    let h = LABEL_FONT as f64 + 2.0;
+    let h = label_px() + 3.0;
     let discs: Vec<Rect> = items
         .iter()
         .map(|&((x, y), r, _)| (x - r, y - r, x + r, y + r))
@@ -353,7 +359,7 @@ pub fn accuracy_vs_speed(runs: &Runs, speeds: &Speeds, variants: &[String]) -> O
         }
         for (i, (at, moved)) in place_labels(&items, area).into_iter().enumerate() {
             let ((cx, cy), r, w) = items[i];
-            let h = LABEL_FONT as f64 + 2.0;
+            let h = label_px() + 3.0;
             if moved {
                 // From the bubble's edge to the nearest point of the label box.
                 let tx = cx.clamp(at.0, at.0 + w);
@@ -708,7 +714,7 @@ mod tests {
             .collect();
         let area = (50.0, 40.0, 700.0, 400.0);
         let placed = place_labels(&items, area);
-        let h = LABEL_FONT as f64 + 2.0;
+        let h = label_px() + 3.0;
         let rects: Vec<Rect> = placed
             .iter()
             .zip(&items)
