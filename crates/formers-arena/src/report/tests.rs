@@ -413,6 +413,10 @@ fn the_speed_figure_comes_from_the_speed_jobs_at_the_nearest_length() {
     // In-run: local 3.0 vs vanilla 2.0 steps/s = 1.50×.
     let v = verdict_markdown(&recs, &m);
     assert!(v.contains("(512 tokens; in-run figures)"), "{v}");
+    assert!(
+        v.contains("Chance unknown (no majority-class rate recorded)"),
+        "{v}"
+    );
     assert!(v.contains("local (80.0%, 1.50× speed, 200 MiB)"), "{v}");
     let chart = charts(&recs, &m).into_iter().next().unwrap();
     assert!(

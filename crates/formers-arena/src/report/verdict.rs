@@ -265,14 +265,17 @@ pub fn lines(runs: &Runs, speeds: &Speeds) -> Vec<String> {
             let names: Vec<&str> = stuck.iter().map(|s| s.as_str()).collect();
             line.push_str(&format!(" At chance, left out: {}.", names.join(", ")));
         }
-        if let Some(c) = runs.chance(&task) {
-            if let ChanceKind::Uniform(_) = c.kind {
-                line.push_str(&format!(
-                    " Compared with {} only: the majority-class rate was not recorded and may \
-                     be higher.",
-                    c.describe()
-                ));
-            }
+        match runs.chance(&task) {
+            Some(c) if c.kind == ChanceKind::Majority => {}
+            Some(c) => line.push_str(&format!(
+                " Compared with {} only: the majority-class rate was not recorded and may \
+                 be higher.",
+                c.describe()
+            )),
+            None => line.push_str(
+                " Chance unknown (no majority-class rate recorded): these accuracies may all \
+                 be at chance.",
+            ),
         }
         out.push(line);
     }
