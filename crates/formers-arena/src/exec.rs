@@ -261,6 +261,7 @@ fn train_and_test(
         steps: summary.steps,
         test_accuracy,
         test_examples,
+        majority_accuracy: None,
         val_accuracy: summary.eval.accuracy,
         train_steps_per_s: summary.steps as f64 / train_seconds.max(1e-9),
         threads: crate::pool::arena_threads(),

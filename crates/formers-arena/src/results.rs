@@ -40,6 +40,10 @@ pub struct RunResult {
     /// Accuracy on the whole test split.
     pub test_accuracy: f64,
     pub test_examples: usize,
+    /// The test split's majority-class rate (the accuracy of always answering the most
+    /// frequent label); `None` in records stored before this field was.
+    #[serde(default)]
+    pub majority_accuracy: Option<f64>,
     /// Accuracy on the held-out validation batches at the end of training.
     pub val_accuracy: f64,
     /// Optimizer steps per second (forward, backward, update).
@@ -333,6 +337,6 @@ mod tests {
         let Ok(Some(Record::Run(r))) = record_of(&old, true) else {
             panic!("not loaded: {:?}", record_of(&old, true))
         };
-        assert_eq!((r.threads, r.steps), (0, 3));
+        assert_eq!((r.threads, r.steps, r.majority_accuracy), (0, 3, None));
     }
 }

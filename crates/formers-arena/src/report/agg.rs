@@ -188,47 +188,139 @@ impl<'a> Runs<'a> {
             .collect()
     }
 
-    /// Mean over tasks of the variant's mean accuracy (%), and how many of the run tasks it has.
+    /// Tasks with runs on which some variant beat chance ([`Runs::at_chance`] is false): the
+    /// tasks an average accuracy is taken over.
+    pub fn learned_tasks(&self) -> Vec<String> {
+        self.run_tasks()
+            .into_iter()
+            .filter(|t| !self.at_chance(t))
+            .collect()
+    }
+
+    /// Mean over the learned tasks of the variant's mean accuracy (%), and how many of them
+    /// it has.
     pub fn average_pct(&self, variant: &str) -> Option<(f64, usize)> {
         let accs: Vec<f64> = self
-            .run_tasks()
+            .learned_tasks()
             .iter()
             .filter_map(|t| self.cell(t, variant)?.accuracy_pct().map(|(m, _)| m))
             .collect();
         mean(&accs).map(|m| (m, accs.len()))
     }
 
-    /// Mean over the variant's tasks of its training steps/s relative to the baseline on the
-    /// same task (`None` if no task has both).
-    pub fn relative_speed(&self, variant: &str) -> Option<f64> {
-        let ratios: Vec<f64> = self
-            .tasks
+    /// What the task's accuracy is measured against: the test split's majority-class rate
+    /// when the runs recorded it, else 1 / classes for tasks whose class count is fixed.
+    pub fn chance(&self, task: &str) -> Option<Chance> {
+        let cells = self.variants.iter().filter_map(|v| self.cell(task, v));
+        let runs: Vec<&RunResult> = cells.flat_map(|c| c.runs.iter().copied()).collect();
+        if runs.is_empty() {
+            return None;
+        }
+        let examples = runs.iter().map(|r| r.test_examples).min().unwrap_or(0);
+        let majority = runs
             .iter()
-            .filter_map(|t| {
-                let own = self.cell(t, variant)?.mean_of(|r| r.train_steps_per_s)?;
-                let base = self.cell(t, BASELINE)?.mean_of(|r| r.train_steps_per_s)?;
-                ratio(own, base)
-            })
-            .collect();
-        mean(&ratios)
+            .filter_map(|r| r.majority_accuracy)
+            .filter(|p| p.is_finite() && (0.0..=1.0).contains(p))
+            .max_by(f64::total_cmp);
+        let (p, what) = match majority {
+            Some(p) => (p, ChanceKind::Majority),
+            None => {
+                let n = lra_classes(task)?;
+                (1.0 / n as f64, ChanceKind::Uniform(n))
+            }
+        };
+        Some(Chance {
+            pct: p * 100.0,
+            margin_pct: chance_margin_pct(p, examples),
+            kind: what,
+        })
     }
 
-    /// Mean over the variant's tasks of its training steps/s.
-    pub fn mean_speed(&self, variant: &str) -> Option<f64> {
-        let v: Vec<f64> = self
-            .tasks
-            .iter()
-            .filter_map(|t| self.cell(t, variant)?.mean_of(|r| r.train_steps_per_s))
-            .collect();
-        mean(&v)
+    /// Whether the variant's mean accuracy on the task is within [`Chance::margin_pct`] of
+    /// chance (false when chance is unknown).
+    pub fn cell_at_chance(&self, task: &str, variant: &str) -> bool {
+        let Some(c) = self.chance(task) else {
+            return false;
+        };
+        self.cell(task, variant)
+            .and_then(|cell| cell.accuracy_pct())
+            .is_some_and(|(m, _)| c.reached_by(m))
     }
 
-    /// Largest peak RSS over all the variant's runs, bytes.
-    pub fn peak_rss(&self, variant: &str) -> Option<u64> {
-        self.tasks
+    /// Whether every variant that ran the task stayed at chance: nothing was learned.
+    pub fn at_chance(&self, task: &str) -> bool {
+        let accs: Vec<f64> = self
+            .variants
             .iter()
-            .filter_map(|t| self.cell(t, variant)?.max_of(|r| r.peak_rss_bytes))
+            .filter_map(|v| self.cell(task, v)?.accuracy_pct().map(|(m, _)| m))
+            .collect();
+        match self.chance(task) {
+            Some(c) if !accs.is_empty() => accs.iter().all(|&m| c.reached_by(m)),
+            _ => false,
+        }
+    }
+
+    /// The longest input length of the task's runs.
+    pub fn seq_len(&self, task: &str) -> Option<usize> {
+        self.cells
+            .range((task.to_string(), String::new())..)
+            .take_while(|((t, _), _)| t == task)
+            .filter_map(|(_, c)| c.max_of(|r| r.seq_len))
             .max()
+    }
+}
+
+/// Class counts of the LRA tasks whose labels do not depend on the files given (the text
+/// task's classes do: the shipped plays, or the labels of `--text-dir`).
+fn lra_classes(task: &str) -> Option<usize> {
+    match lra_index(task)? {
+        0 | 3 => Some(10),
+        2 | 4 | 5 => Some(2),
+        _ => None,
+    }
+}
+
+/// Two binomial standard errors of an accuracy of `p` on `examples` test examples, in
+/// percentage points, at least [`MIN_CHANCE_MARGIN_PCT`].
+pub fn chance_margin_pct(p: f64, examples: usize) -> f64 {
+    let se = (p * (1.0 - p) / examples.max(1) as f64).sqrt() * 100.0;
+    (2.0 * se).max(MIN_CHANCE_MARGIN_PCT)
+}
+
+/// The smallest distance from chance that counts as learning, percentage points.
+pub const MIN_CHANCE_MARGIN_PCT: f64 = 0.5;
+
+/// Where chance lies on a task.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Chance {
+    /// Accuracy of the chance answer, %.
+    pub pct: f64,
+    /// An accuracy at most this far above `pct` is "at chance" (two standard errors).
+    pub margin_pct: f64,
+    pub kind: ChanceKind,
+}
+
+/// Which chance answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChanceKind {
+    /// Always the test split's most frequent label.
+    Majority,
+    /// A uniform guess among this many classes.
+    Uniform(usize),
+}
+
+impl Chance {
+    /// Whether an accuracy (%) is at chance: not above it by more than the margin.
+    pub fn reached_by(&self, acc_pct: f64) -> bool {
+        acc_pct <= self.pct + self.margin_pct
+    }
+
+    /// `majority class 17.9%` or `chance 1/10 = 10.0%`.
+    pub fn describe(&self) -> String {
+        match self.kind {
+            ChanceKind::Majority => format!("majority class {:.1}%", self.pct),
+            ChanceKind::Uniform(n) => format!("chance 1/{n} = {:.1}%", self.pct),
+        }
     }
 }
 
@@ -300,4 +392,56 @@ impl Speeds {
 
 pub fn bytes_to_mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
+}
+
+/// Where a variant's speed and memory figure on a task comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CostSource {
+    /// The speed jobs (Table 2) at this length: the measured length nearest the task's input
+    /// length at which both the variant and the baseline were measured.
+    Jobs(usize),
+    /// The training runs themselves (no speed job to use): their steps/s swing with what ran
+    /// beside them.
+    InRun,
+}
+
+/// Speed and memory of a variant for one task, from one source.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cost {
+    /// Training steps/s relative to the baseline (from the same source).
+    pub speed: f64,
+    /// Peak memory, MiB (speed job's peak RSS, or the runs' largest peak RSS).
+    pub mib: Option<f64>,
+    pub source: CostSource,
+}
+
+/// The variant's [`Cost`] on `task`: from the speed jobs at the length nearest the task's
+/// input length when the variant and the baseline were both measured, else from the runs on
+/// the task relative to the baseline's runs; `None` without a baseline either way.
+pub fn cost(runs: &Runs, speeds: &Speeds, task: &str, variant: &str) -> Option<Cost> {
+    let len = runs.seq_len(task)?;
+    let nearest = speeds
+        .lengths
+        .iter()
+        .copied()
+        .filter(|&l| speeds.steps(variant, l).is_some() && speeds.steps(BASELINE, l).is_some())
+        .min_by_key(|&l| (l.abs_diff(len), l));
+    if let Some(l) = nearest {
+        let speed = ratio(speeds.steps(variant, l)?, speeds.steps(BASELINE, l)?)?;
+        return Some(Cost {
+            speed,
+            mib: speeds.mib(variant, l),
+            source: CostSource::Jobs(l),
+        });
+    }
+    let cell = runs.cell(task, variant)?;
+    let own = cell.mean_of(|r| r.train_steps_per_s)?;
+    let base = runs
+        .cell(task, BASELINE)?
+        .mean_of(|r| r.train_steps_per_s)?;
+    Some(Cost {
+        speed: ratio(own, base)?,
+        mib: cell.max_of(|r| r.peak_rss_bytes).map(bytes_to_mib),
+        source: CostSource::InRun,
+    })
 }

@@ -11,6 +11,7 @@ mod meta;
 mod page;
 mod table;
 mod tables;
+pub mod verdict;
 
 use std::path::{Path, PathBuf};
 
@@ -34,6 +35,7 @@ pub struct ReportMeta {
 
 /// The report's sections, each a heading and its tables.
 struct Sections {
+    verdict: Vec<String>,
     table1: Vec<Table>,
     table2: Vec<Table>,
     details: Vec<Table>,
@@ -43,6 +45,7 @@ fn sections(records: &[Record], meta: &ReportMeta) -> Sections {
     let runs = agg::Runs::new(records, &meta.variant_order);
     let speeds = agg::Speeds::new(records, &meta.variant_order);
     Sections {
+        verdict: verdict::lines(&runs, &speeds),
         table1: vec![tables::table1(&runs), tables::paper_table1()],
         table2: vec![tables::table2(&speeds), tables::paper_table2()],
         details: vec![tables::details(&runs)],
@@ -55,6 +58,16 @@ fn markdown(tables: &[Table]) -> String {
         .map(Table::to_markdown)
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// The verdict the report opens with, one Markdown bullet per line: per task, the Pareto
+/// front of accuracy against speed and memory (see [`verdict`]).
+pub fn verdict_markdown(records: &[Record], meta: &ReportMeta) -> String {
+    sections(records, meta)
+        .verdict
+        .iter()
+        .map(|l| format!("- {}\n", table::md_escape(l)))
+        .collect()
 }
 
 /// Accuracy table in the LRA Table 1 layout, followed by the paper's Table 1 for reference.
@@ -105,6 +118,7 @@ pub fn write_report(records: &[Record], meta: &ReportMeta, dir: &Path) -> std::i
     }
     let doc = page::Document {
         meta,
+        verdict: &s.verdict,
         table1: &s.table1,
         table2: &s.table2,
         details: &s.details,

@@ -7,18 +7,24 @@ use super::ReportMeta;
 /// Everything the page shows.
 pub struct Document<'a> {
     pub meta: &'a ReportMeta,
+    /// The verdict's sentences, shown first.
+    pub verdict: &'a [String],
     pub table1: &'a [Table],
     pub table2: &'a [Table],
     pub details: &'a [Table],
     pub charts: &'a [Chart],
 }
 
+const H_VERDICT: &str = "Verdict: which variant to pick";
+const H_SETUP: &str = "Setup";
 const H_ACCURACY: &str = "Accuracy (LRA Table 1 layout)";
 const H_SPEED: &str = "Speed and memory (LRA Table 2 layout)";
 const H_DETAILS: &str = "Details";
 const H_CHARTS: &str = "Charts";
 const CITATION: &str = "Layout after Tay et al., \"Long Range Arena: A Benchmark for Efficient \
                         Transformers\", ICLR 2021. Paper numbers are quoted for reference only.";
+
+const NO_VERDICT: &str = "Nothing to judge yet: no finished runs or speed measurements.";
 
 const STYLE: &str = "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;\
 max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}\
@@ -36,6 +42,16 @@ impl Document<'_> {
     pub fn markdown(&self) -> String {
         let mut s = format!("# {}\n\n", md_escape(&self.meta.title));
         s.push_str(&format!("_{CITATION}_\n\n"));
+        s.push_str(&format!("## {H_VERDICT}\n\n"));
+        if self.verdict.is_empty() {
+            s.push_str(&format!("{NO_VERDICT}\n"));
+        }
+        for l in self.verdict {
+            s.push_str(&format!("- {}\n", md_escape(l)));
+        }
+        if !self.meta.notes.is_empty() {
+            s.push_str(&format!("\n## {H_SETUP}\n\n"));
+        }
         for n in &self.meta.notes {
             s.push_str(&format!("- {}\n", md_escape(n)));
         }
@@ -51,7 +67,12 @@ impl Document<'_> {
             s.push_str("No chart has data.\n");
         }
         for c in self.charts {
-            s.push_str(&format!("![{}]({})\n\n", md_escape(&c.title), c.file));
+            s.push_str(&format!(
+                "![{}]({})\n\n_{}_\n\n",
+                md_escape(&c.title),
+                c.file,
+                md_escape(&c.note)
+            ));
         }
         s
     }
@@ -66,8 +87,18 @@ impl Document<'_> {
              <p class=\"cite\">{}</p>\n",
             html_escape(CITATION)
         );
+        s.push_str(&format!("<h2>{}</h2>\n", html_escape(H_VERDICT)));
+        if self.verdict.is_empty() {
+            s.push_str(&format!("<p>{}</p>\n", html_escape(NO_VERDICT)));
+        } else {
+            s.push_str("<ul class=\"verdict\">\n");
+            for l in self.verdict {
+                s.push_str(&format!("<li>{}</li>\n", html_escape(l)));
+            }
+            s.push_str("</ul>\n");
+        }
         if !self.meta.notes.is_empty() {
-            s.push_str("<ul>\n");
+            s.push_str(&format!("<h2>{H_SETUP}</h2>\n<ul>\n"));
             for n in &self.meta.notes {
                 s.push_str(&format!("<li>{}</li>\n", html_escape(n)));
             }
@@ -85,10 +116,11 @@ impl Document<'_> {
         }
         for c in self.charts {
             s.push_str(&format!(
-                "<figure>\n<div class=\"svg\">{}</div>\n<figcaption>{} ({})</figcaption>\n</figure>\n",
+                "<figure>\n<div class=\"svg\">{}</div>\n<figcaption>{} ({}). {}</figcaption>\n</figure>\n",
                 inline_svg(&c.svg),
                 html_escape(&c.title),
-                html_escape(&c.file)
+                html_escape(&c.file),
+                html_escape(&c.note)
             ));
         }
         s.push_str("</body>\n</html>\n");

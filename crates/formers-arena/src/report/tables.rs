@@ -1,7 +1,9 @@
 //! The report's tables: accuracy (LRA Table 1 layout), speed and memory (LRA Table 2 layout),
 //! per-run details, and the paper's reference tables.
 
-use super::agg::{bytes_to_mib, ratio, task_title, Runs, Speeds, BASELINE};
+use super::agg::{
+    bytes_to_mib, ratio, task_title, ChanceKind, Runs, Speeds, BASELINE, MIN_CHANCE_MARGIN_PCT,
+};
 use super::table::{Align, Table};
 use crate::lra;
 
@@ -62,13 +64,14 @@ fn opt(x: Option<String>) -> String {
     x.unwrap_or_else(|| DASH.to_string())
 }
 
-/// Our accuracy table: rows = variants, columns = tasks in LRA order, then Avg.
+/// Our accuracy table: rows = variants, columns = tasks in LRA order, then Avg over the
+/// learned tasks; a last row gives chance where it is known.
 pub fn table1(runs: &Runs) -> Table {
     let mut header = vec!["Variant".to_string()];
     header.extend(runs.tasks.iter().map(|t| task_title(t)));
     header.push("Avg".to_string());
     let mut t = Table::new("formers — test accuracy (%)", header);
-    let n_run_tasks = runs.run_tasks().len();
+    let n_learned = runs.learned_tasks().len();
     let mut partial = false;
     for v in &runs.variants {
         let mut row = vec![v.clone()];
@@ -76,24 +79,47 @@ pub fn table1(runs: &Runs) -> Table {
             row.push(table1_cell(runs, task, v));
         }
         row.push(match runs.average_pct(v) {
-            Some((m, k)) if k < n_run_tasks => {
+            Some((m, k)) if k < n_learned => {
                 partial = true;
-                format!("{m:.2} ({k}/{n_run_tasks})")
+                format!("{m:.2} ({k}/{n_learned})")
             }
             Some((m, _)) => format!("{m:.2}"),
             None => DASH.to_string(),
         });
         t.push_row(row);
     }
+    if runs.tasks.iter().any(|task| runs.chance(task).is_some()) && !runs.variants.is_empty() {
+        let mut row = vec![CHANCE_ROW.to_string()];
+        row.extend(runs.tasks.iter().map(|task| {
+            opt(runs.chance(task).map(|c| match c.kind {
+                ChanceKind::Majority => format!("{:.2} (majority)", c.pct),
+                ChanceKind::Uniform(n) => format!("{:.2} (1/{n})", c.pct),
+            }))
+        }));
+        row.push(String::new());
+        t.push_row(row);
+    }
     t.footnotes = table1_footnotes(runs, partial);
     t
 }
 
+/// First cell of Table 1's chance row.
+pub const CHANCE_ROW: &str = "chance";
+
+/// Suffix of an accuracy within noise of chance.
+pub const AT_CHANCE: &str = "(at chance)";
+
 fn table1_cell(runs: &Runs, task: &str, variant: &str) -> String {
     match runs.cell(task, variant) {
-        Some(cell) => opt(cell
-            .accuracy_pct()
-            .map(|(m, s)| fmt_acc(m, s, cell.runs.len()))),
+        Some(cell) => {
+            let acc = opt(cell
+                .accuracy_pct()
+                .map(|(m, s)| fmt_acc(m, s, cell.runs.len())));
+            match runs.cell_at_chance(task, variant) {
+                true => format!("{acc} {AT_CHANCE}"),
+                false => acc,
+            }
+        }
         None if runs.skipped.contains_key(task) => "skipped".to_string(),
         None => DASH.to_string(),
     }
@@ -104,10 +130,42 @@ fn table1_footnotes(runs: &Runs, partial: bool) -> Vec<String> {
         "Test accuracy on the whole test split, %; with two or more seeds: mean ± sample \
          standard deviation over seeds."
             .to_string(),
-        "Avg: mean over the task columns that have runs (unlike LRA, Path-X is included when it \
-         ran)."
-            .to_string(),
     ];
+    if runs.tasks.iter().any(|t| runs.chance(t).is_some()) {
+        notes.push(format!(
+            "{AT_CHANCE}: no more than two binomial standard errors of the test split (at least \
+             {MIN_CHANCE_MARGIN_PCT} points) above chance, i.e. no sign of learning. Row \
+             `{CHANCE_ROW}`: the test split's majority-class rate where the runs recorded it, \
+             else 1 / classes."
+        ));
+    }
+    let stuck: Vec<String> = runs
+        .run_tasks()
+        .iter()
+        .filter(|t| runs.at_chance(t))
+        .map(|t| task_title(t))
+        .collect();
+    let learned = runs.learned_tasks();
+    if learned.is_empty() && !runs.run_tasks().is_empty() {
+        notes.push(format!(
+            "Avg: none. No variant beat chance on any task ({}), so there is nothing to rank \
+             the variants by; train longer (a larger --budget).",
+            stuck.join(", ")
+        ));
+    } else {
+        notes.push(
+            "Avg: mean over the task columns that have runs and on which some variant beat \
+             chance (unlike LRA, Path-X is included when it ran)."
+                .to_string(),
+        );
+        if !stuck.is_empty() {
+            notes.push(format!(
+                "Left out of Avg: {} (every variant at chance: nothing learned, so these \
+                 columns say nothing about which variant is better).",
+                stuck.join(", ")
+            ));
+        }
+    }
     if partial {
         notes.push(
             "(k/n) after an Avg: the row has only k of the n tasks, so its Avg is not \
@@ -234,6 +292,13 @@ fn table2_footnotes(speeds: &Speeds, missing_base: &[usize]) -> Vec<String> {
          the process, MiB). Other rows: ratio to `{BASELINE}` at the same length (speed > 1× is \
          faster, memory < 1× is smaller)."
     )];
+    if !speeds.is_empty() {
+        notes.push(
+            "These are the speed and memory figures the verdict and the accuracy-vs-speed \
+             chart use, taken at the measured length nearest each task's input length."
+                .to_string(),
+        );
+    }
     notes.push(
         "Peak memory here is the process's peak RSS on CPU (runtime and weights included), not \
          per-device accelerator memory as in LRA, so ratios are compressed towards 1×."
@@ -324,6 +389,13 @@ pub fn details(runs: &Runs) -> Table {
     }
     if t.rows.is_empty() {
         t.footnotes.push("No finished runs.".to_string());
+    } else {
+        t.footnotes.push(
+            "Seeds: how many seeds (independent runs: weights, data order and dropout drawn \
+             from that seed) the row averages over, then their values. With one seed the \
+             numbers carry no estimate of run-to-run spread."
+                .to_string(),
+        );
     }
     threads.sort_unstable();
     threads.dedup();
@@ -356,8 +428,16 @@ fn details_row(task: &str, variant: &str, cell: &super::agg::Cell) -> Vec<String
             .map(|b| format!("{:.0}", bytes_to_mib(b)))),
         opt(cell.mean_of(|r| r.wall_s).map(fmt_num)),
         steps,
-        format!("{} ({})", seeds.len(), seeds.join(", ")),
+        seeds_text(&seeds),
     ]
+}
+
+/// `1 (seed 0)`, `3 (seeds 0, 1, 2)`: how many seeds, then which.
+fn seeds_text(seeds: &[String]) -> String {
+    match seeds.len() {
+        1 => format!("1 (seed {})", seeds[0]),
+        n => format!("{n} (seeds {})", seeds.join(", ")),
+    }
 }
 
 /// `n` when all values are equal, `min–max` otherwise.

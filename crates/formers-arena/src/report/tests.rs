@@ -14,6 +14,7 @@ fn run(task: &str, variant: &str, seed: u64, acc: f64) -> Record {
         steps: 300,
         test_accuracy: acc,
         test_examples: 1000,
+        majority_accuracy: None,
         val_accuracy: acc,
         train_steps_per_s: if variant == "vanilla" { 2.0 } else { 3.0 },
         threads: 2,
@@ -141,7 +142,12 @@ fn table1_layout_rows_columns_and_notes() {
         .take_while(|l| l.starts_with('|'))
         .map(|l| l.split('|').nth(1).unwrap().trim())
         .collect();
-    assert_eq!(rows, ["vanilla", "performer", "local", "zeta"]);
+    // listops has 10 classes and pathfinder 2; the text task's class count depends on its files.
+    assert_eq!(rows, ["vanilla", "performer", "local", "zeta", "chance"]);
+    assert!(
+        md.contains("| chance | 10.00 (1/10) | — | — | 50.00 (1/2) |  |"),
+        "{md}"
+    );
     assert!(md.contains("Image skipped: CIFAR-10 files absent"));
     assert!(md.contains("| skipped |"));
     // performer has 2 of the 3 tasks that ran.
@@ -313,4 +319,166 @@ fn the_details_table_says_how_many_threads_each_run_had() {
         }
     }
     assert!(!details_markdown(&recs, &meta()).contains("compute thread"));
+}
+
+fn with_majority(mut r: Record, majority: f64) -> Record {
+    if let Record::Run(x) = &mut r {
+        x.majority_accuracy = Some(majority);
+    }
+    r
+}
+
+#[test]
+fn a_task_at_chance_is_marked_and_left_out_of_the_average() {
+    // text: majority class 50%, 1000 test examples: at chance up to 50 + 2·1.58 = 53.16%.
+    let recs = vec![
+        with_majority(run("text", "vanilla", 0, 0.52), 0.5),
+        with_majority(run("text", "local", 0, 0.50), 0.5),
+        with_majority(run("retrieval", "vanilla", 0, 0.80), 0.5),
+        with_majority(run("retrieval", "local", 0, 0.53), 0.5),
+    ];
+    let md = table1_markdown(&recs, &meta());
+    assert!(
+        md.contains("| vanilla | 52.00 (at chance) | 80.00 | 80.00 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| local | 50.00 (at chance) | 53.00 (at chance) | 53.00 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| chance | 50.00 (majority) | 50.00 (majority) |  |"),
+        "{md}"
+    );
+    assert!(md.contains("Left out of Avg: Text"), "{md}");
+    let verdict = verdict_markdown(&recs, &meta());
+    assert!(
+        verdict.contains("Text: every variant is at chance (majority class 50.0%)"),
+        "{verdict}"
+    );
+    assert!(verdict.contains("At chance, left out: local."), "{verdict}");
+    // Nothing learned anywhere: no average at all, and the note says why.
+    let md = table1_markdown(&recs[..2], &meta());
+    assert!(md.contains("| vanilla | 52.00 (at chance) | — |"), "{md}");
+    assert!(
+        md.contains("Avg: none. No variant beat chance on any task (Text)"),
+        "{md}"
+    );
+    // Without a majority rate or a fixed class count (text), nothing is marked.
+    let md = table1_markdown(&[run("text", "vanilla", 0, 0.5)], &meta());
+    assert!(
+        !md.contains("(at chance)") && !md.contains("| chance |"),
+        "{md}"
+    );
+}
+
+#[test]
+fn the_report_opens_with_the_verdict_and_says_what_seeds_mean() {
+    let dir = tmp_dir("verdict");
+    let recs = sample();
+    write_report(&recs, &meta(), &dir).unwrap();
+    let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    let verdict = md.find("## Verdict").unwrap();
+    assert!(verdict < md.find("## Setup").unwrap());
+    assert!(verdict < md.find("## Accuracy").unwrap());
+    // Two seeds: intervals, and no one-seed caveat.
+    assert!(!md.contains("a single seed cannot separate"), "{md}");
+    // ListOps (512 tokens) uses the speed jobs at 256, the nearest measured length.
+    assert!(
+        md.contains("- ListOps (512 tokens; speed jobs at 256 + in-run figures): front:"),
+        "{md}"
+    );
+    // zeta has no speed job: in-run figures, said so.
+    assert!(md.contains("in-run figures"), "{md}");
+    let html = std::fs::read_to_string(dir.join("index.html")).unwrap();
+    assert!(html.find("Verdict").unwrap() < html.find("<caption>").unwrap());
+    let details = details_markdown(&recs, &meta());
+    assert!(details.contains("| 2 (seeds 0, 1) |"), "{details}");
+    assert!(details.contains("Seeds: how many seeds"), "{details}");
+    let one: Vec<Record> = recs
+        .into_iter()
+        .filter(|r| !matches!(r, Record::Run(x) if x.seed == 1))
+        .collect();
+    assert!(details_markdown(&one, &meta()).contains("| 1 (seed 0) |"));
+    assert!(
+        verdict_markdown(&one, &meta()).contains("a single seed cannot separate close variants")
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_speed_figure_comes_from_the_speed_jobs_at_the_nearest_length() {
+    let m = meta();
+    let mut recs = vec![run("text", "vanilla", 0, 0.7), run("text", "local", 0, 0.8)];
+    // In-run: local 3.0 vs vanilla 2.0 steps/s = 1.50×.
+    let v = verdict_markdown(&recs, &m);
+    assert!(v.contains("(512 tokens; in-run figures)"), "{v}");
+    assert!(
+        v.contains("Chance unknown (no majority-class rate recorded)"),
+        "{v}"
+    );
+    assert!(v.contains("local (80.0%, 1.50× speed, 200 MiB)"), "{v}");
+    let chart = charts(&recs, &m).into_iter().next().unwrap();
+    assert!(
+        chart.note.contains("(in-run, no speed jobs)"),
+        "{}",
+        chart.note
+    );
+    // Speed jobs at 256 and 1024: 512 is nearer 256, where local is 1.25× vanilla.
+    recs.extend([
+        speed("vanilla", 256, 4.0, 100),
+        speed("local", 256, 5.0, 90),
+        speed("vanilla", 1024, 1.0, 400),
+        speed("local", 1024, 2.0, 200),
+    ]);
+    let v = verdict_markdown(&recs, &m);
+    assert!(v.contains("(512 tokens; speed jobs at 256)"), "{v}");
+    assert!(v.contains("local (80.0%, 1.25× speed, 90 MiB)"), "{v}");
+    assert!(v.contains("front: local"), "{v}");
+    assert!(v.contains("vanilla (behind local)"), "{v}");
+    let chart = charts(&recs, &m).into_iter().next().unwrap();
+    assert_eq!(chart.file, "accuracy_vs_speed.svg");
+    assert!(
+        chart.note.contains("speed jobs at 256 tokens"),
+        "{}",
+        chart.note
+    );
+    assert!(chart.svg.contains("local (90 MiB)"), "{}", chart.svg);
+}
+
+/// The x of each `<text>` element whose content is `label`.
+fn text_x(svg: &str, label: &str) -> Vec<i32> {
+    svg.split("<text ")
+        .skip(1)
+        .filter(|t| {
+            t.split_once('>').is_some_and(|(_, rest)| {
+                rest.trim_start().starts_with(&format!("{label}\n"))
+                    || rest.trim_start().starts_with(&format!("{label}<"))
+            })
+        })
+        .filter_map(|t| t.strip_prefix("x=\"")?.split('"').next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn the_loss_legend_sits_beside_the_plot_and_a_smoothed_curve_is_drawn() {
+    let charts = charts(&sample(), &meta());
+    let loss = charts
+        .iter()
+        .find(|c| c.file == "loss_listops.svg")
+        .unwrap();
+    for v in ["vanilla", "performer", "local", "zeta"] {
+        let xs = text_x(&loss.svg, v);
+        assert_eq!(xs.len(), 1, "{v}: {xs:?}");
+        // The plot ends at 860 − 150 px; the legend panel starts there.
+        assert!(xs[0] >= 710, "{v} legend at x = {}", xs[0]);
+    }
+    // 50 logged points: a 3-point window, said in the caption; raw curves drawn faint.
+    assert!(
+        loss.note
+            .contains("moving average of the training loss over 3"),
+        "{}",
+        loss.note
+    );
+    assert!(loss.svg.contains("opacity=\"0.25\""));
 }
