@@ -92,21 +92,40 @@ pub fn batch(task: &dyn ArenaTask, split: Split, indices: &[usize]) -> formers::
     })
 }
 
-/// Accuracy of `model` over every example of `split`, and the inference throughput in
-/// input positions (padding included: that is what the model computes) per second.
+/// How a model did on a whole split ([`split_accuracy`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SplitScore {
+    pub accuracy: f64,
+    pub examples: usize,
+    /// Inference throughput in input positions (padding included: that is what the model
+    /// computes) per second.
+    pub positions_per_s: f64,
+    /// The share of the split's examples in its most common class: what always answering
+    /// that class scores.
+    pub majority: f64,
+}
+
+/// Accuracy of `model` over every example of `split`, the inference throughput, and the
+/// split's majority-class rate.
 pub fn split_accuracy(
     model: &Model,
     task: &dyn ArenaTask,
     split: Split,
     batch_size: usize,
     mut progress: impl FnMut(usize, usize),
-) -> formers::Result<(f64, usize, f64)> {
+) -> formers::Result<SplitScore> {
     let total = task.len(split);
     let (mut correct, mut counted) = (0, 0);
+    let mut per_class = vec![0usize; task.n_classes()];
     let mut seconds = 0f64;
     for start in (0..total).step_by(batch_size.max(1)) {
         let indices: Vec<usize> = (start..(start + batch_size).min(total)).collect();
         let b = batch(task, split, &indices)?;
+        for label in b.targets.to_vec1::<u32>()? {
+            if let Some(c) = per_class.get_mut(label as usize) {
+                *c += 1;
+            }
+        }
         let t = Instant::now();
         let logits = model.forward(&b.inputs, b.mask.as_ref(), None)?;
         let (c, n) = accuracy(&logits, &b.targets, None)?;
@@ -116,11 +135,13 @@ pub fn split_accuracy(
         progress(counted, total);
     }
     let positions = (counted * task.max_len()) as f64;
-    Ok((
-        correct as f64 / counted.max(1) as f64,
-        counted,
-        positions / seconds.max(1e-9),
-    ))
+    let largest = per_class.iter().copied().max().unwrap_or(0);
+    Ok(SplitScore {
+        accuracy: correct as f64 / counted.max(1) as f64,
+        examples: counted,
+        positions_per_s: positions / seconds.max(1e-9),
+        majority: largest as f64 / counted.max(1) as f64,
+    })
 }
 
 #[cfg(test)]
@@ -211,5 +232,70 @@ mod tests {
         // Batch k of the run (one per micro-batch) holds examples k·b .. (k+1)·b.
         let expected: Vec<usize> = (0..steps * accum * batch).collect();
         assert_eq!(seen, expected);
+    }
+
+    /// Ten test examples, seven of class 0.
+    struct Tiny;
+
+    impl ArenaTask for Tiny {
+        fn name(&self) -> &'static str {
+            "tiny"
+        }
+        fn source(&self) -> String {
+            "test".into()
+        }
+        fn n_classes(&self) -> usize {
+            2
+        }
+        fn vocab_size(&self) -> usize {
+            16
+        }
+        fn max_len(&self) -> usize {
+            8
+        }
+        fn len(&self, _split: Split) -> usize {
+            10
+        }
+        fn example(&self, _split: Split, index: usize) -> Example {
+            Example {
+                ids: vec![1 + index as u32; 1 + index % 8],
+                label: u32::from(index >= 7),
+            }
+        }
+        fn write_tsv(
+            &self,
+            _split: Split,
+            _n: usize,
+            _out: &mut dyn std::io::Write,
+        ) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_split_score_counts_every_example_and_the_majority_class() {
+        let vanilla = variants::resolve(&["vanilla".to_string()])
+            .unwrap()
+            .remove(0);
+        let suite = SuiteSpec::new(Setting::Lite);
+        let mut run = speed_run(&vanilla, &suite, 8, 1);
+        run.model = configure(&vanilla, &suite, 16, 8, 2);
+        run.train.seq_len = 8;
+        let task: Arc<dyn ArenaTask> = Arc::new(Tiny);
+        let adapter = Adapter::new(task.clone());
+        let trainer = Trainer::new(&run, &adapter).unwrap();
+        // Batches of 3: the last one holds a single example.
+        let score = split_accuracy(
+            trainer.inference_model(),
+            task.as_ref(),
+            Split::Test,
+            3,
+            |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(score.examples, 10);
+        assert!((score.majority - 0.7).abs() < 1e-12, "{score:?}");
+        assert!((0.0..=1.0).contains(&score.accuracy));
+        assert!(score.positions_per_s > 0.0);
     }
 }

@@ -240,7 +240,7 @@ fn train_and_test(
     } = timer;
     // Scored as trained, in memory (the run directory keeps the checkpoint for later).
     let model = trainer.inference_model();
-    let (test_accuracy, test_examples, infer_tokens_per_s) = split_accuracy(
+    let score = split_accuracy(
         model,
         task.as_ref(),
         Split::Test,
@@ -259,13 +259,13 @@ fn train_and_test(
         seq_len: max_len,
         batch_size: suite.batch_size,
         steps: summary.steps,
-        test_accuracy,
-        test_examples,
-        majority_accuracy: None,
+        test_accuracy: score.accuracy,
+        test_examples: score.examples,
+        majority_accuracy: Some(score.majority),
         val_accuracy: summary.eval.accuracy,
         train_steps_per_s: summary.steps as f64 / train_seconds.max(1e-9),
         threads: crate::pool::arena_threads(),
-        infer_tokens_per_s,
+        infer_tokens_per_s: score.positions_per_s,
         peak_rss_bytes: mem::peak_rss().unwrap_or(0),
         params: summary.params,
         flops_per_token: flops::per_token(&run.model, max_len),

@@ -350,7 +350,7 @@ fn eval_arena_run(args: &EvalArgs, rec: &RunRecord, model: &Model) -> Result<()>
     }
     let task = arena_suite::open_task(name, opts.suite.setting, &opts.data)
         .map_err(|e| anyhow::anyhow!("task `{name}`: {e}"))?;
-    let (accuracy, examples, _) = split_accuracy(
+    let score = split_accuracy(
         model,
         task.as_ref(),
         Split::Test,
@@ -359,7 +359,7 @@ fn eval_arena_run(args: &EvalArgs, rec: &RunRecord, model: &Model) -> Result<()>
     )?;
     println!(
         "{}",
-        serde_json::json!({"task": name, "split": "test", "examples": examples, "granularity": args.granularity, "accuracy": accuracy})
+        serde_json::json!({"task": name, "split": "test", "examples": score.examples, "granularity": args.granularity, "accuracy": score.accuracy})
     );
     Ok(())
 }
