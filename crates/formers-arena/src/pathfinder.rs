@@ -550,17 +550,17 @@ impl Pathfinder {
         Params::for_size(self.size)
     }
 
-    /// The generator of example `index` of `split`: the first of its [`attempts`] whose
-    /// image belongs to `split` ([`split_of_content`]), so the splits never share an image.
-    fn example_rng(&self, split: Split, index: usize) -> Rng {
+    /// Example `index` of `split` as drawn: the generator of the first of its [`attempts`]
+    /// whose image belongs to `split` ([`split_of_content`], so the splits never share an
+    /// image), that attempt's scene, and the scene's pixels as input ids.
+    fn drawn(&self, split: Split, index: usize) -> (Rng, Scene, Vec<u32>) {
         attempts(self.seed, split, index)
-            .find(|rng| {
-                let ids: Vec<u32> = render(&self.scene_from(rng.clone(), None))
-                    .into_iter()
-                    .map(u32::from)
-                    .collect();
-                split_of_content(&ids) == split
+            .map(|rng| {
+                let scene = self.scene_from(rng.clone(), None);
+                let ids: Vec<u32> = render(&scene).into_iter().map(u32::from).collect();
+                (rng, scene, ids)
             })
+            .find(|(_, _, ids)| split_of_content(ids) == split)
             .expect("the attempts never end")
     }
 
@@ -571,13 +571,13 @@ impl Pathfinder {
 
     /// The scene of example `index` of `split`.
     pub fn scene(&self, split: Split, index: usize) -> Scene {
-        self.scene_from(self.example_rng(split, index), None)
+        self.drawn(split, index).1
     }
 
     /// The scene of example `index` of `split` drawn with `label` (1 = connected, any other
     /// value = not) instead of its coin: the paths are the same for both labels.
     pub fn scene_with_label(&self, split: Split, index: usize, label: u32) -> Scene {
-        self.scene_from(self.example_rng(split, index), Some(label))
+        self.scene_from(self.drawn(split, index).0, Some(label))
     }
 
     /// The scene drawn from `rng`: its coin first (the label unless `label` is given), then
@@ -640,9 +640,10 @@ impl ArenaTask for Pathfinder {
     }
 
     fn example(&self, split: Split, index: usize) -> Example {
-        let scene = self.scene(split, index);
+        // The pixels the split check rendered are the example's: no second rendering.
+        let (_, scene, ids) = self.drawn(split, index);
         Example {
-            ids: render(&scene).into_iter().map(u32::from).collect(),
+            ids,
             label: scene.label,
         }
     }
