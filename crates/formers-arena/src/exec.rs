@@ -219,8 +219,8 @@ fn train_and_test(
         train: train_config(suite, 1, max_len, seed),
     };
     let steps = match opts.budget {
-        Budget::Steps(n) => n,
         Budget::Minutes(m) => steps_for_minutes(&run, &adapter, m)?,
+        b => b.steps(suite, task.name()).expect("a steps budget"),
     };
     run.train = train_config(suite, steps, max_len, seed);
     mem::reset_peak();
@@ -254,7 +254,7 @@ fn train_and_test(
         task: task.name().into(),
         variant: variant.name.clone(),
         seed,
-        budget: opts.budget.label(),
+        budget: opts.budget.label(suite, task.name()),
         source: task.source(),
         seq_len: max_len,
         batch_size: suite.batch_size,
@@ -313,33 +313,33 @@ pub fn work(job: &Job, opts: &Options, tasks: &Tasks) -> Work {
         training: total,
     };
     match (job, opts.budget) {
-        (Job::Speed { length, .. }, Budget::Steps(_)) => {
-            all_training(JOB_OVERHEAD_POSITIONS + speed_positions(*length))
-        }
         (Job::Speed { length, .. }, Budget::Minutes(_)) => {
             all_training(1.0 + speed_positions(*length) / JOB_OVERHEAD_POSITIONS)
+        }
+        (Job::Speed { length, .. }, _) => {
+            all_training(JOB_OVERHEAD_POSITIONS + speed_positions(*length))
         }
         (Job::Run { task, .. }, budget) => {
             let Ok(t) = tasks.get(task, opts) else {
                 return all_training(0.0);
             };
-            match budget {
-                Budget::Minutes(m) => Work {
-                    total: m * 60.0 + 5.0,
-                    training: m * 60.0 * 0.8,
-                },
-                Budget::Steps(steps) => {
-                    let tc = train_config(suite, steps, t.max_len(), 0);
-                    let evals =
-                        steps.div_ceil(tc.eval_every.max(1)) * tc.eval_batches * tc.batch_size;
-                    let len = t.max_len() as f64;
-                    let training = JOB_OVERHEAD_POSITIONS + (steps * tc.batch_size) as f64 * len;
-                    let held_out = (evals + t.len(Split::Test)) as f64 / 3.0 * len;
-                    Work {
-                        total: training + held_out,
-                        training,
+            let steps = match budget {
+                Budget::Minutes(m) => {
+                    return Work {
+                        total: m * 60.0 + 5.0,
+                        training: m * 60.0 * 0.8,
                     }
                 }
+                b => b.steps(suite, task).expect("a steps budget"),
+            };
+            let tc = train_config(suite, steps, t.max_len(), 0);
+            let evals = steps.div_ceil(tc.eval_every.max(1)) * tc.eval_batches * tc.batch_size;
+            let len = t.max_len() as f64;
+            let training = JOB_OVERHEAD_POSITIONS + (steps * tc.batch_size) as f64 * len;
+            let held_out = (evals + t.len(Split::Test)) as f64 / 3.0 * len;
+            Work {
+                total: training + held_out,
+                training,
             }
         }
     }

@@ -13,7 +13,9 @@ use crate::variants::Variant;
 /// How long each run trains.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum Budget {
-    /// Optimizer steps.
+    /// The suite's optimizer steps for each task ([`SuiteSpec::steps`]): the default.
+    Suite,
+    /// Optimizer steps, the same for every task.
     Steps(usize),
     /// Wall-clock minutes of training, turned into steps by timing a few first.
     Minutes(f64),
@@ -40,9 +42,28 @@ impl Budget {
         }
     }
 
-    /// The budget as it appears in results and reports.
-    pub fn label(&self) -> String {
+    /// The optimizer steps of a run of `task`, or `None` for a minutes budget.
+    pub fn steps(&self, suite: &SuiteSpec, task: &str) -> Option<usize> {
+        match *self {
+            Budget::Suite => Some(suite.steps(task)),
+            Budget::Steps(n) => Some(n),
+            Budget::Minutes(_) => None,
+        }
+    }
+
+    /// The budget of a run of `task` as it appears in results (and in their keys): its
+    /// steps, so a default run and `--budget N` with the same steps share records.
+    pub fn label(&self, suite: &SuiteSpec, task: &str) -> String {
+        match self.steps(suite, task) {
+            Some(n) => n.to_string(),
+            None => self.summary(),
+        }
+    }
+
+    /// The budget of the whole arena, for reports: `300`, `2m`, or `suite` (per task).
+    pub fn summary(&self) -> String {
         match self {
+            Budget::Suite => "suite".into(),
             Budget::Steps(n) => n.to_string(),
             Budget::Minutes(m) => format!("{m}m"),
         }
@@ -89,7 +110,13 @@ impl Job {
                 task,
                 variant,
                 seed,
-            } => results::run_key(suite, task, variant, *seed, &opts.budget.label()),
+            } => results::run_key(
+                suite,
+                task,
+                variant,
+                *seed,
+                &opts.budget.label(&opts.suite, task),
+            ),
             Job::Speed { variant, length } => results::speed_key(suite, variant, *length),
         }
     }

@@ -2,6 +2,7 @@
 //! cores) and `full` (LRA's lengths and splits, for a GPU or a lot of patience), and how a
 //! task of either is opened.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -35,8 +36,12 @@ pub struct SuiteSpec {
     pub n_layers: usize,
     pub batch_size: usize,
     pub lr: f64,
-    /// Optimizer steps per run when no `--budget` is given.
+    /// Optimizer steps per run when no `--budget` is given, for a task not in `task_steps`.
     pub default_steps: usize,
+    /// Optimizer steps per run of a task when no `--budget` is given: what each lite task
+    /// needs to be learned (see the README's learning-rate and budget sweep).
+    #[serde(default)]
+    pub task_steps: BTreeMap<String, usize>,
     /// Lengths of the speed and memory table (LRA Table 2 uses 1K–4K).
     pub speed_lengths: Vec<usize>,
     pub speed_batch: usize,
@@ -53,6 +58,15 @@ impl SuiteSpec {
                 batch_size: 16,
                 lr: 2e-3,
                 default_steps: 100,
+                task_steps: [
+                    ("listops", 500),
+                    ("text", 200),
+                    ("retrieval", 400),
+                    ("pathfinder", 500),
+                ]
+                .into_iter()
+                .map(|(t, n)| (t.to_string(), n))
+                .collect(),
                 speed_lengths: vec![256, 512, 1024],
                 speed_batch: 4,
             },
@@ -64,10 +78,19 @@ impl SuiteSpec {
                 batch_size: 32,
                 lr: 5e-4,
                 default_steps: 5000,
+                task_steps: BTreeMap::new(),
                 speed_lengths: vec![1024, 2048, 3072, 4096],
                 speed_batch: 32,
             },
         }
+    }
+
+    /// Optimizer steps of a run of `task` when no `--budget` is given.
+    pub fn steps(&self, task: &str) -> usize {
+        self.task_steps
+            .get(task)
+            .copied()
+            .unwrap_or(self.default_steps)
     }
 }
 

@@ -107,6 +107,21 @@ pub fn builtin_names() -> Vec<&'static str> {
     BUILTIN.iter().map(|(n, _)| *n).collect()
 }
 
+/// The variants a run takes when none are named: one of each family of token mixer
+/// (exact, sliding window, kernelised linear, random features, low rank), so the default
+/// arena fits its 15 minutes on two cores. `--variants all` takes every shipped one.
+pub const DEFAULT: &[&str] = &["vanilla", "local", "linear-elu", "performer", "linformer"];
+
+/// The variants of `--variants`: none named = [`DEFAULT`]; `all` = every shipped variant;
+/// otherwise [`resolve`].
+pub fn chosen(specs: &[String]) -> Result<Vec<Variant>, String> {
+    match specs {
+        [] => resolve(&DEFAULT.iter().map(|s| s.to_string()).collect::<Vec<_>>()),
+        [all] if all == "all" => Ok(builtin()),
+        _ => resolve(specs),
+    }
+}
+
 /// Every shipped variant.
 pub fn builtin() -> Vec<Variant> {
     BUILTIN
@@ -145,6 +160,19 @@ pub fn resolve(specs: &[String]) -> Result<Vec<Variant>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_is_a_shipped_subset_and_all_is_every_variant() {
+        let names = |v: Vec<Variant>| v.into_iter().map(|v| v.name).collect::<Vec<_>>();
+        let default = names(chosen(&[]).unwrap());
+        assert_eq!(default, DEFAULT);
+        assert!(default.len() < BUILTIN.len());
+        assert!(default.iter().all(|n| builtin_names().contains(&n.as_str())));
+        assert_eq!(names(chosen(&["all".into()]).unwrap()), builtin_names());
+        let two = names(chosen(&["flow".into(), "vanilla".into()]).unwrap());
+        assert_eq!(two, ["flow", "vanilla"]);
+        assert!(chosen(&["nope".into()]).is_err());
+    }
 
     #[test]
     fn shipped_variants_parse_and_unknown_names_are_explained() {

@@ -311,7 +311,7 @@ fn stand_in(job: &Job, opts: &Options) -> Record {
                 unreachable!()
             };
             r.variant = variant.clone();
-            r.budget = opts.budget.label();
+            r.budget = opts.budget.label(&opts.suite, &r.task);
             Record::Run(r)
         }
         Job::Speed { variant, length } => Record::Speed(SpeedResult {
@@ -488,12 +488,48 @@ fn budgets_parse() {
         let err = Budget::parse(bad).unwrap_err();
         assert!(err.contains("budget"), "`{bad}`: {err}");
     }
-    assert_eq!(Budget::Steps(300).label(), "300");
-    assert_eq!(Budget::Minutes(1.5).label(), "1.5m");
+    assert_eq!(Budget::Steps(300).summary(), "300");
+    assert_eq!(Budget::Minutes(1.5).summary(), "1.5m");
     assert_eq!(
-        Budget::parse(&Budget::Minutes(2.0).label()),
+        Budget::parse(&Budget::Minutes(2.0).summary()),
         Ok(Budget::Minutes(2.0))
     );
+}
+
+#[test]
+fn the_default_budget_is_the_suites_steps_per_task_and_keys_runs_by_them() {
+    let lite = SuiteSpec::new(Setting::Lite);
+    // Every default task of the lite suite has steps of its own, and they differ by task.
+    let steps: BTreeSet<usize> = suite::DEFAULT_TASKS
+        .iter()
+        .filter(|t| **t != "image")
+        .map(|t| {
+            assert!(lite.task_steps.contains_key(*t), "no steps for {t}");
+            Budget::Suite.steps(&lite, t).unwrap()
+        })
+        .collect();
+    assert!(steps.len() > 1, "{steps:?}");
+    let listops = lite.steps("listops");
+    assert_eq!(Budget::Suite.label(&lite, "listops"), listops.to_string());
+    // A task without its own steps falls back to the suite's default.
+    assert_eq!(lite.steps("pathx"), lite.default_steps);
+    // Explicit budgets apply to every task.
+    assert_eq!(Budget::Steps(7).steps(&lite, "listops"), Some(7));
+    assert_eq!(Budget::Minutes(2.0).steps(&lite, "listops"), None);
+    assert_eq!(Budget::Minutes(2.0).label(&lite, "listops"), "2m");
+    // A default run and `--budget N` with the same steps make the same record key.
+    let mut o = options(&["listops"], &["vanilla"], 1, 1);
+    let job = Job::Run {
+        task: "listops".into(),
+        variant: "vanilla".into(),
+        seed: 0,
+    };
+    o.budget = Budget::Suite;
+    let default_key = job.key(&o);
+    o.budget = Budget::Steps(o.suite.steps("listops"));
+    assert_eq!(job.key(&o), default_key);
+    o.budget = Budget::Steps(o.suite.steps("listops") + 1);
+    assert_ne!(job.key(&o), default_key);
 }
 
 /// The cells of the row of `variant` in our Table 1 (the first table), by column title.

@@ -99,7 +99,8 @@ struct RunArgs {
     #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_TASKS.iter().map(|s| s.to_string()).collect::<Vec<_>>())]
     tasks: Vec<String>,
     /// Variants, comma-separated: names under configs/arena/ or paths to variant .json
-    /// files. Default: all shipped variants.
+    /// files; `all` for every shipped variant. Default: vanilla, local, linear-elu,
+    /// performer, linformer (one per kind of token mixer; about 15 minutes on 2 cores).
     #[arg(long, value_delimiter = ',')]
     variants: Vec<String>,
     /// Training per run: optimizer steps (`300`) or minutes (`2m`, `90s`). Default: 100
@@ -258,14 +259,10 @@ fn options(a: &RunArgs) -> Result<Options> {
             bail!("unknown task `{t}`; expected some of {}", TASKS.join(", "));
         }
     }
-    let variants = if a.variants.is_empty() {
-        variants::builtin()
-    } else {
-        variants::resolve(&a.variants).map_err(|e| anyhow!(e))?
-    };
+    let variants = variants::chosen(&a.variants).map_err(|e| anyhow!(e))?;
     let budget = match &a.budget {
         Some(b) => Budget::parse(b).map_err(|e| anyhow!(e))?,
-        None => Budget::Steps(suite.default_steps),
+        None => Budget::Suite,
     };
     if a.seeds == 0 {
         bail!("--seeds must be at least 1");

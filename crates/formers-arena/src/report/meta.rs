@@ -28,17 +28,29 @@ pub fn report_meta(opts: Option<&Options>, records: &[Record]) -> super::ReportM
         notes.push(format!(
             "Suite `{}`: every variant is {} layers of width {} with {} heads and a 4× MLP, \
              mean-pooled classification head, learned positions; batch {}, AdamW at lr {} with \
-             10% warm-up and cosine decay; budget {} per run ({}); {} seed(s).",
+             10% warm-up and cosine decay; budget per run: {}; {} seed(s).",
             s.setting.name(),
             s.n_layers,
             s.d_model,
             s.n_heads,
             s.batch_size,
             s.lr,
-            o.budget.label(),
             match o.budget {
-                Budget::Steps(_) => "optimizer steps",
-                Budget::Minutes(_) => "minutes of training, converted to steps per run",
+                Budget::Suite => {
+                    let steps: Vec<String> = o
+                        .tasks
+                        .iter()
+                        .map(|t| format!("{t} {}", s.steps(t)))
+                        .collect();
+                    format!(
+                        "the suite's optimizer steps per task ({})",
+                        steps.join(", ")
+                    )
+                }
+                Budget::Steps(n) => format!("{n} optimizer steps"),
+                Budget::Minutes(m) => {
+                    format!("{m} minutes of training, converted to steps per run")
+                }
             },
             o.seeds
         ));
