@@ -167,7 +167,9 @@ mod tests {
         let default = names(chosen(&[]).unwrap());
         assert_eq!(default, DEFAULT);
         assert!(default.len() < BUILTIN.len());
-        assert!(default.iter().all(|n| builtin_names().contains(&n.as_str())));
+        assert!(default
+            .iter()
+            .all(|n| builtin_names().contains(&n.as_str())));
         assert_eq!(names(chosen(&["all".into()]).unwrap()), builtin_names());
         let two = names(chosen(&["flow".into(), "vanilla".into()]).unwrap());
         assert_eq!(two, ["flow", "vanilla"]);

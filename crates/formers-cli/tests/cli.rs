@@ -370,6 +370,25 @@ fn help_explains_every_command() {
     assert!(!o.status.success() && text(&o).contains("unknown task"));
 }
 
+#[test]
+fn arena_help_states_the_default_grid_and_budget_the_code_uses() {
+    let o = run(formers().args(["arena", "--help"]));
+    // Help text is wrapped: compare with whitespace collapsed.
+    let help = String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let lite = formers_arena::suite::SuiteSpec::new(formers_arena::task::Setting::Lite);
+    for (task, steps) in &lite.task_steps {
+        assert!(
+            help.contains(&format!("{task} {steps}")),
+            "{task} {steps}: {help}"
+        );
+    }
+    let variants = formers_arena::variants::DEFAULT.join(", ");
+    assert!(help.contains(&format!("Default: {variants}")), "{help}");
+}
+
 fn fixture(name: &str) -> String {
     repo()
         .join("tests/fixtures")
