@@ -56,13 +56,13 @@ pub fn report_meta(opts: Option<&Options>, records: &[Record]) -> super::ReportM
         ));
     }
     if suite.contains("lite") {
-        notes.push(
-            "The lite suite is not LRA's setting: sequences of at most 256 tokens, small \
-             splits, tiny models and short budgets, so that it runs on two CPU cores. Compare \
-             variants with each other; the paper's numbers (full setting, TPU) are printed \
-             for reference only."
-                .into(),
-        );
+        notes.push(format!(
+            "The lite suite is not LRA's setting: sequences of at most 256 tokens, ListOps \
+             trees of depth at most {} (LRA: 10), small splits, tiny models and short \
+             budgets, so that it runs on two CPU cores. Compare variants with each other; \
+             the paper's numbers (full setting, TPU) are printed for reference only.",
+            crate::listops::LITE_MAX_DEPTH
+        ));
     }
     let mut by_task: BTreeMap<&str, &RunResult> = BTreeMap::new();
     for r in &runs {
