@@ -100,7 +100,7 @@ struct RunArgs {
     tasks: Vec<String>,
     /// Variants, comma-separated: names under configs/arena/ or paths to variant .json
     /// files; `all` for every shipped variant. Default: vanilla, local, linear-elu,
-    /// performer, linformer (one per kind of token mixer; about 15 minutes on 2 cores).
+    /// performer, linformer (one per kind of token mixer; about 7 minutes on 2 cores).
     #[arg(long, value_delimiter = ',')]
     variants: Vec<String>,
     /// Training per run: optimizer steps (`300`) or minutes (`2m`, `90s`), the same for
