@@ -4,7 +4,8 @@ the reference framework learn a lite task that formers does not (a bug in former
 either (the model and recipe)?
 
     formers arena data retrieval --split train --out DIR/ret_train.tsv   # and --split test
-    formers arena data pathfinder --split train --n 20000 --out DIR/pf_train.tsv  # and test
+    formers arena data pathfinder --split train --out DIR/pf_train.tsv    # and test (5,000 rows;
+                                                   # longer runs cycle them unless --pf-train)
     formers arena data text --split train --out DIR/text_train.tsv        # and test
     python3 scripts/arena_torch_check.py --data DIR --task retrieval|pathfinder|text --steps N
 
