@@ -11,12 +11,14 @@ either (the model and recipe)?
 
 Model: the architecture of scripts/bench_train_torch.py (imported from there):
 byte/gray-value vocab 256, learned positions (256), d_model 64, 4 heads, 2 pre-LN layers,
-MLP 4x GELU, final LayerNorm, mean pooling over tokens, linear classifier.
+MLP 4x GELU, final LayerNorm, mean pooling over tokens, linear classifier. For retrieval,
+formers' matching head: the two 128-byte documents encoded apart by that stack (positions
+128), the pooled u, v classified by a linear layer on [u, v, u*v, |u-v|].
 Recipe: AdamW lr 2e-3, betas (0.9, 0.99), eps 1e-8, wd 0.01 on rank>=2 params; linear
 warm-up 10% of steps then cosine to 10% of peak (formers' lr_at); grad clip 1.0; batch 16.
 Data:
   retrieval: ret_{train,test}.tsv (label id1 id2 text1 text2, escaped) -> text1[:128]++text2[:128]
-             bytes; train cycles the 3,000 pairs, reshuffled every epoch.
+             bytes; train cycles the pairs of the file, reshuffled every epoch.
   pathfinder: pf_{train,test}.tsv (header; label\\tp0..p255); batch k = rows 16k..16k+15
              (fresh examples in order; cycles if the file is shorter).
   text:      text_{train,test}.tsv (header; label\\ttext) -> 256 bytes; shuffled epochs.
@@ -82,6 +84,23 @@ def load(task, split, pf_train=None):
     return torch.tensor(xs, dtype=torch.long), torch.tensor(ys, dtype=torch.long)
 
 
+class TwoTowers(torch.nn.Module):
+    """formers' `matching` head: each half of the input encoded alone, then
+    [u, v, u*v, |u-v|] -> linear."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.enc = Model({**c, "max_len": c["max_len"] // 2})
+        self.enc.head = torch.nn.Identity()
+        self.proj = torch.nn.Linear(4 * c["d"], c["head"]["n_classes"])
+
+    def forward(self, x):
+        b, n = x.shape
+        h = self.enc(x.reshape(2 * b, n // 2)).reshape(b, 2, -1)
+        u, v = h[:, 0], h[:, 1]
+        return self.proj(torch.cat([u, v, u * v, (u - v).abs()], -1))
+
+
 def lr_at(step, total, peak, warmup, min_ratio):
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -115,7 +134,7 @@ def main():
                                          "pooling": "mean"},
          "final_norm": True, "attn_bias": True, "hidden": 256, "activation": "gelu",
          "mlp_bias": True, "eps": 1e-5}
-    model = Model(c)
+    model = Model(c) if a.task != "retrieval" else TwoTowers(c)
     ps = list(model.parameters())
     print("params", sum(p.numel() for p in ps), flush=True)
     groups = [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": 0.01},

@@ -67,7 +67,9 @@ impl Task for Adapter {
 }
 
 /// Examples `indices` of `split`, each padded with id 0 to the task's `max_len` (a longer
-/// one is cut), with mask 1 on real tokens and the class label as target.
+/// one is cut), with mask 1 on real tokens and the class label as target. For a task of
+/// pairs ([`ArenaTask::pairs`]) each document is padded to `max_len / 2` on its own: the
+/// first in positions `0..max_len/2`, the second after it.
 pub fn batch(task: &dyn ArenaTask, split: Split, indices: &[usize]) -> formers::Result<Batch> {
     let n = task.max_len();
     let b = indices.len();
@@ -77,11 +79,29 @@ pub fn batch(task: &dyn ArenaTask, split: Split, indices: &[usize]) -> formers::
     let mut tokens = 0;
     for (row, &i) in indices.iter().enumerate() {
         let ex = task.example(split, i);
-        let len = ex.ids.len().min(n);
-        ids[row * n..row * n + len].copy_from_slice(&ex.ids[..len]);
-        mask[row * n..row * n + len].fill(1.0);
+        let row = row * n;
+        let parts = match (task.pairs(), ex.second) {
+            (true, Some(at)) => {
+                let at = at.min(ex.ids.len());
+                let (first, second) = ex.ids.split_at(at);
+                vec![(0, first, n / 2), (n / 2, second, n - n / 2)]
+            }
+            (true, None) => {
+                return Err(formers::Error::Input(format!(
+                    "{} example {i} is not a pair of documents",
+                    task.name()
+                )))
+            }
+            (false, _) => vec![(0, ex.ids.as_slice(), n)],
+        };
+        for (start, doc, room) in parts {
+            let len = doc.len().min(room);
+            let at = row + start;
+            ids[at..at + len].copy_from_slice(&doc[..len]);
+            mask[at..at + len].fill(1.0);
+            tokens += len;
+        }
         labels.push(ex.label);
-        tokens += len;
     }
     Ok(Batch {
         inputs: Tensor::from_vec(ids, (b, n), &Device::Cpu)?,
@@ -151,7 +171,7 @@ mod tests {
     use formers::train::Trainer;
 
     use super::*;
-    use crate::exec::{configure, speed_run};
+    use crate::exec::{configure, configure_task, speed_run};
     use crate::listops::ListOps;
     use crate::suite::SuiteSpec;
     use crate::task::{Example, Setting};
@@ -213,13 +233,7 @@ mod tests {
         let suite = SuiteSpec::new(Setting::Lite);
         let (steps, batch, accum) = (4, 3, 2);
         let mut run = speed_run(&vanilla, &suite, 64, steps);
-        run.model = configure(
-            &vanilla,
-            &suite,
-            task.vocab_size(),
-            task.max_len(),
-            task.n_classes(),
-        );
+        run.model = configure_task(&vanilla, &suite, task.as_ref());
         run.train.seq_len = task.max_len();
         run.train.batch_size = batch;
         run.train.grad_accum = accum;
@@ -257,10 +271,7 @@ mod tests {
             10
         }
         fn example(&self, _split: Split, index: usize) -> Example {
-            Example {
-                ids: vec![1 + index as u32; 1 + index % 8],
-                label: u32::from(index >= 7),
-            }
+            Example::new(vec![1 + index as u32; 1 + index % 8], u32::from(index >= 7))
         }
         fn write_tsv(
             &self,

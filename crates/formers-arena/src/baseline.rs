@@ -10,7 +10,7 @@ use crate::task::{ArenaTask, Example, Split};
 pub enum Features {
     /// The frequency of each id among the input's ids.
     Bag,
-    /// For an input that is two documents of `max_len / 2` ids each (retrieval): the
+    /// For an input that is two documents (retrieval, [`Example::second`]): the
     /// product and the absolute difference of the two documents' id frequencies, which can
     /// tell whether they are alike but not which documents they are.
     PairOfHalves,
@@ -30,7 +30,7 @@ impl Features {
         match self {
             Features::Bag => frequencies(&ex.ids, vocab),
             Features::PairOfHalves => {
-                let half = (max_len / 2).min(ex.ids.len());
+                let half = ex.second.unwrap_or(max_len / 2).min(ex.ids.len());
                 let a = frequencies(&ex.ids[..half], vocab);
                 let b = frequencies(&ex.ids[half..], vocab);
                 let product = a.iter().zip(&b).map(|(x, y)| x * y * vocab as f32);
@@ -201,14 +201,15 @@ mod tests {
         assert!(acc < 0.3, "bag-of-ids listops accuracy {acc}");
     }
 
-    /// Whether two lite retrieval passages come from the same play shows, weakly, in how
-    /// alike their byte frequencies are: above chance (50%, 600 balanced test pairs: one
-    /// standard error is 2 points), far from solved. Measured: 56.7% with 3,000 pairs.
+    /// Whether two neighbouring lite retrieval passages share text shows in how alike their
+    /// byte frequencies are: well above chance (50%, 600 balanced test pairs: one standard
+    /// error is 2 points) but not solved (measured: 88.2% with 1,500 pairs). A question
+    /// whose overlaps are larger (at least 5/8 of a passage) was 99%: counting alone.
     #[test]
     fn lite_retrieval_has_signal_in_byte_frequencies() {
         let acc = baseline("retrieval", 1500);
         assert!(
-            acc > 0.53 && acc < 0.8,
+            acc > 0.6 && acc < 0.95,
             "bag-of-bytes retrieval accuracy {acc}"
         );
     }

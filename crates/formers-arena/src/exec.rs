@@ -88,6 +88,26 @@ pub fn configure(
     m
 }
 
+/// The variant's model for `task`: [`configure`] with the task's ids, length and classes; for
+/// a task of pairs, a matching head over documents of half the task's length.
+pub fn configure_task(v: &Variant, suite: &SuiteSpec, task: &dyn ArenaTask) -> ModelConfig {
+    let mut m = configure(
+        v,
+        suite,
+        task.vocab_size(),
+        task.max_len(),
+        task.n_classes(),
+    );
+    if task.pairs() {
+        m.max_len = task.max_len() / 2;
+        m.head = HeadSpec::Matching {
+            n_classes: task.n_classes(),
+            pooling: Pooling::Mean,
+        };
+    }
+    m
+}
+
 /// Runs `job` in this process, using `work` for run directories; reports progress to
 /// `events`.
 pub fn run_job(
@@ -210,7 +230,7 @@ fn train_and_test(
 ) -> Result<Record, String> {
     let suite = &opts.suite;
     let max_len = task.max_len();
-    let model = configure(variant, suite, task.vocab_size(), max_len, task.n_classes());
+    let model = configure_task(variant, suite, task.as_ref());
     let adapter = Adapter::new(task.clone());
     let claim = JobDir::claim(&work.join(job.label()))?;
     let dir = claim.path();
@@ -268,7 +288,7 @@ fn train_and_test(
         infer_tokens_per_s: score.positions_per_s,
         peak_rss_bytes: mem::peak_rss().unwrap_or(0),
         params: summary.params,
-        flops_per_token: flops::per_token(&run.model, max_len),
+        flops_per_token: flops::per_token(&run.model, run.model.max_len),
         wall_s: start.elapsed().as_secs_f64(),
         loss_curve: thin(curve, 500),
     }))

@@ -18,6 +18,8 @@ pub fn per_token(cfg: &ModelConfig, n: usize) -> f64 {
             HeadSpec::Lm { .. } => 2.0 * d * cfg.input.vocab_size() as f64,
             // One pooled vector per sequence: its classifier is shared by all n tokens.
             HeadSpec::Classification { n_classes, .. } => 2.0 * d * *n_classes as f64 / n as f64,
+            // Two documents of n tokens share one classifier over 4d features.
+            HeadSpec::Matching { n_classes, .. } => 4.0 * d * *n_classes as f64 / n as f64,
             HeadSpec::Embedding { .. } => 0.0,
         }
 }

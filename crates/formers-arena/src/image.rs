@@ -287,10 +287,10 @@ impl ArenaTask for Cifar10 {
     fn example(&self, split: Split, index: usize) -> Example {
         let images = &self.splits[split_slot(split)];
         let pixels = &images.pixels[index * self.tokens..(index + 1) * self.tokens];
-        Example {
-            ids: pixels.iter().map(|&p| p as u32).collect(),
-            label: images.labels[index] as u32,
-        }
+        Example::new(
+            pixels.iter().map(|&p| p as u32).collect(),
+            images.labels[index] as u32,
+        )
     }
 
     /// Header `Target\tPixels`, then `label\tp0 p1 ... pN` per image (LRA has no image TSV).

@@ -225,10 +225,7 @@ impl ListOps {
                 let ex = draw_in_split(*seed, split, index, |rng| {
                     let tokens = sample_tokens(rng, &self.config);
                     let label = eval_ids(&tokens).expect("generated expressions are well formed");
-                    Example {
-                        ids: tokens.iter().map(|&t| u32::from(t)).collect(),
-                        label,
-                    }
+                    Example::new(tokens.iter().map(|&t| u32::from(t)).collect(), label)
                 });
                 (ex.ids.iter().map(|&t| t as u8).collect(), ex.label)
             }
@@ -284,7 +281,7 @@ impl ArenaTask for ListOps {
             .take(self.config.model_max_len)
             .map(|&t| t as u32)
             .collect();
-        Example { ids, label }
+        Example::new(ids, label)
     }
 
     /// LRA's layout: header `Source\tTarget`, then `( ( ( [MAX 2 ) 9 ) ] )\t9` per row

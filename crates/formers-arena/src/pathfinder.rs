@@ -642,10 +642,7 @@ impl ArenaTask for Pathfinder {
     fn example(&self, split: Split, index: usize) -> Example {
         // The pixels the split check rendered are the example's: no second rendering.
         let (_, scene, ids) = self.drawn(split, index);
-        Example {
-            ids,
-            label: scene.label,
-        }
+        Example::new(ids, scene.label)
     }
 
     /// `Target\tPixels` header, then `label\tp0 p1 ... pN` per image (row-major gray).

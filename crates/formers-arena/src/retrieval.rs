@@ -1,31 +1,33 @@
 //! LRA "Retrieval": byte-level document matching (Tay et al., ICLR 2021; AAN: Radev et al., 2013).
 //!
-//! Each example is a pair of documents and a binary label (1 = related). LRA encodes the two
-//! documents separately with a shared encoder (two towers, up to 4000 bytes each: its
-//! `base_match_config.py` sets `max_length = 4000`, `tokenizer = "char"`, and the pipeline
-//! cuts each raw text to 10,000 bytes before encoding) and then combines the two pooled
-//! vectors. **Deviation:** our models take a single sequence, so the input is
-//! `doc1[..max_len/2] ++ doc2[..max_len/2]` as raw bytes (ids `0..256`), one sequence of at
-//! most `max_len` = 8000 (Full) or 256 (Lite). Nothing is padded in the middle (the runner
-//! masks only trailing padding): offline passages are always exactly `max_len/2` bytes, so
-//! doc2 starts at `max_len/2`; in files, a document shorter than `max_len/2` is followed
-//! directly by the other, and the boundary is not marked.
+//! Each example is a pair of documents and a binary label (1 = related). As in LRA, the two
+//! documents are encoded separately by one shared encoder (two towers, up to 4000 bytes each:
+//! its `base_match_config.py` sets `max_length = 4000`, `tokenizer = "char"`, and the
+//! pipeline cuts each raw text to 10,000 bytes before encoding) and the two pooled vectors
+//! are combined: the arena gives the model a matching head
+//! ([`formers::config::HeadSpec::Matching`]: `[u, v, u⊙v, |u−v|]` → linear; LRA's is
+//! `[u, v, u⊙v, u−v]` → MLP). [`ArenaTask::pairs`] is true: an [`Example`]'s ids are
+//! `doc1[..max_len/2] ++ doc2[..max_len/2]` as raw bytes (ids `0..256`) with
+//! [`Example::second`] marking where doc2 starts, and the batch pads each document on its
+//! own to `max_len/2` = 4000 (Full) or 128 (Lite).
 //!
-//! # Offline default ([`Retrieval::offline`])
-//! Pairs of `max_len/2`-byte passages of the embedded `data/shakespeare.txt`; label 1 when
-//! both come from the same play, 0 when from two different plays (see [`crate::corpus`] for
-//! the plays and their disjoint 80/10/10 regions). Example `i` has label `i % 2` (exactly
-//! balanced); its play(s) are drawn uniformly, and for label 0 the second play is uniform
-//! among the other two. Both passages of a pair come from the same split's regions and never
-//! overlap.
-//! * train: passages start at any line start of the train regions (drawn with
-//!   [`example_rng`]`(seed, Train, i)`); `3000` pairs (Lite) or `3 × m` (Full, `m` = the
-//!   smallest play's number of possible 4000-byte passage starts: 3 × 3007 = 9021).
-//! * val / test: passages come from the non-overlapping tiles of the val / test regions
-//!   (a passage may appear in several pairs, as AAN papers do); `300` / `600` pairs (Lite),
-//!   and in Full at most as many as there are distinct ordered same-play tile pairs (16 with
-//!   4000-byte passages: the regions hold only 2–4 such tiles per play). Duplicate pairs are
-//!   redrawn.
+//! # Offline default ([`Retrieval::offline`]): near-duplicate passages
+//! Pairs of `max_len/2`-byte passages of the embedded `data/shakespeare.txt` (see
+//! [`crate::corpus`] for the plays and their disjoint 80/10/10 regions); label 1 when the two
+//! passages share text, 0 when they are neighbours that do not. Example `i` has label `i % 2`
+//! (exactly balanced). A pair is drawn as: a play (uniform), a start `s` (any line start of
+//! the play's region of the split with `3 × max_len/2` bytes of room), an offset `o`, and
+//! passages at `s` and `s + o` in random order, where `o` is uniform in
+//! `1..=3·max_len/8` for label 1 (the passages share at least a quarter of their bytes) and
+//! in `max_len/2..max_len` for label 0 (the next passage, within one passage length: same
+//! scene, same speakers, no shared bytes). So both classes come from the same stretch of the
+//! same play and differ only in whether the text repeats: a question of matching, which the
+//! earlier offline question (same play or not, from 128 bytes) was not for a lite model
+//! (chance after 1,500 steps, two towers or one sequence).
+//! * train: drawn with [`example_rng`]`(seed, Train, i)` from the train regions; `3000`
+//!   pairs (Lite) or `3 × m` (Full, `m` = the smallest play's number of starts).
+//! * val / test: drawn the same way from the val / test regions, duplicates redrawn; `300` /
+//!   `600` pairs, fewer in Full when the small regions run out of distinct pairs.
 //!
 //! # Files ([`Retrieval::from_dir`])
 //! LRA's AAN files in `dir`: `new_aan_pairs.train.tsv`, `new_aan_pairs.eval.tsv` (validation)
@@ -65,7 +67,7 @@ pub fn max_len_for(setting: Setting) -> usize {
 
 fn lite_size(split: Split) -> usize {
     match split {
-        Split::Train => 3000,
+        Split::Train => 10_000,
         Split::Val => 300,
         Split::Test => 600,
     }
@@ -121,42 +123,49 @@ pub struct Retrieval {
     data: Data,
 }
 
-/// Draws a pair with `label` from the per-play start pools; `None` when the draw failed
-/// (too few non-overlapping starts), so the caller redraws.
+/// The room a pair needs after its start `s`: the farther passage ends before
+/// `s + 3 × per_doc`.
+fn span(per_doc: usize) -> usize {
+    3 * per_doc
+}
+
+/// The pools of pair starts of `split`, one per play.
+fn pools(corpus: &Corpus, split: Split, per_doc: usize) -> Vec<&[usize]> {
+    (0..corpus.plays().len())
+        .map(|p| corpus.starts(p, split, span(per_doc)))
+        .collect()
+}
+
+/// Draws a pair with `label` from the per-play start pools (module docs); `None` when the
+/// drawn play has no start, so the caller redraws.
 fn draw_pair(rng: &mut Rng, label: u32, pools: &[&[usize]], per_doc: usize) -> Option<Pair> {
-    let n_plays = pools.len();
-    let p1 = rng.below(n_plays);
-    let p2 = if label == 1 {
-        p1
-    } else {
-        (p1 + 1 + rng.below(n_plays - 1)) % n_plays
-    };
-    let (a, b) = (pools[p1], pools[p2]);
-    if a.is_empty() || b.is_empty() {
+    let pool = pools[rng.below(pools.len())];
+    if pool.is_empty() {
         return None;
     }
-    let first = a[rng.below(a.len())];
-    let second = b[rng.below(b.len())];
-    let overlap = first < second + per_doc && second < first + per_doc;
-    (!overlap).then_some(Pair {
+    let start = pool[rng.below(pool.len())];
+    let offset = if label == 1 {
+        1 + rng.below(3 * per_doc / 4)
+    } else {
+        per_doc + rng.below(per_doc)
+    };
+    let (first, second) = if rng.below(2) == 0 {
+        (start, start + offset)
+    } else {
+        (start + offset, start)
+    };
+    Some(Pair {
         label,
         first,
         second,
     })
 }
 
-/// Distinct val / test pairs from the non-overlapping tiles of `split`.
-fn tiled_pairs(corpus: &Corpus, seed: u64, split: Split, setting: Setting) -> Vec<Pair> {
+/// Distinct val / test pairs of `split`.
+fn held_out_pairs(corpus: &Corpus, seed: u64, split: Split, setting: Setting) -> Vec<Pair> {
     let per_doc = max_len_for(setting) / 2;
-    let tiles: Vec<Vec<usize>> = (0..corpus.plays().len())
-        .map(|p| corpus.tile(p, split, per_doc))
-        .collect();
-    let pools: Vec<&[usize]> = tiles.iter().map(Vec::as_slice).collect();
-    let ordered_same: usize = tiles
-        .iter()
-        .map(|t| t.len() * t.len().saturating_sub(1))
-        .sum();
-    let n = lite_size(split).min(ordered_same);
+    let pools = pools(corpus, split, per_doc);
+    let n = lite_size(split);
     let mut seen = HashSet::with_capacity(n);
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
@@ -181,7 +190,7 @@ fn tiled_pairs(corpus: &Corpus, seed: u64, split: Split, setting: Setting) -> Ve
 }
 
 impl Retrieval {
-    /// The offline default: do two Shakespeare passages come from the same play?
+    /// The offline default: do two neighbouring Shakespeare passages share text?
     pub fn offline(setting: Setting, seed: u64) -> Retrieval {
         let corpus = Corpus::shakespeare();
         let max_len = max_len_for(setting);
@@ -190,7 +199,7 @@ impl Retrieval {
             Setting::Lite => lite_size(Split::Train),
             Setting::Full => {
                 let m = (0..n_plays)
-                    .map(|p| corpus.starts(p, Split::Train, max_len / 2).len())
+                    .map(|p| corpus.starts(p, Split::Train, span(max_len / 2)).len())
                     .min()
                     .unwrap_or(0);
                 m * n_plays
@@ -204,8 +213,8 @@ impl Retrieval {
                 seed,
                 pairs: Splits::generated_train(
                     n_train,
-                    tiled_pairs(corpus, seed, Split::Val, setting),
-                    tiled_pairs(corpus, seed, Split::Test, setting),
+                    held_out_pairs(corpus, seed, Split::Val, setting),
+                    held_out_pairs(corpus, seed, Split::Test, setting),
                 ),
             },
         }
@@ -295,9 +304,7 @@ impl Retrieval {
                     return None;
                 }
                 let per_doc = self.max_len / 2;
-                let pools: Vec<&[usize]> = (0..corpus.plays().len())
-                    .map(|p| corpus.starts(p, Split::Train, per_doc))
-                    .collect();
+                let pools = pools(corpus, Split::Train, per_doc);
                 let mut rng = example_rng(*seed, split, index);
                 let label = (index % 2) as u32;
                 (0..ATTEMPTS).find_map(|a| draw_pair(&mut rng.fork(a), label, &pools, per_doc))
@@ -346,8 +353,9 @@ impl ArenaTask for Retrieval {
     fn source(&self) -> String {
         match &self.data {
             Data::Offline { seed, .. } => format!(
-                "offline default: pairs of {}-byte passages of Hamlet / Macbeth / The Tempest \
-                 (data/shakespeare.txt, public domain), label 1 = same play of origin, seed {seed}",
+                "offline default: pairs of neighbouring {}-byte passages of Hamlet / Macbeth / \
+                 The Tempest (data/shakespeare.txt, public domain), label 1 = the two share text \
+                 (near-duplicates), 0 = they do not; two towers; seed {seed}",
                 self.max_len / 2
             ),
             Data::Files { dir, .. } => {
@@ -389,13 +397,21 @@ impl ArenaTask for Retrieval {
                 self.len(split)
             )
         });
-        let ids = doc1
+        let first = doc1.len().min(per_doc);
+        let ids = doc1[..first]
             .iter()
-            .take(per_doc)
             .chain(doc2.iter().take(per_doc))
             .map(|&b| u32::from(b))
             .collect();
-        Example { ids, label }
+        Example {
+            ids,
+            label,
+            second: Some(first),
+        }
+    }
+
+    fn pairs(&self) -> bool {
+        true
     }
 
     fn write_tsv(&self, split: Split, n: usize, out: &mut dyn Write) -> io::Result<()> {
@@ -452,30 +468,37 @@ mod tests {
         assert_eq!((t.n_classes(), t.vocab_size(), t.max_len()), (2, 256, 256));
         assert_eq!(
             [t.len(Split::Train), t.len(Split::Val), t.len(Split::Test)],
-            [3000, 300, 600]
+            [10_000, 300, 600]
         );
-        assert!(t.source().contains("same play"));
+        assert!(t.pairs());
+        assert!(t.source().contains("share text"));
         let per_doc = 128;
         for split in Split::ALL {
             let mut ones = 0;
-            let mut same_by_play = [0usize; 3];
+            let mut by_play = [0usize; 3];
+            let mut first_is_earlier = 0;
             let mut seen = HashSet::new();
             for i in 0..t.len(split) {
                 let e = t.example(split, i);
-                assert_eq!(e.ids.len(), 256);
+                assert_eq!((e.ids.len(), e.second), (256, Some(128)));
                 assert!(e.ids.iter().all(|&b| b < 256));
                 let (a, b) = t.pair_offsets(split, i).unwrap();
-                // Both passages inside this split's regions, never overlapping.
+                // Both passages inside this split's region of one play.
+                let play = c.play_of(a).unwrap();
+                assert_eq!(c.play_of(b), Some(play));
                 for s in [a, b] {
-                    let play = c.play_of(s).unwrap();
                     assert!(c.region(play, split).contains_window(s, per_doc));
                 }
-                assert!(
-                    a + per_doc <= b || b + per_doc <= a,
-                    "{split:?} {i}: overlap"
-                );
-                let same = c.play_of(a) == c.play_of(b);
-                assert_eq!(e.label, u32::from(same));
+                // Label 1: they share at least a quarter of their bytes; label 0: they are
+                // neighbours within one passage length that share none.
+                let gap = a.abs_diff(b);
+                if e.label == 1 {
+                    assert!((1..=96).contains(&gap), "{split:?} {i}: offset {gap}");
+                } else {
+                    assert!((128..256).contains(&gap), "{split:?} {i}: offset {gap}");
+                }
+                first_is_earlier += usize::from(a < b);
+                by_play[play] += 1;
                 // The input is exactly the two passages.
                 let want: Vec<u32> = c
                     .passage(a, per_doc)
@@ -485,17 +508,20 @@ mod tests {
                     .collect();
                 assert_eq!(e.ids, want);
                 ones += e.label as usize;
-                if same {
-                    same_by_play[c.play_of(a).unwrap()] += 1;
-                }
                 if split != Split::Train {
                     assert!(seen.insert((a, b)), "{split:?} duplicate pair");
                 }
             }
-            assert_eq!(ones * 2, t.len(split));
-            for k in same_by_play {
-                assert!(k * 5 > ones, "{split:?} plays unbalanced: {same_by_play:?}");
+            let n = t.len(split);
+            assert_eq!(ones * 2, n);
+            for k in by_play {
+                assert!(k * 5 > n, "{split:?} plays unbalanced: {by_play:?}");
             }
+            // Which passage comes first in the text is a coin, not a cue.
+            assert!(
+                first_is_earlier * 10 > n * 4 && first_is_earlier * 10 < n * 6,
+                "{split:?}: {first_is_earlier} of {n}"
+            );
         }
     }
 
@@ -505,7 +531,7 @@ mod tests {
         assert_eq!(t.max_len(), 8000);
         assert!(t.len(Split::Train) > 6000, "{}", t.len(Split::Train));
         let n = t.len(Split::Test);
-        assert!((8..=600).contains(&n), "{n}");
+        assert!((100..=600).contains(&n), "{n}");
         let e = t.example(Split::Test, 1);
         assert_eq!((e.ids.len(), e.label), (8000, 1));
         assert_eq!(t.example(Split::Train, 17).ids.len(), 8000);
@@ -540,7 +566,8 @@ mod tests {
                 let ((p1, a), (p2, b)) = (parse_id(f[1]), parse_id(f[2]));
                 assert_eq!(t.pair_offsets(split, i), Some((a, b)));
                 assert_eq!(p1, c.plays()[c.play_of(a).unwrap()].name);
-                assert_eq!(f[0], if p1 == p2 { "1" } else { "0" });
+                assert_eq!(p1, p2);
+                assert_eq!(f[0], if a.abs_diff(b) < 128 { "1" } else { "0" });
             }
             std::fs::write(dir.join(file), buf).unwrap();
         }
@@ -574,9 +601,19 @@ mod tests {
         let t = Retrieval::from_dir(&dir, Setting::Lite).unwrap();
         let e = t.example(Split::Train, 0);
         assert_eq!(e.label, 1);
-        assert_eq!(e.ids.len(), 4 + 128);
+        assert_eq!((e.ids.len(), e.second), (4 + 128, Some(4)));
         assert_eq!(&e.ids[..4], &b"ab\tc".map(u32::from)[..]);
         assert_eq!(t.example(Split::Train, 1).ids.len(), 4 + 5);
+        // In a batch each document is padded on its own: the second starts at 128.
+        let b = crate::adapter::batch(&t, Split::Train, &[1]).unwrap();
+        let ids = b.inputs.to_vec2::<u32>().unwrap().remove(0);
+        let mask = b.mask.unwrap().to_vec2::<f32>().unwrap().remove(0);
+        assert_eq!(&ids[128..133], &b"short".map(u32::from)[..]);
+        assert_eq!(mask.iter().sum::<f32>(), 9.0);
+        assert_eq!(
+            (mask[3], mask[4], mask[128], mask[132], mask[133]),
+            (1., 0., 1., 1., 0.)
+        );
         assert_eq!(t.example(Split::Test, 0).label, 1);
         // Repeated documents are stored once.
         let Data::Files { docs, .. } = &t.data else {

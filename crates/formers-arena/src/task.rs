@@ -79,6 +79,20 @@ impl Setting {
 pub struct Example {
     pub ids: Vec<u32>,
     pub label: u32,
+    /// For a task whose inputs are pairs ([`ArenaTask::pairs`]): where the second document
+    /// starts in `ids` (each document is at most `max_len / 2` ids).
+    pub second: Option<usize>,
+}
+
+impl Example {
+    /// A one-sequence example.
+    pub fn new(ids: Vec<u32>, label: u32) -> Example {
+        Example {
+            ids,
+            label,
+            second: None,
+        }
+    }
 }
 
 /// The random generator for example `index` of `split` of a task seeded with `seed`:
@@ -162,6 +176,11 @@ pub trait ArenaTask: Send + Sync {
     /// the splits are disjoint by construction, [`draw_in_split`]): training then draws
     /// fresh examples every step instead of cycling the training split's `len`.
     fn generated(&self) -> bool {
+        false
+    }
+    /// Whether each input is two documents to compare ([`Example::second`]): the model then
+    /// encodes each on its own with a matching head (LRA's dual encoder for retrieval).
+    fn pairs(&self) -> bool {
         false
     }
     /// Writes the first `n` examples of `split` in the layout of LRA's released files

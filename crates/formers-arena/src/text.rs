@@ -285,14 +285,13 @@ impl ArenaTask for TextClassification {
                 self.len(split)
             )
         });
-        Example {
-            ids: text
-                .iter()
+        Example::new(
+            text.iter()
                 .take(self.max_len)
                 .map(|&b| u32::from(b))
                 .collect(),
             label,
-        }
+        )
     }
 
     fn write_tsv(&self, split: Split, n: usize, out: &mut dyn Write) -> io::Result<()> {

@@ -105,7 +105,7 @@ struct RunArgs {
     variants: Vec<String>,
     /// Training per run: optimizer steps (`300`) or minutes (`2m`, `90s`), the same for
     /// every task. Default: the suite's steps per task, what each needs to learn (lite:
-    /// listops 500, text 200, retrieval 100, pathfinder 100, others 100; full: 5000).
+    /// listops 500, text 200, retrieval 300, pathfinder 100, others 100; full: 5000).
     #[arg(long)]
     budget: Option<String>,
     /// Peak learning rate of every run [default: the suite's: 2e-3 lite, 5e-4 full].

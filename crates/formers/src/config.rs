@@ -158,6 +158,11 @@ pub enum HeadSpec {
     },
     /// One label per sequence.
     Classification { n_classes: usize, pooling: Pooling },
+    /// One label per pair of documents, each encoded on its own by the shared stack (LRA's
+    /// dual encoder for retrieval, Tay et al. 2021): the input `[b, 2m]` holds document 1 in
+    /// positions `0..m` and document 2 in `m..2m`, each padded at its end; the pooled `u`, `v`
+    /// are classified from `[u, v, u⊙v, |u−v|]` (Conneau et al. 2017, InferSent).
+    Matching { n_classes: usize, pooling: Pooling },
     /// Pooled (mean by default), optionally L2-normalised sequence embedding.
     Embedding {
         #[serde(default = "default_pooling")]
@@ -472,7 +477,9 @@ impl ModelConfig {
                 ));
             }
         }
-        if let HeadSpec::Classification { n_classes, .. } = self.head {
+        if let HeadSpec::Classification { n_classes, .. } | HeadSpec::Matching { n_classes, .. } =
+            self.head
+        {
             if n_classes < 2 {
                 return Err(Error::config(
                     "head.n_classes",

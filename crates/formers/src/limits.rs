@@ -194,6 +194,9 @@ pub fn param_count(cfg: &ModelConfig) -> u128 {
         HeadSpec::Classification { n_classes, .. } => {
             crate::linear::Linear::param_count(d, *n_classes, None, true)
         }
+        HeadSpec::Matching { n_classes, .. } => {
+            crate::linear::Linear::param_count(4 * d, *n_classes, None, true)
+        }
     };
     [
         vocab.saturating_mul(d as u128),
@@ -313,9 +316,13 @@ fn knobs(run: &RunConfig, training: bool) -> Vec<Knob> {
             r.model.input = InputSpec::Tokens { vocab_size: 1 }
         }));
     }
-    if let HeadSpec::Classification { n_classes, .. } = m.head {
+    if let HeadSpec::Classification { n_classes, .. } | HeadSpec::Matching { n_classes, .. } =
+        m.head
+    {
         out.push(knob("head.n_classes", n_classes, |r| {
-            if let HeadSpec::Classification { n_classes, .. } = &mut r.model.head {
+            if let HeadSpec::Classification { n_classes, .. }
+            | HeadSpec::Matching { n_classes, .. } = &mut r.model.head
+            {
                 *n_classes = 2;
             }
         }));

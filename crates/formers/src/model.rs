@@ -35,6 +35,7 @@ impl Cache {
 enum Head {
     Lm { untied: Option<Linear> },
     Classification { pooling: Pooling, proj: Linear },
+    Matching { pooling: Pooling, proj: Linear },
     Embedding { pooling: Pooling, normalize: bool },
 }
 
@@ -103,6 +104,10 @@ impl Model {
                 pooling: *pooling,
                 proj: Linear::new(&p.pp("head"), d, *n_classes, true)?,
             },
+            HeadSpec::Matching { n_classes, pooling } => Head::Matching {
+                pooling: *pooling,
+                proj: Linear::new(&p.pp("head"), 4 * d, *n_classes, true)?,
+            },
             HeadSpec::Embedding { pooling, normalize } => Head::Embedding {
                 pooling: *pooling,
                 normalize: *normalize,
@@ -145,13 +150,26 @@ impl Model {
 
     /// The head's output for token ids `[b, n]` (u32): LM logits `[b, n, vocab]`,
     /// class logits `[b, classes]` or embeddings `[b, d]`. `mask [b, n]` is 1 for tokens
-    /// and 0 for padding; `rng` turns dropout on.
+    /// and 0 for padding; `rng` turns dropout on. A matching head reads each row as two
+    /// documents of `n/2` tokens, each encoded on its own ([`HeadSpec::Matching`]).
     pub fn forward(
         &self,
         ids: &Tensor,
         mask: Option<&Tensor>,
         rng: Option<&mut Rng>,
     ) -> Result<Tensor> {
+        if let Head::Matching { .. } = self.head {
+            let (b, n) = ids.dims2()?;
+            if !n.is_multiple_of(2) {
+                return Err(Error::Input(format!(
+                    "a matching head takes two documents of n/2 tokens each: n = {n} is odd"
+                )));
+            }
+            let ids = ids.reshape((2 * b, n / 2))?;
+            let mask = mask.map(|m| m.reshape((2 * b, n / 2))).transpose()?;
+            let h = self.hidden(&ids, mask.as_ref(), None, rng)?;
+            return self.head(&h, mask.as_ref());
+        }
         let h = self.hidden(ids, mask, None, rng)?;
         self.head(&h, mask)
     }
@@ -312,6 +330,10 @@ impl Model {
         let h = self.hidden_packed(batch)?;
         match &self.head {
             Head::Lm { .. } => Ok(self.head(&h.unsqueeze(0)?, None)?.squeeze(0)?),
+            Head::Matching { .. } => Err(Error::Input(
+                "a matching head classifies pairs of documents: use `forward`, not a packed batch"
+                    .into(),
+            )),
             _ => {
                 let pooled = batch
                     .segments
@@ -401,7 +423,8 @@ impl Model {
         }
     }
 
-    /// Applies the head to hidden states `[b, n, d]`.
+    /// Applies the head to hidden states `[b, n, d]` (for a matching head: the two documents
+    /// of pair `i` in rows `2i`, `2i + 1`).
     pub fn head(&self, h: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         match &self.head {
             Head::Lm { untied: None } => {
@@ -411,6 +434,21 @@ impl Model {
             }
             Head::Lm { untied: Some(l) } => l.forward(h),
             Head::Classification { pooling, proj } => proj.forward(&pool(h, mask, *pooling)?),
+            Head::Matching { pooling, proj } => {
+                let pooled = pool(h, mask, *pooling)?;
+                let (rows, d) = pooled.dims2()?;
+                if !rows.is_multiple_of(2) {
+                    return Err(Error::Input(format!(
+                        "a matching head pools documents in pairs: {rows} rows is odd"
+                    )));
+                }
+                // Rows 2i and 2i + 1 are the two documents of pair i.
+                let pairs = pooled.reshape((rows / 2, 2, d))?;
+                let u = pairs.narrow(1, 0, 1)?.squeeze(1)?;
+                let v = pairs.narrow(1, 1, 1)?.squeeze(1)?;
+                let features = Tensor::cat(&[&u, &v, &(&u * &v)?, &(&u - &v)?.abs()?], 1)?;
+                proj.forward(&features)
+            }
             Head::Embedding { pooling, normalize } => {
                 let pooled = pool(h, mask, *pooling)?;
                 if !normalize {
@@ -793,6 +831,77 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!((norm - 1.0).abs() < 1e-5);
+    }
+
+    /// The matching head is the two documents encoded on their own (an embedding model on
+    /// the same weights), each with its own padding, then `[u, v, u⊙v, |u−v|]` → linear.
+    #[test]
+    fn a_matching_head_encodes_each_document_alone() {
+        let json = |head: &str| {
+            ModelConfig::from_json(&format!(
+                r#"{{"d_model": 8, "n_heads": 2, "n_layers": 2, "max_len": 5, "input": {{"kind": "tokens", "vocab_size": 11}},
+                   "head": {head}}}"#
+            ))
+            .unwrap()
+        };
+        let p = Params::new(4, DType::F32, &Device::Cpu);
+        let matching = Model::new(
+            &json(r#"{"kind": "matching", "n_classes": 3, "pooling": "mean"}"#),
+            &p,
+        )
+        .unwrap();
+        let encoder =
+            Model::new(&json(r#"{"kind": "embedding", "normalize": false}"#), &p).unwrap();
+        // Pair 0: documents of 3 and 5 tokens; pair 1: 5 and 2 (padding after each).
+        let docs: [&[u32]; 4] = [&[1, 2, 3], &[4, 5, 6, 7, 8], &[9, 1, 2, 3, 4], &[5, 6]];
+        let (mut flat, mut mask) = (Vec::new(), Vec::new());
+        for doc in docs {
+            for i in 0..5 {
+                flat.push(doc.get(i).copied().unwrap_or(10));
+                mask.push(if i < doc.len() { 1f32 } else { 0. });
+            }
+        }
+        let ids = Tensor::from_vec(flat, (2, 10), &Device::Cpu).unwrap();
+        let mask = Tensor::from_vec(mask, (2, 10), &Device::Cpu).unwrap();
+        let logits = matching.forward(&ids, Some(&mask), None).unwrap();
+        assert_eq!(logits.dims(), &[2, 3]);
+        let w = p.tensors()["head.weight"].clone();
+        let b = p.tensors()["head.bias"].clone();
+        assert_eq!(w.dims(), &[3, 32]);
+        for (pair, docs) in docs.chunks(2).enumerate() {
+            let [u, v] = [docs[0], docs[1]].map(|d| {
+                encoder
+                    .forward(&ids_tensor(d).unwrap(), None, None)
+                    .unwrap()
+                    .squeeze(0)
+                    .unwrap()
+            });
+            let features = Tensor::cat(
+                &[
+                    &u,
+                    &v,
+                    &(&u * &v).unwrap(),
+                    &(&u - &v).unwrap().abs().unwrap(),
+                ],
+                0,
+            )
+            .unwrap();
+            let expect = (w
+                .matmul(&features.unsqueeze(1).unwrap())
+                .unwrap()
+                .squeeze(1)
+                .unwrap()
+                + &b)
+                .unwrap();
+            let got = logits.get(pair).unwrap();
+            assert!(max_abs(&got, &expect) < 1e-5, "pair {pair}");
+        }
+        // An odd length cannot be two documents; nor is a packed batch a pair.
+        let odd = Tensor::from_vec(vec![1u32; 9], (1, 9), &Device::Cpu).unwrap();
+        let err = matching.forward(&odd, None, None).unwrap_err().to_string();
+        assert!(err.contains("odd"), "{err}");
+        let packed = Packed::new(&[vec![1u32, 2]]).unwrap();
+        assert!(matching.forward_packed(&packed).is_err());
     }
 
     fn encoder(position: &str, causal: bool) -> Model {

@@ -231,18 +231,29 @@ impl RandomTokens {
     /// Sequences of `len` tokens for a model of `cfg`; errors when they do not fit it or its
     /// head has no training loss.
     pub fn for_model(cfg: &ModelConfig, len: usize) -> Result<Self> {
-        if len == 0 || len > cfg.max_len {
+        // A matching head takes two documents of up to max_len each.
+        let pairs = matches!(cfg.head, HeadSpec::Matching { .. });
+        let limit = if pairs { 2 * cfg.max_len } else { cfg.max_len };
+        if pairs && !len.is_multiple_of(2) {
+            return Err(Error::config(
+                "model.head",
+                format!("a matching head takes two documents of n/2 tokens: {len} is odd"),
+            ));
+        }
+        if len == 0 || len > limit {
             return Err(Error::config(
                 "model.max_len",
                 format!(
                     "a sequence of {len} tokens does not fit a model of max_len {}",
                     cfg.max_len
-                ),
+                ) + if pairs { " (two documents)" } else { "" },
             ));
         }
         let classes = match cfg.head {
             HeadSpec::Lm { .. } => None,
-            HeadSpec::Classification { n_classes, .. } => Some(n_classes),
+            HeadSpec::Classification { n_classes, .. } | HeadSpec::Matching { n_classes, .. } => {
+                Some(n_classes)
+            }
             HeadSpec::Embedding { .. } => return Err(Error::config(
                 "model.head",
                 "an `embedding` head has no training loss; use an `lm` or `classification` head",
@@ -308,6 +319,29 @@ mod tests {
         for (xi, yi) in x.iter().zip(&y) {
             assert_eq!(xi.iter().rev().copied().collect::<Vec<_>>(), *yi);
             assert!(xi.iter().all(|&v| v < 7));
+        }
+    }
+
+    /// A matching head takes two documents of up to `max_len` each: random pairs train it.
+    #[test]
+    fn random_tokens_for_a_matching_head_are_pairs() {
+        let cfg = crate::config::ModelConfig::from_json(
+            r#"{"d_model": 8, "n_heads": 2, "n_layers": 1, "max_len": 4, "input": {"kind": "bytes"},
+               "head": {"kind": "matching", "n_classes": 2, "pooling": "mean"}}"#,
+        )
+        .unwrap();
+        let data = RandomTokens::for_model(&cfg, 8).unwrap();
+        let b = data.batch(&mut Rng::new(2), 3).unwrap();
+        let model = crate::model::Model::new(
+            &cfg,
+            &crate::params::Params::new(1, candle_core::DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let logits = model.forward(&b.inputs, None, None).unwrap();
+        assert_eq!(logits.dims(), &[3, 2]);
+        for bad in [7, 10] {
+            let err = RandomTokens::for_model(&cfg, bad).unwrap_err().to_string();
+            assert!(err.contains(&bad.to_string()), "{err}");
         }
     }
 

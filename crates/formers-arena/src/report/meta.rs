@@ -76,8 +76,9 @@ pub fn report_meta(opts: Option<&Options>, records: &[Record]) -> super::ReportM
     }
     if by_task.contains_key("retrieval") {
         notes.push(
-            "`retrieval` reads its two documents as one sequence (document 1, then \
-             document 2), not with LRA's two separate encoders (towers)."
+            "`retrieval` encodes its two documents apart with one shared encoder (LRA's \
+             two towers) and classifies the pooled pair [u, v, u*v, |u-v|] with a linear \
+             layer (LRA: [u, v, u*v, u-v] and an MLP)."
                 .into(),
         );
     }
