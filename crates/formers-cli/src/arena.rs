@@ -65,7 +65,7 @@ struct DataFlags {
     #[arg(long, value_name = "DIR")]
     text_dir: Option<PathBuf>,
     /// LRA's AAN files (`new_aan_pairs.{train,eval,test}.tsv`); default: passage pairs of
-    /// the shipped plays, labelled same play or not.
+    /// neighbouring passages of the shipped plays, labelled by whether they share text.
     #[arg(long, value_name = "DIR")]
     retrieval_dir: Option<PathBuf>,
     /// CIFAR-10 binary version (or set FORMERS_CIFAR10_DIR); the image task is skipped
@@ -100,7 +100,7 @@ struct RunArgs {
     tasks: Vec<String>,
     /// Variants, comma-separated: names under configs/arena/ or paths to variant .json
     /// files; `all` for every shipped variant. Default: vanilla, local, linear-elu,
-    /// performer, linformer (one per kind of token mixer; about 7 minutes on 2 cores).
+    /// performer, linformer (one per kind of token mixer; about 10 minutes on 2 cores).
     #[arg(long, value_delimiter = ',')]
     variants: Vec<String>,
     /// Training per run: optimizer steps (`300`) or minutes (`2m`, `90s`), the same for
