@@ -24,7 +24,7 @@
 //! same play and differ only in whether the text repeats: a question of matching, which the
 //! earlier offline question (same play or not, from 128 bytes) was not for a lite model
 //! (chance after 1,500 steps, two towers or one sequence).
-//! * train: drawn with [`example_rng`]`(seed, Train, i)` from the train regions; `3000`
+//! * train: drawn with [`example_rng`]`(seed, Train, i)` from the train regions; `10,000`
 //!   pairs (Lite) or `3 × m` (Full, `m` = the smallest play's number of starts).
 //! * val / test: drawn the same way from the val / test regions, duplicates redrawn; `300` /
 //!   `600` pairs, fewer in Full when the small regions run out of distinct pairs.
