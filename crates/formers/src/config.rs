@@ -172,6 +172,18 @@ pub enum HeadSpec {
     },
 }
 
+impl HeadSpec {
+    /// The classes of a head that gives one label per input (classification, matching).
+    pub fn n_classes(&self) -> Option<usize> {
+        match self {
+            HeadSpec::Classification { n_classes, .. } | HeadSpec::Matching { n_classes, .. } => {
+                Some(*n_classes)
+            }
+            HeadSpec::Lm { .. } | HeadSpec::Embedding { .. } => None,
+        }
+    }
+}
+
 /// How a sequence is reduced to one vector.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -477,9 +489,7 @@ impl ModelConfig {
                 ));
             }
         }
-        if let HeadSpec::Classification { n_classes, .. } | HeadSpec::Matching { n_classes, .. } =
-            self.head
-        {
+        if let Some(n_classes) = self.head.n_classes() {
             if n_classes < 2 {
                 return Err(Error::config(
                     "head.n_classes",

@@ -316,9 +316,7 @@ fn knobs(run: &RunConfig, training: bool) -> Vec<Knob> {
             r.model.input = InputSpec::Tokens { vocab_size: 1 }
         }));
     }
-    if let HeadSpec::Classification { n_classes, .. } | HeadSpec::Matching { n_classes, .. } =
-        m.head
-    {
+    if let Some(n_classes) = m.head.n_classes() {
         out.push(knob("head.n_classes", n_classes, |r| {
             if let HeadSpec::Classification { n_classes, .. }
             | HeadSpec::Matching { n_classes, .. } = &mut r.model.head

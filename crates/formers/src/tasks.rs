@@ -249,16 +249,13 @@ impl RandomTokens {
                 ) + if pairs { " (two documents)" } else { "" },
             ));
         }
-        let classes = match cfg.head {
-            HeadSpec::Lm { .. } => None,
-            HeadSpec::Classification { n_classes, .. } | HeadSpec::Matching { n_classes, .. } => {
-                Some(n_classes)
-            }
-            HeadSpec::Embedding { .. } => return Err(Error::config(
+        if let HeadSpec::Embedding { .. } = cfg.head {
+            return Err(Error::config(
                 "model.head",
                 "an `embedding` head has no training loss; use an `lm` or `classification` head",
-            )),
-        };
+            ));
+        }
+        let classes = cfg.head.n_classes();
         Ok(RandomTokens {
             vocab: cfg.input.vocab_size(),
             len,
