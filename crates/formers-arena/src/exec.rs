@@ -6,7 +6,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use formers::config::{HeadSpec, InputSpec, ModelConfig, Pooling, RunConfig};
+use formers::config::{
+    HeadSpec, InitSpec, InputSpec, ModelConfig, Pooling, PositionSpec, RunConfig,
+};
 use formers::tasks::{RandomTokens, Task};
 use formers::train::trainer::{EvalReport, StepReport};
 use formers::train::{Observer, RunDir, TrainConfig, Trainer};
@@ -81,6 +83,7 @@ pub fn configure(
     m.n_layers = suite.n_layers;
     m.max_len = max_len;
     m.input = InputSpec::Tokens { vocab_size: vocab };
+    m.init = InitSpec::Torch;
     m.head = HeadSpec::Classification {
         n_classes,
         pooling: Pooling::Mean,
@@ -89,7 +92,9 @@ pub fn configure(
 }
 
 /// The variant's model for `task`: [`configure`] with the task's ids, length and classes; for
-/// a task of pairs, a matching head over documents of half the task's length.
+/// a task of pairs, a matching head over documents of half the task's length; for an image
+/// task in a suite with [`SuiteSpec::image_rope_base`], 2-D rotary positions in place of the
+/// learned table when the variant uses the table and its mixers accept rotary positions.
 pub fn configure_task(v: &Variant, suite: &SuiteSpec, task: &dyn ArenaTask) -> ModelConfig {
     let mut m = configure(
         v,
@@ -105,7 +110,26 @@ pub fn configure_task(v: &Variant, suite: &SuiteSpec, task: &dyn ArenaTask) -> M
             pooling: Pooling::Mean,
         };
     }
+    if let Some(position) = task.grid_width().and_then(|w| grid_positions(&m, suite, w)) {
+        m.position = position;
+    }
     m
+}
+
+/// The 2-D rotary positions that replace `m`'s learned table on an image `width` pixels
+/// wide, when the suite asks for them ([`SuiteSpec::image_rope_base`]), `m` uses the learned
+/// table and every mixer of `m` accepts rotary positions; `None` keeps `m`'s positions.
+pub fn grid_positions(m: &ModelConfig, suite: &SuiteSpec, width: usize) -> Option<PositionSpec> {
+    let base = suite.image_rope_base?;
+    if m.position != PositionSpec::Learned {
+        return None;
+    }
+    let position = PositionSpec::Rope2d { width, base };
+    let grid = ModelConfig {
+        position: position.clone(),
+        ..m.clone()
+    };
+    grid.validate().is_ok().then_some(position)
 }
 
 /// Runs `job` in this process, using `work` for run directories; reports progress to
@@ -466,5 +490,49 @@ mod tests {
         let m = opts(Budget::Minutes(2.0));
         assert_eq!(work(&run("pathfinder"), &m, &tasks).total, 125.0);
         assert!(work(&speed(256), &m, &tasks).total < 5.0);
+    }
+
+    #[test]
+    fn lite_images_get_2d_rotary_positions_where_the_mixers_take_them() {
+        use crate::pathfinder::Pathfinder;
+        use crate::variants::{builtin, DEFAULT};
+        let all = builtin();
+        let by_name = |n: &str| all.iter().find(|v| v.name == n).cloned();
+        let lite = SuiteSpec::new(Setting::Lite);
+        let pf = Pathfinder::for_task("pathfinder", Setting::Lite, 0).unwrap();
+        for name in DEFAULT {
+            let v = by_name(name).unwrap();
+            let m = configure_task(&v, &lite, &pf);
+            assert_eq!(
+                m.position,
+                PositionSpec::Rope2d {
+                    width: 12,
+                    base: 10.0
+                },
+                "{name}"
+            );
+            assert_eq!(m.init, InitSpec::Torch);
+            m.validate().unwrap();
+            // A sequence task keeps the learned table.
+            let lo = crate::listops::ListOps::new(Setting::Lite, 0);
+            assert_eq!(
+                configure_task(&v, &lite, &lo).position,
+                PositionSpec::Learned
+            );
+        }
+        // A mixer with no queries and keys keeps the table.
+        let pool = by_name("poolformer").unwrap();
+        assert_eq!(
+            configure_task(&pool, &lite, &pf).position,
+            PositionSpec::Learned
+        );
+        // The full suite keeps LRA's 1-D positions.
+        let full = SuiteSpec::new(Setting::Full);
+        let pf32 = Pathfinder::for_task("pathfinder", Setting::Full, 0).unwrap();
+        let v = by_name("vanilla").unwrap();
+        assert_eq!(
+            configure_task(&v, &full, &pf32).position,
+            PositionSpec::Learned
+        );
     }
 }

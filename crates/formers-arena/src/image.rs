@@ -280,6 +280,10 @@ impl ArenaTask for Cifar10 {
         self.tokens
     }
 
+    fn grid_width(&self) -> Option<usize> {
+        Some(self.tokens.isqrt())
+    }
+
     fn len(&self, split: Split) -> usize {
         self.splits[split_slot(split)].labels.len()
     }

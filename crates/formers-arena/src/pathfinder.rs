@@ -43,7 +43,7 @@ use formers::rng::Rng;
 use crate::task::{attempts, split_of_content, ArenaTask, Example, Setting, Split};
 
 /// Image sizes the generator supports.
-pub const SIZES: [usize; 4] = [16, 32, 64, 128];
+pub const SIZES: [usize; 5] = [12, 16, 32, 64, 128];
 
 /// A point in pixel coordinates: pixel (x, y) covers `[x, x+1) × [y, y+1)`.
 type Pt = (f64, f64);
@@ -72,23 +72,27 @@ pub struct Params {
     pub clearance: f64,
     /// Gray value of path pixels (dots are 255).
     pub path_gray: u8,
+    /// Crisp pixels (background, line or dot) instead of anti-aliased coverage.
+    pub crisp: bool,
 }
 
 impl Params {
-    /// The parameters for `size` (16, 32, 64, 128; other sizes use the nearest of these).
+    /// The parameters for `size` (12 and 16 share the lite ones; 32, 64, 128; other sizes
+    /// use the nearest of these).
     pub fn for_size(size: usize) -> Params {
         match size {
             0..=23 => Params {
                 dash: 2.0,
-                gap: 1.7,
+                gap: 0.8,
                 half_width: 0.5,
                 dot_radius: 1.1,
-                path_dashes: 4,
-                distractors: 2,
+                path_dashes: 2,
+                distractors: 0,
                 distractor_dashes: 2,
                 max_turn: 0.6,
-                clearance: 2.0,
+                clearance: 2.5,
                 path_gray: 170,
+                crisp: true,
             },
             24..=47 => Params {
                 dash: 2.5,
@@ -101,6 +105,7 @@ impl Params {
                 max_turn: 0.55,
                 clearance: 2.2,
                 path_gray: 170,
+                crisp: false,
             },
             48..=95 => Params {
                 dash: 4.0,
@@ -113,6 +118,7 @@ impl Params {
                 max_turn: 0.5,
                 clearance: 3.0,
                 path_gray: 170,
+                crisp: false,
             },
             _ => Params {
                 dash: 6.0,
@@ -125,6 +131,7 @@ impl Params {
                 max_turn: 0.45,
                 clearance: 4.0,
                 path_gray: 170,
+                crisp: false,
             },
         }
     }
@@ -191,8 +198,19 @@ pub fn render(scene: &Scene) -> Vec<u8> {
             stamp(&mut img, n, c, c, p.dot_radius, 1.0);
         }
     }
+    let crisp = |v: f64| match v {
+        v if v >= 0.8 => 255,
+        v if v >= 0.3 * gray => p.path_gray,
+        _ => 0,
+    };
     img.iter()
-        .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .map(|&v| match p.crisp {
+            // Background, line or dot: a pixel a third covered by a line is line; a dot
+            // is the pixels it covers to 80%, which always includes the pixel holding its
+            // centre (covered at least to 1.1 + ½ − √½ ≈ 89%).
+            true => crisp(v),
+            false => (v.clamp(0.0, 1.0) * 255.0).round() as u8,
+        })
         .collect()
 }
 
@@ -479,7 +497,8 @@ fn layout(rng: &mut Rng, size: usize) -> Layout {
     fallback_layout(size)
 }
 
-/// A fixed, valid layout for the (never observed) case that every random try failed.
+/// A fixed, valid layout for a sample whose random tries all failed (about 2.5% of the
+/// lite 12 px images, whose paths fill more of the image; rare at the larger sizes).
 fn fallback_layout(size: usize) -> Layout {
     let s = size as f64;
     let dash = Params::for_size(size).dash;
@@ -502,16 +521,16 @@ pub struct Pathfinder {
 }
 
 impl Pathfinder {
-    /// Pathfinder with `size × size` images (16, 32, 64 or 128); 128 is named `pathx`.
+    /// Pathfinder with `size × size` images (12, 16, 32, 64 or 128); 128 is named `pathx`.
     pub fn new(setting: Setting, seed: u64, size: usize) -> Result<Pathfinder, String> {
         let name = if size == 128 { "pathx" } else { "pathfinder" };
         Pathfinder::named(name, setting, seed, size)
     }
 
-    /// `pathfinder` (16 px lite, 32 px full) or `pathx` (32 px lite, 128 px full).
+    /// `pathfinder` (12 px lite, 32 px full) or `pathx` (32 px lite, 128 px full).
     pub fn for_task(name: &str, setting: Setting, seed: u64) -> Result<Pathfinder, String> {
         match (name, setting) {
-            ("pathfinder", Setting::Lite) => Pathfinder::named("pathfinder", setting, seed, 16),
+            ("pathfinder", Setting::Lite) => Pathfinder::named("pathfinder", setting, seed, 12),
             ("pathfinder", Setting::Full) => Pathfinder::named("pathfinder", setting, seed, 32),
             ("pathx", Setting::Lite) => Pathfinder::named("pathx", setting, seed, 32),
             ("pathx", Setting::Full) => Pathfinder::named("pathx", setting, seed, 128),
@@ -529,7 +548,7 @@ impl Pathfinder {
     ) -> Result<Pathfinder, String> {
         if !SIZES.contains(&size) {
             return Err(format!(
-                "Pathfinder size {size} unsupported (16, 32, 64, 128)"
+                "Pathfinder size {size} unsupported (12, 16, 32, 64, 128)"
             ));
         }
         Ok(Pathfinder {
@@ -627,6 +646,10 @@ impl ArenaTask for Pathfinder {
 
     fn generated(&self) -> bool {
         true
+    }
+
+    fn grid_width(&self) -> Option<usize> {
+        Some(self.size)
     }
 
     fn len(&self, split: Split) -> usize {
@@ -753,11 +776,36 @@ mod tests {
 
     #[test]
     fn connectivity_matches_label() {
-        let t = lite(32);
-        for i in 0..200 {
-            let s = t.scene(Split::Train, i);
-            assert_eq!(connected(&s), s.label == 1, "index {i}");
+        let lite_task = Pathfinder::for_task("pathfinder", Setting::Lite, 0).unwrap();
+        for t in [lite(32), lite_task] {
+            for i in 0..200 {
+                let s = t.scene(Split::Train, i);
+                assert_eq!(connected(&s), s.label == 1, "index {i}");
+            }
         }
+    }
+
+    #[test]
+    fn lite_images_are_crisp_and_rarely_the_fallback() {
+        let t = Pathfinder::for_task("pathfinder", Setting::Lite, 0).unwrap();
+        assert_eq!(t.size(), 12);
+        let gray = u32::from(t.params().path_gray);
+        let images: Vec<Vec<u32>> = (0..400).map(|i| t.example(Split::Train, i).ids).collect();
+        assert!(images.iter().all(|ids| ids.len() == 144));
+        // Background, line or dot only; both dots lit.
+        for ids in &images {
+            assert!(ids.iter().all(|&v| v == 0 || v == gray || v == 255));
+            assert!(ids.iter().filter(|&&v| v == 255).count() >= 2);
+        }
+        // The fixed layout for a scene that never fit stays rare (measured 2.5% at 12 px).
+        let fixed = fallback_layout(12).paths;
+        let fallback = (0..400)
+            .filter(|&i| t.scene(Split::Train, i).paths == fixed)
+            .count();
+        assert!(
+            fallback < 20,
+            "{fallback} of 400 images are the fallback layout"
+        );
     }
 
     #[test]
@@ -908,7 +956,9 @@ mod tests {
             for i in 0..5 {
                 let ex = t.example(Split::Train, i);
                 assert_eq!(ex.ids.len(), size * size);
-                assert!(t.scene(Split::Train, i).paths.len() >= 3, "size {size}");
+                // Two targets, plus distractors where the size has them.
+                let want = if t.params().distractors == 0 { 2 } else { 3 };
+                assert!(t.scene(Split::Train, i).paths.len() >= want, "size {size}");
             }
         }
         assert!(Pathfinder::new(Setting::Lite, 0, 20).is_err());

@@ -183,6 +183,12 @@ pub trait ArenaTask: Send + Sync {
     fn pairs(&self) -> bool {
         false
     }
+    /// The width of the images when each input is a picture read row by row (Pathfinder,
+    /// CIFAR-10): a suite with [`crate::suite::SuiteSpec::image_rope_base`] then tells the
+    /// model where each pixel sits in two dimensions.
+    fn grid_width(&self) -> Option<usize> {
+        None
+    }
     /// Writes the first `n` examples of `split` in the layout of LRA's released files
     /// (documented per task), with a header line when that layout has one.
     fn write_tsv(&self, split: Split, n: usize, out: &mut dyn Write) -> io::Result<()>;

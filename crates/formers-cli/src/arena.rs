@@ -100,12 +100,12 @@ struct RunArgs {
     tasks: Vec<String>,
     /// Variants, comma-separated: names under configs/arena/ or paths to variant .json
     /// files; `all` for every shipped variant. Default: vanilla, local, linear-elu,
-    /// performer, linformer (one per kind of token mixer; about 10 minutes on 2 cores).
+    /// performer, linformer (one per kind of token mixer; about 15 minutes on 2 cores).
     #[arg(long, value_delimiter = ',')]
     variants: Vec<String>,
     /// Training per run: optimizer steps (`300`) or minutes (`2m`, `90s`), the same for
     /// every task. Default: the suite's steps per task, what each needs to learn (lite:
-    /// listops 500, text 200, retrieval 300, pathfinder 100, others 100; full: 5000).
+    /// listops 500, text 300, retrieval 300, pathfinder 1000, others 100; full: 5000).
     #[arg(long)]
     budget: Option<String>,
     /// Peak learning rate of every run [default: the suite's: 2e-3 lite, 5e-4 full].
@@ -182,7 +182,7 @@ struct DataArgs {
 struct ShowArgs {
     /// pathfinder or pathx.
     task: String,
-    /// Image side: 16, 32, 64 or 128 (default: the suite's).
+    /// Image side: 12, 16, 32, 64 or 128 (default: the suite's).
     #[arg(long)]
     size: Option<usize>,
     #[arg(long, default_value = "lite", value_parser = parse_setting)]

@@ -70,6 +70,29 @@ pub struct ModelConfig {
     /// Per-layer overrides, keyed by layer index ("0", "1", ...).
     #[serde(default)]
     pub layers: BTreeMap<String, LayerOverride>,
+    /// How new weights are drawn (a loaded checkpoint brings its own).
+    #[serde(default, skip_serializing_if = "InitSpec::is_default")]
+    pub init: InitSpec,
+}
+
+/// How a new model's weights are drawn.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum InitSpec {
+    /// Embedding tables (tokens, types, learned positions) and linear weights N(0, 0.02),
+    /// biases 0 (GPT-2, Radford et al. 2019).
+    #[default]
+    Gpt2,
+    /// PyTorch's module defaults: embedding tables (`nn.Embedding`, learned positions too)
+    /// N(0, 1); linear weights and biases U(±1/√fan_in) (Kaiming-uniform with a = √5;
+    /// He et al. 2015).
+    Torch,
+}
+
+impl InitSpec {
+    fn is_default(&self) -> bool {
+        *self == InitSpec::default()
+    }
 }
 
 fn default_max_len() -> usize {
@@ -132,6 +155,14 @@ pub enum PositionSpec {
     Alibi,
     /// Rotary embeddings applied to queries and keys (RoFormer, Su et al. 2021).
     Rope {
+        #[serde(default = "default_rope_base")]
+        base: f64,
+    },
+    /// Rotary embeddings over a `width`-wide grid read row by row: half of each rotated
+    /// pair turns with the row, half with the column (2-D RoPE as in ViTs, Heo et al. 2024,
+    /// "Rotary Position Embedding for Vision Transformer").
+    Rope2d {
+        width: usize,
         #[serde(default = "default_rope_base")]
         base: f64,
     },
@@ -472,15 +503,22 @@ impl ModelConfig {
         if let InputSpec::Tokens { vocab_size } = self.input {
             bounded("input.vocab_size", vocab_size, limits::MAX_VOCAB)?;
         }
-        if let PositionSpec::Rope { base } = self.position {
-            if !self.head_dim().is_multiple_of(2) {
+        if let PositionSpec::Rope { base } | PositionSpec::Rope2d { base, .. } = self.position {
+            let (kind, multiple) = match self.position {
+                PositionSpec::Rope2d { .. } => ("rope2d", 4),
+                _ => ("rope", 2),
+            };
+            if !self.head_dim().is_multiple_of(multiple) {
                 return Err(Error::config(
                     "position",
                     format!(
-                        "rope needs an even head dimension, found {}",
+                        "{kind} needs a head dimension divisible by {multiple}, found {}",
                         self.head_dim()
                     ),
                 ));
+            }
+            if let PositionSpec::Rope2d { width, .. } = self.position {
+                bounded("position.width", width, self.max_len)?;
             }
             if !(base > 1.0 && base.is_finite()) {
                 return Err(Error::config(
@@ -544,7 +582,9 @@ impl ModelConfig {
         }
         let refused = match self.position {
             PositionSpec::Alibi if !can.alibi => Some("alibi biases softmax scores"),
-            PositionSpec::Rope { .. } if !can.rope => Some("rope rotates queries and keys"),
+            PositionSpec::Rope { .. } | PositionSpec::Rope2d { .. } if !can.rope => {
+                Some("rope rotates queries and keys")
+            }
             _ => None,
         };
         if let Some(why) = refused {
@@ -742,6 +782,47 @@ mod tests {
         assert!(matches!(cfg.layer(1).mixer, MixerSpec::Local(_)));
         assert!(!cfg.is_causal());
         assert_eq!(cfg.position, PositionSpec::Learned);
+    }
+
+    #[test]
+    fn rope2d_and_init_parse_and_are_checked() {
+        let mut v = base();
+        v["max_len"] = 64.into();
+        v["position"] = serde_json::json!({"kind": "rope2d", "width": 8});
+        v["init"] = "torch".into();
+        let cfg = ModelConfig::from_json(&v.to_string()).unwrap();
+        assert_eq!(
+            cfg.position,
+            PositionSpec::Rope2d {
+                width: 8,
+                base: 10_000.0
+            }
+        );
+        assert_eq!(cfg.init, InitSpec::Torch);
+        // The default scheme is not written out, so older readers take the JSON.
+        let mut plain = cfg.clone();
+        plain.init = InitSpec::Gpt2;
+        assert!(!serde_json::to_string(&plain).unwrap().contains("init"));
+        assert_eq!(
+            ModelConfig::from_json(&serde_json::to_string(&cfg).unwrap()).unwrap(),
+            cfg
+        );
+        // Head dimension 8 splits into rows and columns; 6 (3 heads of 18 → 6) does not.
+        let mut odd = v.clone();
+        odd["d_model"] = 18.into();
+        odd["n_heads"] = 3.into();
+        let e = err_of(odd);
+        assert!(e.contains("rope2d") && e.contains("divisible by 4"), "{e}");
+        for width in [0, 65] {
+            let mut w = v.clone();
+            w["position"]["width"] = width.into();
+            assert!(err_of(w).contains("position.width"));
+        }
+        // A mixer with nothing to rotate refuses it, as it refuses 1-D rope.
+        let mut pool = v.clone();
+        pool["defaults"] = serde_json::json!({"mixer": {"kind": "pool"}});
+        let e = err_of(pool);
+        assert!(e.contains("rope rotates queries and keys"), "{e}");
     }
 
     #[test]

@@ -38,7 +38,7 @@ impl Linear {
     ) -> Result<Self> {
         let (weight, factor) = match rank {
             None => (
-                p.get(&[d_out, d_in], "weight", Init::Normal(INIT_STD))?,
+                p.get(&[d_out, d_in], "weight", Init::Weight { fan_in: d_in })?,
                 None,
             ),
             Some(r) => {
@@ -50,7 +50,7 @@ impl Linear {
             }
         };
         let bias = if bias {
-            Some(p.get(&[d_out], "bias", Init::Const(0.0))?)
+            Some(p.get(&[d_out], "bias", Init::Bias { fan_in: d_in })?)
         } else {
             None
         };

@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::block::{dropout, Block};
 use crate::config::{HeadSpec, ModelConfig, Pooling, ResidualSpec};
-use crate::linear::{Linear, INIT_STD};
+use crate::linear::Linear;
 use crate::mixer::{MixCtx, MixerCache, MASKED};
 use crate::norm::Norm;
 use crate::params::{Init, Params};
@@ -60,12 +60,13 @@ impl Model {
     /// `layers.{i}.*`, `final_norm.*`, `head.*`.
     pub fn new(cfg: &ModelConfig, p: &Params) -> Result<Self> {
         cfg.validate()?;
+        let p = &p.with_init(cfg.init);
         let d = cfg.d_model;
         let vocab = cfg.input.vocab_size();
-        let embed = p.get(&[vocab, d], "embed.weight", Init::Normal(INIT_STD))?;
+        let embed = p.get(&[vocab, d], "embed.weight", Init::Embedding)?;
         let type_embed = match cfg.type_vocab_size {
             0 => None,
-            t => Some(p.get(&[t, d], "type_embed.weight", Init::Normal(INIT_STD))?),
+            t => Some(p.get(&[t, d], "type_embed.weight", Init::Embedding)?),
         };
         let embed_norm = if cfg.embed_norm {
             Some(Norm::new(&cfg.defaults.norm, &p.pp("embed_norm"), d)?)

@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor, Var};
 
+use crate::config::InitSpec;
+use crate::linear::INIT_STD;
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -17,10 +19,46 @@ use crate::{Error, Result};
 pub enum Init {
     /// Normal with mean 0 and this standard deviation.
     Normal(f64),
+    /// Uniform on `[-bound, bound)`.
+    Uniform(f64),
     /// Every entry this value.
     Const(f64),
     /// These values, in row-major order.
     Values(Vec<f64>),
+    /// A linear layer's weight with `fan_in` inputs, drawn as the store's [`InitSpec`] says.
+    Weight { fan_in: usize },
+    /// A linear layer's bias with `fan_in` inputs, drawn as the store's [`InitSpec`] says.
+    Bias { fan_in: usize },
+    /// An embedding table (tokens, token types, learned positions), drawn as the store's
+    /// [`InitSpec`] says.
+    Embedding,
+}
+
+/// What a new parameter's entries are drawn from, once the scheme has been applied.
+enum Draw {
+    Normal(f64),
+    Uniform(f64),
+    Const(f64),
+    Values(Vec<f64>),
+}
+
+impl Init {
+    /// The distribution `scheme` gives this kind of parameter.
+    fn resolve(self, scheme: InitSpec) -> Draw {
+        let bound = |fan_in: usize| 1.0 / (fan_in.max(1) as f64).sqrt();
+        match (self, scheme) {
+            (Init::Normal(std), _) => Draw::Normal(std),
+            (Init::Uniform(b), _) => Draw::Uniform(b),
+            (Init::Const(c), _) => Draw::Const(c),
+            (Init::Values(v), _) => Draw::Values(v),
+            (Init::Weight { .. } | Init::Embedding, InitSpec::Gpt2) => Draw::Normal(INIT_STD),
+            (Init::Bias { .. }, InitSpec::Gpt2) => Draw::Const(0.0),
+            (Init::Weight { fan_in } | Init::Bias { fan_in }, InitSpec::Torch) => {
+                Draw::Uniform(bound(fan_in))
+            }
+            (Init::Embedding, InitSpec::Torch) => Draw::Normal(1.0),
+        }
+    }
 }
 
 /// Where a store's parameters come from instead of being initialised (a checkpoint).
@@ -51,6 +89,7 @@ pub struct Params {
     dtype: DType,
     device: Device,
     trainable: bool,
+    init: InitSpec,
 }
 
 impl Params {
@@ -75,6 +114,7 @@ impl Params {
             dtype,
             device: device.clone(),
             trainable: true,
+            init: InitSpec::default(),
         }
     }
 
@@ -83,6 +123,14 @@ impl Params {
     pub fn frozen(&self) -> Self {
         Params {
             trainable: false,
+            ..self.clone()
+        }
+    }
+
+    /// The same store, drawing new weights as `init` says.
+    pub fn with_init(&self, init: InitSpec) -> Self {
+        Params {
+            init,
             ..self.clone()
         }
     }
@@ -151,11 +199,12 @@ impl Params {
             }
             Fill::Init(rng) => {
                 let n: usize = shape.iter().product();
-                let values: Vec<f64> = match init {
-                    Init::Normal(std) => (0..n).map(|_| rng.normal() * std).collect(),
-                    Init::Const(c) => vec![c; n],
-                    Init::Values(v) if v.len() == n => v,
-                    Init::Values(v) => {
+                let values: Vec<f64> = match init.resolve(self.init) {
+                    Draw::Normal(std) => (0..n).map(|_| rng.normal() * std).collect(),
+                    Draw::Uniform(b) => (0..n).map(|_| (2.0 * rng.uniform() - 1.0) * b).collect(),
+                    Draw::Const(c) => vec![c; n],
+                    Draw::Values(v) if v.len() == n => v,
+                    Draw::Values(v) => {
                         return Err(Error::config(
                             full,
                             format!("{} initial values for {n} entries", v.len()),
@@ -240,6 +289,50 @@ mod tests {
             let t = Tensor::arange(0f32, n as f32, dev)?.reshape(shape)?;
             Ok(Var::from_tensor(&t.to_dtype(dtype)?)?)
         }
+    }
+
+    fn values(t: &Tensor) -> Vec<f64> {
+        t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+    }
+
+    fn mean_std(v: &[f64]) -> (f64, f64) {
+        let n = v.len() as f64;
+        let mean = v.iter().sum::<f64>() / n;
+        let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+        (mean, var.sqrt())
+    }
+
+    #[test]
+    fn init_schemes_draw_what_they_name() {
+        let draw = |scheme: InitSpec, init: Init| {
+            let p = Params::new(5, DType::F64, &Device::Cpu).with_init(scheme);
+            values(&p.get(&[64, 100], "w", init).unwrap())
+        };
+        // GPT-2: the same draws as an explicit N(0, 0.02) (old checkpoints and seeds keep
+        // their numbers), zero biases.
+        let gpt2 = draw(InitSpec::Gpt2, Init::Weight { fan_in: 100 });
+        assert_eq!(gpt2, draw(InitSpec::Gpt2, Init::Normal(INIT_STD)));
+        assert_eq!(gpt2, draw(InitSpec::Gpt2, Init::Embedding));
+        assert!(draw(InitSpec::Gpt2, Init::Bias { fan_in: 100 })
+            .iter()
+            .all(|&b| b == 0.0));
+        // PyTorch: U(±1/√fan_in) for weights and biases (std bound/√3), N(0, 1) embeddings.
+        for init in [Init::Weight { fan_in: 100 }, Init::Bias { fan_in: 100 }] {
+            let w = draw(InitSpec::Torch, init);
+            assert!(w.iter().all(|x| x.abs() <= 0.1), "outside ±1/√100");
+            let (mean, std) = mean_std(&w);
+            assert!(mean.abs() < 0.005 && (std - 0.1 / 3f64.sqrt()).abs() < 0.003);
+        }
+        let (mean, std) = mean_std(&draw(InitSpec::Torch, Init::Embedding));
+        assert!(
+            mean.abs() < 0.05 && (std - 1.0).abs() < 0.03,
+            "{mean} {std}"
+        );
+        // Explicit distributions are the scheme's business no more.
+        assert_eq!(
+            draw(InitSpec::Torch, Init::Normal(0.5)),
+            draw(InitSpec::Gpt2, Init::Normal(0.5))
+        );
     }
 
     #[test]

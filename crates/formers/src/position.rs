@@ -1,10 +1,10 @@
 //! Position schemes: learned and sinusoidal tables added to the embeddings, and rotary
-//! embeddings applied to queries and keys (RoFormer, Su et al. 2021).
+//! embeddings applied to queries and keys (RoFormer, Su et al. 2021), in one or two
+//! dimensions.
 
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::{ModelConfig, PositionSpec};
-use crate::linear::INIT_STD;
 use crate::params::{Init, Params};
 use crate::{Error, Result};
 
@@ -27,12 +27,20 @@ impl Positions {
         let (len, d) = (cfg.max_len, cfg.d_model);
         Ok(match cfg.position {
             PositionSpec::Learned => {
-                Positions::Table(p.get(&[len, d], "weight", Init::Normal(INIT_STD))?)
+                Positions::Table(p.get(&[len, d], "weight", Init::Embedding)?)
             }
             PositionSpec::Sinusoidal => Positions::Table(sinusoids(len, d, p.dtype(), p.device())?),
             PositionSpec::Rope { base } => {
                 Positions::Rope(Rope::new(len, cfg.head_dim(), base, p.dtype(), p.device())?)
             }
+            PositionSpec::Rope2d { width, base } => Positions::Rope(Rope::new_2d(
+                len,
+                width,
+                cfg.head_dim(),
+                base,
+                p.dtype(),
+                p.device(),
+            )?),
             PositionSpec::Alibi => Positions::Alibi(
                 Tensor::from_vec(alibi_slopes(cfg.n_heads), cfg.n_heads, p.device())?
                     .to_dtype(p.dtype())?,
@@ -48,7 +56,7 @@ impl Positions {
         match cfg.position {
             PositionSpec::Learned => (table, 0),
             PositionSpec::Sinusoidal => (0, table),
-            PositionSpec::Rope { .. } => (
+            PositionSpec::Rope { .. } | PositionSpec::Rope2d { .. } => (
                 0,
                 (cfg.max_len as u128).saturating_mul(cfg.head_dim() as u128),
             ),
@@ -174,7 +182,8 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// Tables for `max_len` positions of a `head_dim`-wide head.
+    /// Tables for `max_len` positions of a `head_dim`-wide head: pair `i` turns by
+    /// `pos · base^(-2i/head_dim)`.
     pub fn new(
         max_len: usize,
         head_dim: usize,
@@ -182,12 +191,46 @@ impl Rope {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let half = head_dim / 2;
+        let freq = |i: usize| base.powf(-((2 * i) as f64) / head_dim as f64);
+        Self::tables(max_len, head_dim / 2, dtype, device, |pos, i| {
+            pos as f64 * freq(i)
+        })
+    }
+
+    /// Tables for a grid `width` positions wide, read row by row: of the `head_dim / 2`
+    /// pairs, the first half turn with the row `pos / width` and the second half with the
+    /// column `pos % width`, pair `i` of each half by `base^(-4i/head_dim)` per step.
+    pub fn new_2d(
+        max_len: usize,
+        width: usize,
+        head_dim: usize,
+        base: f64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let quarter = head_dim / 4;
+        let freq = |i: usize| base.powf(-((4 * i) as f64) / head_dim as f64);
+        Self::tables(max_len, 2 * quarter, dtype, device, |pos, i| {
+            if i < quarter {
+                (pos / width) as f64 * freq(i)
+            } else {
+                (pos % width) as f64 * freq(i - quarter)
+            }
+        })
+    }
+
+    fn tables(
+        max_len: usize,
+        half: usize,
+        dtype: DType,
+        device: &Device,
+        angle: impl Fn(usize, usize) -> f64,
+    ) -> Result<Self> {
         let mut cos = vec![0f64; max_len * half];
         let mut sin = vec![0f64; max_len * half];
         for pos in 0..max_len {
             for i in 0..half {
-                let a = pos as f64 * base.powf(-((2 * i) as f64) / head_dim as f64);
+                let a = angle(pos, i);
                 cos[pos * half + i] = a.cos();
                 sin[pos * half + i] = a.sin();
             }
@@ -244,6 +287,46 @@ mod tests {
             .unwrap();
         let n1 = rope.apply(&q, 5).unwrap().sqr().unwrap().sum_all().unwrap();
         assert!((n0 - n1.to_scalar::<f64>().unwrap()).abs() < 1e-10);
+    }
+
+    #[test]
+    fn rope_2d_depends_on_the_row_and_column_offsets() {
+        // A 5-wide grid: position = 5 · row + column.
+        let rope = Rope::new_2d(25, 5, 8, 10.0, DType::F64, &Device::Cpu).unwrap();
+        let q = randn(&[1, 1, 1, 8], 1);
+        let k = randn(&[1, 1, 1, 8], 2);
+        let at = |row: usize, col: usize| 5 * row + col;
+        let dot = |a: usize, b: usize| {
+            let s = (rope.apply(&q, a).unwrap() * rope.apply(&k, b).unwrap()).unwrap();
+            s.sum_all().unwrap().to_scalar::<f64>().unwrap()
+        };
+        // The same (Δrow, Δcol) anywhere on the grid gives the same score ...
+        let base = dot(at(1, 1), at(2, 3));
+        assert!((base - dot(at(2, 0), at(3, 2))).abs() < 1e-10);
+        assert!((base - dot(at(0, 2), at(1, 4))).abs() < 1e-10);
+        // ... but a neighbour one row down is not the next position along the sequence:
+        // 1-D rotary would score (0, 4) → (1, 0) as one step, here it is (+1, −4).
+        assert!((dot(at(0, 4), at(1, 0)) - dot(at(0, 0), at(0, 1))).abs() > 1e-6);
+        assert!((dot(at(0, 0), at(1, 0)) - dot(at(2, 3), at(3, 3))).abs() < 1e-10);
+        // Rows and columns turn different pairs: a row step is not a column step.
+        assert!((dot(at(0, 0), at(1, 0)) - dot(at(0, 0), at(0, 1))).abs() > 1e-6);
+        // Still a rotation: norms are kept.
+        let n0 = q
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let r = rope.apply(&q, at(3, 2)).unwrap();
+        let n1 = r
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!((n0 - n1).abs() < 1e-10);
     }
 
     #[test]

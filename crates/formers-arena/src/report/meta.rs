@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::exec::{SPEED_STEPS, SPEED_WARMUP};
+use crate::exec::{configure, grid_positions, SPEED_STEPS, SPEED_WARMUP};
 use crate::plan::{Budget, Options};
 use crate::results::{Record, RunResult};
 
@@ -27,7 +27,8 @@ pub fn report_meta(opts: Option<&Options>, records: &[Record]) -> super::ReportM
         let s = &o.suite;
         notes.push(format!(
             "Suite `{}`: every variant is {} layers of width {} with {} heads and a 4× MLP, \
-             mean-pooled classification head, learned positions; batch {}, AdamW at lr {} with \
+             mean-pooled classification head, learned positions (image tasks: below), \
+             PyTorch's default initialisation; batch {}, AdamW at lr {} with \
              10% warm-up and cosine decay; budget per run: {}; {} seed(s).",
             s.setting.name(),
             s.n_layers,
@@ -83,6 +84,9 @@ pub fn report_meta(opts: Option<&Options>, records: &[Record]) -> super::ReportM
              of half that length, which cost a quadratic mixer less."
                 .into(),
         );
+    }
+    if let Some(note) = opts.and_then(|o| grid_note(o, &by_task)) {
+        notes.push(note);
     }
     for r in records {
         if let Record::Skipped(s) = r {
@@ -141,4 +145,38 @@ fn param_range<'a>(runs: &[&'a RunResult]) -> Option<(&'a RunResult, &'a RunResu
         .min_by_key(|r| (r.params, r.variant.clone()))?;
     let hi = on_task.max_by_key(|r| (r.params, r.variant.clone()))?;
     Some((lo, hi))
+}
+
+/// Which variants see the image tasks' pixels in two dimensions (the suite's
+/// `image_rope_base`), when an image task ran.
+fn grid_note(o: &Options, by_task: &BTreeMap<&str, &RunResult>) -> Option<String> {
+    let base = o.suite.image_rope_base?;
+    let images: Vec<(&str, usize)> = by_task
+        .iter()
+        .filter(|(t, _)| matches!(**t, "pathfinder" | "pathx" | "image"))
+        .map(|(t, r)| (*t, r.seq_len.isqrt()))
+        .collect();
+    let &(_, width) = images.first()?;
+    let names: Vec<String> = images.iter().map(|(t, _)| format!("`{t}`")).collect();
+    let table: Vec<&str> = o
+        .variants
+        .iter()
+        .filter(|v| {
+            let m = configure(v, &o.suite, 256, width * width, 2);
+            grid_positions(&m, &o.suite, width).is_none()
+        })
+        .map(|v| v.name.as_str())
+        .collect();
+    let kept = if table.is_empty() {
+        "every variant here takes them".to_string()
+    } else {
+        format!("{} keep their own positions", table.join(", "))
+    };
+    Some(format!(
+        "Images ({}) are read row by row; the lite models get each pixel's row and column \
+         as 2-D rotary positions (base {base}) instead of the learned 1-D table ({kept}). \
+         LRA uses 1-D positions; from them the lite model learns no pixel adjacency within \
+         its budget.",
+        names.join(", ")
+    ))
 }

@@ -9,8 +9,8 @@ use super::{
     Naming, Take,
 };
 use crate::config::{
-    Activation, FfnSpec, HeadSpec, InputSpec, LayerSpec, MixerSpec, ModelConfig, NormSpec,
-    Placement, Pooling, PositionSpec,
+    Activation, FfnSpec, HeadSpec, InitSpec, InputSpec, LayerSpec, MixerSpec, ModelConfig,
+    NormSpec, Placement, Pooling, PositionSpec,
 };
 use crate::Result;
 
@@ -63,6 +63,7 @@ pub fn config(hf: &serde_json::Value, dir: &Path) -> Result<ModelConfig> {
         },
         residual: crate::config::ResidualSpec::Plain,
         layers: BTreeMap::new(),
+        init: InitSpec::default(),
     };
     cfg.validate().map_err(|e| hf_error(e, KEYS, &path))?;
     Ok(cfg)

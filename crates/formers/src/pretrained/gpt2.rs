@@ -7,8 +7,8 @@ use std::path::Path;
 
 use super::{checkpoint_error, f64_key, hf_error, layer_param, str_key, usize_key, Naming, Take};
 use crate::config::{
-    Activation, FfnSpec, HeadSpec, InputSpec, LayerSpec, MixerSpec, ModelConfig, NormSpec,
-    Placement, PositionSpec,
+    Activation, FfnSpec, HeadSpec, InitSpec, InputSpec, LayerSpec, MixerSpec, ModelConfig,
+    NormSpec, Placement, PositionSpec,
 };
 use crate::Result;
 
@@ -56,6 +56,7 @@ pub fn config(hf: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
         },
         residual: crate::config::ResidualSpec::Plain,
         layers: BTreeMap::new(),
+        init: InitSpec::default(),
     };
     cfg.validate().map_err(|e| hf_error(e, KEYS, path))?;
     Ok(cfg)
