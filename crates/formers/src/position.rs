@@ -267,26 +267,16 @@ mod tests {
         let q = randn(&[1, 1, 1, 8], 1);
         let k = randn(&[1, 1, 1, 8], 2);
         let dot = |a: usize, b: usize| {
-            let qa = rope.apply(&q, a).unwrap();
-            let kb = rope.apply(&k, b).unwrap();
-            (qa * kb)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
+            sum(&(rope.apply(&q, a).unwrap() * rope.apply(&k, b).unwrap()).unwrap())
         };
         assert!((dot(3, 1) - dot(10, 8)).abs() < 1e-10);
         assert!((dot(3, 1) - dot(3, 2)).abs() > 1e-6);
-        let n0 = q
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        let n1 = rope.apply(&q, 5).unwrap().sqr().unwrap().sum_all().unwrap();
-        assert!((n0 - n1.to_scalar::<f64>().unwrap()).abs() < 1e-10);
+        let n1 = sum(&rope.apply(&q, 5).unwrap().sqr().unwrap());
+        assert!((sum(&q.sqr().unwrap()) - n1).abs() < 1e-10);
+    }
+
+    fn sum(t: &Tensor) -> f64 {
+        t.sum_all().unwrap().to_scalar::<f64>().unwrap()
     }
 
     #[test]
@@ -297,8 +287,7 @@ mod tests {
         let k = randn(&[1, 1, 1, 8], 2);
         let at = |row: usize, col: usize| 5 * row + col;
         let dot = |a: usize, b: usize| {
-            let s = (rope.apply(&q, a).unwrap() * rope.apply(&k, b).unwrap()).unwrap();
-            s.sum_all().unwrap().to_scalar::<f64>().unwrap()
+            sum(&(rope.apply(&q, a).unwrap() * rope.apply(&k, b).unwrap()).unwrap())
         };
         // The same (Δrow, Δcol) anywhere on the grid gives the same score ...
         let base = dot(at(1, 1), at(2, 3));
@@ -311,21 +300,8 @@ mod tests {
         // Rows and columns turn different pairs: a row step is not a column step.
         assert!((dot(at(0, 0), at(1, 0)) - dot(at(0, 0), at(0, 1))).abs() > 1e-6);
         // Still a rotation: norms are kept.
-        let n0 = q
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        let r = rope.apply(&q, at(3, 2)).unwrap();
-        let n1 = r
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let n0 = sum(&q.sqr().unwrap());
+        let n1 = sum(&rope.apply(&q, at(3, 2)).unwrap().sqr().unwrap());
         assert!((n0 - n1).abs() < 1e-10);
     }
 
