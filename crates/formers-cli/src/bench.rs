@@ -26,6 +26,8 @@ use serde_json::Value;
 
 use crate::progress::bar;
 
+mod compress;
+
 /// Benchmarks.
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -61,6 +63,16 @@ pub enum BenchCommand {
     /// --sentences) on its own keep-alive connection. Compare with `formers bench embed
     /// --batch-sizes 32` on the same sentences.
     Serve(ServeArgs),
+    /// What each compression method costs in quality and gains in speed, bytes and memory,
+    /// on one BERT-family checkpoint.
+    ///
+    /// Every method (`formers compress ...`) is applied to the model into a working
+    /// directory; each row then gives parameters, bytes on disk (model.safetensors), peak
+    /// resident memory and sentences/s at each batch size (each in its own process, as
+    /// `bench embed`), relative to the fp32 model, and the quality: the cosine between each
+    /// sentence's embedding from the compressed model and from the original, min and mean
+    /// over the sentences. Writes the table as Markdown (stdout), and JSON with --json.
+    Compress(compress::CompressArgs),
     /// One measurement (run by the other bench commands in a child process, for a clean peak RSS).
     #[command(hide = true)]
     Measure(MeasureArgs),
@@ -328,7 +340,7 @@ fn rows_of(cmd: &mut Command, what: &str) -> Result<Vec<Value>> {
 
 /// Runs each `(label, job)` in its own `formers bench measure` process, in order, under a
 /// progress bar titled `title`; prints `line(row)` above the bar for each row.
-fn measure_each(
+pub(crate) fn measure_each(
     title: &str,
     jobs: &[(String, Job)],
     line: impl Fn(&Value) -> String,
@@ -367,7 +379,7 @@ fn elements(dims: &[usize], what: &str) -> Result<usize> {
 }
 
 /// Writes `rows` as a pretty JSON array to `path`, if given.
-fn write_json(path: Option<&Path>, rows: &[Value]) -> Result<()> {
+pub(crate) fn write_json(path: Option<&Path>, rows: &[Value]) -> Result<()> {
     if let Some(path) = path {
         let json = serde_json::to_string_pretty(rows)?;
         formers::fsio::write_atomic(path, json.as_bytes(), true)?;
@@ -384,6 +396,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Mixers(a) => mixers(a),
         BenchCommand::Train(a) => train(a),
         BenchCommand::Serve(a) => serve(a),
+        BenchCommand::Compress(a) => compress::run(a),
         BenchCommand::Measure(a) => {
             let job: Job = serde_json::from_str(&a.job).context("--job")?;
             println!("{}", measure(job)?);
@@ -549,7 +562,7 @@ fn attention_one(
 }
 
 /// The benchmark sentences: `path`'s non-empty lines, or the shipped ones.
-fn sentences_of(path: Option<&Path>) -> Result<Vec<String>> {
+pub(crate) fn sentences_of(path: Option<&Path>) -> Result<Vec<String>> {
     let text = match path {
         Some(p) => {
             std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
@@ -628,18 +641,7 @@ fn embed(a: EmbedArgs) -> Result<()> {
     if a.batch_sizes.is_empty() || a.batch_sizes.contains(&0) || a.threads == 0 {
         anyhow::bail!("--batch-sizes and --threads must be at least 1");
     }
-    let text = match &a.sentences {
-        Some(p) => {
-            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
-        }
-        None => SENTENCES.to_string(),
-    };
-    let sentences: Vec<String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(String::from)
-        .collect();
+    let sentences = sentences_of(a.sentences.as_deref())?;
     if sentences.is_empty() {
         anyhow::bail!("no sentences to embed");
     }
@@ -732,12 +734,13 @@ fn embed_one(model: &Path, list: &Path, bs: usize, threads: usize) -> Result<Val
     Ok(serde_json::json!({
         "impl": "formers", "batch_size": bs, "sentences": sentences.len(), "tokens": tokens,
         "threads": threads, "seconds": secs, "sentences_per_s": sentences.len() as f64 / secs,
+        "peak_rss": formers_arena::mem::peak_rss(),
     }))
 }
 
 /// Writes `contents` to `formers-<pid>-<name>` in the temporary directory: what both
 /// implementations of a comparison read.
-fn temp_file(name: &str, contents: &str) -> Result<PathBuf> {
+pub(crate) fn temp_file(name: &str, contents: &str) -> Result<PathBuf> {
     let path = std::env::temp_dir().join(format!("formers-{}-{name}", std::process::id()));
     std::fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)

@@ -3,6 +3,7 @@
 
 mod arena;
 mod bench;
+mod compress;
 mod embed;
 mod generate;
 mod limits;
@@ -35,6 +36,9 @@ enum Command {
     Serve(serve::ServeArgs),
     /// The arena: train every variant on Long-Range-Arena tasks and report accuracy, speed and memory.
     Arena(Box<arena::ArenaArgs>),
+    /// Compress a checkpoint (int8 weights, RMSNorm) into a directory the other commands load.
+    #[command(subcommand)]
+    Compress(compress::CompressCommand),
     /// Measure speed and memory.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -63,6 +67,7 @@ fn main() {
         Command::Generate(a) => generate::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Bench(c) => bench::run(c),
+        Command::Compress(c) => compress::run(c),
         Command::Arena(a) => arena::run(*a),
     };
     if let Err(e) = result {

@@ -17,6 +17,14 @@ pub fn bar(total: u64, what: &str) -> ProgressBar {
     pb
 }
 
+/// A spinner with a message, for work of unknown length.
+pub fn spinner(what: &str) -> ProgressBar {
+    let pb = ProgressBar::new_spinner();
+    pb.set_message(what.to_string());
+    pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    pb
+}
+
 /// Draws training progress: loss, throughput, ETA; prints evaluations above the bar.
 pub struct TrainBar {
     pub pb: ProgressBar,

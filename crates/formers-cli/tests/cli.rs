@@ -356,6 +356,10 @@ fn help_explains_every_command() {
         &["generate", "--help"],
         &["bench", "attention", "--help"],
         &["bench", "train", "--help"],
+        &["bench", "compress", "--help"],
+        &["compress", "quantize", "--help"],
+        &["compress", "norm", "--help"],
+        &["compress", "lowrank", "--help"],
         &["arena", "--help"],
         &["arena", "data", "--help"],
         &["arena", "show", "--help"],
@@ -1324,5 +1328,151 @@ fn arena_jobs_are_explained_and_checked() {
         text(&o)
     );
     assert!(!out.exists(), "a refused arena made its directory");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn compress_quantize_writes_a_model_that_embed_and_generate_load() {
+    let dir = tmp("quantize");
+    let out = dir.join("bert-int8");
+    let args = |model: &str, out: &Path| {
+        vec![
+            "compress".to_string(),
+            "quantize".into(),
+            "--model".into(),
+            model.into(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+        ]
+    };
+    let o = run(formers().args(args(&fixture("tiny-bert"), &out)));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("matrices as int8"), "{}", text(&o));
+    // The int8 model embeds, close to the original (see compress::quantize's tests).
+    let line = "To be, or not to be.\n";
+    let embed = |model: &str| {
+        let o = run_with_stdin(formers().args(["embed", "--model", model]), line);
+        assert!(o.status.success(), "{}", text(&o));
+        serde_json::from_str::<Vec<f32>>(String::from_utf8_lossy(&o.stdout).trim()).unwrap()
+    };
+    let (a, b) = (embed(&fixture("tiny-bert")), embed(out.to_str().unwrap()));
+    let cos: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+    assert!(cos > 0.99 && cos < 1.0, "{cos}");
+    // Quantising again, or into a directory that holds something, is refused; nothing is written.
+    let o = run(formers().args(args(out.to_str().unwrap(), &dir.join("twice"))));
+    assert!(!o.status.success() && text(&o).contains("already quantised"));
+    assert!(!dir.join("twice").exists());
+    let o = run(formers().args(args(&fixture("tiny-bert"), &out)));
+    assert!(!o.status.success() && text(&o).contains("not empty"));
+    // A GPT-2 model quantised still generates.
+    let gpt = dir.join("gpt2-int8");
+    let o = run(formers().args(args(&fixture("tiny-gpt2"), &gpt)));
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(formers().args([
+        "generate",
+        "--model",
+        gpt.to_str().unwrap(),
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "4",
+        "--greedy",
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bench_compress_reports_every_method_against_fp32() {
+    let dir = tmp("bench-compress");
+    let json = dir.join("rows.json");
+    let o = run(formers().args([
+        "bench",
+        "compress",
+        "--model",
+        &fixture("tiny-bert"),
+        "--limit",
+        "8",
+        "--batch-sizes",
+        "1,4",
+        "--threads",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let methods: Vec<&str> = rows.iter().map(|r| r["method"].as_str().unwrap()).collect();
+    assert_eq!(methods, ["fp32", "quantize", "lowrank"]);
+    assert_eq!(rows[0]["cosine_min"], 1.0);
+    let q = &rows[1];
+    let cos = q["cosine_min"].as_f64().unwrap();
+    assert!(cos > 0.99 && cos < 1.0, "{cos}");
+    assert!(q["bytes"].as_u64().unwrap() * 2 < rows[0]["bytes"].as_u64().unwrap());
+    assert_eq!(q["speed"].as_array().unwrap().len(), 2);
+    assert!(text(&o).contains("| quantize | int8 |"), "{}", text(&o));
+    // tiny-bert: d 36, MLP 64 → rank 36·64 / (2·100) = 11, which costs quality.
+    let lr = &rows[2];
+    assert!(lr["setting"].as_str().unwrap().contains("rank 11"), "{lr}");
+    assert!(lr["parameters"].as_u64() < rows[0]["parameters"].as_u64());
+    assert!(lr["cosine_min"].as_f64().unwrap() < 0.9999);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn compress_norm_converts_gpt2_exactly_and_refuses_post_ln_bert() {
+    let dir = tmp("norm");
+    for to in ["rms", "crms"] {
+        let out = dir.join(to);
+        let o = run(formers().args([
+            "compress",
+            "norm",
+            "--model",
+            &fixture("tiny-gpt2"),
+            "--out",
+            out.to_str().unwrap(),
+            "--to",
+            to,
+        ]));
+        assert!(o.status.success(), "{}", text(&o));
+        let t = text(&o);
+        let diff: f64 = t
+            .split("over ")
+            .nth(1)
+            .and_then(|s| s.split(": ").nth(1))
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{t}"));
+        assert!(diff < 1e-4, "{t}");
+        let o = run(formers().args([
+            "generate",
+            "--model",
+            out.to_str().unwrap(),
+            "--prompt",
+            "Hello",
+            "--max-new-tokens",
+            "3",
+            "--greedy",
+        ]));
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let out = dir.join("bert");
+    let o = run(formers().args([
+        "compress",
+        "norm",
+        "--model",
+        &fixture("tiny-bert"),
+        "--out",
+        out.to_str().unwrap(),
+        "--to",
+        "rms",
+    ]));
+    assert!(
+        !o.status.success() && text(&o).contains("Post-LN"),
+        "{}",
+        text(&o)
+    );
+    assert!(!out.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }

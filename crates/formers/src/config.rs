@@ -186,6 +186,10 @@ pub enum HeadSpec {
     Lm {
         #[serde(default = "crate::mixer::yes")]
         tied: bool,
+        /// A bias per vocabulary entry (an untied head only; what folding a final
+        /// LayerNorm's β into the head needs, `compress::norm`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        bias: bool,
     },
     /// One label per sequence.
     Classification { n_classes: usize, pooling: Pooling },
@@ -535,6 +539,16 @@ impl ModelConfig {
                 ));
             }
             bounded("head.n_classes", n_classes, limits::MAX_VOCAB)?;
+        }
+        if let HeadSpec::Lm {
+            tied: true,
+            bias: true,
+        } = self.head
+        {
+            return Err(Error::config(
+                "head.bias",
+                "a tied LM head has no bias of its own; set `tied` to false",
+            ));
         }
         check_dropout("embed_dropout", self.embed_dropout)?;
         if let ResidualSpec::ValueResidual { lambda } = self.residual {

@@ -189,8 +189,10 @@ pub fn param_count(cfg: &ModelConfig) -> u128 {
         _ => 0,
     };
     let head = match &cfg.head {
-        HeadSpec::Lm { tied: false } => vocab.saturating_mul(d as u128),
-        HeadSpec::Lm { tied: true } | HeadSpec::Embedding { .. } => 0,
+        HeadSpec::Lm { tied: false, bias } => {
+            crate::linear::Linear::param_count(d, cfg.input.vocab_size(), None, *bias)
+        }
+        HeadSpec::Lm { tied: true, .. } | HeadSpec::Embedding { .. } => 0,
         HeadSpec::Classification { n_classes, .. } => {
             crate::linear::Linear::param_count(d, *n_classes, None, true)
         }

@@ -97,9 +97,9 @@ impl Model {
             None
         };
         let head = match &cfg.head {
-            HeadSpec::Lm { tied: true } => Head::Lm { untied: None },
-            HeadSpec::Lm { tied: false } => Head::Lm {
-                untied: Some(Linear::new(&p.pp("head"), d, vocab, false)?),
+            HeadSpec::Lm { tied: true, .. } => Head::Lm { untied: None },
+            HeadSpec::Lm { tied: false, bias } => Head::Lm {
+                untied: Some(Linear::new(&p.pp("head"), d, vocab, *bias)?),
             },
             HeadSpec::Classification { n_classes, pooling } => Head::Classification {
                 pooling: *pooling,

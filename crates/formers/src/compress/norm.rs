@@ -8,6 +8,10 @@
 //! norm (`b ← b + W β`). What is left is RMSNorm, and on zero-mean vectors CRMSNorm equals
 //! RMSNorm. The converted model computes the same function.
 //!
+//! An LM head reads the final norm too: its β becomes a bias per vocabulary entry, so the
+//! head gets one, and a tied head is untied first (the embedding table the input reads is
+//! centred, the head keeps the original).
+//!
 //! formers keeps the residual stream d-wide after conversion to CRMSNorm (the norm reads
 //! d−1 coordinates, but storage is not compressed).
 
@@ -16,6 +20,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Tensor, D};
 
 use crate::config::{HeadSpec, MixerSpec, ModelConfig, NormSpec, Placement, PositionSpec};
+use crate::pretrained::native::{Manifest, Step, Stored};
 use crate::{Error, Result};
 
 /// The norm a Pre-LN model is converted to.
@@ -23,6 +28,16 @@ use crate::{Error, Result};
 pub enum Target {
     RmsNorm,
     CrmsNorm,
+}
+
+impl Target {
+    /// The name on the command line and in `formers.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::RmsNorm => "rms",
+            Target::CrmsNorm => "crms",
+        }
+    }
 }
 
 /// The converted config and weights of the Pre-LN model `cfg` with weights `w`.
@@ -36,6 +51,25 @@ pub fn convert_pre_ln(
         .iter()
         .map(|(k, t)| Ok((k.clone(), t.to_dtype(DType::F64)?)))
         .collect::<Result<_>>()?;
+    let mut head = cfg.head.clone();
+    if let HeadSpec::Lm { tied, bias } = &mut head {
+        if *tied {
+            let table = out.get("embed.weight").cloned().ok_or_else(|| {
+                Error::config("embed.weight", "weight missing for the conversion")
+            })?;
+            out.insert("head.weight".into(), table);
+            *tied = false;
+        }
+        if !*bias {
+            let vocab = out
+                .get("head.weight")
+                .ok_or_else(|| Error::config("head.weight", "weight missing for the conversion"))?
+                .dim(0)?;
+            let zeros = Tensor::zeros(vocab, DType::F64, &candle_core::Device::Cpu)?;
+            out.insert("head.bias".into(), zeros);
+            *bias = true;
+        }
+    }
     let get = |out: &BTreeMap<String, Tensor>, name: &str| {
         out.get(name)
             .cloned()
@@ -73,6 +107,7 @@ pub fn convert_pre_ln(
     }
     fold_beta(&mut out, "final_norm", &["head".to_string()])?;
     let mut new = cfg.clone();
+    new.head = head;
     let eps = match cfg.defaults.norm {
         NormSpec::LayerNorm { eps } | NormSpec::RmsNorm { eps } | NormSpec::CrmsNorm { eps } => eps,
     };
@@ -119,18 +154,60 @@ fn fold_beta(out: &mut BTreeMap<String, Tensor>, norm: &str, readers: &[String])
     Ok(())
 }
 
+/// The manifest and tensors of the loaded model `p` converted to `target` (refused for a
+/// quantised model: its int8 layers are no longer the weights the conversion folds).
+pub fn convert_pretrained(
+    p: &crate::pretrained::Pretrained,
+    target: Target,
+) -> Result<(Manifest, BTreeMap<String, Stored>)> {
+    if p.compression
+        .iter()
+        .any(|s| matches!(s, Step::Quantize { .. }))
+    {
+        return Err(Error::Input(format!(
+            "{}: the model is quantised; convert its norms before quantising",
+            p.dir.display()
+        )));
+    }
+    if p.compression.iter().any(|s| matches!(s, Step::Norm { .. })) {
+        return Err(Error::Input(format!(
+            "{}: the model's norms are already converted",
+            p.dir.display()
+        )));
+    }
+    let (cfg, w) = convert_pre_ln(&p.config, &p.params.tensors(), target)?;
+    let tensors = w
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), Stored::of(t)?)))
+        .collect::<Result<_>>()?;
+    let mut steps = p.compression.clone();
+    steps.push(Step::Norm {
+        to: target.name().into(),
+    });
+    Ok((Manifest::new(p.family, &cfg, &p.dir, steps), tensors))
+}
+
 /// Which models convert exactly.
 fn check(cfg: &ModelConfig) -> Result<()> {
+    if let Some(i) = (0..cfg.n_layers).find(|&i| cfg.layer(i).placement != Placement::Pre) {
+        return Err(Error::config(
+            format!("layers.{i}.placement"),
+            "the layer normalises after its residual add (Post-LN, as BERT): the exact conversion starts from Pre-LN models (GPT-2 family, formers' pre-norm models)",
+        ));
+    }
     if !cfg.final_norm || cfg.embed_norm {
         return Err(Error::config(
             "final_norm",
             "conversion needs a Pre-LN stack: a final norm and no embedding norm",
         ));
     }
-    if !matches!(cfg.head, HeadSpec::Classification { .. }) {
+    if !matches!(
+        cfg.head,
+        HeadSpec::Classification { .. } | HeadSpec::Lm { .. }
+    ) {
         return Err(Error::config(
             "head",
-            "conversion folds the final norm's bias into the head: it needs a classification head",
+            "conversion folds the final norm's bias into the head: it needs a classification or LM head",
         ));
     }
     if cfg.position == PositionSpec::Sinusoidal {
@@ -141,10 +218,10 @@ fn check(cfg: &ModelConfig) -> Result<()> {
     }
     for i in 0..cfg.n_layers {
         let l = cfg.layer(i);
-        if l.placement != Placement::Pre || !matches!(l.norm, NormSpec::LayerNorm { .. }) {
+        if !matches!(l.norm, NormSpec::LayerNorm { .. }) {
             return Err(Error::config(
-                format!("layers.{i}"),
-                "conversion starts from Pre-LN layers",
+                format!("layers.{i}.norm"),
+                "conversion starts from LayerNorm layers",
             ));
         }
         if matches!(l.mixer, MixerSpec::Pool(_)) {
@@ -206,12 +283,49 @@ mod tests {
     #[test]
     fn unconvertible_models_are_refused_with_the_reason() {
         let cfg = ModelConfig::from_json(
-            r#"{"d_model": 8, "n_heads": 2, "n_layers": 1, "input": {"kind": "bytes"}, "head": {"kind": "lm"}}"#,
+            r#"{"d_model": 8, "n_heads": 2, "n_layers": 1, "input": {"kind": "bytes"}, "head": {"kind": "embedding"}}"#,
         )
         .unwrap();
         let e = convert_pre_ln(&cfg, &BTreeMap::new(), Target::RmsNorm)
             .unwrap_err()
             .to_string();
         assert!(e.contains("`head`"), "{e}");
+        // BERT normalises after each residual add.
+        let bert = crate::pretrained::load(&fixture("tiny-bert")).unwrap();
+        let e = convert_pre_ln(&bert.config, &bert.params.tensors(), Target::RmsNorm)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("Post-LN"), "{e}");
+    }
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures")
+            .join(name)
+    }
+
+    #[test]
+    fn a_gpt2_checkpoint_converts_with_an_untied_biased_head() {
+        let p = crate::pretrained::load(&fixture("tiny-gpt2")).unwrap();
+        let ids: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 97).collect();
+        let x = ids_tensor(&ids).unwrap();
+        let want = p.model.forward(&x, None, None).unwrap();
+        for target in [Target::RmsNorm, Target::CrmsNorm] {
+            let (cfg2, w2) = convert_pre_ln(&p.config, &p.params.tensors(), target).unwrap();
+            assert_eq!(
+                cfg2.head,
+                HeadSpec::Lm {
+                    tied: false,
+                    bias: true
+                }
+            );
+            let p2 = Params::new(0, DType::F32, &Device::Cpu);
+            let m2 = Model::new(&cfg2, &p2.frozen()).unwrap();
+            p2.assign(&w2, std::path::Path::new("converted")).unwrap();
+            let got = m2.forward(&x, None, None).unwrap();
+            // The same function in f32: only rounding differs (the fixture's logits are O(1)).
+            let err = crate::testutil::max_abs(&got, &want);
+            assert!(err < 1e-4, "{target:?}: {err}");
+        }
     }
 }

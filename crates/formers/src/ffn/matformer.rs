@@ -44,9 +44,19 @@ impl MatMlp {
             .iter()
             .map(|g| ((g * hidden as f64).ceil() as usize).clamp(1, hidden))
             .collect();
+        let up = Linear::new(&p.pp("up"), d, hidden, bias)?;
+        let down = Linear::new(&p.pp("down"), hidden, d, bias)?;
+        if up.int8.is_some() || down.int8.is_some() {
+            // Nested widths slice the weights' columns, which int8 rows scaled per output
+            // channel do not allow for `down`.
+            return Err(crate::Error::config(
+                "ffn",
+                "a MatFormer MLP cannot be loaded with int8 weights",
+            ));
+        }
         Ok(MatMlp {
-            up: Linear::new(&p.pp("up"), d, hidden, bias)?,
-            down: Linear::new(&p.pp("down"), hidden, d, bias)?,
+            up,
+            down,
             activation,
             widths,
             configured: active,
@@ -69,6 +79,7 @@ impl ChannelMixer for MatMlp {
         let h = self.width();
         let up = Linear {
             weight: self.up.weight.narrow(0, 0, h)?,
+            int8: None,
             factor: None,
             bias: self
                 .up
@@ -79,6 +90,7 @@ impl ChannelMixer for MatMlp {
         };
         let down = Linear {
             weight: self.down.weight.narrow(1, 0, h)?,
+            int8: None,
             factor: None,
             bias: self.down.bias.clone(),
         };

@@ -10,6 +10,7 @@ pub mod bias;
 pub mod cross_entropy;
 pub mod flash;
 pub mod gemm;
+pub mod int8;
 pub mod linear_op;
 pub mod matmul_op;
 pub mod norm_op;

@@ -157,6 +157,7 @@ impl MultiHead {
         };
         Ok(Some(Linear {
             weight,
+            int8: None,
             factor: None,
             bias,
         }))

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor, Var, WithDType};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
+use crate::kernels::int8::Int8Matrix;
 use crate::limits::Limits;
 use crate::params::Source;
 use crate::{Error, Result};
@@ -64,6 +65,9 @@ pub struct Naming {
     /// Formers config keys → the family's `config.json` keys, for messages.
     pub keys: &'static [(&'static str, &'static str)],
 }
+
+/// The suffix of the name of an int8 tensor's per-row scales (`{name}_scale`, F32).
+pub const INT8_SCALE: &str = "_scale";
 
 /// Bytes copied (then released from this process) at a time.
 const CHUNK: usize = 1 << 20;
@@ -234,6 +238,25 @@ impl Checkpoint {
         shape: &[usize],
         device: &Device,
     ) -> Result<Var> {
+        if e.dtype == Dtype::I8 {
+            // Dequantised straight into the variable's one buffer: a table's f32 copy is
+            // the largest allocation of loading, made once.
+            let q = self.int8(e)?;
+            let cols = q.cols.max(1);
+            let v: Vec<T> = q
+                .data
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| T::from_f64((q.scales[i / cols] * f32::from(x)) as f64))
+                .collect();
+            if take.transpose || take.part.is_some() {
+                return Err(self.err(format!(
+                    "tensor `{}`: int8 tensors are read from formers model directories only",
+                    e.stored
+                )));
+            }
+            return Ok(Var::from_vec(v, shape, device)?);
+        }
         let stored = match e.dtype {
             Dtype::F32 => DType::F32,
             Dtype::F16 => DType::F16,
@@ -259,6 +282,39 @@ impl Checkpoint {
             t = t.narrow(0, i * rows, rows)?;
         }
         Ok(Var::from_tensor(&t)?)
+    }
+
+    /// The int8 matrix `e` and its per-row scales (the tensor `{name}_scale`, marked taken).
+    fn int8(&self, e: &Entry) -> Result<Int8Matrix> {
+        let [rows, cols] = e.shape[..] else {
+            return Err(self.err(format!(
+                "tensor `{}`: int8 tensors are matrices, found shape {:?}",
+                e.stored, e.shape
+            )));
+        };
+        let scale_name = format!("{}{INT8_SCALE}", e.stored);
+        let key = scale_name
+            .strip_prefix(self.naming.prefix)
+            .filter(|_| !self.naming.prefix.is_empty())
+            .unwrap_or(&scale_name);
+        let s = self.entries.get(key).ok_or_else(|| {
+            self.err(format!(
+                "tensor `{}` is int8 but its scales `{scale_name}` are missing",
+                e.stored
+            ))
+        })?;
+        if s.dtype != Dtype::F32 || s.shape != [rows] {
+            return Err(self.err(format!(
+                "tensor `{scale_name}`: expected F32 of shape [{rows}], found {:?} of shape {:?}",
+                s.dtype, s.shape
+            )));
+        }
+        self.log().taken.insert(key.to_string());
+        let data: Vec<i8> = self.map[e.start..e.end].iter().map(|&b| b as i8).collect();
+        self.release(e.start, e.end - e.start);
+        let scales = self.values::<f32>(s, DType::F32)?;
+        Int8Matrix::from_parts(rows, cols, data, scales)
+            .map_err(|err| self.err(format!("tensor `{}`: {err}", e.stored)))
     }
 
     /// Checkpoint tensors the model did not take, leaving out the family's harmless ones.
@@ -317,6 +373,27 @@ impl Checkpoint {
 }
 
 impl Source for Checkpoint {
+    fn take_int8(&self, name: &str, shape: [usize; 2]) -> Result<Option<Int8Matrix>> {
+        let Some(take) = (self.naming.take)(name) else {
+            return Ok(None);
+        };
+        let Some((key, e)) = self.find(&take.name) else {
+            return Ok(None);
+        };
+        if e.dtype != Dtype::I8 {
+            return Ok(None);
+        }
+        if take.transpose || take.part.is_some() || e.shape != shape {
+            return Err(self.err(format!(
+                "tensor `{}`: expected an int8 matrix of shape {shape:?}, found {:?}",
+                e.stored, e.shape
+            )));
+        }
+        let q = self.int8(e)?;
+        self.log().taken.insert(key.to_string());
+        Ok(Some(q))
+    }
+
     fn take(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Var> {
         let Some(take) = (self.naming.take)(name) else {
             self.log().unmapped.push(name.to_string());

@@ -40,7 +40,10 @@ pub fn config(hf: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
             vocab_size: usize_key(hf, "vocab_size", path)?,
         },
         position: PositionSpec::Learned,
-        head: HeadSpec::Lm { tied: true },
+        head: HeadSpec::Lm {
+            tied: true,
+            bias: false,
+        },
         final_norm: true,
         embed_dropout: 0.0,
         type_vocab_size: 0,

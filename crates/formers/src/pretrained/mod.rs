@@ -6,6 +6,7 @@
 pub mod bert;
 mod checkpoint;
 pub mod gpt2;
+pub mod native;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,7 +23,8 @@ use crate::{Error, Result};
 pub use checkpoint::{Checkpoint, Naming, Take};
 
 /// The model families formers loads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Family {
     /// BERT-style encoders (BERT, MiniLM, sentence-transformers models built on them).
     Bert,
@@ -40,6 +42,10 @@ pub struct Pretrained {
     pub dir: PathBuf,
     /// Checkpoint tensors the model does not use (known-harmless ones left out).
     pub unused: Vec<String>,
+    /// The model's parameter store (shared with `model`): its weights by formers name.
+    pub params: Params,
+    /// The compression steps applied to the weights (empty for a Hugging Face checkpoint).
+    pub compression: Vec<native::Step>,
 }
 
 impl Pretrained {
@@ -81,6 +87,9 @@ pub fn load(dir: &Path) -> Result<Pretrained> {
 /// checked to be finite unless `limits.allow_non_finite`, and a config that asks for
 /// more (missing) tensors than the file holds values stops the build.
 pub fn load_with(dir: &Path, limits: &Limits) -> Result<Pretrained> {
+    if dir.join(native::MANIFEST).is_file() {
+        return load_native(dir, limits);
+    }
     let config_path = dir.join("config.json");
     let hf = read_json(&config_path)?;
     let model_type = str_key(&hf, "model_type", "", &config_path)?;
@@ -102,7 +111,7 @@ pub fn load_with(dir: &Path, limits: &Limits) -> Result<Pretrained> {
         .check_inference(&config)
         .map_err(|e| hf_error(e, naming.keys, &config_path))?;
     let weights_path = dir.join("model.safetensors");
-    let (model, unused) = build(&config, &weights_path, naming, limits)?;
+    let (model, params, unused) = build(&config, &weights_path, naming, limits)?;
     let tokenizer = load_tokenizer(&dir.join("tokenizer.json"), config.input.vocab_size())?;
     Ok(Pretrained {
         family,
@@ -111,21 +120,46 @@ pub fn load_with(dir: &Path, limits: &Limits) -> Result<Pretrained> {
         tokenizer,
         dir: dir.to_path_buf(),
         unused,
+        params,
+        compression: Vec::new(),
+    })
+}
+
+/// Loads a formers model directory (`formers.json`), as [`load_with`].
+fn load_native(dir: &Path, limits: &Limits) -> Result<Pretrained> {
+    let (manifest, config) = native::Manifest::read(dir)?;
+    limits.check_inference(&config)?;
+    let (model, params, unused) = build(
+        &config,
+        &dir.join("model.safetensors"),
+        native::NAMING,
+        limits,
+    )?;
+    let tokenizer = load_tokenizer(&dir.join("tokenizer.json"), config.input.vocab_size())?;
+    Ok(Pretrained {
+        family: manifest.family,
+        config,
+        model,
+        tokenizer,
+        dir: dir.to_path_buf(),
+        unused,
+        params,
+        compression: manifest.compression,
     })
 }
 
 /// The model of `cfg` with its parameters taken from the safetensors file `path` under
-/// `naming`, and the file's unused tensors.
+/// `naming`, its parameter store, and the file's unused tensors.
 fn build(
     cfg: &ModelConfig,
     path: &Path,
     naming: Naming,
     limits: &Limits,
-) -> Result<(Model, Vec<String>)> {
+) -> Result<(Model, Params, Vec<String>)> {
     let ckpt = Arc::new(Checkpoint::open(path, naming)?.with_limits(*limits));
     let params = Params::from_source(ckpt.clone(), DTYPE, &Device::Cpu);
     let model = Model::new(cfg, &params.frozen())?;
-    Ok((model, ckpt.finish()?))
+    Ok((model, params, ckpt.finish()?))
 }
 
 /// Reads `tokenizer.json` with padding and truncation off (batches are packed, and

@@ -1,0 +1,247 @@
+//! `formers compress ...`: post-training compression of a checkpoint into a formers model
+//! directory that `formers embed`, `generate` and `serve` load like the original.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use formers::compress::lowrank::{self, Layers};
+use formers::compress::norm::{self, Target};
+use formers::compress::quantize::{self, Scheme};
+use formers::compress::svd::Rank;
+use formers::fsio::human_bytes;
+use formers::pretrained::{self, native};
+
+use crate::limits::LoadArgs;
+
+/// Compression methods. Each writes a formers model directory (formers.json,
+/// model.safetensors, tokenizer.json) that `embed`, `generate` and `serve` load.
+#[derive(Debug, Subcommand)]
+pub enum CompressCommand {
+    /// Store every matrix (linear layers, embedding tables) as int8 with one scale per row;
+    /// linear layers then multiply in integers, activations quantised per row on the fly.
+    ///
+    /// The result is a directory with formers.json, model.safetensors and tokenizer.json,
+    /// loaded by `formers embed`, `generate` and `serve` like the original. Measure what it
+    /// costs in quality and gains in speed with `formers bench compress --model DIR`.
+    Quantize(QuantizeArgs),
+    /// Convert a Pre-LN model (GPT-2 family) to Pre-RMSNorm or Pre-CRMSNorm, computing the
+    /// same function (Jiang et al. 2023).
+    ///
+    /// Everything written into the residual stream is centred, each LayerNorm's β folds into
+    /// the biases of the layers that read it (the LM head is untied and gets a bias), and
+    /// what is left of LayerNorm is RMSNorm. Post-LN models (BERT) are refused. The command
+    /// checks the result: it prints the largest logit difference from the original on a
+    /// sample text.
+    Norm(NormArgs),
+    /// Factorise linear layers by truncated SVD into the low-rank form W ≈ U·V (Greenformers'
+    /// LRT): the best approximation of each matrix at that rank.
+    ///
+    /// One rank per layer's MLP (up, down and gate share it) and one per layer's attention
+    /// projections. With --energy, each group gets the smallest rank that keeps that fraction
+    /// of every one of its matrices' squared singular values. A rank saves parameters below
+    /// out·in/(out+in) (192 for a 384×1536 MLP matrix). No recovery training is done:
+    /// measure the cost with `formers bench compress`.
+    Lowrank(LowrankArgs),
+}
+
+/// Layers of `formers compress lowrank`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LayersArg {
+    /// The MLPs' up, down and gate matrices
+    Ffn,
+    /// The attention projections q, k, v, o
+    Attn,
+    /// Both
+    All,
+}
+
+/// Flags of `formers compress lowrank`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("how").required(true).args(["rank", "energy"])))]
+pub struct LowrankArgs {
+    /// The model: a Hugging Face checkpoint (BERT or GPT-2 family) or a formers model directory
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Where to write the factorised model (a new or empty directory)
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// The rank of every factorised layer
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// Instead of --rank: the fraction of each matrix's energy (squared singular values) to
+    /// keep, in (0, 1]
+    #[arg(long)]
+    pub energy: Option<f64>,
+    /// Which layers to factorise
+    #[arg(long, value_enum, default_value = "ffn")]
+    pub layers: LayersArg,
+    #[command(flatten)]
+    pub limits: LoadArgs,
+}
+
+/// Norms of `formers compress norm`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum NormArg {
+    /// RMSNorm: x / rms(x) · γ
+    Rms,
+    /// CRMSNorm: RMSNorm of a zero-mean vector read from d − 1 coordinates
+    Crms,
+}
+
+/// Flags of `formers compress norm`.
+#[derive(Debug, Args)]
+pub struct NormArgs {
+    /// The model: a GPT-2-family checkpoint or a formers model directory (Pre-LN)
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Where to write the converted model (a new or empty directory)
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// The norm to convert to
+    #[arg(long, value_enum)]
+    pub to: NormArg,
+    #[command(flatten)]
+    pub limits: LoadArgs,
+}
+
+/// Weight formats of `formers compress quantize`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SchemeArg {
+    /// Symmetric int8 per output channel (row), values in [-127, 127]
+    Int8,
+}
+
+/// Flags of `formers compress quantize`.
+#[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    /// The model: a Hugging Face checkpoint (BERT or GPT-2 family: config.json,
+    /// model.safetensors, tokenizer.json) or a formers model directory
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Where to write the quantised model (a new or empty directory)
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Weight format
+    #[arg(long, value_enum, default_value = "int8")]
+    pub scheme: SchemeArg,
+    #[command(flatten)]
+    pub limits: LoadArgs,
+}
+
+/// Runs `formers compress ...`.
+pub fn run(cmd: CompressCommand) -> Result<()> {
+    match cmd {
+        CompressCommand::Quantize(a) => run_quantize(a),
+        CompressCommand::Norm(a) => run_norm(a),
+        CompressCommand::Lowrank(a) => run_lowrank(a),
+    }
+}
+
+fn run_quantize(a: QuantizeArgs) -> Result<()> {
+    let scheme = match a.scheme {
+        SchemeArg::Int8 => Scheme::Int8,
+    };
+    let p = pretrained::load_with(&a.model, &a.limits.limits())
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let (manifest, tensors) = quantize::quantize(&p, scheme)?;
+    native::write(&a.out, &manifest, &tensors, &a.model.join("tokenizer.json"))
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    let before = file_size(&a.model.join("model.safetensors"))?;
+    let after = file_size(&a.out.join("model.safetensors"))?;
+    let matrices = tensors
+        .values()
+        .filter(|t| matches!(t, native::Stored::Int8(_)))
+        .count();
+    println!(
+        "{}: {matrices} matrices as {}; model.safetensors {} → {} ({:.1}% of the original)",
+        a.out.display(),
+        scheme.name(),
+        human_bytes(before),
+        human_bytes(after),
+        100.0 * after as f64 / before.max(1) as f64
+    );
+    println!(
+        "measure its quality and speed: formers bench compress --model {}",
+        a.model.display()
+    );
+    Ok(())
+}
+
+fn run_lowrank(a: LowrankArgs) -> Result<()> {
+    let rank = match (a.rank, a.energy) {
+        (Some(r), _) => Rank::Fixed(r),
+        (None, Some(e)) => Rank::Energy(e),
+        (None, None) => unreachable!("clap requires --rank or --energy"),
+    };
+    lowrank::check_rank(rank)?;
+    let layers = match a.layers {
+        LayersArg::Ffn => Layers::Ffn,
+        LayersArg::Attn => Layers::Attn,
+        LayersArg::All => Layers::All,
+    };
+    let p = pretrained::load_with(&a.model, &a.limits.limits())
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let pb = crate::progress::spinner("factorising (truncated SVD of each matrix)");
+    let result = lowrank::lowrank(&p, rank, layers);
+    pb.finish_and_clear();
+    let (manifest, tensors, summary) = result?;
+    native::write(&a.out, &manifest, &tensors, &a.model.join("tokenizer.json"))
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    let (before, after) = summary
+        .iter()
+        .fold((0, 0), |(b, f), (_, _, x, y)| (b + x, f + y));
+    for (group, r, b, f) in &summary {
+        println!("{group}: rank {r}, {b} → {f} parameters");
+    }
+    if let Some((group, r, ..)) = summary.iter().find(|(_, _, b, f)| f >= b) {
+        eprintln!(
+            "note: at rank {r}, `{group}` has at least as many parameters factorised as dense; a smaller rank saves them"
+        );
+    }
+    println!(
+        "{}: factorised {} groups, {before} → {after} parameters ({:.1}%)",
+        a.out.display(),
+        summary.len(),
+        100.0 * after as f64 / before.max(1) as f64
+    );
+    Ok(())
+}
+
+/// The text whose logits `compress norm` compares.
+const CHECK_TEXT: &str =
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer";
+
+fn run_norm(a: NormArgs) -> Result<()> {
+    let target = match a.to {
+        NormArg::Rms => Target::RmsNorm,
+        NormArg::Crms => Target::CrmsNorm,
+    };
+    let limits = a.limits.limits();
+    let p = pretrained::load_with(&a.model, &limits)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let (manifest, tensors) = norm::convert_pretrained(&p, target)?;
+    native::write(&a.out, &manifest, &tensors, &a.model.join("tokenizer.json"))
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    let q = pretrained::load_with(&a.out, &limits)?;
+    let mut ids = pretrained::encode(&p.tokenizer, CHECK_TEXT, true)?;
+    ids.truncate(p.config.max_len);
+    let x = formers::model::ids_tensor(&ids)?;
+    let want = p.model.forward(&x, None, None)?;
+    let got = q.model.forward(&x, None, None)?;
+    let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+    println!(
+        "{}: {} norms; largest logit difference from the original over {} tokens: {diff:.2e} (largest logit {scale:.2})",
+        a.out.display(),
+        target.name(),
+        ids.len()
+    );
+    Ok(())
+}
+
+fn file_size(path: &Path) -> Result<u64> {
+    Ok(std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len())
+}

@@ -1,0 +1,207 @@
+//! A formers model directory: what `formers compress` writes. `formers.json` (the family,
+//! formers' own model config, and the compression steps applied, in order), one
+//! `model.safetensors` under formers' parameter names — int8 matrices as `I8` tensors with
+//! their per-row scales beside them (`{name}_scale`, F32) — and the source's
+//! `tokenizer.json`. [`super::load_with`] reads it like a Hugging Face checkpoint.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::{checkpoint_error, Family, Naming, Take};
+use crate::config::ModelConfig;
+use crate::fsio;
+use crate::kernels::int8::Int8Matrix;
+use crate::{Error, Result};
+
+/// The manifest's file name; its presence marks a formers model directory.
+pub const MANIFEST: &str = "formers.json";
+/// The value of the manifest's `format` key.
+const FORMAT: &str = "formers-model";
+/// The layout version this code writes and reads.
+const VERSION: u32 = 1;
+
+/// One compression step applied to a model, as recorded in its manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Step {
+    /// Matrices stored as int8 with one scale per row (per output channel of a linear
+    /// layer, per entry of an embedding table).
+    Quantize {
+        scheme: String,
+        /// How many matrices were quantised.
+        matrices: usize,
+    },
+    /// Pre-LN converted to Pre-RMSNorm (`rms`) or Pre-CRMSNorm (`crms`), exactly.
+    Norm { to: String },
+    /// Linear layers (`ffn`, `attn` or `all`) factorised by truncated SVD, at a fixed rank
+    /// or at the rank keeping a fraction of the energy.
+    Lowrank {
+        layers: String,
+        rank: Option<usize>,
+        energy: Option<f64>,
+    },
+}
+
+/// `formers.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub family: Family,
+    /// The model, as formers configures it (validated on load).
+    pub config: serde_json::Value,
+    /// The steps applied to the source's weights, in order.
+    pub compression: Vec<Step>,
+    /// The directory the first step read (for the record; never read back).
+    pub source: String,
+}
+
+impl Manifest {
+    /// The manifest of a model of `family` and `config` compressed from `source` by `steps`.
+    pub fn new(family: Family, config: &ModelConfig, source: &Path, steps: Vec<Step>) -> Self {
+        Manifest {
+            format: FORMAT.into(),
+            version: VERSION,
+            family,
+            config: serde_json::to_value(config).expect("a model config serialises"),
+            compression: steps,
+            source: source.display().to_string(),
+        }
+    }
+
+    /// Reads and checks `dir/formers.json`; returns it and its validated model config.
+    pub fn read(dir: &Path) -> Result<(Manifest, ModelConfig)> {
+        let path = dir.join(MANIFEST);
+        let value = super::read_json(&path)?;
+        let m: Manifest = serde_path_to_error::deserialize(value)
+            .map_err(|e| checkpoint_error(&path, format!("at `{}`: {}", e.path(), e.inner())))?;
+        if m.format != FORMAT || m.version != VERSION {
+            return Err(checkpoint_error(
+                &path,
+                format!(
+                    "format `{}` version {} is not this formers' `{FORMAT}` version {VERSION}",
+                    m.format, m.version
+                ),
+            ));
+        }
+        let config = ModelConfig::from_json(&m.config.to_string())
+            .map_err(|e| checkpoint_error(&path, format!("`config`: {e}")))?;
+        Ok((m, config))
+    }
+}
+
+/// Formers' own parameter names, read as they are.
+pub const NAMING: Naming = Naming {
+    family: "formers",
+    prefix: "",
+    take: |name| Some(Take::same(name)),
+    harmless: |_| false,
+    keys: &[],
+};
+
+/// A tensor to write: floating-point values, or an int8 matrix (written with its scales).
+#[derive(Debug, Clone)]
+pub enum Stored {
+    F32 { shape: Vec<usize>, values: Vec<f32> },
+    Int8(Int8Matrix),
+}
+
+impl Stored {
+    /// The f32 values of `t`, as stored.
+    pub fn of(t: &candle_core::Tensor) -> Result<Stored> {
+        Ok(Stored::F32 {
+            shape: t.dims().to_vec(),
+            values: t
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        })
+    }
+
+    /// Bytes it takes in the file (scales included).
+    pub fn bytes(&self) -> usize {
+        match self {
+            Stored::F32 { values, .. } => 4 * values.len(),
+            Stored::Int8(q) => q.data.len() + 4 * q.scales.len(),
+        }
+    }
+}
+
+/// Writes a formers model directory `out` (which must not exist yet, or be empty): the
+/// manifest, `tensors` as `model.safetensors`, and `tokenizer` copied. Everything is
+/// written into a sibling temporary directory first and renamed into place, so a failure
+/// leaves no half-written model.
+pub fn write(
+    out: &Path,
+    manifest: &Manifest,
+    tensors: &BTreeMap<String, Stored>,
+    tokenizer: &Path,
+) -> Result<()> {
+    if out.exists()
+        && std::fs::read_dir(out)
+            .map_err(|e| Error::io(out, e))?
+            .next()
+            .is_some()
+    {
+        return Err(Error::Input(format!(
+            "{} exists and is not empty; choose a new output directory",
+            out.display()
+        )));
+    }
+    let name = out
+        .file_name()
+        .ok_or_else(|| Error::Input(format!("{}: not a directory name", out.display())))?;
+    let tmp = out.with_file_name(format!(".{}.partial", name.to_string_lossy()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let written = (|| {
+        let json = serde_json::to_string_pretty(manifest).expect("a manifest serialises");
+        fsio::write_atomic(&tmp.join(MANIFEST), json.as_bytes(), false)?;
+        fsio::write_atomic(&tmp.join("model.safetensors"), &serialize(tensors)?, false)?;
+        let tok = fsio::read_limited(tokenizer, fsio::MAX_TOKENIZER_BYTES, "a tokenizer")?;
+        fsio::write_atomic(&tmp.join("tokenizer.json"), &tok, false)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if out.exists() {
+        std::fs::remove_dir(out).map_err(|e| Error::io(out, e))?;
+    }
+    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
+}
+
+/// `tensors` as the bytes of a safetensors file (int8 matrices with `{name}_scale` beside).
+fn serialize(tensors: &BTreeMap<String, Stored>) -> Result<Vec<u8>> {
+    use safetensors::tensor::TensorView;
+    use safetensors::Dtype;
+    let mut bufs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let le = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    for (name, t) in tensors {
+        match t {
+            Stored::F32 { shape, values } => {
+                bufs.push((name.clone(), Dtype::F32, shape.clone(), le(values)))
+            }
+            Stored::Int8(q) => {
+                let data = q.data.iter().map(|&v| v as u8).collect();
+                bufs.push((name.clone(), Dtype::I8, vec![q.rows, q.cols], data));
+                let scale = format!("{name}{}", super::checkpoint::INT8_SCALE);
+                bufs.push((scale, Dtype::F32, vec![q.rows], le(&q.scales)));
+            }
+        }
+    }
+    let views = bufs
+        .iter()
+        .map(|(n, dt, shape, data)| {
+            let v = TensorView::new(*dt, shape.clone(), data)
+                .map_err(|e| Error::Input(format!("tensor `{n}`: {e}")))?;
+            Ok((n.clone(), v))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize(views, None).map_err(|e| Error::Input(format!("safetensors: {e}")))
+}
