@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
+use formers::compress::heal::Heal;
 use formers::compress::lowrank::{self, Layers};
 use formers::compress::norm::{self, Target};
 use formers::compress::quantize::{self, Scheme};
 use formers::compress::svd::Rank;
 use formers::fsio::human_bytes;
-use formers::pretrained::{self, native};
+use formers::pretrained::{self, native, Pretrained};
 
 use crate::limits::LoadArgs;
 
@@ -76,6 +77,19 @@ pub struct LowrankArgs {
     /// Which layers to factorise
     #[arg(long, value_enum, default_value = "ffn")]
     pub layers: LayersArg,
+    /// After factorising, train the factorised model this many steps to give the original's
+    /// last hidden states on plain text (distillation; every weight trains)
+    #[arg(long, default_value_t = 0)]
+    pub heal_steps: usize,
+    /// Peak learning rate of the healing steps (warm-up over a tenth, cosine decay)
+    #[arg(long, default_value_t = 5e-4)]
+    pub heal_lr: f64,
+    /// Texts per healing step
+    #[arg(long, default_value_t = 16)]
+    pub heal_batch: usize,
+    /// Plain text to heal on, one text per line [default: the shipped data/shakespeare.txt]
+    #[arg(long, value_name = "FILE")]
+    pub heal_text: Option<PathBuf>,
     #[command(flatten)]
     pub limits: LoadArgs,
 }
@@ -182,9 +196,38 @@ fn run_lowrank(a: LowrankArgs) -> Result<()> {
     };
     let p = pretrained::load_with(&a.model, &a.limits.limits())
         .with_context(|| format!("loading {}", a.model.display()))?;
+    let heal = Heal {
+        steps: a.heal_steps,
+        lr: a.heal_lr,
+        batch: a.heal_batch,
+    };
+    if !(heal.lr > 0.0 && heal.lr.is_finite()) || heal.batch == 0 {
+        anyhow::bail!("--heal-lr must be a positive number and --heal-batch at least 1");
+    }
+    let texts = if heal.steps > 0 {
+        heal_texts(&p, a.heal_text.as_deref())?
+    } else {
+        Vec::new()
+    };
     let pb = crate::progress::spinner("factorising (truncated SVD of each matrix)");
-    let result = lowrank::lowrank(&p, rank, layers);
+    let bar = crate::progress::bar(heal.steps as u64, "healing");
+    bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    let mut each = |step: usize, loss: f32| {
+        if step == 1 {
+            pb.finish_and_clear();
+            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        }
+        bar.set_position(step as u64);
+        bar.set_message(format!("loss {loss:.5}"));
+    };
+    let healing = (heal.steps > 0).then_some((
+        &heal,
+        texts.as_slice(),
+        &mut each as &mut dyn FnMut(usize, f32),
+    ));
+    let result = lowrank::lowrank_healed(&p, rank, layers, healing);
     pb.finish_and_clear();
+    bar.finish_and_clear();
     let (manifest, tensors, summary) = result?;
     native::write(&a.out, &manifest, &tensors, &a.model.join("tokenizer.json"))
         .with_context(|| format!("writing {}", a.out.display()))?;
@@ -206,6 +249,29 @@ fn run_lowrank(a: LowrankArgs) -> Result<()> {
         100.0 * after as f64 / before.max(1) as f64
     );
     Ok(())
+}
+
+/// Token ids of the lines of `path` (or the shipped Shakespeare) with at least 4 tokens,
+/// cut to the model's positions.
+pub(crate) fn heal_texts(p: &Pretrained, path: Option<&Path>) -> Result<Vec<Vec<u32>>> {
+    let text = match path {
+        Some(f) => {
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
+        }
+        None => formers::tasks::SHAKESPEARE.to_string(),
+    };
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let mut ids = pretrained::encode(&p.tokenizer, line, true)?;
+        if ids.len() >= 4 {
+            formers::embed::truncate(&mut ids, p.config.max_len);
+            out.push(ids);
+        }
+    }
+    if out.is_empty() {
+        anyhow::bail!("no line of the healing text has 4 tokens or more");
+    }
+    Ok(out)
 }
 
 /// The text whose logits `compress norm` compares.

@@ -1397,6 +1397,8 @@ fn bench_compress_reports_every_method_against_fp32() {
         "1,4",
         "--threads",
         "1",
+        "--heal-steps",
+        "40",
         "--json",
         json.to_str().unwrap(),
     ]));
@@ -1404,7 +1406,13 @@ fn bench_compress_reports_every_method_against_fp32() {
     let rows: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let methods: Vec<&str> = rows.iter().map(|r| r["method"].as_str().unwrap()).collect();
-    assert_eq!(methods, ["fp32", "quantize", "lowrank"]);
+    assert_eq!(methods, ["fp32", "quantize", "lowrank", "lowrank + heal"]);
+    // Healing brings the factorised model closer to the original.
+    let healed = rows[3]["cosine_mean"].as_f64().unwrap();
+    assert!(
+        healed > rows[2]["cosine_mean"].as_f64().unwrap(),
+        "{healed}"
+    );
     assert_eq!(rows[0]["cosine_min"], 1.0);
     let q = &rows[1];
     let cos = q["cosine_min"].as_f64().unwrap();

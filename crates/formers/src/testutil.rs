@@ -7,6 +7,13 @@ use crate::rng::Rng;
 use crate::Result;
 
 /// Deterministic f32 values in [-1, 1) from `seed` (for kernels on plain slices).
+/// The path of a checkpoint under `tests/fixtures` (`tiny-bert`, `tiny-gpt2`).
+pub fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
 pub fn uniform(len: usize, seed: u64) -> Vec<f32> {
     let mut s = seed
         .wrapping_mul(6364136223846793005)

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
+use formers::compress::heal::Heal;
 use formers::compress::lowrank::{self, Layers};
 use formers::compress::quantize::{self, Scheme};
 use formers::compress::svd::Rank;
@@ -37,6 +38,10 @@ pub struct CompressArgs {
     /// directory, removed afterwards]
     #[arg(long, value_name = "DIR")]
     pub work: Option<PathBuf>,
+    /// Healing steps of the healed low-rank row (distillation on the shipped Shakespeare,
+    /// as `formers compress lowrank --heal-steps`); 0 leaves the row out
+    #[arg(long, default_value_t = 300)]
+    pub heal_steps: usize,
     /// Also write the rows as a JSON array to this file
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -111,6 +116,37 @@ fn measure_all(
         setting: format!("ffn rank {half} (half the MLP parameters)"),
         dir,
     });
+    if a.heal_steps > 0 {
+        let heal = Heal {
+            steps: a.heal_steps,
+            ..Heal::default()
+        };
+        let texts = crate::compress::heal_texts(original, None)?;
+        let pb = crate::progress::bar(heal.steps as u64, "healing");
+        let mut each = |step: usize, loss: f32| {
+            pb.set_position(step as u64);
+            pb.set_message(format!("loss {loss:.5}"));
+        };
+        let healing = (
+            &heal,
+            texts.as_slice(),
+            &mut each as &mut dyn FnMut(usize, f32),
+        );
+        let result =
+            lowrank::lowrank_healed(original, Rank::Fixed(half), Layers::Ffn, Some(healing));
+        pb.finish_and_clear();
+        let (manifest, tensors, _) = result?;
+        let dir = work.join("lowrank-healed");
+        native::write(&dir, &manifest, &tensors, &a.model.join("tokenizer.json"))?;
+        methods.push(Method {
+            method: "lowrank + heal",
+            setting: format!(
+                "ffn rank {half}, {} distillation steps on Shakespeare (lr {:.0e}, {} lines a step)",
+                heal.steps, heal.lr, heal.batch
+            ),
+            dir,
+        });
+    }
     let want = crate::embed::embed_lines(original, sentences, 32, true, |_| {})?;
     let list = temp_file("compress-sentences.txt", &(sentences.join("\n") + "\n"))?;
     let mut rows = Vec::new();

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use candle_core::DType;
 
+use super::heal::{heal, Heal};
 use super::svd::{Decomposition, Rank};
 use crate::config::{FfnSpec, LayerOverride, MixerSpec};
 use crate::pretrained::native::{Manifest, Step, Stored};
@@ -58,16 +59,26 @@ pub fn lowrank(
     rank: Rank,
     layers: Layers,
 ) -> Result<(Manifest, BTreeMap<String, Stored>, Summary)> {
+    lowrank_healed(p, rank, layers, None)
+}
+
+/// Texts to heal on, how, and a callback after every step (`step`, `loss`).
+pub type Healing<'a> = (&'a Heal, &'a [Vec<u32>], &'a mut dyn FnMut(usize, f32));
+
+/// [`lowrank`], then, with `healing`, the factorised model distilled towards `p` on the
+/// texts ([`heal`]).
+pub fn lowrank_healed(
+    p: &Pretrained,
+    rank: Rank,
+    layers: Layers,
+    healing: Option<Healing<'_>>,
+) -> Result<(Manifest, BTreeMap<String, Stored>, Summary)> {
     check_rank(rank)?;
-    if p.compression
-        .iter()
-        .any(|s| matches!(s, Step::Quantize { .. }))
-    {
-        return Err(Error::Input(format!(
-            "{}: the model is quantised; factorise before quantising",
-            p.dir.display()
-        )));
-    }
+    super::refuse_after(
+        p,
+        |s| matches!(s, Step::Quantize { .. }),
+        "the model is quantised; factorise before quantising",
+    )?;
     let mut tensors = p.params.tensors();
     let mut cfg = p.config.clone();
     let mut summary = Summary::new();
@@ -125,6 +136,12 @@ pub fn lowrank(
         }
     }
     cfg.validate()?;
+    let heal_steps = healing.as_ref().map_or(0, |(h, ..)| h.steps);
+    if let Some((h, texts, each)) = healing {
+        let groups: Vec<String> = summary.iter().map(|(g, ..)| format!("{g}.")).collect();
+        let changed = |name: &str| groups.iter().any(|g| name.starts_with(g.as_str()));
+        tensors = heal(&cfg, &tensors, &p.model, texts, h, changed, each)?;
+    }
     let stored = tensors
         .iter()
         .map(|(k, t)| Ok((k.clone(), Stored::of(t)?)))
@@ -140,6 +157,7 @@ pub fn lowrank(
             Rank::Energy(e) => Some(e),
             Rank::Fixed(_) => None,
         },
+        heal_steps,
     });
     Ok((
         Manifest::new(p.family, &cfg, &p.dir, steps),
@@ -203,17 +221,11 @@ fn factorise_group(
 
 #[cfg(test)]
 mod tests {
-    use std::path::{Path, PathBuf};
 
     use super::*;
     use crate::model::ids_tensor;
     use crate::pretrained::{self, native};
-
-    fn fixture(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures")
-            .join(name)
-    }
+    use crate::testutil::fixture;
 
     fn written(p: &Pretrained, rank: Rank, layers: Layers, tag: &str) -> Pretrained {
         let (manifest, tensors, _) = lowrank(p, rank, layers).unwrap();

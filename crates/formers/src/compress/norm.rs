@@ -160,21 +160,16 @@ pub fn convert_pretrained(
     p: &crate::pretrained::Pretrained,
     target: Target,
 ) -> Result<(Manifest, BTreeMap<String, Stored>)> {
-    if p.compression
-        .iter()
-        .any(|s| matches!(s, Step::Quantize { .. }))
-    {
-        return Err(Error::Input(format!(
-            "{}: the model is quantised; convert its norms before quantising",
-            p.dir.display()
-        )));
-    }
-    if p.compression.iter().any(|s| matches!(s, Step::Norm { .. })) {
-        return Err(Error::Input(format!(
-            "{}: the model's norms are already converted",
-            p.dir.display()
-        )));
-    }
+    super::refuse_after(
+        p,
+        |s| matches!(s, Step::Quantize { .. }),
+        "the model is quantised; convert its norms before quantising",
+    )?;
+    super::refuse_after(
+        p,
+        |s| matches!(s, Step::Norm { .. }),
+        "the model's norms are already converted",
+    )?;
     let (cfg, w) = convert_pre_ln(&p.config, &p.params.tensors(), target)?;
     let tensors = w
         .iter()
@@ -240,6 +235,7 @@ mod tests {
     use crate::model::{ids_tensor, Model};
     use crate::params::Params;
     use crate::rng::Rng;
+    use crate::testutil::fixture;
     use candle_core::Device;
 
     #[test]
@@ -296,12 +292,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("Post-LN"), "{e}");
-    }
-
-    fn fixture(name: &str) -> std::path::PathBuf {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures")
-            .join(name)
     }
 
     #[test]

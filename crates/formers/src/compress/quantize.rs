@@ -40,15 +40,11 @@ pub fn is_quantised(name: &str, dims: &[usize]) -> bool {
 /// model already quantised, and for MatFormer MLPs (their nested widths slice `down`'s
 /// columns, which per-row scales do not allow: extract a sub-model first).
 pub fn quantize(p: &Pretrained, scheme: Scheme) -> Result<(Manifest, BTreeMap<String, Stored>)> {
-    if p.compression
-        .iter()
-        .any(|s| matches!(s, Step::Quantize { .. }))
-    {
-        return Err(Error::Input(format!(
-            "{}: the model is already quantised; quantise the original instead",
-            p.dir.display()
-        )));
-    }
+    super::refuse_after(
+        p,
+        |s| matches!(s, Step::Quantize { .. }),
+        "the model is already quantised; quantise the original instead",
+    )?;
     for i in 0..p.config.n_layers {
         if matches!(p.config.layer(i).ffn, FfnSpec::MatFormer { .. }) {
             return Err(Error::config(
@@ -97,12 +93,7 @@ mod tests {
     use super::*;
     use crate::model::ids_tensor;
     use crate::pretrained::{self, native, Family};
-
-    fn fixture(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures")
-            .join(name)
-    }
+    use crate::testutil::fixture;
 
     fn scratch(tag: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("formers-q-{tag}-{}", std::process::id()));

@@ -41,6 +41,9 @@ pub enum Step {
         layers: String,
         rank: Option<usize>,
         energy: Option<f64>,
+        /// Distillation steps towards the original after factorising (0: none).
+        #[serde(default)]
+        heal_steps: usize,
     },
 }
 
