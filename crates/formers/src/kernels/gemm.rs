@@ -300,16 +300,16 @@ fn pack_b(
     }
 }
 
-/// `*mut f32` shared by tasks that write disjoint parts.
+/// `*mut f32` shared by tasks that write disjoint parts (also `int8`'s).
 #[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
+pub(crate) struct SyncPtr(pub(crate) *mut f32);
 // SAFETY: tasks write disjoint tiles (see `gemm`).
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
 impl SyncPtr {
     /// The pointer (a method, so closures capture the whole `SyncPtr`).
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }

@@ -267,19 +267,8 @@ mod avx2 {
 
     use super::*;
 
-    /// `*mut f32` shared by tasks that write disjoint outputs.
-    #[derive(Clone, Copy)]
-    struct SyncPtr(*mut f32);
-    // SAFETY: tasks write disjoint elements (see `matmul`).
-    unsafe impl Send for SyncPtr {}
-    unsafe impl Sync for SyncPtr {}
-
-    impl SyncPtr {
-        /// The pointer (a method, so closures capture the whole `SyncPtr`).
-        fn get(self) -> *mut f32 {
-            self.0
-        }
-    }
+    // Tasks write disjoint elements of the output (see `matmul`).
+    use crate::kernels::gemm::SyncPtr;
 
     /// [`quantize_row`] eight values at a time, bit-identical to it (the same division,
     /// rounding half to even, clamp).

@@ -110,8 +110,35 @@ pub fn load_with(dir: &Path, limits: &Limits) -> Result<Pretrained> {
     limits
         .check_inference(&config)
         .map_err(|e| hf_error(e, naming.keys, &config_path))?;
-    let weights_path = dir.join("model.safetensors");
-    let (model, params, unused) = build(&config, &weights_path, naming, limits)?;
+    assemble(dir, family, config, naming, limits, Vec::new())
+}
+
+/// Loads a formers model directory (`formers.json`), as [`load_with`].
+fn load_native(dir: &Path, limits: &Limits) -> Result<Pretrained> {
+    let (manifest, config) = native::Manifest::read(dir)?;
+    limits.check_inference(&config)?;
+    let family = manifest.family;
+    assemble(
+        dir,
+        family,
+        config,
+        native::NAMING,
+        limits,
+        manifest.compression,
+    )
+}
+
+/// The model of `config` built from `dir/model.safetensors` under `naming`, with the
+/// tokenizer of `dir`.
+fn assemble(
+    dir: &Path,
+    family: Family,
+    config: ModelConfig,
+    naming: Naming,
+    limits: &Limits,
+    compression: Vec<native::Step>,
+) -> Result<Pretrained> {
+    let (model, params, unused) = build(&config, &dir.join("model.safetensors"), naming, limits)?;
     let tokenizer = load_tokenizer(&dir.join("tokenizer.json"), config.input.vocab_size())?;
     Ok(Pretrained {
         family,
@@ -121,30 +148,7 @@ pub fn load_with(dir: &Path, limits: &Limits) -> Result<Pretrained> {
         dir: dir.to_path_buf(),
         unused,
         params,
-        compression: Vec::new(),
-    })
-}
-
-/// Loads a formers model directory (`formers.json`), as [`load_with`].
-fn load_native(dir: &Path, limits: &Limits) -> Result<Pretrained> {
-    let (manifest, config) = native::Manifest::read(dir)?;
-    limits.check_inference(&config)?;
-    let (model, params, unused) = build(
-        &config,
-        &dir.join("model.safetensors"),
-        native::NAMING,
-        limits,
-    )?;
-    let tokenizer = load_tokenizer(&dir.join("tokenizer.json"), config.input.vocab_size())?;
-    Ok(Pretrained {
-        family: manifest.family,
-        config,
-        model,
-        tokenizer,
-        dir: dir.to_path_buf(),
-        unused,
-        params,
-        compression: manifest.compression,
+        compression,
     })
 }
 
