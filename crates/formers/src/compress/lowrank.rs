@@ -142,12 +142,7 @@ pub fn lowrank_healed(
         let changed = |name: &str| groups.iter().any(|g| name.starts_with(g.as_str()));
         tensors = heal(&cfg, &tensors, &p.model, texts, h, changed, each)?;
     }
-    let stored = tensors
-        .iter()
-        .map(|(k, t)| Ok((k.clone(), Stored::of(t)?)))
-        .collect::<Result<_>>()?;
-    let mut steps = p.compression.clone();
-    steps.push(Step::Lowrank {
+    let step = Step::Lowrank {
         layers: layers.name().into(),
         rank: match rank {
             Rank::Fixed(r) => Some(r),
@@ -158,12 +153,9 @@ pub fn lowrank_healed(
             Rank::Fixed(_) => None,
         },
         heal_steps,
-    });
-    Ok((
-        Manifest::new(p.family, &cfg, &p.dir, steps),
-        stored,
-        summary,
-    ))
+    };
+    let manifest = super::manifest_after(p, &cfg, step);
+    Ok((manifest, super::stored_f32(&tensors)?, summary))
 }
 
 /// Factorises the matrices `{name}.weight` of one group at one rank (the largest any of

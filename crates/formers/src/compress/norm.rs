@@ -171,15 +171,10 @@ pub fn convert_pretrained(
         "the model's norms are already converted",
     )?;
     let (cfg, w) = convert_pre_ln(&p.config, &p.params.tensors(), target)?;
-    let tensors = w
-        .iter()
-        .map(|(k, t)| Ok((k.clone(), Stored::of(t)?)))
-        .collect::<Result<_>>()?;
-    let mut steps = p.compression.clone();
-    steps.push(Step::Norm {
+    let step = Step::Norm {
         to: target.name().into(),
-    });
-    Ok((Manifest::new(p.family, &cfg, &p.dir, steps), tensors))
+    };
+    Ok((super::manifest_after(p, &cfg, step), super::stored_f32(&w)?))
 }
 
 /// Which models convert exactly.

@@ -76,10 +76,7 @@ pub fn quantize(p: &Pretrained, scheme: Scheme) -> Result<(Manifest, BTreeMap<St
         scheme: scheme.name().into(),
         matrices,
     };
-    let mut steps = p.compression.clone();
-    steps.push(step);
-    let manifest = Manifest::new(p.family, &p.config, &p.dir, steps);
-    Ok((manifest, out))
+    Ok((super::manifest_after(p, &p.config, step), out))
 }
 
 #[cfg(test)]
