@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
+use formers::compress::extract::{extract_run, Choice};
 use formers::compress::heal::Heal;
 use formers::compress::lowrank::{self, Layers};
 use formers::compress::norm::{self, Target};
@@ -15,8 +16,9 @@ use formers::pretrained::{self, native, Pretrained};
 
 use crate::limits::LoadArgs;
 
-/// Compression methods. Each writes a formers model directory (formers.json,
-/// model.safetensors, tokenizer.json) that `embed`, `generate` and `serve` load.
+/// Compression methods. quantize, norm and lowrank write a formers model directory
+/// (formers.json, model.safetensors, tokenizer.json) that `embed`, `generate` and `serve`
+/// load; extract writes a `formers train` run directory.
 #[derive(Debug, Subcommand)]
 pub enum CompressCommand {
     /// Store every matrix (linear layers, embedding tables) as int8 with one scale per row;
@@ -40,10 +42,41 @@ pub enum CompressCommand {
     ///
     /// One rank per layer's MLP (up, down and gate share it) and one per layer's attention
     /// projections. With --energy, each group gets the smallest rank that keeps that fraction
-    /// of every one of its matrices' squared singular values. A rank saves parameters below
-    /// out·in/(out+in) (192 for a 384×1536 MLP matrix). No recovery training is done:
-    /// measure the cost with `formers bench compress`.
+    /// of every one of its matrices' squared singular values. By default each MLP matrix is
+    /// weighted by the inputs it reads on 1,024 lines of text (--calibrate; SVD-LLM, Wang et
+    /// al. 2024), which keeps far more of the model than the plain SVD of its weights. A rank saves parameters below
+    /// out·in/(out+in) (192 for a 384×1536 MLP matrix). --heal-steps then distils the
+    /// factorised model towards the original on plain text. Measure the cost with
+    /// `formers bench compress`.
     Lowrank(LowrankArgs),
+    /// Cut a MatFormer run (nested MLPs) to a physically smaller dense model at chosen
+    /// granularities (Mix'n'Match, Devvrit et al. 2023), without retraining.
+    ///
+    /// Each nested MLP keeps the first ⌈g·hidden⌉ hidden units of granularity g and becomes
+    /// a plain MLP of that width; the result computes what the nested model computes at
+    /// those granularities (`formers eval --model RUN --granularity G`), with fewer
+    /// parameters. It is a run directory (run.json and a checkpoint with the cut weights,
+    /// AdamW moments and state) that `formers eval`, `generate` and `train --resume` take.
+    /// Without --granularity or --per-layer, each layer keeps its configured `active` one.
+    Extract(ExtractArgs),
+}
+
+/// Flags of `formers compress extract`.
+#[derive(Debug, Args)]
+pub struct ExtractArgs {
+    /// A `formers train` run (or an arena run, ARENA/runs/LABEL) whose model has MatFormer MLPs
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Where to write the extracted run (a new or empty directory)
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// The granularity index (0: the smallest) every nested layer keeps; a layer with fewer
+    /// granularities keeps its largest
+    #[arg(long, value_name = "G", conflicts_with = "per_layer")]
+    pub granularity: Option<usize>,
+    /// One granularity index per layer, comma-separated (a layer that is not nested: 0)
+    #[arg(long, value_name = "G0,G1,...", value_delimiter = ',')]
+    pub per_layer: Option<Vec<usize>>,
 }
 
 /// Layers of `formers compress lowrank`.
@@ -77,8 +110,13 @@ pub struct LowrankArgs {
     /// Which layers to factorise
     #[arg(long, value_enum, default_value = "ffn")]
     pub layers: LayersArg,
-    /// After factorising, train the factorised model this many steps to give the original's
-    /// last hidden states on plain text (distillation; every weight trains)
+    /// Weight each MLP matrix's factorisation by the inputs it reads on this many lines of
+    /// the text (evenly spaced; SVD-LLM's whitening), so the error is smallest where the
+    /// model works; 0: plain SVD of the weights
+    #[arg(long, default_value_t = 1024, value_name = "LINES")]
+    pub calibrate: usize,
+    /// After factorising, train the factorised layers this many steps to give the original's
+    /// last hidden states on the text (distillation)
     #[arg(long, default_value_t = 0)]
     pub heal_steps: usize,
     /// Peak learning rate of the healing steps (warm-up over a tenth, cosine decay)
@@ -87,7 +125,8 @@ pub struct LowrankArgs {
     /// Texts per healing step
     #[arg(long, default_value_t = 16)]
     pub heal_batch: usize,
-    /// Plain text to heal on, one text per line [default: the shipped data/shakespeare.txt]
+    /// Plain text to calibrate and heal on, one text per line [default: the shipped
+    /// data/shakespeare.txt]
     #[arg(long, value_name = "FILE")]
     pub heal_text: Option<PathBuf>,
     #[command(flatten)]
@@ -149,7 +188,31 @@ pub fn run(cmd: CompressCommand) -> Result<()> {
         CompressCommand::Quantize(a) => run_quantize(a),
         CompressCommand::Norm(a) => run_norm(a),
         CompressCommand::Lowrank(a) => run_lowrank(a),
+        CompressCommand::Extract(a) => run_extract(a),
     }
+}
+
+fn run_extract(a: ExtractArgs) -> Result<()> {
+    let choice = match (a.granularity, a.per_layer) {
+        (Some(g), _) => Choice::All(g),
+        (None, Some(gs)) => Choice::PerLayer(gs),
+        (None, None) => Choice::Configured,
+    };
+    let e = extract_run(&a.model, &a.out, &choice)
+        .with_context(|| format!("extracting from {}", a.model.display()))?;
+    let widths: Vec<String> = e
+        .widths
+        .iter()
+        .map(|w| w.map_or("-".into(), |w| w.to_string()))
+        .collect();
+    let (before, after) = e.params;
+    println!(
+        "{}: hidden widths {} (-: not nested); {after} parameters, {:.1}% of {before}",
+        a.out.display(),
+        widths.join(","),
+        100.0 * after as f64 / before as f64
+    );
+    Ok(())
 }
 
 fn run_quantize(a: QuantizeArgs) -> Result<()> {
@@ -204,12 +267,17 @@ fn run_lowrank(a: LowrankArgs) -> Result<()> {
     if !(heal.lr > 0.0 && heal.lr.is_finite()) || heal.batch == 0 {
         anyhow::bail!("--heal-lr must be a positive number and --heal-batch at least 1");
     }
-    let texts = if heal.steps > 0 {
+    let texts = if heal.steps > 0 || a.calibrate > 0 {
         heal_texts(&p, a.heal_text.as_deref())?
     } else {
         Vec::new()
     };
-    let pb = crate::progress::spinner("factorising (truncated SVD of each matrix)");
+    let calibration = spread(&texts, a.calibrate);
+    let pb = crate::progress::spinner(if a.calibrate > 0 {
+        "calibrating and factorising (truncated SVD of each matrix, weighted by its inputs)"
+    } else {
+        "factorising (truncated SVD of each matrix)"
+    });
     let bar = crate::progress::bar(heal.steps as u64, "healing");
     bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     let mut each = |step: usize, loss: f32| {
@@ -225,7 +293,8 @@ fn run_lowrank(a: LowrankArgs) -> Result<()> {
         texts.as_slice(),
         &mut each as &mut dyn FnMut(usize, f32),
     ));
-    let result = lowrank::lowrank_healed(&p, rank, layers, healing);
+    let calibration = (a.calibrate > 0).then_some(calibration.as_slice());
+    let result = lowrank::lowrank_with(&p, rank, layers, calibration, healing);
     pb.finish_and_clear();
     bar.finish_and_clear();
     let (manifest, tensors, summary) = result?;
@@ -253,6 +322,15 @@ fn run_lowrank(a: LowrankArgs) -> Result<()> {
 
 /// Token ids of the lines of `path` (or the shipped Shakespeare) with at least 4 tokens,
 /// cut to the model's positions.
+/// `n` of `texts`, evenly spaced (all of them when there are no more).
+pub(crate) fn spread(texts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let step = (texts.len() / n).max(1);
+    texts.iter().step_by(step).take(n).cloned().collect()
+}
+
 pub(crate) fn heal_texts(p: &Pretrained, path: Option<&Path>) -> Result<Vec<Vec<u32>>> {
     let text = match path {
         Some(f) => {

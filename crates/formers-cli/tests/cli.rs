@@ -360,6 +360,7 @@ fn help_explains_every_command() {
         &["compress", "quantize", "--help"],
         &["compress", "norm", "--help"],
         &["compress", "lowrank", "--help"],
+        &["compress", "extract", "--help"],
         &["arena", "--help"],
         &["arena", "data", "--help"],
         &["arena", "show", "--help"],
@@ -1406,13 +1407,20 @@ fn bench_compress_reports_every_method_against_fp32() {
     let rows: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let methods: Vec<&str> = rows.iter().map(|r| r["method"].as_str().unwrap()).collect();
-    assert_eq!(methods, ["fp32", "quantize", "lowrank", "lowrank + heal"]);
-    // Healing brings the factorised model closer to the original.
-    let healed = rows[3]["cosine_mean"].as_f64().unwrap();
-    assert!(
-        healed > rows[2]["cosine_mean"].as_f64().unwrap(),
-        "{healed}"
+    assert_eq!(
+        methods,
+        ["fp32", "quantize", "lowrank", "lowrank", "lowrank + heal"]
     );
+    // Calibration, then healing, bring the factorised model closer to the original.
+    let mean = |i: usize| rows[i]["cosine_mean"].as_f64().unwrap();
+    assert!(rows[3]["setting"].as_str().unwrap().contains("calibrated"));
+    assert!(
+        mean(3) > mean(2),
+        "calibrated {} vs plain {}",
+        mean(3),
+        mean(2)
+    );
+    assert!(mean(4) > mean(2), "healed {} vs plain {}", mean(4), mean(2));
     assert_eq!(rows[0]["cosine_min"], 1.0);
     let q = &rows[1];
     let cos = q["cosine_min"].as_f64().unwrap();
@@ -1482,5 +1490,85 @@ fn compress_norm_converts_gpt2_exactly_and_refuses_post_ln_bert() {
         text(&o)
     );
     assert!(!out.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn compress_extract_cuts_a_matformer_run_to_what_eval_gives_at_that_granularity() {
+    let dir = tmp("extract");
+    let cfg = dir.join("nested.json");
+    std::fs::write(
+        &cfg,
+        r#"{"model": {"d_model": 16, "n_heads": 2, "n_layers": 2, "causal": true,
+            "max_len": 32, "input": {"kind": "bytes"}, "head": {"kind": "lm", "tied": true},
+            "defaults": {"mixer": {"kind": "attention"},
+              "ffn": {"kind": "matformer", "hidden": 32, "granularities": [0.25, 0.5, 1.0]}}},
+          "train": {"steps": 4, "batch_size": 2, "seq_len": 16, "eval_batches": 2,
+                    "matformer_all": true}}"#,
+    )
+    .unwrap();
+    let nested = dir.join("nested");
+    let o = run(formers().args([
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        nested.to_str().unwrap(),
+        "--sample-tokens",
+        "0",
+        "--quiet",
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+    let loss = |args: &[&str]| -> f64 {
+        let o = run(formers().arg("eval").args(args));
+        assert!(o.status.success(), "{}", text(&o));
+        let line = String::from_utf8_lossy(&o.stdout).to_string();
+        let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+        v["loss"].as_f64().unwrap()
+    };
+    let small = dir.join("small");
+    let o = run(formers().args([
+        "compress",
+        "extract",
+        "--model",
+        nested.to_str().unwrap(),
+        "--granularity",
+        "0",
+        "--out",
+        small.to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("hidden widths 8,8"), "{}", text(&o));
+    let want = loss(&["--model", nested.to_str().unwrap(), "--granularity", "0"]);
+    let got = loss(&["--model", small.to_str().unwrap()]);
+    assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+    let o = run(formers().args([
+        "generate",
+        "--model",
+        small.to_str().unwrap(),
+        "--prompt",
+        "To",
+        "--max-new-tokens",
+        "3",
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+    // A granularity that does not exist: a clear error, nothing written.
+    let bad = dir.join("bad");
+    let o = run(formers().args([
+        "compress",
+        "extract",
+        "--model",
+        nested.to_str().unwrap(),
+        "--per-layer",
+        "0,3",
+        "--out",
+        bad.to_str().unwrap(),
+    ]));
+    assert!(
+        !o.status.success() && text(&o).contains("layer 1 has 3 granularities"),
+        "{}",
+        text(&o)
+    );
+    assert!(!bad.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }

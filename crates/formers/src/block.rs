@@ -67,22 +67,41 @@ impl Block {
         )
     }
 
+    /// [`Block::forward`] without a cache or dropout, also returning what the channel mixer
+    /// read: `(ffn input, output)`, for calibrating compression.
+    pub(crate) fn forward_traced(&self, x: &Tensor, ctx: &MixCtx) -> Result<(Tensor, Tensor)> {
+        self.apply_traced(x, |h| self.mixer.forward(h, ctx, None), None)
+    }
+
     /// The block around the token mixer `mix`.
     fn apply(
         &self,
         x: &Tensor,
         mix: impl FnOnce(&Tensor) -> Result<Tensor>,
-        mut rng: Option<&mut Rng>,
+        rng: Option<&mut Rng>,
     ) -> Result<Tensor> {
+        Ok(self.apply_traced(x, mix, rng)?.1)
+    }
+
+    /// [`Block::apply`], returning the channel mixer's input beside the output.
+    fn apply_traced(
+        &self,
+        x: &Tensor,
+        mix: impl FnOnce(&Tensor) -> Result<Tensor>,
+        mut rng: Option<&mut Rng>,
+    ) -> Result<(Tensor, Tensor)> {
         let mut drop = |t: Tensor| dropout(t, self.dropout, rng.as_deref_mut());
         match self.placement {
             Placement::Pre => {
                 let x = (x + drop(mix(&self.norm1.forward(x)?)?)?)?;
-                Ok((&x + drop(self.ffn.forward(&self.norm2.forward(&x)?)?)?)?)
+                let h = self.norm2.forward(&x)?;
+                let out = (&x + drop(self.ffn.forward(&h)?)?)?;
+                Ok((h, out))
             }
             Placement::Post => {
                 let x = self.norm1.forward(&(x + drop(mix(x)?)?)?)?;
-                self.norm2.forward(&(&x + drop(self.ffn.forward(&x)?)?)?)
+                let out = self.norm2.forward(&(&x + drop(self.ffn.forward(&x)?)?)?)?;
+                Ok((x, out))
             }
         }
     }

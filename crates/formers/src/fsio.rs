@@ -249,6 +249,39 @@ pub fn write_atomic(path: &Path, bytes: &[u8], overwrite: bool) -> Result<()> {
     renamed
 }
 
+/// Creates directory `out` (which must not exist yet, or be empty) with the files `fill`
+/// writes into the directory it is given: a sibling `.NAME.partial` directory, renamed to
+/// `out` once `fill` succeeds, so a failure leaves no half-written directory.
+pub fn write_dir_atomic(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    if out.exists()
+        && fs::read_dir(out)
+            .map_err(|e| Error::io(out, e))?
+            .next()
+            .is_some()
+    {
+        return Err(Error::Input(format!(
+            "{} exists and is not empty; choose a new output directory",
+            out.display()
+        )));
+    }
+    let name = out
+        .file_name()
+        .ok_or_else(|| Error::Input(format!("{}: not a directory name", out.display())))?;
+    let tmp = out.with_file_name(format!(".{}.partial", name.to_string_lossy()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if out.exists() {
+        fs::remove_dir(out).map_err(|e| Error::io(out, e))?;
+    }
+    fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
+}
+
 /// `.NAME.tmp-PID` beside `path`.
 fn temp_path(path: &Path) -> PathBuf {
     let name = path

@@ -304,6 +304,27 @@ impl Model {
     /// al. 2023): every layer but attention sees one `[total, d]` matrix; attention sees
     /// the sequence boundaries. No work is spent on padding.
     pub fn hidden_packed(&self, batch: &Packed) -> Result<Tensor> {
+        self.run_packed(batch, |_, block, x, ctx| block.forward(x, ctx, None, None))
+    }
+
+    /// What every layer's channel mixer reads, `[total, d]` each, on a padding-free batch
+    /// (the calibration of data-aware compression).
+    pub(crate) fn ffn_inputs_packed(&self, batch: &Packed) -> Result<Vec<Tensor>> {
+        let mut inputs = Vec::new();
+        self.run_packed(batch, |_, block, x, ctx| {
+            let (h, out) = block.forward_traced(x, ctx)?;
+            inputs.push(h.squeeze(0)?);
+            Ok(out)
+        })?;
+        Ok(inputs)
+    }
+
+    /// The stack over a padding-free batch, `layer` applying each block.
+    fn run_packed(
+        &self,
+        batch: &Packed,
+        mut layer: impl FnMut(usize, &Block, &Tensor, &MixCtx) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let longest = batch.segments.iter().map(|s| s.1).max().unwrap_or(0);
         self.check_len(longest)?;
         let ids = Tensor::from_slice(&batch.ids, batch.ids.len(), &Device::Cpu)?;
@@ -321,7 +342,7 @@ impl Model {
             value_lambda: self.value_lambda(),
             segments: Some(&batch.segments),
         };
-        let h = self.run_blocks(x, |_, block, x| block.forward(x, &ctx, None, None))?;
+        let h = self.run_blocks(x, |i, block, x| layer(i, block, x, &ctx))?;
         Ok(h.squeeze(0)?)
     }
 

@@ -47,6 +47,10 @@ pub struct CompressArgs {
     pub json: Option<PathBuf>,
 }
 
+/// Lines of text the calibrated low-rank rows are weighted by (`compress lowrank`'s
+/// default `--calibrate`).
+const CALIBRATION: usize = 1024;
+
 /// One compressed form of the model: its name, setting and directory.
 struct Method {
     method: &'static str,
@@ -108,20 +112,34 @@ fn measure_all(
         original.config.layer(0).ffn.hidden(original.config.d_model),
     );
     let half = (d * h / (2 * (d + h))).max(1);
-    let dir = work.join("lowrank");
-    let (manifest, tensors, _) = lowrank::lowrank(original, Rank::Fixed(half), Layers::Ffn)?;
-    native::write(&dir, &manifest, &tensors, &a.model.join("tokenizer.json"))?;
-    methods.push(Method {
-        method: "lowrank",
-        setting: format!("ffn rank {half} (half the MLP parameters)"),
-        dir,
-    });
+    let texts = crate::compress::heal_texts(original, None)?;
+    let calibration = crate::compress::spread(&texts, CALIBRATION);
+    let plain = (None, "plain SVD".to_string());
+    let calibrated = (
+        Some(calibration.as_slice()),
+        format!("calibrated on {} lines of Shakespeare", calibration.len()),
+    );
+    for (name, (cal, how)) in [
+        ("lowrank", plain),
+        ("lowrank-calibrated", calibrated.clone()),
+    ] {
+        let pb = crate::progress::spinner(&format!("factorising ({how})"));
+        let result = lowrank::lowrank_with(original, Rank::Fixed(half), Layers::Ffn, cal, None);
+        pb.finish_and_clear();
+        let (manifest, tensors, _) = result?;
+        let dir = work.join(name);
+        native::write(&dir, &manifest, &tensors, &a.model.join("tokenizer.json"))?;
+        methods.push(Method {
+            method: "lowrank",
+            setting: format!("ffn rank {half} (half the MLP parameters), {how}"),
+            dir,
+        });
+    }
     if a.heal_steps > 0 {
         let heal = Heal {
             steps: a.heal_steps,
             ..Heal::default()
         };
-        let texts = crate::compress::heal_texts(original, None)?;
         let pb = crate::progress::bar(heal.steps as u64, "healing");
         let mut each = |step: usize, loss: f32| {
             pb.set_position(step as u64);
@@ -132,8 +150,9 @@ fn measure_all(
             texts.as_slice(),
             &mut each as &mut dyn FnMut(usize, f32),
         );
+        let (cal, how) = calibrated;
         let result =
-            lowrank::lowrank_healed(original, Rank::Fixed(half), Layers::Ffn, Some(healing));
+            lowrank::lowrank_with(original, Rank::Fixed(half), Layers::Ffn, cal, Some(healing));
         pb.finish_and_clear();
         let (manifest, tensors, _) = result?;
         let dir = work.join("lowrank-healed");
@@ -141,7 +160,7 @@ fn measure_all(
         methods.push(Method {
             method: "lowrank + heal",
             setting: format!(
-                "ffn rank {half}, {} distillation steps on Shakespeare (lr {:.0e}, {} lines a step)",
+                "ffn rank {half}, {how}, then {} distillation steps on Shakespeare (lr {:.0e}, {} lines a step)",
                 heal.steps, heal.lr, heal.batch
             ),
             dir,

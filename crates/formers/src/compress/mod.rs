@@ -1,7 +1,8 @@
 //! Post-training transformations of trained models that keep (or measurably change) what
 //! they compute: Pre-LN → Pre-RMSNorm → Pre-CRMSNorm conversion (`norm`), int8 weights
-//! (`quantize`), low-rank factorisation (`lowrank`, by `svd`). Their results are formers model directories (`pretrained::native`).
+//! (`quantize`), low-rank factorisation (`lowrank`, by `svd`), MatFormer sub-models (`extract`). Their results are formers model directories (`pretrained::native`).
 
+pub mod extract;
 pub mod heal;
 pub mod lowrank;
 pub mod norm;

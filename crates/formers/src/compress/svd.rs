@@ -1,5 +1,6 @@
 //! Truncated SVD of a weight matrix as the two factors of a low-rank layer, through the
-//! symmetric eigenproblem of its smaller Gram matrix (cyclic Jacobi, f64).
+//! symmetric eigenproblem of its smaller Gram matrix (cyclic Jacobi, f64); or of `W S`, with
+//! `S` the Cholesky factor of its inputs' second moment (data-aware, [`factorise_whitened`]).
 //!
 //! For `W [out, in]` with `in ≤ out`: `WᵀW = V Λ Vᵀ`, `σᵢ² = λᵢ`, and `W ≈ (W V_r) V_rᵀ`;
 //! with `out < in`: `WWᵀ = U Λ Uᵀ` and `W ≈ U_r (U_rᵀ W)`. Either way the product at full
@@ -181,6 +182,93 @@ pub fn factorise(w: &[f64], out: usize, inp: usize, rank: Rank) -> (Factors, Vec
     (f, d.energy)
 }
 
+/// The lower-triangular `S [n, n]` (row-major) with `S Sᵀ = C + δ I`, `δ = damping ·
+/// mean(diag C)` (Cholesky): the whitening of inputs whose second moment is `C`.
+pub fn cholesky_damped(c: &[f64], n: usize, damping: f64) -> Vec<f64> {
+    assert_eq!(c.len(), n * n, "a symmetric matrix of {n}×{n}");
+    let mean = (0..n).map(|i| c[i * n + i]).sum::<f64>() / n.max(1) as f64;
+    let delta = damping * mean.max(f64::MIN_POSITIVE);
+    let mut s = vec![0.0; n * n];
+    for i in 0..n {
+        for j in 0..=i {
+            let dot: f64 = (0..j).map(|k| s[i * n + k] * s[j * n + k]).sum();
+            if i == j {
+                // Damping keeps the pivot positive; rounding may still eat a tiny one.
+                s[i * n + i] = (c[i * n + i] + delta - dot).max(delta).sqrt();
+            } else {
+                s[i * n + j] = (c[i * n + j] - dot) / s[j * n + j];
+            }
+        }
+    }
+    s
+}
+
+/// `W [out, in]` factorised at the rank `rank` chooses, best in the norm of its inputs
+/// (SVD-LLM, Wang et al. 2024): with `XᵀX ≈ S Sᵀ` (`s` from [`cholesky_damped`]), the
+/// error `‖X (W − W')ᵀ‖` is `‖(W − W') S‖`, so `W' = trunc(W S) S⁻¹`. Returns the factors
+/// and the energy of `W S`.
+pub fn factorise_whitened(
+    w: &[f64],
+    out: usize,
+    inp: usize,
+    s: &[f64],
+    rank: Rank,
+) -> (Factors, Vec<f64>) {
+    let (mut f, energy) = factorise(&whiten(w, out, inp, s), out, inp, rank);
+    unwhiten(&mut f, s, inp);
+    balance(&mut f, out, inp);
+    (f, energy)
+}
+
+/// `W S` for `W [out, in]` and the lower-triangular `S [in, in]`.
+pub fn whiten(w: &[f64], out: usize, inp: usize, s: &[f64]) -> Vec<f64> {
+    assert_eq!(s.len(), inp * inp);
+    let mut ws = vec![0.0; out * inp];
+    for o in 0..out {
+        let row = &w[o * inp..(o + 1) * inp];
+        for j in 0..inp {
+            // Only rows k ≥ j of column j are non-zero.
+            ws[o * inp + j] = (j..inp).map(|k| row[k] * s[k * inp + j]).sum();
+        }
+    }
+    ws
+}
+
+/// Factors of `W S` made factors of `W`: `factor ← factor · S⁻¹` (each row `x` solves
+/// `x S = b` by back-substitution).
+pub fn unwhiten(f: &mut Factors, s: &[f64], inp: usize) {
+    for c in 0..f.rank {
+        let b = &mut f.factor[c * inp..(c + 1) * inp];
+        for j in (0..inp).rev() {
+            let tail: f64 = (j + 1..inp).map(|i| b[i] * s[i * inp + j]).sum();
+            b[j] = (b[j] - tail) / s[j * inp + j];
+        }
+    }
+}
+
+/// Rescales each rank-1 term of `f` (a column of `weight [out, r]`, a row of
+/// `factor [r, in]`) so both have the same norm: the product is unchanged, and neither
+/// factor holds values orders of magnitude smaller than the other (which a fixed-size
+/// optimizer step, as Adam's, would swamp when the factors are trained further).
+pub fn balance(f: &mut Factors, out: usize, inp: usize) {
+    let r = f.rank;
+    for c in 0..r {
+        let a: f64 = (0..out).map(|o| f.weight[o * r + c].powi(2)).sum::<f64>().sqrt();
+        let b: f64 = f.factor[c * inp..(c + 1) * inp]
+            .iter()
+            .map(|v| v * v)
+            .sum::<f64>()
+            .sqrt();
+        if a > 0.0 && b > 0.0 {
+            let k = (b / a).sqrt();
+            (0..out).for_each(|o| f.weight[o * r + c] *= k);
+            f.factor[c * inp..(c + 1) * inp]
+                .iter_mut()
+                .for_each(|v| *v /= k);
+        }
+    }
+}
+
 /// How the rank of a factorisation is chosen.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Rank {
@@ -231,6 +319,47 @@ mod tests {
             assert!((norm - total).abs() < 1e-9 * norm);
             assert!(energy.windows(2).all(|e| e[0] >= e[1]));
         }
+    }
+
+    #[test]
+    fn whitening_minimises_the_error_on_the_inputs_and_full_rank_is_exact() {
+        let (out, inp, n) = (6, 5, 40);
+        let w = random(out * inp, 11);
+        // Inputs of very unequal scales per coordinate, as activations are.
+        let x: Vec<f64> = random(n * inp, 12)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * [5.0, 0.1, 1.0, 0.01, 2.0][i % inp])
+            .collect();
+        let mut c = vec![0.0; inp * inp];
+        for t in 0..n {
+            for i in 0..inp {
+                for j in 0..inp {
+                    c[i * inp + j] += x[t * inp + i] * x[t * inp + j];
+                }
+            }
+        }
+        let s = cholesky_damped(&c, inp, 1e-12);
+        let on_inputs = |p: &[f64]| -> f64 {
+            (0..n)
+                .flat_map(|t| (0..out).map(move |o| (t, o)))
+                .map(|(t, o)| {
+                    (0..inp)
+                        .map(|k| (w[o * inp + k] - p[o * inp + k]) * x[t * inp + k])
+                        .sum::<f64>()
+                        .powi(2)
+                })
+                .sum()
+        };
+        let (full, _) = factorise_whitened(&w, out, inp, &s, Rank::Fixed(inp));
+        assert!(on_inputs(&product(&full, out, inp)) < 1e-12);
+        let (white, _) = factorise_whitened(&w, out, inp, &s, Rank::Fixed(2));
+        let (plain, _) = factorise(&w, out, inp, Rank::Fixed(2));
+        let (a, b) = (
+            on_inputs(&product(&white, out, inp)),
+            on_inputs(&product(&plain, out, inp)),
+        );
+        assert!(a < 0.5 * b, "whitened {a} vs plain {b}");
     }
 
     #[test]

@@ -15,6 +15,11 @@ use crate::Result;
 /// No granularity forced: use the layer's configured one.
 const CONFIGURED: usize = usize::MAX;
 
+/// The hidden width of granularity `g` (a fraction of `hidden`): `⌈g·hidden⌉`, at least 1.
+pub fn width(g: f64, hidden: usize) -> usize {
+    ((g * hidden as f64).ceil() as usize).clamp(1, hidden)
+}
+
 /// An MLP whose hidden layer can be cut to nested prefixes.
 #[derive(Debug)]
 pub struct MatMlp {
@@ -40,10 +45,7 @@ impl MatMlp {
         activation: Pointwise,
         bias: bool,
     ) -> Result<Self> {
-        let widths = granularities
-            .iter()
-            .map(|g| ((g * hidden as f64).ceil() as usize).clamp(1, hidden))
-            .collect();
+        let widths = granularities.iter().map(|&g| width(g, hidden)).collect();
         let up = Linear::new(&p.pp("up"), d, hidden, bias)?;
         let down = Linear::new(&p.pp("down"), hidden, d, bias)?;
         if up.int8.is_some() || down.int8.is_some() {

@@ -41,6 +41,9 @@ pub enum Step {
         layers: String,
         rank: Option<usize>,
         energy: Option<f64>,
+        /// Texts whose activations weighted the factorisation (0: plain SVD).
+        #[serde(default)]
+        calibration: usize,
         /// Distillation steps towards the original after factorising (0: none).
         #[serde(default)]
         heal_steps: usize,
@@ -143,40 +146,13 @@ pub fn write(
     tensors: &BTreeMap<String, Stored>,
     tokenizer: &Path,
 ) -> Result<()> {
-    if out.exists()
-        && std::fs::read_dir(out)
-            .map_err(|e| Error::io(out, e))?
-            .next()
-            .is_some()
-    {
-        return Err(Error::Input(format!(
-            "{} exists and is not empty; choose a new output directory",
-            out.display()
-        )));
-    }
-    let name = out
-        .file_name()
-        .ok_or_else(|| Error::Input(format!("{}: not a directory name", out.display())))?;
-    let tmp = out.with_file_name(format!(".{}.partial", name.to_string_lossy()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let written = (|| {
+    fsio::write_dir_atomic(out, |tmp| {
         let json = serde_json::to_string_pretty(manifest).expect("a manifest serialises");
         fsio::write_atomic(&tmp.join(MANIFEST), json.as_bytes(), false)?;
         fsio::write_atomic(&tmp.join("model.safetensors"), &serialize(tensors)?, false)?;
         let tok = fsio::read_limited(tokenizer, fsio::MAX_TOKENIZER_BYTES, "a tokenizer")?;
         fsio::write_atomic(&tmp.join("tokenizer.json"), &tok, false)
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if out.exists() {
-        std::fs::remove_dir(out).map_err(|e| Error::io(out, e))?;
-    }
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
+    })
 }
 
 /// `tensors` as the bytes of a safetensors file (int8 matrices with `{name}_scale` beside).

@@ -48,8 +48,9 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Seed of initialisation, data order and dropout.
     pub seed: u64,
-    /// MatFormer models: sum the losses of all granularities each step instead of
-    /// sampling one.
+    /// MatFormer models: train on the mean of all granularities' losses each step instead
+    /// of sampling one (the joint loss of the MatFormer paper, averaged so clipping and the
+    /// learning rate act as on one model).
     pub matformer_all: bool,
 }
 

@@ -60,7 +60,7 @@ const DROPOUT_STREAM: u64 = 2;
 /// Trains a model of `run.model` on one task, in memory: [`Trainer::step`] takes one
 /// optimizer step, [`Trainer::evaluate`] scores held-out batches, [`Trainer::model`] is the
 /// model. A MatFormer model trains one granularity per step, round-robin
-/// (`train.matformer_all`: the sum of all granularities' losses every step).
+/// (`train.matformer_all`: the mean of all granularities' losses every step).
 pub struct Trainer<'t> {
     run: RunConfig,
     task: &'t dyn Task,
@@ -204,8 +204,10 @@ impl<'t> Trainer<'t> {
                     .train_batch_numbered(number, &mut state.data_rng, tc.batch_size)?;
             self.tokens += batch.tokens;
             let mut loss: Option<Tensor> = None;
-            for g in granularity_schedule(self.model.granularities(), state.step, tc.matformer_all)
-            {
+            let schedule =
+                granularity_schedule(self.model.granularities(), state.step, tc.matformer_all);
+            let count = schedule.len();
+            for g in schedule {
                 self.model.set_granularity(g);
                 let logits = self.model.forward(
                     &batch.inputs,
@@ -219,7 +221,14 @@ impl<'t> Trainer<'t> {
                 });
             }
             self.model.set_granularity(None);
+            // The mean over granularities: gradient norms, clipping and the reported loss
+            // stay on the scale of one model's.
             let loss = loss.expect("at least one granularity");
+            let loss = if count > 1 {
+                (loss / count as f64)?
+            } else {
+                loss
+            };
             let value = loss.to_scalar::<f32>()?;
             if !value.is_finite() {
                 return Err(Error::NonFinite {
