@@ -64,14 +64,18 @@ pub enum BenchCommand {
     /// --batch-sizes 32` on the same sentences.
     Serve(ServeArgs),
     /// What each compression method costs in quality and gains in speed, bytes and memory,
-    /// on one BERT-family checkpoint.
+    /// on one BERT-family encoder or GPT-2-family LM.
     ///
-    /// Every method (`formers compress ...`) is applied to the model into a working
-    /// directory; each row then gives parameters, bytes on disk (model.safetensors), peak
-    /// resident memory and sentences/s at each batch size (each in its own process, as
-    /// `bench embed`), relative to the fp32 model, and the quality: the cosine between each
-    /// sentence's embedding from the compressed model and from the original, min and mean
-    /// over the sentences. Writes the table as Markdown (stdout), and JSON with --json.
+    /// Every method (`formers compress ...`: int8, low-rank MLPs plain, calibrated and
+    /// healed, and for an LM the exact norm conversions) is applied to the model into a
+    /// working directory; each row then gives parameters, bytes on disk
+    /// (model.safetensors), peak resident memory and speed at each batch size (each in its
+    /// own process: sentences/s embedded as `bench embed`, or for an LM tokens/s of the
+    /// prompt pass), relative to the fp32 model, and the quality: for an encoder the cosine
+    /// between each sentence's embedding from the compressed model and from the original,
+    /// min and mean over the sentences; for an LM the perplexity of the sentences' next
+    /// tokens and the largest logit difference from the original. Writes the table as
+    /// Markdown (stdout), and JSON with --json.
     Compress(compress::CompressArgs),
     /// One measurement (run by the other bench commands in a child process, for a clean peak RSS).
     #[command(hide = true)]
@@ -310,6 +314,14 @@ pub enum Job {
         batch_size: usize,
         threads: usize,
     },
+    /// Every position's logits of a causal LM (the prompt pass) over every sentence of a
+    /// file, `batch_size` sentences packed at a time.
+    Lm {
+        model: PathBuf,
+        sentences: PathBuf,
+        batch_size: usize,
+        threads: usize,
+    },
     /// Training steps of a model at one length and batch size.
     Train {
         /// What is trained (a config path or an arena variant), for the rows.
@@ -352,7 +364,9 @@ pub(crate) fn measure_each(
         pb.set_message(label.clone());
         let mut cmd = Command::new(&exe);
         cmd.args(["bench", "measure", "--job", &serde_json::to_string(job)?]);
-        if let Job::Embed { threads, .. } | Job::Train { threads, .. } = job {
+        if let Job::Embed { threads, .. } | Job::Lm { threads, .. } | Job::Train { threads, .. } =
+            job
+        {
             // candle sizes its thread pool from this variable on first use.
             cmd.env("RAYON_NUM_THREADS", threads.to_string());
         }
@@ -433,6 +447,12 @@ fn measure(job: Job) -> Result<Value> {
             batch_size,
             threads,
         } => embed_one(&model, &sentences, batch_size, threads),
+        Job::Lm {
+            model,
+            sentences,
+            batch_size,
+            threads,
+        } => lm_one(&model, &sentences, batch_size, threads),
         Job::Train {
             model,
             run,
@@ -734,6 +754,31 @@ fn embed_one(model: &Path, list: &Path, bs: usize, threads: usize) -> Result<Val
     Ok(serde_json::json!({
         "impl": "formers", "batch_size": bs, "sentences": sentences.len(), "tokens": tokens,
         "threads": threads, "seconds": secs, "sentences_per_s": sentences.len() as f64 / secs,
+        "peak_rss": formers_arena::mem::peak_rss(),
+    }))
+}
+
+fn lm_one(model: &Path, list: &Path, bs: usize, threads: usize) -> Result<Value> {
+    let text =
+        std::fs::read_to_string(list).with_context(|| format!("reading {}", list.display()))?;
+    let sentences: Vec<String> = text.lines().map(String::from).collect();
+    let p = formers::pretrained::load_with(model, &Limits::default())?;
+    let texts = compress::lm_texts(&p, &sentences)?;
+    let tokens: usize = texts.iter().map(Vec::len).sum();
+    let pass = |texts: &[Vec<u32>]| -> Result<()> {
+        for chunk in texts.chunks(bs.max(1)) {
+            p.model
+                .forward_packed(&formers::model::Packed::new(chunk)?)?;
+        }
+        Ok(())
+    };
+    pass(&texts[..bs.min(texts.len())])?; // warm-up
+    let t = Instant::now();
+    pass(&texts)?;
+    let secs = t.elapsed().as_secs_f64();
+    Ok(serde_json::json!({
+        "impl": "formers", "batch_size": bs, "sentences": texts.len(), "tokens": tokens,
+        "threads": threads, "seconds": secs, "tokens_per_s": tokens as f64 / secs,
         "peak_rss": formers_arena::mem::peak_rss(),
     }))
 }

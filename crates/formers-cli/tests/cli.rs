@@ -1572,3 +1572,47 @@ fn compress_extract_cuts_a_matformer_run_to_what_eval_gives_at_that_granularity(
     assert!(!bad.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn bench_compress_of_an_lm_reports_perplexity_and_exact_norm_conversions() {
+    let dir = tmp("bench-compress-lm");
+    let json = dir.join("rows.json");
+    let o = run(formers().args([
+        "bench",
+        "compress",
+        "--model",
+        &fixture("tiny-gpt2"),
+        "--limit",
+        "8",
+        "--batch-sizes",
+        "4",
+        "--threads",
+        "1",
+        "--heal-steps",
+        "0",
+        "--json",
+        json.to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let methods: Vec<&str> = rows.iter().map(|r| r["method"].as_str().unwrap()).collect();
+    assert_eq!(
+        methods,
+        ["fp32", "norm", "norm", "quantize", "lowrank", "lowrank"]
+    );
+    let ppl = |i: usize| rows[i]["perplexity"].as_f64().unwrap();
+    let diff = |i: usize| rows[i]["max_logit_diff"].as_f64().unwrap();
+    assert_eq!(diff(0), 0.0);
+    assert!(ppl(0) > 1.0 && ppl(0).is_finite(), "{}", ppl(0));
+    // The norm conversions compute the same function; int8 and low rank do not quite.
+    for i in [1, 2] {
+        assert!(diff(i) < 1e-4, "{}", rows[i]);
+        assert!((ppl(i) / ppl(0) - 1.0).abs() < 1e-4, "{}", rows[i]);
+    }
+    assert!(diff(3) > diff(1) && diff(4) > diff(1));
+    let speed = rows[3]["speed"].as_array().unwrap();
+    assert!(speed[0]["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(text(&o).contains("tok/s") && text(&o).contains("perplexity"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,5 +1,6 @@
-//! `formers bench compress`: each compression method applied to one encoder, measured
-//! against the fp32 original in quality (embedding cosine), speed, bytes and memory.
+//! `formers bench compress`: each compression method applied to one checkpoint, measured
+//! against the fp32 original in quality (an encoder: embedding cosine; a causal LM:
+//! perplexity and the largest logit difference), speed, bytes and memory.
 
 use std::path::{Path, PathBuf};
 
@@ -7,11 +8,13 @@ use anyhow::{Context, Result};
 use clap::Args;
 use formers::compress::heal::Heal;
 use formers::compress::lowrank::{self, Layers};
+use formers::compress::norm::{self, Target};
 use formers::compress::quantize::{self, Scheme};
 use formers::compress::svd::Rank;
 use formers::fsio::human_bytes;
 use formers::limits::Limits;
-use formers::pretrained::{native, Pretrained};
+use formers::model::Packed;
+use formers::pretrained::{self, native, Family, Pretrained};
 use serde_json::{json, Value};
 
 use super::{measure_each, sentences_of, temp_file, write_json, Job};
@@ -19,7 +22,8 @@ use super::{measure_each, sentences_of, temp_file, write_json, Job};
 /// Flags of `formers bench compress`.
 #[derive(Debug, Args)]
 pub struct CompressArgs {
-    /// The fp32 model: a BERT-family checkpoint (config.json, model.safetensors, tokenizer.json)
+    /// The fp32 model: a BERT-family encoder or a GPT-2-family LM (config.json,
+    /// model.safetensors, tokenizer.json)
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
     /// One sentence per line [default: the shipped data/sentences.txt, KJV verses]
@@ -68,7 +72,9 @@ pub fn run(a: CompressArgs) -> Result<()> {
     if sentences.is_empty() {
         anyhow::bail!("no sentences to embed");
     }
-    let original = crate::embed::load_encoder(&a.model, &Limits::default())?;
+    let original = pretrained::load_with(&a.model, &Limits::default())
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let lm = original.family == Family::Gpt2;
     let (work, temporary) = match &a.work {
         Some(dir) => (dir.clone(), false),
         None => (
@@ -76,28 +82,42 @@ pub fn run(a: CompressArgs) -> Result<()> {
             true,
         ),
     };
-    let result = measure_all(&a, &original, &sentences, &work);
+    let result = compress_all(&a, &original, &work).and_then(|methods| {
+        if lm {
+            measure_lms(&a, &original, &methods, &sentences)
+        } else {
+            measure_encoders(&a, &original, &methods, &sentences)
+        }
+    });
     if temporary {
         let _ = std::fs::remove_dir_all(&work);
     }
     let rows = result?;
-    print_table(&rows, &a.batch_sizes);
+    print_table(&rows, &a.batch_sizes, lm);
     write_json(a.json.as_deref(), &rows)
 }
 
-/// Compresses `original` by every method into `work`, then measures each.
-fn measure_all(
-    a: &CompressArgs,
-    original: &Pretrained,
-    sentences: &[String],
-    work: &Path,
-) -> Result<Vec<Value>> {
+/// `original` (first) and its compressed forms, each written into `work`: int8, the exact
+/// norm conversions (a Pre-LN LM), low-rank MLPs (plain, calibrated, healed).
+fn compress_all(a: &CompressArgs, original: &Pretrained, work: &Path) -> Result<Vec<Method>> {
     std::fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
     let mut methods = vec![Method {
         method: "fp32",
         setting: "-".into(),
         dir: a.model.clone(),
     }];
+    if original.family == Family::Gpt2 {
+        for target in [Target::RmsNorm, Target::CrmsNorm] {
+            let dir = work.join(target.name());
+            let (manifest, tensors) = norm::convert_pretrained(original, target)?;
+            native::write(&dir, &manifest, &tensors, &a.model.join("tokenizer.json"))?;
+            methods.push(Method {
+                method: "norm",
+                setting: format!("Pre-LN → Pre-{}", target.name()),
+                dir,
+            });
+        }
+    }
     let dir = work.join("int8");
     let (manifest, tensors) = quantize::quantize(original, Scheme::Int8)?;
     native::write(&dir, &manifest, &tensors, &a.model.join("tokenizer.json"))?;
@@ -166,49 +186,147 @@ fn measure_all(
             dir,
         });
     }
+    Ok(methods)
+}
+
+/// Each method's row for an encoder: embedding cosine to fp32 over the sentences.
+fn measure_encoders(
+    a: &CompressArgs,
+    original: &Pretrained,
+    methods: &[Method],
+    sentences: &[String],
+) -> Result<Vec<Value>> {
     let want = crate::embed::embed_lines(original, sentences, 32, true, |_| {})?;
+    rows_of_methods(a, methods, sentences, false, |p| {
+        let got = crate::embed::embed_lines(p, sentences, 32, true, |_| {})?;
+        let cos: Vec<f64> = got.iter().zip(&want).map(|(g, w)| cosine(g, w)).collect();
+        Ok(json!({
+            "cosine_min": cos.iter().copied().fold(f64::INFINITY, f64::min),
+            "cosine_mean": cos.iter().sum::<f64>() / cos.len() as f64,
+        }))
+    })
+}
+
+/// Each method's row for a causal LM: perplexity of each sentence's next tokens, and the
+/// largest logit difference from fp32 over them.
+fn measure_lms(
+    a: &CompressArgs,
+    original: &Pretrained,
+    methods: &[Method],
+    sentences: &[String],
+) -> Result<Vec<Value>> {
+    let texts = lm_texts(original, sentences)?;
+    rows_of_methods(a, methods, sentences, true, |p| {
+        let (mut nll, mut count, mut diff) = (0f64, 0usize, 0f64);
+        for chunk in texts.chunks(16) {
+            let batch = Packed::new(chunk)?;
+            let want = original.model.forward_packed(&batch)?;
+            let got = p.model.forward_packed(&batch)?;
+            let d = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            diff = diff.max(d as f64);
+            let rows = got.to_vec2::<f32>()?;
+            for &(start, len) in &batch.segments {
+                for t in start..start + len - 1 {
+                    let row = &rows[t];
+                    let top = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                    let sum: f64 = row.iter().map(|&x| (x as f64 - top).exp()).sum();
+                    nll += top + sum.ln() - row[batch.ids[t + 1] as usize] as f64;
+                    count += 1;
+                }
+            }
+        }
+        Ok(json!({
+            "perplexity": (nll / count.max(1) as f64).exp(),
+            "max_logit_diff": diff,
+            "tokens_scored": count,
+        }))
+    })
+}
+
+/// The sentences as an LM reads them: token ids without special tokens, cut to the
+/// positions, those of at least two tokens (one to predict).
+pub(crate) fn lm_texts(p: &Pretrained, sentences: &[String]) -> Result<Vec<Vec<u32>>> {
+    let mut out = Vec::new();
+    for s in sentences {
+        let mut ids = pretrained::encode(&p.tokenizer, s, false)?;
+        ids.truncate(p.config.max_len);
+        if ids.len() >= 2 {
+            out.push(ids);
+        }
+    }
+    if out.is_empty() {
+        anyhow::bail!("no sentence has two tokens or more");
+    }
+    Ok(out)
+}
+
+/// One row per method: its quality (`quality` of the loaded model), parameters, bytes and
+/// speed at every batch size (each in its own `bench measure` process).
+fn rows_of_methods(
+    a: &CompressArgs,
+    methods: &[Method],
+    sentences: &[String],
+    lm: bool,
+    quality: impl Fn(&Pretrained) -> Result<Value>,
+) -> Result<Vec<Value>> {
     let list = temp_file("compress-sentences.txt", &(sentences.join("\n") + "\n"))?;
     let mut rows = Vec::new();
-    for m in &methods {
-        let p = crate::embed::load_encoder(&m.dir, &Limits::default())?;
-        let got = crate::embed::embed_lines(&p, sentences, 32, true, |_| {})?;
-        let cos: Vec<f64> = got.iter().zip(&want).map(|(g, w)| cosine(g, w)).collect();
+    for m in methods {
+        let p = pretrained::load_with(&m.dir, &Limits::default())?;
+        let mut row = quality(&p)?;
         let jobs: Vec<(String, Job)> = a
             .batch_sizes
             .iter()
             .map(|&batch_size| {
+                let (model, sentences, threads) = (m.dir.clone(), list.clone(), a.threads);
+                let job = match lm {
+                    true => Job::Lm {
+                        model,
+                        sentences,
+                        batch_size,
+                        threads,
+                    },
+                    false => Job::Embed {
+                        model,
+                        sentences,
+                        batch_size,
+                        threads,
+                    },
+                };
                 (
                     format!("{} {} batch {batch_size}", m.method, m.setting),
-                    Job::Embed {
-                        model: m.dir.clone(),
-                        sentences: list.clone(),
-                        batch_size,
-                        threads: a.threads,
-                    },
+                    job,
                 )
             })
             .collect();
+        let unit = if lm {
+            "tokens_per_s"
+        } else {
+            "sentences_per_s"
+        };
         let speed = measure_each("bench compress", &jobs, |r| {
             format!(
-                "{} {}: batch {:>3}: {:>8.1} sentences/s",
+                "{} {}: batch {:>3}: {:>8.1} {}",
                 m.method,
                 m.setting,
                 r["batch_size"],
-                r["sentences_per_s"].as_f64().unwrap_or(0.0)
+                r[unit].as_f64().unwrap_or(0.0),
+                unit.replace("_per_s", "/s")
             )
-        });
-        let speed = speed?;
+        })?;
         let bytes = std::fs::metadata(m.dir.join("model.safetensors"))?.len();
-        rows.push(json!({
+        let fields = json!({
             "method": m.method,
             "setting": m.setting,
             "parameters": formers::limits::param_count(&p.config) as u64,
             "bytes": bytes,
-            "cosine_min": cos.iter().copied().fold(f64::INFINITY, f64::min),
-            "cosine_mean": cos.iter().sum::<f64>() / cos.len() as f64,
             "sentences": sentences.len(),
             "speed": speed,
-        }));
+        });
+        if let (Some(row), Value::Object(fields)) = (row.as_object_mut(), fields) {
+            row.extend(fields);
+        }
+        rows.push(row);
     }
     let _ = std::fs::remove_file(&list);
     Ok(rows)
@@ -227,12 +345,17 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// The rows as a Markdown table, speeds and sizes relative to the first (fp32) row.
-fn print_table(rows: &[Value], batch_sizes: &[usize]) {
+fn print_table(rows: &[Value], batch_sizes: &[usize], lm: bool) {
+    let unit = if lm {
+        "tokens_per_s"
+    } else {
+        "sentences_per_s"
+    };
     let rate = |r: &Value, bs: usize| {
         r["speed"].as_array().and_then(|s| {
             s.iter()
                 .find(|x| x["batch_size"] == bs)
-                .and_then(|x| x["sentences_per_s"].as_f64())
+                .and_then(|x| x[unit].as_f64())
         })
     };
     let peak = |r: &Value| {
@@ -243,10 +366,14 @@ fn print_table(rows: &[Value], batch_sizes: &[usize]) {
     let mut head = "| method | setting | parameters | bytes | peak RSS |".to_string();
     let mut rule = "|---|---|---:|---:|---:|".to_string();
     for bs in batch_sizes {
-        head += &format!(" batch {bs} sent/s |");
+        head += &format!(" batch {bs} {} |", if lm { "tok/s" } else { "sent/s" });
         rule += "---:|";
     }
-    println!("{head} cosine min | cosine mean |");
+    let (q1, q2) = match lm {
+        true => ("perplexity", "max logit diff"),
+        false => ("cosine min", "cosine mean"),
+    };
+    println!("{head} {q1} | {q2} |");
     println!("{rule}---:|---:|");
     let base = &rows[0];
     for r in rows {
@@ -267,10 +394,14 @@ fn print_table(rows: &[Value], batch_sizes: &[usize]) {
                 _ => " - |".into(),
             };
         }
-        println!(
-            "{line} {:.4} | {:.4} |",
-            r["cosine_min"].as_f64().unwrap_or(f64::NAN),
-            r["cosine_mean"].as_f64().unwrap_or(f64::NAN)
-        );
+        let q = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+        match lm {
+            true => println!(
+                "{line} {:.3} | {:.2e} |",
+                q("perplexity"),
+                q("max_logit_diff")
+            ),
+            false => println!("{line} {:.4} | {:.4} |", q("cosine_min"), q("cosine_mean")),
+        }
     }
 }

@@ -253,7 +253,10 @@ pub fn unwhiten(f: &mut Factors, s: &[f64], inp: usize) {
 pub fn balance(f: &mut Factors, out: usize, inp: usize) {
     let r = f.rank;
     for c in 0..r {
-        let a: f64 = (0..out).map(|o| f.weight[o * r + c].powi(2)).sum::<f64>().sqrt();
+        let a: f64 = (0..out)
+            .map(|o| f.weight[o * r + c].powi(2))
+            .sum::<f64>()
+            .sqrt();
         let b: f64 = f.factor[c * inp..(c + 1) * inp]
             .iter()
             .map(|v| v * v)
