@@ -1592,6 +1592,8 @@ fn bench_compress_of_an_lm_reports_perplexity_and_exact_norm_conversions() {
         "0",
         "--json",
         json.to_str().unwrap(),
+        "--chart",
+        dir.join("chart.svg").to_str().unwrap(),
     ]));
     assert!(o.status.success(), "{}", text(&o));
     let rows: Vec<serde_json::Value> =
@@ -1614,5 +1616,12 @@ fn bench_compress_of_an_lm_reports_perplexity_and_exact_norm_conversions() {
     let speed = rows[3]["speed"].as_array().unwrap();
     assert!(speed[0]["tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(text(&o).contains("tok/s") && text(&o).contains("perplexity"));
+    let svg = std::fs::read_to_string(dir.join("chart.svg")).unwrap();
+    for label in ["fp32", "crms", "int8", "lowrank-calibrated"] {
+        assert!(
+            svg.contains(&format!("\n{label}\n")),
+            "{label} missing from the chart"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

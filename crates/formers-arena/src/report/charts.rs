@@ -158,15 +158,6 @@ fn tick(x: &f64) -> String {
     }
 }
 
-/// A point for the accuracy-vs-speed chart.
-struct Bubble {
-    variant: String,
-    label: String,
-    x: f64,
-    y: f64,
-    mem: f64,
-}
-
 /// The bubbles and the x axis's description and the chart's note: speed relative to the
 /// baseline from the speed jobs (in-run figures only where no speed job exists, labelled),
 /// accuracy averaged over the learned tasks; `None` when no task was learned.
@@ -323,17 +314,41 @@ fn place_labels(items: &[((f64, f64), f64, f64)], area: Rect) -> Vec<((f64, f64)
 /// learned tasks, marker area ∝ peak memory, labels placed clear of each other.
 pub fn accuracy_vs_speed(runs: &Runs, speeds: &Speeds, variants: &[String]) -> Option<Chart> {
     let (pts, x_desc, note) = bubbles(runs, speeds)?;
+    let title = "Average accuracy vs training speed (marker area ∝ peak memory)";
+    let axes = (x_desc.as_str(), "average test accuracy (%)");
+    let svg = scatter(title, axes, &pts, variants)?;
+    Some(Chart {
+        file: "accuracy_vs_speed.svg".to_string(),
+        title: title.to_string(),
+        note,
+        svg,
+    })
+}
+
+/// A labelled point of [`scatter`]: `key` picks its colour and marker ([`style`]), `mem`
+/// its area (relative to the largest).
+#[derive(Debug, Clone)]
+pub struct Bubble {
+    pub variant: String,
+    pub label: String,
+    pub x: f64,
+    pub y: f64,
+    pub mem: f64,
+}
+
+/// The SVG of `pts` as labelled markers (area ∝ `mem`) with `title` and axes `(x, y)`;
+/// each point's style from its `variant` among `variants`. `None` when nothing is finite.
+pub fn scatter(
+    title: &str,
+    (x_desc, y_desc): (&str, &str),
+    pts: &[Bubble],
+    variants: &[String],
+) -> Option<String> {
     let xr = padded_range(pts.iter().map(|p| p.x), 0.15, 0.3)?;
     let yr = padded_range(pts.iter().map(|p| p.y), 0.15, 0.15)?;
     let max_mem = pts.iter().map(|p| p.mem).fold(0.0, f64::max);
-    let title = "Average accuracy vs training speed (marker area ∝ peak memory)";
-    let svg = render(|root| {
-        let chart = frame(
-            root,
-            title,
-            (xr, yr),
-            (&x_desc, "average test accuracy (%)"),
-        )?;
+    render(|root| {
+        let chart = frame(root, title, (xr, yr), (x_desc, y_desc))?;
         let (px, py) = chart.plotting_area().get_pixel_range();
         let area = (
             px.start as f64,
@@ -378,12 +393,6 @@ pub fn accuracy_vs_speed(runs: &Runs, speeds: &Speeds, variants: &[String]) -> O
             ))?;
         }
         Ok(())
-    })?;
-    Some(Chart {
-        file: "accuracy_vs_speed.svg".to_string(),
-        title: title.to_string(),
-        note,
-        svg,
     })
 }
 

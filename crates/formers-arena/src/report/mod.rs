@@ -7,6 +7,7 @@
 
 mod agg;
 mod charts;
+pub use charts::{scatter, Bubble};
 mod meta;
 mod page;
 mod table;

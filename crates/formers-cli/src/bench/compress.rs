@@ -15,6 +15,7 @@ use formers::fsio::human_bytes;
 use formers::limits::Limits;
 use formers::model::Packed;
 use formers::pretrained::{self, native, Family, Pretrained};
+use formers_arena::report::{scatter, Bubble};
 use serde_json::{json, Value};
 
 use super::{measure_each, sentences_of, temp_file, write_json, Job};
@@ -49,6 +50,10 @@ pub struct CompressArgs {
     /// Also write the rows as a JSON array to this file
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Also draw quality against speed (at the largest batch size, relative to fp32;
+    /// marker area ∝ peak RSS) as an SVG chart to this file
+    #[arg(long, value_name = "FILE")]
+    pub chart: Option<PathBuf>,
 }
 
 /// Lines of text the calibrated low-rank rows are weighted by (`compress lowrank`'s
@@ -57,6 +62,8 @@ const CALIBRATION: usize = 1024;
 
 /// One compressed form of the model: its name, setting and directory.
 struct Method {
+    /// A short name for the chart.
+    label: String,
     method: &'static str,
     setting: String,
     dir: PathBuf,
@@ -94,7 +101,74 @@ pub fn run(a: CompressArgs) -> Result<()> {
     }
     let rows = result?;
     print_table(&rows, &a.batch_sizes, lm);
+    if let Some(path) = &a.chart {
+        let svg = chart(&rows, &a.batch_sizes, lm, &a.model)
+            .context("nothing finite to draw in the chart")?;
+        formers::fsio::write_atomic(path, svg.as_bytes(), true)?;
+        eprintln!("wrote {}", path.display());
+    }
     write_json(a.json.as_deref(), &rows)
+}
+
+/// The speed of row `r` at batch size `bs` (sentences/s, or tokens/s for an LM).
+fn rate(r: &Value, bs: usize, lm: bool) -> Option<f64> {
+    let unit = if lm {
+        "tokens_per_s"
+    } else {
+        "sentences_per_s"
+    };
+    r["speed"].as_array().and_then(|s| {
+        s.iter()
+            .find(|x| x["batch_size"] == bs)
+            .and_then(|x| x[unit].as_f64())
+    })
+}
+
+/// The largest peak RSS of row `r`'s measurements.
+fn peak(r: &Value) -> Option<u64> {
+    r["speed"]
+        .as_array()
+        .and_then(|s| s.iter().filter_map(|x| x["peak_rss"].as_u64()).max())
+}
+
+/// Quality (mean cosine, or fp32's perplexity over the row's) against speed relative to
+/// fp32 at the largest batch size, one labelled marker per row, as SVG.
+fn chart(rows: &[Value], batch_sizes: &[usize], lm: bool, model: &Path) -> Option<String> {
+    let bs = *batch_sizes.iter().max()?;
+    let base = rate(&rows[0], bs, lm)?;
+    let base_ppl = rows[0]["perplexity"].as_f64();
+    let labels: Vec<String> = rows
+        .iter()
+        .map(|r| r["label"].as_str().unwrap_or("?").to_string())
+        .collect();
+    let pts: Vec<Bubble> = rows
+        .iter()
+        .zip(&labels)
+        .filter_map(|(r, label)| {
+            let y = match lm {
+                true => base_ppl? / r["perplexity"].as_f64()?,
+                false => r["cosine_mean"].as_f64()?,
+            };
+            Some(Bubble {
+                variant: label.clone(),
+                label: label.clone(),
+                x: rate(r, bs, lm)? / base,
+                y,
+                mem: peak(r).unwrap_or(0) as f64,
+            })
+        })
+        .collect();
+    let name = model.file_name().map_or_else(
+        || model.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let title = format!("{name}: quality vs speed of each compression (marker area ∝ peak RSS)");
+    let x = format!("speed at batch {bs}, relative to fp32 (×)");
+    let y = match lm {
+        true => "fp32 perplexity / perplexity",
+        false => "mean cosine to the fp32 embeddings",
+    };
+    scatter(&title, (&x, y), &pts, &labels)
 }
 
 /// `original` (first) and its compressed forms, each written into `work`: int8, the exact
@@ -102,6 +176,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
 fn compress_all(a: &CompressArgs, original: &Pretrained, work: &Path) -> Result<Vec<Method>> {
     std::fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
     let mut methods = vec![Method {
+        label: "fp32".into(),
         method: "fp32",
         setting: "-".into(),
         dir: a.model.clone(),
@@ -112,6 +187,7 @@ fn compress_all(a: &CompressArgs, original: &Pretrained, work: &Path) -> Result<
             let (manifest, tensors) = norm::convert_pretrained(original, target)?;
             native::write(&dir, &manifest, &tensors, &a.model.join("tokenizer.json"))?;
             methods.push(Method {
+                label: target.name().into(),
                 method: "norm",
                 setting: format!("Pre-LN → Pre-{}", target.name()),
                 dir,
@@ -122,6 +198,7 @@ fn compress_all(a: &CompressArgs, original: &Pretrained, work: &Path) -> Result<
     let (manifest, tensors) = quantize::quantize(original, Scheme::Int8)?;
     native::write(&dir, &manifest, &tensors, &a.model.join("tokenizer.json"))?;
     methods.push(Method {
+        label: Scheme::Int8.name().into(),
         method: "quantize",
         setting: Scheme::Int8.name().into(),
         dir,
@@ -150,6 +227,7 @@ fn compress_all(a: &CompressArgs, original: &Pretrained, work: &Path) -> Result<
         let dir = work.join(name);
         native::write(&dir, &manifest, &tensors, &a.model.join("tokenizer.json"))?;
         methods.push(Method {
+            label: name.into(),
             method: "lowrank",
             setting: format!("ffn rank {half} (half the MLP parameters), {how}"),
             dir,
@@ -178,6 +256,7 @@ fn compress_all(a: &CompressArgs, original: &Pretrained, work: &Path) -> Result<
         let dir = work.join("lowrank-healed");
         native::write(&dir, &manifest, &tensors, &a.model.join("tokenizer.json"))?;
         methods.push(Method {
+            label: "lowrank-healed".into(),
             method: "lowrank + heal",
             setting: format!(
                 "ffn rank {half}, {how}, then {} distillation steps on Shakespeare (lr {:.0e}, {} lines a step)",
@@ -316,6 +395,7 @@ fn rows_of_methods(
         })?;
         let bytes = std::fs::metadata(m.dir.join("model.safetensors"))?.len();
         let fields = json!({
+            "label": m.label,
             "method": m.method,
             "setting": m.setting,
             "parameters": formers::limits::param_count(&p.config) as u64,
@@ -346,23 +426,6 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 
 /// The rows as a Markdown table, speeds and sizes relative to the first (fp32) row.
 fn print_table(rows: &[Value], batch_sizes: &[usize], lm: bool) {
-    let unit = if lm {
-        "tokens_per_s"
-    } else {
-        "sentences_per_s"
-    };
-    let rate = |r: &Value, bs: usize| {
-        r["speed"].as_array().and_then(|s| {
-            s.iter()
-                .find(|x| x["batch_size"] == bs)
-                .and_then(|x| x[unit].as_f64())
-        })
-    };
-    let peak = |r: &Value| {
-        r["speed"]
-            .as_array()
-            .and_then(|s| s.iter().filter_map(|x| x["peak_rss"].as_u64()).max())
-    };
     let mut head = "| method | setting | parameters | bytes | peak RSS |".to_string();
     let mut rule = "|---|---|---:|---:|---:|".to_string();
     for bs in batch_sizes {
@@ -389,7 +452,7 @@ fn print_table(rows: &[Value], batch_sizes: &[usize], lm: bool) {
             peak(r).map_or("-".into(), human_bytes),
         );
         for &bs in batch_sizes {
-            line += &match (rate(r, bs), rate(base, bs)) {
+            line += &match (rate(r, bs, lm), rate(base, bs, lm)) {
                 (Some(v), Some(b)) => format!(" {v:.1} ({:.2}x) |", v / b),
                 _ => " - |".into(),
             };
