@@ -11,7 +11,6 @@ use formers::compress::lowrank::{self, Layers};
 use formers::compress::norm::{self, Target};
 use formers::compress::quantize::{self, Scheme};
 use formers::compress::svd::Rank;
-use formers::fsio::human_bytes;
 use formers::limits::Limits;
 use formers::model::Packed;
 use formers::pretrained::{self, native, Family, Pretrained};
@@ -43,6 +42,16 @@ pub struct CompressArgs {
     /// directory, removed afterwards]
     #[arg(long, value_name = "DIR")]
     pub work: Option<PathBuf>,
+    /// The methods to measure beside fp32, comma-separated: int8, norm (the Pre-RMSNorm and
+    /// Pre-CRMSNorm conversions; Pre-LN LMs only), lowrank (plain and calibrated SVD of the
+    /// MLPs at half their parameters), heal (calibrated, then distilled)
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "int8,norm,lowrank,heal"
+    )]
+    pub methods: Vec<MethodArg>,
     /// Healing steps of the healed low-rank row (distillation on the shipped Shakespeare,
     /// as `formers compress lowrank --heal-steps`); 0 leaves the row out
     #[arg(long, default_value_t = 300)]
@@ -59,6 +68,15 @@ pub struct CompressArgs {
 /// Lines of text the calibrated low-rank rows are weighted by (`compress lowrank`'s
 /// default `--calibrate`).
 const CALIBRATION: usize = 1024;
+
+/// Methods of `formers bench compress`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MethodArg {
+    Int8,
+    Norm,
+    Lowrank,
+    Heal,
+}
 
 /// One compressed form of the model: its name, setting and directory.
 struct Method {
@@ -124,6 +142,11 @@ fn rate(r: &Value, bs: usize, lm: bool) -> Option<f64> {
     })
 }
 
+/// `n` bytes in MiB, one decimal.
+fn mib(n: u64) -> String {
+    format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
+}
+
 /// The largest peak RSS of row `r`'s measurements.
 fn peak(r: &Value) -> Option<u64> {
     r["speed"]
@@ -181,7 +204,8 @@ fn compress_all(a: &CompressArgs, original: &Pretrained, work: &Path) -> Result<
         setting: "-".into(),
         dir: a.model.clone(),
     }];
-    if original.family == Family::Gpt2 {
+    let wants = |m: MethodArg| a.methods.contains(&m);
+    if original.family == Family::Gpt2 && wants(MethodArg::Norm) {
         for target in [Target::RmsNorm, Target::CrmsNorm] {
             let dir = work.join(target.name());
             let (manifest, tensors) = norm::convert_pretrained(original, target)?;
@@ -194,15 +218,17 @@ fn compress_all(a: &CompressArgs, original: &Pretrained, work: &Path) -> Result<
             });
         }
     }
-    let dir = work.join("int8");
-    let (manifest, tensors) = quantize::quantize(original, Scheme::Int8)?;
-    native::write(&dir, &manifest, &tensors, &a.model.join("tokenizer.json"))?;
-    methods.push(Method {
-        label: Scheme::Int8.name().into(),
-        method: "quantize",
-        setting: Scheme::Int8.name().into(),
-        dir,
-    });
+    if wants(MethodArg::Int8) {
+        let dir = work.join("int8");
+        let (manifest, tensors) = quantize::quantize(original, Scheme::Int8)?;
+        native::write(&dir, &manifest, &tensors, &a.model.join("tokenizer.json"))?;
+        methods.push(Method {
+            label: Scheme::Int8.name().into(),
+            method: "quantize",
+            setting: Scheme::Int8.name().into(),
+            dir,
+        });
+    }
     // Low-rank MLPs at half their parameters: r(d + h) = d·h / 2.
     let (d, h) = (
         original.config.d_model,
@@ -216,10 +242,14 @@ fn compress_all(a: &CompressArgs, original: &Pretrained, work: &Path) -> Result<
         Some(calibration.as_slice()),
         format!("calibrated on {} lines of Shakespeare", calibration.len()),
     );
-    for (name, (cal, how)) in [
-        ("lowrank", plain),
-        ("lowrank-calibrated", calibrated.clone()),
-    ] {
+    let lowranks = match wants(MethodArg::Lowrank) {
+        true => vec![
+            ("lowrank", plain),
+            ("lowrank-calibrated", calibrated.clone()),
+        ],
+        false => Vec::new(),
+    };
+    for (name, (cal, how)) in lowranks {
         let pb = crate::progress::spinner(&format!("factorising ({how})"));
         let result = lowrank::lowrank_with(original, Rank::Fixed(half), Layers::Ffn, cal, None);
         pb.finish_and_clear();
@@ -233,7 +263,7 @@ fn compress_all(a: &CompressArgs, original: &Pretrained, work: &Path) -> Result<
             dir,
         });
     }
-    if a.heal_steps > 0 {
+    if a.heal_steps > 0 && wants(MethodArg::Heal) {
         let heal = Heal {
             steps: a.heal_steps,
             ..Heal::default()
@@ -447,9 +477,9 @@ fn print_table(rows: &[Value], batch_sizes: &[usize], lm: bool) {
             r["method"].as_str().unwrap_or("?"),
             r["setting"].as_str().unwrap_or("?"),
             r["parameters"],
-            human_bytes(bytes),
+            mib(bytes),
             100.0 * bytes as f64 / base_bytes as f64,
-            peak(r).map_or("-".into(), human_bytes),
+            peak(r).map_or("-".into(), mib),
         );
         for &bs in batch_sizes {
             line += &match (rate(r, bs, lm), rate(base, bs, lm)) {
