@@ -739,18 +739,15 @@ fn embed_rows(a: &EmbedArgs, list: &Path) -> Result<Vec<Value>> {
 }
 
 fn embed_one(model: &Path, list: &Path, bs: usize, threads: usize) -> Result<Value> {
-    let text =
-        std::fs::read_to_string(list).with_context(|| format!("reading {}", list.display()))?;
-    let sentences: Vec<String> = text.lines().map(String::from).collect();
+    let sentences = lines_of(list)?;
     let p = crate::embed::load_encoder(model, &Limits::default())?;
     let tokens: usize = crate::embed::tokenize_lines(&p, &sentences, true)?
         .iter()
         .map(Vec::len)
         .sum();
-    crate::embed::embed_lines(&p, &sentences[..bs.min(sentences.len())], bs, true, |_| {})?; // warm-up
-    let t = Instant::now();
-    crate::embed::embed_lines(&p, &sentences, bs, true, |_| {})?;
-    let secs = t.elapsed().as_secs_f64();
+    let secs = timed_after_warmup(&sentences, bs, |some| {
+        crate::embed::embed_lines(&p, some, bs, true, |_| {}).map(drop)
+    })?;
     Ok(serde_json::json!({
         "impl": "formers", "batch_size": bs, "sentences": sentences.len(), "tokens": tokens,
         "threads": threads, "seconds": secs, "sentences_per_s": sentences.len() as f64 / secs,
@@ -758,24 +755,32 @@ fn embed_one(model: &Path, list: &Path, bs: usize, threads: usize) -> Result<Val
     }))
 }
 
-fn lm_one(model: &Path, list: &Path, bs: usize, threads: usize) -> Result<Value> {
+/// The lines of the file `list`.
+fn lines_of(list: &Path) -> Result<Vec<String>> {
     let text =
         std::fs::read_to_string(list).with_context(|| format!("reading {}", list.display()))?;
-    let sentences: Vec<String> = text.lines().map(String::from).collect();
+    Ok(text.lines().map(String::from).collect())
+}
+
+/// Seconds `pass` takes over all of `items`, after one warm-up pass over the first batch.
+fn timed_after_warmup<T>(items: &[T], bs: usize, pass: impl Fn(&[T]) -> Result<()>) -> Result<f64> {
+    pass(&items[..bs.min(items.len())])?;
+    let t = Instant::now();
+    pass(items)?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn lm_one(model: &Path, list: &Path, bs: usize, threads: usize) -> Result<Value> {
     let p = formers::pretrained::load_with(model, &Limits::default())?;
-    let texts = compress::lm_texts(&p, &sentences)?;
+    let texts = compress::lm_texts(&p, &lines_of(list)?)?;
     let tokens: usize = texts.iter().map(Vec::len).sum();
-    let pass = |texts: &[Vec<u32>]| -> Result<()> {
-        for chunk in texts.chunks(bs.max(1)) {
+    let secs = timed_after_warmup(&texts, bs, |some| {
+        for chunk in some.chunks(bs.max(1)) {
             p.model
                 .forward_packed(&formers::model::Packed::new(chunk)?)?;
         }
         Ok(())
-    };
-    pass(&texts[..bs.min(texts.len())])?; // warm-up
-    let t = Instant::now();
-    pass(&texts)?;
-    let secs = t.elapsed().as_secs_f64();
+    })?;
     Ok(serde_json::json!({
         "impl": "formers", "batch_size": bs, "sentences": texts.len(), "tokens": tokens,
         "threads": threads, "seconds": secs, "tokens_per_s": tokens as f64 / secs,

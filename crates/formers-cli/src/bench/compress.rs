@@ -2,6 +2,7 @@
 //! against the fp32 original in quality (an encoder: embedding cosine; a causal LM:
 //! perplexity and the largest logit difference), speed, bytes and memory.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -128,17 +129,20 @@ pub fn run(a: CompressArgs) -> Result<()> {
     write_json(a.json.as_deref(), &rows)
 }
 
-/// The speed of row `r` at batch size `bs` (sentences/s, or tokens/s for an LM).
+/// The speed key of a measurement: sentences/s embedded, or tokens/s of an LM.
+fn unit(lm: bool) -> &'static str {
+    match lm {
+        true => "tokens_per_s",
+        false => "sentences_per_s",
+    }
+}
+
+/// The speed of row `r` at batch size `bs`.
 fn rate(r: &Value, bs: usize, lm: bool) -> Option<f64> {
-    let unit = if lm {
-        "tokens_per_s"
-    } else {
-        "sentences_per_s"
-    };
     r["speed"].as_array().and_then(|s| {
         s.iter()
             .find(|x| x["batch_size"] == bs)
-            .and_then(|x| x[unit].as_f64())
+            .and_then(|x| x[unit(lm)].as_f64())
     })
 }
 
@@ -204,30 +208,46 @@ fn compress_all(a: &CompressArgs, original: &Pretrained, work: &Path) -> Result<
         setting: "-".into(),
         dir: a.model.clone(),
     }];
+    // Writes one compressed model into `work/label` and lists it.
+    let mut keep = |label: &str, method, setting, (manifest, tensors): Compressed| {
+        let dir = work.join(label);
+        native::write(&dir, &manifest, &tensors, &a.model.join("tokenizer.json"))?;
+        methods.push(Method {
+            label: label.into(),
+            method,
+            setting,
+            dir,
+        });
+        anyhow::Ok(())
+    };
     let wants = |m: MethodArg| a.methods.contains(&m);
     if original.family == Family::Gpt2 && wants(MethodArg::Norm) {
         for target in [Target::RmsNorm, Target::CrmsNorm] {
-            let dir = work.join(target.name());
-            let (manifest, tensors) = norm::convert_pretrained(original, target)?;
-            native::write(&dir, &manifest, &tensors, &a.model.join("tokenizer.json"))?;
-            methods.push(Method {
-                label: target.name().into(),
-                method: "norm",
-                setting: format!("Pre-LN → Pre-{}", target.name()),
-                dir,
-            });
+            let setting = format!("Pre-LN → Pre-{}", target.name());
+            keep(
+                target.name(),
+                "norm",
+                setting,
+                norm::convert_pretrained(original, target)?,
+            )?;
         }
     }
     if wants(MethodArg::Int8) {
-        let dir = work.join("int8");
-        let (manifest, tensors) = quantize::quantize(original, Scheme::Int8)?;
-        native::write(&dir, &manifest, &tensors, &a.model.join("tokenizer.json"))?;
-        methods.push(Method {
-            label: Scheme::Int8.name().into(),
-            method: "quantize",
-            setting: Scheme::Int8.name().into(),
-            dir,
-        });
+        let name = Scheme::Int8.name();
+        keep(
+            name,
+            "quantize",
+            name.into(),
+            quantize::quantize(original, Scheme::Int8)?,
+        )?;
+    }
+    let heal = Heal {
+        steps: a.heal_steps,
+        ..Heal::default()
+    };
+    let healed = heal.steps > 0 && wants(MethodArg::Heal);
+    if !wants(MethodArg::Lowrank) && !healed {
+        return Ok(methods);
     }
     // Low-rank MLPs at half their parameters: r(d + h) = d·h / 2.
     let (d, h) = (
@@ -237,37 +257,28 @@ fn compress_all(a: &CompressArgs, original: &Pretrained, work: &Path) -> Result<
     let half = (d * h / (2 * (d + h))).max(1);
     let texts = crate::compress::heal_texts(original, None)?;
     let calibration = crate::compress::spread(&texts, CALIBRATION);
-    let plain = (None, "plain SVD".to_string());
-    let calibrated = (
-        Some(calibration.as_slice()),
-        format!("calibrated on {} lines of Shakespeare", calibration.len()),
-    );
-    let lowranks = match wants(MethodArg::Lowrank) {
-        true => vec![
-            ("lowrank", plain),
-            ("lowrank-calibrated", calibrated.clone()),
-        ],
-        false => Vec::new(),
+    let calibrated = format!("calibrated on {} lines of Shakespeare", calibration.len());
+    let factorise = |cal, healing| {
+        lowrank::lowrank_with(original, Rank::Fixed(half), Layers::Ffn, cal, healing)
+            .map(|(manifest, tensors, _)| (manifest, tensors))
     };
-    for (name, (cal, how)) in lowranks {
-        let pb = crate::progress::spinner(&format!("factorising ({how})"));
-        let result = lowrank::lowrank_with(original, Rank::Fixed(half), Layers::Ffn, cal, None);
-        pb.finish_and_clear();
-        let (manifest, tensors, _) = result?;
-        let dir = work.join(name);
-        native::write(&dir, &manifest, &tensors, &a.model.join("tokenizer.json"))?;
-        methods.push(Method {
-            label: name.into(),
-            method: "lowrank",
-            setting: format!("ffn rank {half} (half the MLP parameters), {how}"),
-            dir,
-        });
+    if wants(MethodArg::Lowrank) {
+        for (label, cal, how) in [
+            ("lowrank", None, "plain SVD"),
+            (
+                "lowrank-calibrated",
+                Some(calibration.as_slice()),
+                &calibrated,
+            ),
+        ] {
+            let pb = crate::progress::spinner(&format!("factorising ({how})"));
+            let result = factorise(cal, None);
+            pb.finish_and_clear();
+            let setting = format!("ffn rank {half} (half the MLP parameters), {how}");
+            keep(label, "lowrank", setting, result?)?;
+        }
     }
-    if a.heal_steps > 0 && wants(MethodArg::Heal) {
-        let heal = Heal {
-            steps: a.heal_steps,
-            ..Heal::default()
-        };
+    if healed {
         let pb = crate::progress::bar(heal.steps as u64, "healing");
         let mut each = |step: usize, loss: f32| {
             pb.set_position(step as u64);
@@ -278,25 +289,19 @@ fn compress_all(a: &CompressArgs, original: &Pretrained, work: &Path) -> Result<
             texts.as_slice(),
             &mut each as &mut dyn FnMut(usize, f32),
         );
-        let (cal, how) = calibrated;
-        let result =
-            lowrank::lowrank_with(original, Rank::Fixed(half), Layers::Ffn, cal, Some(healing));
+        let result = factorise(Some(calibration.as_slice()), Some(healing));
         pb.finish_and_clear();
-        let (manifest, tensors, _) = result?;
-        let dir = work.join("lowrank-healed");
-        native::write(&dir, &manifest, &tensors, &a.model.join("tokenizer.json"))?;
-        methods.push(Method {
-            label: "lowrank-healed".into(),
-            method: "lowrank + heal",
-            setting: format!(
-                "ffn rank {half}, {how}, then {} distillation steps on Shakespeare (lr {:.0e}, {} lines a step)",
-                heal.steps, heal.lr, heal.batch
-            ),
-            dir,
-        });
+        let setting = format!(
+            "ffn rank {half}, {calibrated}, then {} distillation steps on Shakespeare (lr {:.0e}, {} lines a step)",
+            heal.steps, heal.lr, heal.batch
+        );
+        keep("lowrank-healed", "lowrank + heal", setting, result?)?;
     }
     Ok(methods)
 }
+
+/// A compressed model's manifest and tensors, as each `formers::compress` method gives them.
+type Compressed = (native::Manifest, BTreeMap<String, native::Stored>);
 
 /// Each method's row for an encoder: embedding cosine to fp32 over the sentences.
 fn measure_encoders(
@@ -408,11 +413,7 @@ fn rows_of_methods(
                 )
             })
             .collect();
-        let unit = if lm {
-            "tokens_per_s"
-        } else {
-            "sentences_per_s"
-        };
+        let unit = unit(lm);
         let speed = measure_each("bench compress", &jobs, |r| {
             format!(
                 "{} {}: batch {:>3}: {:>8.1} {}",

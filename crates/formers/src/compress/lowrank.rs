@@ -332,7 +332,18 @@ mod tests {
     use crate::testutil::fixture;
 
     fn written(p: &Pretrained, rank: Rank, layers: Layers, tag: &str) -> Pretrained {
-        let (manifest, tensors, _) = lowrank(p, rank, layers).unwrap();
+        written_with(p, rank, layers, None, tag)
+    }
+
+    /// `p` factorised (calibrated on `cal`), written and loaded back.
+    fn written_with(
+        p: &Pretrained,
+        rank: Rank,
+        layers: Layers,
+        cal: Option<&[Vec<u32>]>,
+        tag: &str,
+    ) -> Pretrained {
+        let (manifest, tensors, _) = lowrank_with(p, rank, layers, cal, None).unwrap();
         let dir = std::env::temp_dir().join(format!("formers-lr-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         native::write(&dir, &manifest, &tensors, &p.dir.join("tokenizer.json")).unwrap();
@@ -395,15 +406,9 @@ mod tests {
         let batch = crate::model::Packed::new(&texts).unwrap();
         let want = p.model.hidden_packed(&batch).unwrap();
         let error = |cal: Option<&[Vec<u32>]>, rank: usize| {
-            let (m, tensors, _) =
-                lowrank_with(&p, Rank::Fixed(rank), Layers::Ffn, cal, None).unwrap();
-            assert!(matches!(m.compression[0], Step::Lowrank { calibration, .. }
+            let q = written_with(&p, Rank::Fixed(rank), Layers::Ffn, cal, "calibrated");
+            assert!(matches!(q.compression[0], Step::Lowrank { calibration, .. }
                 if calibration == cal.map_or(0, <[_]>::len)));
-            let dir = std::env::temp_dir().join(format!("formers-lrc-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            native::write(&dir, &m, &tensors, &p.dir.join("tokenizer.json")).unwrap();
-            let q = pretrained::load(&dir).unwrap();
-            std::fs::remove_dir_all(&dir).unwrap();
             let got = q.model.hidden_packed(&batch).unwrap();
             crate::testutil::max_abs(&got, &want)
         };
