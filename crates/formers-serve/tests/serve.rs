@@ -583,13 +583,18 @@ fn stopping_drains_in_flight_requests() {
             })
         })
         .collect();
-    // Wait until the server holds them, then stop it while they run.
+    // Wait until the server holds all eight, then stop it while they run. The gauge
+    // also counts the `/metrics` request that reads it, hence nine.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
+    loop {
         let m = String::from_utf8(call(addr, "GET", "/metrics", "").body).unwrap();
-        if formers_serve::loadgen::metric(&m, "formers_requests_in_flight").unwrap() >= 8.0 {
+        if formers_serve::loadgen::metric(&m, "formers_requests_in_flight").unwrap() >= 9.0 {
             break;
         }
+        assert!(
+            Instant::now() < deadline,
+            "the eight completions were never in flight together"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     s.stop().unwrap();
