@@ -17,7 +17,8 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput};
 use formers::kernels::gemm::process_cpu_seconds;
 use formers::kernels::int8::Int8Matrix;
@@ -98,6 +99,12 @@ fn bench(cr: &mut Criterion) {
             q.matmul(&xs, m, None, &mut out);
             std::hint::black_box(out);
         });
+        for (side, dtype) in [("candle-q8_0", GgmlDType::Q8_0), ("candle-q4_0", GgmlDType::Q4_0)] {
+            let qm = QMatMul::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
+            timed(&mut g, &id, side, || {
+                std::hint::black_box(qm.forward(&x).unwrap());
+            });
+        }
     }
     g.finish();
 }
@@ -124,8 +131,8 @@ fn main() {
         if cpu_mode() { "CPU time" } else { "wall time" }
     );
     println!(
-        "{:<24} {:>12} {:>12} {:>8}",
-        "shape (M×K·(N×K)ᵀ)", "candle µs", "int8 µs", "speed-up"
+        "{:<24} {:>12} {:>12} {:>8} {:>12} {:>12}",
+        "shape (M×K·(N×K)ᵀ)", "candle µs", "int8 µs", "speed-up", "q8_0 µs", "q4_0 µs"
     );
     for case in cases() {
         let id = label(&case);
@@ -136,6 +143,13 @@ fn main() {
             (Some(c), Some(q)) => format!("{:.2}", c / q),
             _ => "-".to_string(), // a side filtered out on the command line
         };
-        println!("{id:<24} {:>12} {:>12} {ratio:>8}", us(c), us(q));
+        let (q8, q4) = (side("candle-q8_0"), side("candle-q4_0"));
+        println!(
+            "{id:<24} {:>12} {:>12} {ratio:>8} {:>12} {:>12}",
+            us(c),
+            us(q),
+            us(q8),
+            us(q4)
+        );
     }
 }
