@@ -1365,9 +1365,27 @@ fn compress_quantize_writes_a_model_that_embed_and_generate_load() {
     assert!(!dir.join("twice").exists());
     let o = run(formers().args(args(&fixture("tiny-bert"), &out)));
     assert!(!o.status.success() && text(&o).contains("not empty"));
-    // A GPT-2 model quantised still generates.
+    // Q4_0: a smaller file, still close enough to point the same way.
+    let q4 = dir.join("bert-q4");
+    let o = run(formers()
+        .args(args(&fixture("tiny-bert"), &q4))
+        .args(["--scheme", "q4_0"]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("matrices as q4_0"), "{}", text(&o));
+    let c = embed(q4.to_str().unwrap());
+    let cos: f32 = a.iter().zip(&c).map(|(x, y)| x * y).sum();
+    assert!(cos > 0.8 && cos < 1.0, "{cos}");
+    let size = |d: &Path| {
+        std::fs::metadata(d.join("model.safetensors"))
+            .unwrap()
+            .len()
+    };
+    assert!(size(&q4) < size(&out), "{} vs {}", size(&q4), size(&out));
+    // A GPT-2 model quantised still generates, in either scheme.
     let gpt = dir.join("gpt2-int8");
-    let o = run(formers().args(args(&fixture("tiny-gpt2"), &gpt)));
+    let o = run(formers()
+        .args(args(&fixture("tiny-gpt2"), &gpt))
+        .args(["--scheme", "q8_0"]));
     assert!(o.status.success(), "{}", text(&o));
     let o = run(formers().args([
         "generate",
@@ -1409,18 +1427,41 @@ fn bench_compress_reports_every_method_against_fp32() {
     let methods: Vec<&str> = rows.iter().map(|r| r["method"].as_str().unwrap()).collect();
     assert_eq!(
         methods,
-        ["fp32", "quantize", "lowrank", "lowrank", "lowrank + heal"]
+        [
+            "fp32",
+            "quantize",
+            "quantize",
+            "quantize",
+            "lowrank",
+            "lowrank",
+            "lowrank + heal"
+        ]
     );
     // Calibration, then healing, bring the factorised model closer to the original.
     let mean = |i: usize| rows[i]["cosine_mean"].as_f64().unwrap();
-    assert!(rows[3]["setting"].as_str().unwrap().contains("calibrated"));
+    assert!(rows[5]["setting"].as_str().unwrap().contains("calibrated"));
     assert!(
-        mean(3) > mean(2),
+        mean(5) > mean(4),
         "calibrated {} vs plain {}",
-        mean(3),
-        mean(2)
+        mean(5),
+        mean(4)
     );
-    assert!(mean(4) > mean(2), "healed {} vs plain {}", mean(4), mean(2));
+    assert!(mean(6) > mean(4), "healed {} vs plain {}", mean(6), mean(4));
+    // Block formats: Q8_0 as close as int8 or closer, Q4_0 smaller and further off.
+    let bytes = |i: usize| rows[i]["bytes"].as_u64().unwrap();
+    let settings: Vec<&str> = rows[1..4]
+        .iter()
+        .map(|r| r["setting"].as_str().unwrap())
+        .collect();
+    assert_eq!(settings, ["int8", "q8_0", "q4_0"]);
+    assert!(
+        mean(2) >= mean(1) - 1e-4,
+        "q8_0 {} vs int8 {}",
+        mean(2),
+        mean(1)
+    );
+    assert!(mean(3) < mean(2), "q4_0 {} vs q8_0 {}", mean(3), mean(2));
+    assert!(bytes(3) < bytes(2) && bytes(2) < bytes(0));
     assert_eq!(rows[0]["cosine_min"], 1.0);
     let q = &rows[1];
     let cos = q["cosine_min"].as_f64().unwrap();
@@ -1429,7 +1470,7 @@ fn bench_compress_reports_every_method_against_fp32() {
     assert_eq!(q["speed"].as_array().unwrap().len(), 2);
     assert!(text(&o).contains("| quantize | int8 |"), "{}", text(&o));
     // tiny-bert: d 36, MLP 64 → rank 36·64 / (2·100) = 11, which costs quality.
-    let lr = &rows[2];
+    let lr = &rows[4];
     assert!(lr["setting"].as_str().unwrap().contains("rank 11"), "{lr}");
     assert!(lr["parameters"].as_u64() < rows[0]["parameters"].as_u64());
     assert!(lr["cosine_min"].as_f64().unwrap() < 0.9999);

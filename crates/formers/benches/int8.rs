@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput};
+use formers::kernels::blockq::{BlockKind, BlockMatrix};
 use formers::kernels::gemm::process_cpu_seconds;
 use formers::kernels::int8::Int8Matrix;
 
@@ -99,7 +100,18 @@ fn bench(cr: &mut Criterion) {
             q.matmul(&xs, m, None, &mut out);
             std::hint::black_box(out);
         });
-        for (side, dtype) in [("candle-q8_0", GgmlDType::Q8_0), ("candle-q4_0", GgmlDType::Q4_0)] {
+        for (side, kind) in [("q8_0", BlockKind::Q8_0), ("q4_0", BlockKind::Q4_0)] {
+            let bq = BlockMatrix::quantize(kind, &ws, n, k);
+            timed(&mut g, &id, side, || {
+                let mut out = vec![0f32; m * n];
+                bq.matmul(&xs, m, None, &mut out);
+                std::hint::black_box(out);
+            });
+        }
+        for (side, dtype) in [
+            ("candle-q8_0", GgmlDType::Q8_0),
+            ("candle-q4_0", GgmlDType::Q4_0),
+        ] {
             let qm = QMatMul::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
             timed(&mut g, &id, side, || {
                 std::hint::black_box(qm.forward(&x).unwrap());
@@ -131,8 +143,15 @@ fn main() {
         if cpu_mode() { "CPU time" } else { "wall time" }
     );
     println!(
-        "{:<24} {:>12} {:>12} {:>8} {:>12} {:>12}",
-        "shape (M×K·(N×K)ᵀ)", "candle µs", "int8 µs", "speed-up", "q8_0 µs", "q4_0 µs"
+        "{:<24} {:>10} {:>10} {:>8} {:>10} {:>10} {:>12} {:>12}",
+        "shape (M×K·(N×K)ᵀ)",
+        "candle µs",
+        "int8 µs",
+        "speed-up",
+        "q8_0 µs",
+        "q4_0 µs",
+        "candle q8_0",
+        "candle q4_0"
     );
     for case in cases() {
         let id = label(&case);
@@ -143,13 +162,16 @@ fn main() {
             (Some(c), Some(q)) => format!("{:.2}", c / q),
             _ => "-".to_string(), // a side filtered out on the command line
         };
-        let (q8, q4) = (side("candle-q8_0"), side("candle-q4_0"));
+        let (q8, q4) = (side("q8_0"), side("q4_0"));
+        let (c8, c4) = (side("candle-q8_0"), side("candle-q4_0"));
         println!(
-            "{id:<24} {:>12} {:>12} {ratio:>8} {:>12} {:>12}",
+            "{id:<24} {:>10} {:>10} {ratio:>8} {:>10} {:>10} {:>12} {:>12}",
             us(c),
             us(q),
             us(q8),
-            us(q4)
+            us(q4),
+            us(c8),
+            us(c4)
         );
     }
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Module, Tensor};
 
-use crate::kernels::int8::Int8Matrix;
+use crate::kernels::quant::QuantMatrix;
 use crate::params::{Init, Params};
 use crate::Result;
 
@@ -14,14 +14,14 @@ pub const INIT_STD: f64 = 0.02;
 /// A dense layer; `weight` is `[out, in]` as in PyTorch and Hugging Face checkpoints. A
 /// low-rank layer (Greenformers LRT, Winata et al. 2020) stores `W = weight · factor` with
 /// `weight [out, r]` and `factor [r, in]`. A layer loaded from a quantised checkpoint keeps
-/// its weight as int8 (`int8`) and multiplies in integers.
+/// its weight quantised (`quant`: int8, Q8_0 or Q4_0) and multiplies in integers.
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// `[out, in]`, or `[out, r]` when `factor` is present; `[out, 0]` (no values) when the
-    /// weight is `int8`.
+    /// weight is `quant`.
     pub weight: Tensor,
-    /// The `[out, in]` weight quantised per output channel, in place of `weight`.
-    pub int8: Option<Arc<Int8Matrix>>,
+    /// The `[out, in]` weight quantised, in place of `weight`.
+    pub quant: Option<Arc<QuantMatrix>>,
     /// `[r, in]` of a low-rank layer.
     pub factor: Option<Tensor>,
     /// `[out]`.
@@ -56,10 +56,10 @@ impl Linear {
             }
         };
         if rank.is_none() {
-            if let Some(q) = p.get_int8([d_out, d_in], "weight")? {
+            if let Some(q) = p.get_quantized([d_out, d_in], "weight")? {
                 return Ok(Linear {
                     weight: Tensor::zeros((d_out, 0), p.dtype(), p.device())?,
-                    int8: Some(Arc::new(q)),
+                    quant: Some(Arc::new(q)),
                     factor: None,
                     bias: bias_of(p)?,
                 });
@@ -80,7 +80,7 @@ impl Linear {
         };
         Ok(Linear {
             weight,
-            int8: None,
+            quant: None,
             factor,
             bias: bias_of(p)?,
         })
@@ -105,8 +105,8 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         use crate::kernels::linear_op::linear;
-        if let Some(q) = &self.int8 {
-            return int8_forward(q, self.bias.as_ref(), x);
+        if let Some(q) = &self.quant {
+            return quant_forward(q, self.bias.as_ref(), x);
         }
         let fused = match &self.factor {
             None => linear(x, &self.weight, self.bias.as_ref()),
@@ -136,13 +136,21 @@ impl Module for Linear {
     }
 }
 
-/// `x Wᵀ + b` with `W` in int8: `x` is quantised per row and multiplied in integers
-/// ([`Int8Matrix::matmul`]); inputs of other dtypes go through f32.
-fn int8_forward(q: &Int8Matrix, bias: Option<&Tensor>, x: &Tensor) -> candle_core::Result<Tensor> {
+/// `x Wᵀ + b` with `W` quantised: `x` is quantised on the fly and multiplied in integers
+/// ([`QuantMatrix::matmul`]); inputs of other dtypes go through f32.
+fn quant_forward(
+    q: &QuantMatrix,
+    bias: Option<&Tensor>,
+    x: &Tensor,
+) -> candle_core::Result<Tensor> {
     let dims = x.dims().to_vec();
     let d_in = *dims.last().expect("linear input has a last dimension");
-    if d_in != q.cols {
-        candle_core::bail!("int8 linear layer takes {} inputs, got {d_in}", q.cols);
+    if d_in != q.cols() {
+        candle_core::bail!(
+            "{} linear layer takes {} inputs, got {d_in}",
+            q.scheme(),
+            q.cols()
+        );
     }
     let rows = x.elem_count() / d_in.max(1);
     let xf = x.to_dtype(DType::F32)?.flatten_all()?;
@@ -150,10 +158,10 @@ fn int8_forward(q: &Int8Matrix, bias: Option<&Tensor>, x: &Tensor) -> candle_cor
         Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
         None => None,
     };
-    let mut out = vec![0f32; rows * q.rows];
+    let mut out = vec![0f32; rows * q.rows()];
     crate::kernels::with_values(&xf, |xs: &[f32]| q.matmul(xs, rows, b.as_deref(), &mut out))?;
     let mut shape = dims;
-    *shape.last_mut().expect("non-empty") = q.rows;
+    *shape.last_mut().expect("non-empty") = q.rows();
     Tensor::from_vec(out, shape, x.device())?.to_dtype(x.dtype())
 }
 

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::config::InitSpec;
-use crate::kernels::int8::Int8Matrix;
+use crate::kernels::quant::QuantMatrix;
 use crate::linear::INIT_STD;
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -69,10 +69,10 @@ pub trait Source: std::fmt::Debug + Send + Sync {
     /// report every missing one at once.
     fn take(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Var>;
 
-    /// The matrix `name` of `[rows, cols]` if the source stores it quantised to int8 (a
-    /// `formers compress quantize` checkpoint), for a layer that multiplies by it in
-    /// integers; `None` when it is stored in floating point (then [`Source::take`] reads it).
-    fn take_int8(&self, _name: &str, _shape: [usize; 2]) -> Result<Option<Int8Matrix>> {
+    /// The matrix `name` of `[rows, cols]` if the source stores it quantised (a `formers
+    /// compress quantize` checkpoint), for a layer that multiplies by it in integers;
+    /// `None` when it is stored in floating point (then [`Source::take`] reads it).
+    fn take_quantized(&self, _name: &str, _shape: [usize; 2]) -> Result<Option<QuantMatrix>> {
         Ok(None)
     }
 }
@@ -228,15 +228,15 @@ impl Params {
         Ok(out)
     }
 
-    /// The matrix `name` of `[rows, cols]` as int8, if this is an inference view (frozen)
+    /// The matrix `name` of `[rows, cols]` quantised, if this is an inference view (frozen)
     /// of a source that stores it so; `None` otherwise, and then [`Params::get`] gives it.
-    pub fn get_int8(&self, shape: [usize; 2], name: &str) -> Result<Option<Int8Matrix>> {
+    pub fn get_quantized(&self, shape: [usize; 2], name: &str) -> Result<Option<QuantMatrix>> {
         if self.trainable {
             return Ok(None);
         }
         let store = self.store.lock().expect("parameter store poisoned");
         match &store.fill {
-            Fill::Source(source) => source.take_int8(&self.full_name(name), shape),
+            Fill::Source(source) => source.take_quantized(&self.full_name(name), shape),
             Fill::Init(_) => Ok(None),
         }
     }

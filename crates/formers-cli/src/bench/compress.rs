@@ -43,14 +43,15 @@ pub struct CompressArgs {
     /// directory, removed afterwards]
     #[arg(long, value_name = "DIR")]
     pub work: Option<PathBuf>,
-    /// The methods to measure beside fp32, comma-separated: int8, norm (the Pre-RMSNorm and
-    /// Pre-CRMSNorm conversions; Pre-LN LMs only), lowrank (plain and calibrated SVD of the
-    /// MLPs at half their parameters), heal (calibrated, then distilled)
+    /// The methods to measure beside fp32, comma-separated: int8 (per row), q8_0 and q4_0
+    /// (8 and 4 bits per value, a scale per 32), norm (the Pre-RMSNorm and Pre-CRMSNorm
+    /// conversions; Pre-LN LMs only), lowrank (plain and calibrated SVD of the MLPs at half
+    /// their parameters), heal (calibrated, then distilled)
     #[arg(
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "int8,norm,lowrank,heal"
+        default_value = "int8,q8_0,q4_0,norm,lowrank,heal"
     )]
     pub methods: Vec<MethodArg>,
     /// Healing steps of the healed low-rank row (distillation on the shipped Shakespeare,
@@ -74,6 +75,10 @@ const CALIBRATION: usize = 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum MethodArg {
     Int8,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
     Norm,
     Lowrank,
     Heal,
@@ -232,14 +237,20 @@ fn compress_all(a: &CompressArgs, original: &Pretrained, work: &Path) -> Result<
             )?;
         }
     }
-    if wants(MethodArg::Int8) {
-        let name = Scheme::Int8.name();
-        keep(
-            name,
-            "quantize",
-            name.into(),
-            quantize::quantize(original, Scheme::Int8)?,
-        )?;
+    for (method, scheme) in [
+        (MethodArg::Int8, Scheme::Int8),
+        (MethodArg::Q8_0, Scheme::Q8_0),
+        (MethodArg::Q4_0, Scheme::Q4_0),
+    ] {
+        if wants(method) {
+            let name = scheme.name();
+            keep(
+                name,
+                "quantize",
+                name.into(),
+                quantize::quantize(original, scheme)?,
+            )?;
+        }
     }
     let heal = Heal {
         steps: a.heal_steps,

@@ -119,7 +119,7 @@ mod tests {
                     k.clone(),
                     Tensor::from_vec(values.clone(), shape.as_slice(), &Device::Cpu).unwrap(),
                 ),
-                Stored::Int8(_) => unreachable!("lowrank writes f32"),
+                Stored::Quant(_) => unreachable!("lowrank writes f32"),
             })
             .collect();
         let texts: Vec<Vec<u32>> = (0..64u32)

@@ -1,15 +1,19 @@
 //! Int8 weights after training (the weight-only int8 of the inference-optimisation surveys,
 //! e.g. LLM.int8()'s per-channel absmax, without its outlier split): every matrix of the
-//! model — linear layers and embedding tables — stored as int8 with one f32 scale per row.
-//! Linear layers then multiply in integers ([`crate::kernels::int8`]); tables are
-//! dequantised when loaded. Biases, norms and other vectors stay f32.
+//! model — linear layers and embedding tables — stored as int8 with one f32 scale per row,
+//! or in blocks of 32 values with one scale each (GGML's Q8_0 and Q4_0 layouts, as
+//! llama.cpp's quantisations). Linear layers then multiply in integers
+//! ([`crate::kernels::int8`], [`crate::kernels::blockq`]); tables are dequantised when
+//! loaded. Biases, norms and other vectors stay f32.
 
 use std::collections::BTreeMap;
 
 use candle_core::DType;
 
 use crate::config::FfnSpec;
+use crate::kernels::blockq::{BlockKind, BlockMatrix};
 use crate::kernels::int8::Int8Matrix;
+use crate::kernels::quant::QuantMatrix;
 use crate::pretrained::native::{Manifest, Step, Stored};
 use crate::pretrained::Pretrained;
 use crate::{Error, Result};
@@ -19,6 +23,10 @@ use crate::{Error, Result};
 pub enum Scheme {
     /// Symmetric int8, one scale per row (output channel), values in [-127, 127].
     Int8,
+    /// 8-bit codes in blocks of 32 values of a row, one f32 scale per block.
+    Q8_0,
+    /// 4-bit codes in blocks of 32 values of a row, one f32 scale per block.
+    Q4_0,
 }
 
 impl Scheme {
@@ -26,6 +34,8 @@ impl Scheme {
     pub fn name(self) -> &'static str {
         match self {
             Scheme::Int8 => "int8",
+            Scheme::Q8_0 => "q8_0",
+            Scheme::Q4_0 => "q4_0",
         }
     }
 }
@@ -63,10 +73,19 @@ pub fn quantize(p: &Pretrained, scheme: Scheme) -> Result<(Manifest, BTreeMap<St
             if let Some(i) = values.iter().position(|v| !v.is_finite()) {
                 return Err(Error::config(
                     name,
-                    format!("value {i} is {}, which has no int8 code", values[i]),
+                    format!("value {i} is {}, which has no integer code", values[i]),
                 ));
             }
-            Stored::Int8(Int8Matrix::quantize(&values, dims[0], dims[1]))
+            let (rows, cols) = (dims[0], dims[1]);
+            Stored::Quant(match scheme {
+                Scheme::Int8 => QuantMatrix::Int8(Int8Matrix::quantize(&values, rows, cols)),
+                Scheme::Q8_0 => {
+                    QuantMatrix::Block(BlockMatrix::quantize(BlockKind::Q8_0, &values, rows, cols))
+                }
+                Scheme::Q4_0 => {
+                    QuantMatrix::Block(BlockMatrix::quantize(BlockKind::Q4_0, &values, rows, cols))
+                }
+            })
         } else {
             Stored::of(&t)?
         };
@@ -98,10 +117,14 @@ mod tests {
         dir
     }
 
-    /// `name` quantised into a new directory (returned with the loaded original).
+    /// `name` quantised to int8 into a new directory (returned with the loaded original).
     fn quantised(name: &str, tag: &str) -> (Pretrained, PathBuf) {
+        quantised_with(name, tag, Scheme::Int8)
+    }
+
+    fn quantised_with(name: &str, tag: &str, scheme: Scheme) -> (Pretrained, PathBuf) {
         let p = pretrained::load(&fixture(name)).unwrap();
-        let (manifest, tensors) = quantize(&p, Scheme::Int8).unwrap();
+        let (manifest, tensors) = quantize(&p, scheme).unwrap();
         let out = scratch(tag);
         native::write(&out, &manifest, &tensors, &p.dir.join("tokenizer.json")).unwrap();
         (p, out)
@@ -144,6 +167,64 @@ mod tests {
             assert!(ratio < 0.4, "{name}: {ratio}");
             std::fs::remove_dir_all(&dir).unwrap();
         }
+    }
+
+    #[test]
+    fn block_formats_load_with_integer_layers_and_cost_what_their_bits_say() {
+        for name in ["tiny-bert", "tiny-gpt2"] {
+            let ids = ids_tensor(&[1, 5, 9, 3, 7, 2, 8]).unwrap();
+            let mut errs = Vec::new();
+            for scheme in [Scheme::Int8, Scheme::Q8_0, Scheme::Q4_0] {
+                let tag = format!("{name}-{}", scheme.name());
+                let (p, dir) = quantised_with(name, &tag, scheme);
+                let q = pretrained::load(&dir).unwrap();
+                assert!(q.unused.is_empty(), "{tag}: {:?}", q.unused);
+                let names: Vec<String> = q.params.vars().into_iter().map(|(n, _)| n).collect();
+                assert!(
+                    !names
+                        .iter()
+                        .any(|n| n.contains(".mixer.") && n.ends_with(".weight")),
+                    "{tag}: a linear weight was loaded as f32"
+                );
+                let want = p.model.forward(&ids, None, None).unwrap();
+                let got = q.model.forward(&ids, None, None).unwrap();
+                errs.push(rel_err(&got, &want));
+                std::fs::remove_dir_all(&dir).unwrap();
+            }
+            let [int8, q8, q4] = errs[..] else {
+                unreachable!()
+            };
+            // Scales per 32 values are finer than per row: Q8_0 is at least as close as
+            // int8. Four bits are 16× coarser steps than eight: Q4_0 is far off both, but
+            // within ~10% per layer (a few layers compound).
+            assert!(
+                q8 > 0.0 && q8 <= int8 * 1.05,
+                "{name}: q8_0 {q8}, int8 {int8}"
+            );
+            assert!(q4 > 4.0 * q8 && q4 < 0.4, "{name}: q4_0 {q4}, q8_0 {q8}");
+        }
+    }
+
+    #[test]
+    fn broken_block_checkpoints_fail_with_a_clear_error() {
+        let q = "layers.0.mixer.q.weight";
+        let (_, dir) = quantised_with("tiny-bert", "broken-q4", Scheme::Q4_0);
+        edit(&dir, |t| {
+            let e = t.iter_mut().find(|e| e.0 == q).unwrap();
+            e.2[1] *= 2; // as many bytes per row as Q8_0
+            e.3.extend(e.3.clone());
+        });
+        let e = pretrained::load(&dir).unwrap_err().to_string();
+        assert!(e.contains("expected q4_0 codes of shape"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        let (_, dir) = quantised_with("tiny-bert", "broken-q8", Scheme::Q8_0);
+        edit(&dir, |t| {
+            let e = t.iter_mut().find(|e| e.0 == format!("{q}_scale")).unwrap();
+            e.3[0..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        });
+        let e = pretrained::load(&dir).unwrap_err().to_string();
+        assert!(e.contains("weight_scale` holds NaN"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -212,7 +293,7 @@ mod tests {
                     e.2 = vec![e.2[1], e.2[0] / 2];
                     e.3.truncate(e.3.len() / 2);
                 }),
-                "expected an int8 matrix of shape",
+                "expected int8 codes of shape [",
             ),
         ];
         for (tag, f, want) in cases {

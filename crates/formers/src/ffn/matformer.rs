@@ -48,12 +48,12 @@ impl MatMlp {
         let widths = granularities.iter().map(|&g| width(g, hidden)).collect();
         let up = Linear::new(&p.pp("up"), d, hidden, bias)?;
         let down = Linear::new(&p.pp("down"), hidden, d, bias)?;
-        if up.int8.is_some() || down.int8.is_some() {
-            // Nested widths slice the weights' columns, which int8 rows scaled per output
-            // channel do not allow for `down`.
+        if up.quant.is_some() || down.quant.is_some() {
+            // Nested widths slice the weights' columns, which quantised rows (scaled per
+            // output channel or per block) do not allow for `down`.
             return Err(crate::Error::config(
                 "ffn",
-                "a MatFormer MLP cannot be loaded with int8 weights",
+                "a MatFormer MLP cannot be loaded with quantised weights",
             ));
         }
         Ok(MatMlp {
@@ -81,7 +81,7 @@ impl ChannelMixer for MatMlp {
         let h = self.width();
         let up = Linear {
             weight: self.up.weight.narrow(0, 0, h)?,
-            int8: None,
+            quant: None,
             factor: None,
             bias: self
                 .up
@@ -92,7 +92,7 @@ impl ChannelMixer for MatMlp {
         };
         let down = Linear {
             weight: self.down.weight.narrow(1, 0, h)?,
-            int8: None,
+            quant: None,
             factor: None,
             bias: self.down.bias.clone(),
         };

@@ -54,7 +54,7 @@ impl Mlp {
 impl ChannelMixer for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let (Hidden::Pointwise(Pointwise::Gelu), None, None, Some(b)) =
-            (&self.hidden, &self.up.factor, &self.up.int8, &self.up.bias)
+            (&self.hidden, &self.up.factor, &self.up.quant, &self.up.bias)
         {
             if let Some(h) = crate::kernels::linear_op::linear_gelu(x, &self.up.weight, b) {
                 return self.down.forward(&h?);

@@ -7,6 +7,7 @@
 pub mod adamw;
 pub mod attention_op;
 pub mod bias;
+pub mod blockq;
 pub mod cross_entropy;
 pub mod flash;
 pub mod gemm;
@@ -14,6 +15,7 @@ pub mod int8;
 pub mod linear_op;
 pub mod matmul_op;
 pub mod norm_op;
+pub mod quant;
 pub(crate) mod simd;
 
 use std::cell::Cell;

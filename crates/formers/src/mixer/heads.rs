@@ -157,7 +157,7 @@ impl MultiHead {
         };
         Ok(Some(Linear {
             weight,
-            int8: None,
+            quant: None,
             factor: None,
             bias,
         }))

@@ -11,7 +11,9 @@ use candle_core::{DType, Device, Tensor, Var, WithDType};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
+use crate::kernels::blockq::{BlockKind, BlockMatrix, BLOCK};
 use crate::kernels::int8::Int8Matrix;
+use crate::kernels::quant::QuantMatrix;
 use crate::limits::Limits;
 use crate::params::Source;
 use crate::{Error, Result};
@@ -66,7 +68,9 @@ pub struct Naming {
     pub keys: &'static [(&'static str, &'static str)],
 }
 
-/// The suffix of the name of an int8 tensor's per-row scales (`{name}_scale`, F32).
+/// The suffix of the name of a quantised tensor's scales (`{name}_scale`, F32): `[rows]`
+/// for int8 (one per row), `[rows, blocks]` for Q8_0 (I8 codes) and Q4_0 (U8, two codes a
+/// byte).
 pub const INT8_SCALE: &str = "_scale";
 
 /// Bytes copied (then released from this process) at a time.
@@ -238,23 +242,37 @@ impl Checkpoint {
         shape: &[usize],
         device: &Device,
     ) -> Result<Var> {
-        if e.dtype == Dtype::I8 {
-            // Dequantised straight into the variable's one buffer: a table's f32 copy is
-            // the largest allocation of loading, made once.
-            let q = self.int8(e)?;
-            let cols = q.cols.max(1);
-            let v: Vec<T> = q
-                .data
-                .iter()
-                .enumerate()
-                .map(|(i, &x)| T::from_f64((q.scales[i / cols] * f32::from(x)) as f64))
-                .collect();
+        if matches!(e.dtype, Dtype::I8 | Dtype::U8) {
             if take.transpose || take.part.is_some() {
                 return Err(self.err(format!(
                     "tensor `{}`: int8 tensors are read from formers model directories only",
                     e.stored
                 )));
             }
+            let [rows, cols] = shape[..] else {
+                return Err(self.err(format!(
+                    "tensor `{}`: quantised tensors are matrices, the model wants shape {shape:?}",
+                    e.stored
+                )));
+            };
+            let q = self.quantized(e, [rows, cols])?;
+            let v: Vec<T> = match &q {
+                // Dequantised straight into the variable's one buffer: a table's f32 copy
+                // is the largest allocation of loading, made once.
+                QuantMatrix::Int8(q) => {
+                    let cols = q.cols.max(1);
+                    q.data
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &x)| T::from_f64((q.scales[i / cols] * f32::from(x)) as f64))
+                        .collect()
+                }
+                QuantMatrix::Block(q) => q
+                    .dequantize()
+                    .into_iter()
+                    .map(|x| T::from_f64(x as f64))
+                    .collect(),
+            };
             return Ok(Var::from_vec(v, shape, device)?);
         }
         let stored = match e.dtype {
@@ -284,14 +302,23 @@ impl Checkpoint {
         Ok(Var::from_tensor(&t)?)
     }
 
-    /// The int8 matrix `e` and its per-row scales (the tensor `{name}_scale`, marked taken).
-    fn int8(&self, e: &Entry) -> Result<Int8Matrix> {
-        let [rows, cols] = e.shape[..] else {
+    /// The quantised matrix `e` of formers shape `want` and its scales (the tensor
+    /// `{name}_scale`, marked taken): int8 when the scales are `[rows]`, Q8_0 or Q4_0 (by
+    /// the codes' dtype) when they are `[rows, blocks]`.
+    fn quantized(&self, e: &Entry, want: [usize; 2]) -> Result<QuantMatrix> {
+        let [rows, width] = e.shape[..] else {
             return Err(self.err(format!(
-                "tensor `{}`: int8 tensors are matrices, found shape {:?}",
+                "tensor `{}`: quantised tensors are matrices, found shape {:?}",
                 e.stored, e.shape
             )));
         };
+        if rows != want[0] {
+            return Err(self.err(format!(
+                "tensor `{}`: expected a quantised matrix of shape {want:?}, found {:?}",
+                e.stored, e.shape
+            )));
+        }
+        let cols = want[1];
         let scale_name = format!("{}{INT8_SCALE}", e.stored);
         let key = scale_name
             .strip_prefix(self.naming.prefix)
@@ -303,18 +330,45 @@ impl Checkpoint {
                 e.stored
             ))
         })?;
-        if s.dtype != Dtype::F32 || s.shape != [rows] {
+        let blocks = cols.div_ceil(BLOCK);
+        let kind = match (e.dtype, &s.shape[..]) {
+            (Dtype::I8, [r]) if *r == rows => None,
+            (Dtype::I8, [r, b]) if *r == rows && *b == blocks => Some(BlockKind::Q8_0),
+            (Dtype::U8, [r, b]) if *r == rows && *b == blocks => Some(BlockKind::Q4_0),
+            _ => {
+                return Err(self.err(format!(
+                    "tensor `{scale_name}`: expected F32 of shape [{rows}] (int8) or \
+                     [{rows}, {blocks}] (q8_0, q4_0), found {:?} of shape {:?}",
+                    s.dtype, s.shape
+                )))
+            }
+        };
+        let expected = kind.map_or(cols, |k| blocks * k.block_bytes());
+        if s.dtype != Dtype::F32 || width != expected {
             return Err(self.err(format!(
-                "tensor `{scale_name}`: expected F32 of shape [{rows}], found {:?} of shape {:?}",
-                s.dtype, s.shape
+                "tensor `{}`: expected {} codes of shape [{rows}, {expected}] with F32 scales \
+                 `{scale_name}`, found {:?} of shape {:?} (scales {:?})",
+                e.stored,
+                kind.map_or("int8", BlockKind::name),
+                e.dtype,
+                e.shape,
+                s.dtype
             )));
         }
         self.log().taken.insert(key.to_string());
-        let data: Vec<i8> = self.map[e.start..e.end].iter().map(|&b| b as i8).collect();
+        let bytes = self.map[e.start..e.end].to_vec();
         self.release(e.start, e.end - e.start);
         let scales = self.values::<f32>(s, DType::F32)?;
-        Int8Matrix::from_parts(rows, cols, data, scales)
-            .map_err(|err| self.err(format!("tensor `{}`: {err}", e.stored)))
+        let q = match kind {
+            None => {
+                let data = bytes.into_iter().map(|b| b as i8).collect();
+                Int8Matrix::from_parts(rows, cols, data, scales).map(QuantMatrix::Int8)
+            }
+            Some(k) => {
+                BlockMatrix::from_parts(k, rows, cols, bytes, scales).map(QuantMatrix::Block)
+            }
+        };
+        q.map_err(|err| self.err(format!("tensor `{}`: {err}", e.stored)))
     }
 
     /// Checkpoint tensors the model did not take, leaving out the family's harmless ones.
@@ -373,23 +427,23 @@ impl Checkpoint {
 }
 
 impl Source for Checkpoint {
-    fn take_int8(&self, name: &str, shape: [usize; 2]) -> Result<Option<Int8Matrix>> {
+    fn take_quantized(&self, name: &str, shape: [usize; 2]) -> Result<Option<QuantMatrix>> {
         let Some(take) = (self.naming.take)(name) else {
             return Ok(None);
         };
         let Some((key, e)) = self.find(&take.name) else {
             return Ok(None);
         };
-        if e.dtype != Dtype::I8 {
+        if !matches!(e.dtype, Dtype::I8 | Dtype::U8) {
             return Ok(None);
         }
-        if take.transpose || take.part.is_some() || e.shape != shape {
+        if take.transpose || take.part.is_some() {
             return Err(self.err(format!(
-                "tensor `{}`: expected an int8 matrix of shape {shape:?}, found {:?}",
-                e.stored, e.shape
+                "tensor `{}`: quantised tensors are read from formers model directories only",
+                e.stored
             )));
         }
-        let q = self.int8(e)?;
+        let q = self.quantized(e, shape)?;
         self.log().taken.insert(key.to_string());
         Ok(Some(q))
     }
@@ -420,7 +474,15 @@ impl Source for Checkpoint {
         };
         self.log().taken.insert(key.to_string());
         let want = take.stored_shape(shape);
-        if e.shape != want {
+        // Block-quantised codes are wider or narrower than their matrix: `quantized`
+        // checks their shape against the scales.
+        let block_codes = matches!(e.dtype, Dtype::I8 | Dtype::U8) && e.shape.len() == 2;
+        let same = if block_codes {
+            want.len() == 2 && e.shape[0] == want[0]
+        } else {
+            e.shape == want
+        };
+        if !same {
             return Err(self.err(format!(
                 "tensor `{}`: expected shape {want:?}, found {:?}",
                 e.stored, e.shape

@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use super::{checkpoint_error, Family, Naming, Take};
 use crate::config::ModelConfig;
 use crate::fsio;
-use crate::kernels::int8::Int8Matrix;
+use crate::kernels::blockq::BlockKind;
+use crate::kernels::quant::QuantMatrix;
 use crate::{Error, Result};
 
 /// The manifest's file name; its presence marks a formers model directory.
@@ -108,11 +109,11 @@ pub const NAMING: Naming = Naming {
     keys: &[],
 };
 
-/// A tensor to write: floating-point values, or an int8 matrix (written with its scales).
+/// A tensor to write: floating-point values, or a quantised matrix (written with its scales).
 #[derive(Debug, Clone)]
 pub enum Stored {
     F32 { shape: Vec<usize>, values: Vec<f32> },
-    Int8(Int8Matrix),
+    Quant(QuantMatrix),
 }
 
 impl Stored {
@@ -131,7 +132,7 @@ impl Stored {
     pub fn bytes(&self) -> usize {
         match self {
             Stored::F32 { values, .. } => 4 * values.len(),
-            Stored::Int8(q) => q.data.len() + 4 * q.scales.len(),
+            Stored::Quant(q) => q.bytes(),
         }
     }
 }
@@ -155,7 +156,9 @@ pub fn write(
     })
 }
 
-/// `tensors` as the bytes of a safetensors file (int8 matrices with `{name}_scale` beside).
+/// `tensors` as the bytes of a safetensors file (quantised matrices with `{name}_scale`
+/// beside: I8 `[rows, cols]` and F32 `[rows]` for int8; I8 (Q8_0) or U8 (Q4_0) codes
+/// `[rows, blocks · bytes per block]` and F32 `[rows, blocks]` for block formats).
 fn serialize(tensors: &BTreeMap<String, Stored>) -> Result<Vec<u8>> {
     use safetensors::tensor::TensorView;
     use safetensors::Dtype;
@@ -166,11 +169,25 @@ fn serialize(tensors: &BTreeMap<String, Stored>) -> Result<Vec<u8>> {
             Stored::F32 { shape, values } => {
                 bufs.push((name.clone(), Dtype::F32, shape.clone(), le(values)))
             }
-            Stored::Int8(q) => {
+            Stored::Quant(QuantMatrix::Int8(q)) => {
                 let data = q.data.iter().map(|&v| v as u8).collect();
                 bufs.push((name.clone(), Dtype::I8, vec![q.rows, q.cols], data));
                 let scale = format!("{name}{}", super::checkpoint::INT8_SCALE);
                 bufs.push((scale, Dtype::F32, vec![q.rows], le(&q.scales)));
+            }
+            Stored::Quant(QuantMatrix::Block(q)) => {
+                let dtype = match q.kind {
+                    BlockKind::Q8_0 => Dtype::I8,
+                    BlockKind::Q4_0 => Dtype::U8,
+                };
+                bufs.push((
+                    name.clone(),
+                    dtype,
+                    vec![q.rows, q.row_bytes()],
+                    q.codes.clone(),
+                ));
+                let scale = format!("{name}{}", super::checkpoint::INT8_SCALE);
+                bufs.push((scale, Dtype::F32, vec![q.rows, q.blocks()], le(&q.scales)));
             }
         }
     }
