@@ -138,7 +138,7 @@ impl Module for Linear {
 
 /// `x Wᵀ + b` with `W` quantised: `x` is quantised on the fly and multiplied in integers
 /// ([`QuantMatrix::matmul`]); inputs of other dtypes go through f32.
-fn quant_forward(
+pub(crate) fn quant_forward(
     q: &QuantMatrix,
     bias: Option<&Tensor>,
     x: &Tensor,

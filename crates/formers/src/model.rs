@@ -1,9 +1,12 @@
 //! The model: embeddings → positions → blocks → final norm → head.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::block::{dropout, Block};
 use crate::config::{HeadSpec, ModelConfig, Pooling, ResidualSpec};
+use crate::kernels::quant::QuantMatrix;
 use crate::linear::Linear;
 use crate::mixer::{MixCtx, MixerCache, MASKED};
 use crate::norm::Norm;
@@ -43,7 +46,11 @@ enum Head {
 #[derive(Debug)]
 pub struct Model {
     cfg: ModelConfig,
+    /// `[vocab, d]`; `[vocab, 0]` (no values) when the table is `embed_quant`.
     embed: Tensor,
+    /// The token table kept quantised (a quantised checkpoint's, on an inference view):
+    /// rows are dequantised as looked up, and a tied LM head multiplies by it in integers.
+    embed_quant: Option<Arc<QuantMatrix>>,
     type_embed: Option<Tensor>,
     embed_norm: Option<Norm>,
     positions: Positions,
@@ -63,7 +70,11 @@ impl Model {
         let p = &p.with_init(cfg.init);
         let d = cfg.d_model;
         let vocab = cfg.input.vocab_size();
-        let embed = p.get(&[vocab, d], "embed.weight", Init::Embedding)?;
+        let embed_quant = p.get_quantized([vocab, d], "embed.weight")?.map(Arc::new);
+        let embed = match embed_quant {
+            Some(_) => Tensor::zeros((vocab, 0), p.dtype(), p.device())?,
+            None => p.get(&[vocab, d], "embed.weight", Init::Embedding)?,
+        };
         let type_embed = match cfg.type_vocab_size {
             0 => None,
             t => Some(p.get(&[t, d], "type_embed.weight", Init::Embedding)?),
@@ -117,6 +128,7 @@ impl Model {
         Ok(Model {
             cfg: cfg.clone(),
             embed,
+            embed_quant,
             type_embed,
             embed_norm,
             positions,
@@ -398,7 +410,18 @@ impl Model {
                 "token id {max} is outside the vocabulary of {vocab}"
             )));
         }
-        let x = self.embed.index_select(ids, 0)?;
+        let x = match &self.embed_quant {
+            Some(q) => {
+                let ids = ids.to_vec1::<u32>()?;
+                let rows: Vec<f32> = ids
+                    .iter()
+                    .flat_map(|&i| q.dequantize_row(i as usize))
+                    .collect();
+                Tensor::from_vec(rows, (ids.len(), q.cols()), self.embed.device())?
+                    .to_dtype(self.embed.dtype())?
+            }
+            None => self.embed.index_select(ids, 0)?,
+        };
         Ok(match &self.type_embed {
             Some(t) => x.broadcast_add(&t.narrow(0, 0, 1)?)?,
             None => x,
@@ -451,7 +474,11 @@ impl Model {
         match &self.head {
             Head::Lm { untied: None } => {
                 let (b, n, d) = h.dims3()?;
-                let logits = h.reshape((b * n, d))?.matmul(&self.embed.t()?)?;
+                let h = h.reshape((b * n, d))?;
+                let logits = match &self.embed_quant {
+                    Some(q) => crate::linear::quant_forward(q, None, &h)?,
+                    None => h.matmul(&self.embed.t()?)?,
+                };
                 Ok(logits.reshape((b, n, ()))?)
             }
             Head::Lm { untied: Some(l) } => l.forward(h),

@@ -144,12 +144,14 @@ mod tests {
             assert_eq!(q.family, family);
             assert!(q.unused.is_empty(), "{:?}", q.unused);
             assert_eq!(q.compression.len(), 1);
-            // Linear weights stay int8 (never f32 parameters); tables are dequantised.
+            // Linear weights and the token table stay int8 (never f32 parameters); the
+            // position table is dequantised.
             let names: Vec<String> = q.params.vars().into_iter().map(|(n, _)| n).collect();
             assert!(!names
                 .iter()
                 .any(|n| n.contains(".mixer.") && n.ends_with(".weight")));
-            assert!(names.contains(&"embed.weight".to_string()));
+            assert!(!names.contains(&"embed.weight".to_string()), "{names:?}");
+            assert!(names.iter().any(|n| n.starts_with("pos.")), "{names:?}");
             let ids = ids_tensor(&[1, 5, 9, 3, 7, 2, 8]).unwrap();
             let want = p.model.forward(&ids, None, None).unwrap();
             let got = q.model.forward(&ids, None, None).unwrap();

@@ -200,19 +200,24 @@ impl BlockMatrix {
         unpack(self.kind, &self.codes[i..i + bb])
     }
 
-    /// Row-major f32 values `scale · code`.
-    pub fn dequantize(&self) -> Vec<f32> {
+    /// Row `r`'s f32 values `scale · code`.
+    pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
         let nb = self.blocks();
-        let mut out = Vec::with_capacity(self.rows * self.cols);
-        for r in 0..self.rows {
-            for b in 0..nb {
-                let q = self.block_codes(r, b);
-                let s = self.scales[r * nb + b];
-                let n = (self.cols - b * BLOCK).min(BLOCK);
-                out.extend(q[..n].iter().map(|&c| s * c as f32));
-            }
+        let mut out = Vec::with_capacity(self.cols);
+        for b in 0..nb {
+            let q = self.block_codes(r, b);
+            let s = self.scales[r * nb + b];
+            let n = (self.cols - b * BLOCK).min(BLOCK);
+            out.extend(q[..n].iter().map(|&c| s * c as f32));
         }
         out
+    }
+
+    /// Row-major f32 values `scale · code`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        (0..self.rows)
+            .flat_map(|r| self.dequantize_row(r))
+            .collect()
     }
 
     /// `out[m, rows] = x[m, cols] · Wᵀ (+ bias[rows])`, each block of each row of x

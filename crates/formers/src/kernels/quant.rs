@@ -47,6 +47,20 @@ impl QuantMatrix {
         }
     }
 
+    /// Row `r`'s f32 values (a table lookup).
+    pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
+        match self {
+            QuantMatrix::Int8(q) => {
+                let s = q.scales[r];
+                q.data[r * q.cols..(r + 1) * q.cols]
+                    .iter()
+                    .map(|&c| s * c as f32)
+                    .collect()
+            }
+            QuantMatrix::Block(q) => q.dequantize_row(r),
+        }
+    }
+
     /// Bytes of codes and scales.
     pub fn bytes(&self) -> usize {
         match self {
