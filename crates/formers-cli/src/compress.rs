@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use formers::compress::extract::{extract_run, Choice};
-use formers::compress::heal::Heal;
+use formers::compress::heal::{self, Heal};
 use formers::compress::lowrank::{self, Layers};
 use formers::compress::norm::{self, Target};
 use formers::compress::quantize::{self, Scheme};
@@ -115,8 +115,9 @@ pub struct LowrankArgs {
     /// model works; 0: plain SVD of the weights
     #[arg(long, default_value_t = 1024, value_name = "LINES")]
     pub calibrate: usize,
-    /// After factorising, train the factorised layers this many steps to give the original's
-    /// last hidden states on the text (distillation)
+    /// After factorising, train the layers this many steps to give the original's hidden
+    /// states, every layer's, on the text (per-layer distillation); about a second a step
+    /// for MiniLM on one thread
     #[arg(long, default_value_t = 0)]
     pub heal_steps: usize,
     /// Peak learning rate of the healing steps (warm-up over a tenth, cosine decay)
@@ -125,6 +126,19 @@ pub struct LowrankArgs {
     /// Texts per healing step
     #[arg(long, default_value_t = 16)]
     pub heal_batch: usize,
+    /// Heal on texts of at least this many words: consecutive lines of a paragraph
+    /// (blank-line separated) joined, so short verse lines become sentence-length texts;
+    /// 1: one text per line. Calibration always reads single lines
+    #[arg(long, default_value_t = heal::PASSAGE_WORDS, value_name = "WORDS")]
+    pub heal_words: usize,
+    /// Heal only on the last layer's hidden states instead of every layer's (the
+    /// distillation before per-layer targets; usually worse)
+    #[arg(long)]
+    pub heal_last_only: bool,
+    /// Heal only the factorised matrices instead of every layer's weights (attention and
+    /// norms adapting too; embeddings stay, the parameter count is the same)
+    #[arg(long)]
+    pub heal_factorised_only: bool,
     /// Plain text to calibrate and heal on, one text per line [default: the shipped
     /// data/shakespeare.txt]
     #[arg(long, value_name = "FILE")]
@@ -272,16 +286,26 @@ fn run_lowrank(a: LowrankArgs) -> Result<()> {
         steps: a.heal_steps,
         lr: a.heal_lr,
         batch: a.heal_batch,
+        target: match a.heal_last_only {
+            true => heal::Target::Last,
+            false => heal::Target::EveryLayer,
+        },
+        scope: match a.heal_factorised_only {
+            true => heal::Scope::Compressed,
+            false => heal::Scope::Blocks,
+        },
     };
     if !(heal.lr > 0.0 && heal.lr.is_finite()) || heal.batch == 0 {
         anyhow::bail!("--heal-lr must be a positive number and --heal-batch at least 1");
     }
-    let texts = if heal.steps > 0 || a.calibrate > 0 {
-        heal_texts(&p, a.heal_text.as_deref())?
-    } else {
-        Vec::new()
+    let calibration = match a.calibrate {
+        0 => Vec::new(),
+        n => spread(&heal_texts(&p, a.heal_text.as_deref(), 1)?, n),
     };
-    let calibration = spread(&texts, a.calibrate);
+    let texts = match heal.steps {
+        0 => Vec::new(),
+        _ => heal_texts(&p, a.heal_text.as_deref(), a.heal_words)?,
+    };
     let pb = crate::progress::spinner(if a.calibrate > 0 {
         "calibrating and factorising (truncated SVD of each matrix, weighted by its inputs)"
     } else {
@@ -329,8 +353,6 @@ fn run_lowrank(a: LowrankArgs) -> Result<()> {
     Ok(())
 }
 
-/// Token ids of the lines of `path` (or the shipped Shakespeare) with at least 4 tokens,
-/// cut to the model's positions.
 /// `n` of `texts`, evenly spaced (all of them when there are no more).
 pub(crate) fn spread(texts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
     if n == 0 {
@@ -340,7 +362,14 @@ pub(crate) fn spread(texts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
     texts.iter().step_by(step).take(n).cloned().collect()
 }
 
-pub(crate) fn heal_texts(p: &Pretrained, path: Option<&Path>) -> Result<Vec<Vec<u32>>> {
+/// Token ids of the texts of `path` (or the shipped Shakespeare), lines joined into
+/// passages of at least `words` words ([`heal::passages`]), with at least 4 tokens, cut to
+/// the model's positions.
+pub(crate) fn heal_texts(
+    p: &Pretrained,
+    path: Option<&Path>,
+    words: usize,
+) -> Result<Vec<Vec<u32>>> {
     let text = match path {
         Some(f) => {
             std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
@@ -348,8 +377,8 @@ pub(crate) fn heal_texts(p: &Pretrained, path: Option<&Path>) -> Result<Vec<Vec<
         None => formers::tasks::SHAKESPEARE.to_string(),
     };
     let mut out = Vec::new();
-    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        let mut ids = pretrained::encode(&p.tokenizer, line, true)?;
+    for line in heal::passages(&text, words) {
+        let mut ids = pretrained::encode(&p.tokenizer, &line, true)?;
         if ids.len() >= 4 {
             formers::embed::truncate(&mut ids, p.config.max_len);
             out.push(ids);

@@ -331,6 +331,18 @@ impl Model {
         Ok(inputs)
     }
 
+    /// Every block's output, `[total, d]` each, on a padding-free batch (the per-layer
+    /// targets of distillation; no final norm).
+    pub(crate) fn layer_outputs_packed(&self, batch: &Packed) -> Result<Vec<Tensor>> {
+        let mut outs = Vec::new();
+        self.run_packed(batch, |_, block, x, ctx| {
+            let out = block.forward(x, ctx, None, None)?;
+            outs.push(out.squeeze(0)?);
+            Ok(out)
+        })?;
+        Ok(outs)
+    }
+
     /// The stack over a padding-free batch, `layer` applying each block.
     fn run_packed(
         &self,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use formers::compress::heal::Heal;
+use formers::compress::heal::{self, Heal};
 use formers::compress::lowrank::{self, Layers};
 use formers::compress::norm::{self, Target};
 use formers::compress::quantize::{self, Scheme};
@@ -266,8 +266,8 @@ fn compress_all(a: &CompressArgs, original: &Pretrained, work: &Path) -> Result<
         original.config.layer(0).ffn.hidden(original.config.d_model),
     );
     let half = (d * h / (2 * (d + h))).max(1);
-    let texts = crate::compress::heal_texts(original, None)?;
-    let calibration = crate::compress::spread(&texts, CALIBRATION);
+    let lines = crate::compress::heal_texts(original, None, 1)?;
+    let calibration = crate::compress::spread(&lines, CALIBRATION);
     let calibrated = format!("calibrated on {} lines of Shakespeare", calibration.len());
     let factorise = |cal, healing| {
         lowrank::lowrank_with(original, Rank::Fixed(half), Layers::Ffn, cal, healing)
@@ -295,6 +295,7 @@ fn compress_all(a: &CompressArgs, original: &Pretrained, work: &Path) -> Result<
             pb.set_position(step as u64);
             pb.set_message(format!("loss {loss:.5}"));
         };
+        let texts = crate::compress::heal_texts(original, None, heal::PASSAGE_WORDS)?;
         let healing = (
             &heal,
             texts.as_slice(),
@@ -303,8 +304,8 @@ fn compress_all(a: &CompressArgs, original: &Pretrained, work: &Path) -> Result<
         let result = factorise(Some(calibration.as_slice()), Some(healing));
         pb.finish_and_clear();
         let setting = format!(
-            "ffn rank {half}, {calibrated}, then {} distillation steps on Shakespeare (lr {:.0e}, {} lines a step)",
-            heal.steps, heal.lr, heal.batch
+            "ffn rank {half}, {calibrated}, then {} per-layer distillation steps on Shakespeare (lr {:.0e}, {} passages of {}+ words a step)",
+            heal.steps, heal.lr, heal.batch, heal::PASSAGE_WORDS
         );
         keep("lowrank-healed", "lowrank + heal", setting, result?)?;
     }

@@ -1,8 +1,9 @@
 //! Recovery after compression by distillation (Hinton et al. 2015; the short "healing" run
-//! that follows post-training factorisation): the compressed model's last hidden states are
-//! pulled towards the original's on plain text — mean squared error per token and
-//! coordinate — with AdamW, only the weights that compression changed training (the rest
-//! stays the original's). Whatever head pools or reads those states then follows.
+//! that follows post-training factorisation): the compressed model's hidden states — every
+//! block's output by default (per-layer distillation, TinyBERT, Jiao et al. 2020), or the
+//! last only — are pulled towards the original's on plain text, mean squared error per
+//! token and coordinate, with AdamW; only the weights that compression changed train (the
+//! rest stays the original's). Whatever head pools or reads those states then follows.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -24,6 +25,41 @@ pub struct Heal {
     pub lr: f64,
     /// Texts per step.
     pub batch: usize,
+    /// What is matched: every block's output or only the last.
+    pub target: Target,
+    /// Which weights train.
+    pub scope: Scope,
+}
+
+/// The weights healing trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Only those the compression replaced.
+    Compressed,
+    /// Every block's (attention, norms and MLPs), so the layers around the compressed ones
+    /// adapt too; embeddings and head stay. The parameter count is unchanged.
+    Blocks,
+}
+
+impl Scope {
+    /// Whether the parameter `name` trains, `compressed` saying whether compression
+    /// replaced it.
+    pub fn trains(self, name: &str, compressed: bool) -> bool {
+        match self {
+            Scope::Compressed => compressed,
+            Scope::Blocks => compressed || name.starts_with("layers."),
+        }
+    }
+}
+
+/// The hidden states the compressed model is trained to reproduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The last block's output only.
+    Last,
+    /// Every block's output, the mean of their errors (per-layer distillation, as in
+    /// TinyBERT, Jiao et al. 2020): each layer is told what it should give.
+    EveryLayer,
 }
 
 impl Default for Heal {
@@ -32,8 +68,38 @@ impl Default for Heal {
             steps: 300,
             lr: 5e-4,
             batch: 16,
+            target: Target::EveryLayer,
+            scope: Scope::Blocks,
         }
     }
+}
+
+/// Words per healing text that [`passages`] aims at by default: about a sentence.
+pub const PASSAGE_WORDS: usize = 24;
+
+/// The lines of `text` joined, within each paragraph (blank-line separated), into texts of
+/// at least `words` words (a paragraph's last may be shorter): sentence-length texts from
+/// verse or dialogue cut into short lines. `words` ≤ 1: each non-empty line alone.
+pub fn passages(text: &str, words: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let (mut cur, mut n) = (String::new(), 0);
+    for line in text.lines().map(str::trim) {
+        if !line.is_empty() {
+            if !cur.is_empty() {
+                cur.push(' ');
+            }
+            cur.push_str(line);
+            n += line.split_whitespace().count();
+        }
+        if (line.is_empty() || n >= words) && !cur.is_empty() {
+            out.push(std::mem::take(&mut cur));
+            n = 0;
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
 }
 
 /// The learning rate of step `t` of `h`.
@@ -48,9 +114,9 @@ fn lr_at(h: &Heal, t: usize) -> f64 {
 }
 
 /// The weights of the model `cfg` (starting from `tensors`) trained for `h.steps` steps to
-/// give `teacher`'s last hidden states on `texts` (token ids, none empty, each within the
+/// give `teacher`'s hidden states (as `h.target` says) on `texts` (token ids, none empty, each within the
 /// position table), taken `h.batch` at a time in order, cycling; only the parameters whose
-/// names `trains` accepts are updated; `each(step, loss)` after every step.
+/// names `trains` accepts are updated (`h.scope` is the caller's to apply); `each(step, loss)` after every step.
 pub fn heal(
     cfg: &ModelConfig,
     tensors: &BTreeMap<String, Tensor>,
@@ -78,9 +144,21 @@ pub fn heal(
             .map(|i| &texts[(step * h.batch + i) % texts.len()])
             .collect();
         let packed = Packed::new(&batch)?;
-        let target = teacher.hidden_packed(&packed)?.detach();
-        let got = student.hidden_packed(&packed)?;
-        let loss = (got - target)?.sqr()?.mean_all()?;
+        let (got, want) = match h.target {
+            Target::Last => (
+                vec![student.hidden_packed(&packed)?],
+                vec![teacher.hidden_packed(&packed)?],
+            ),
+            Target::EveryLayer => (
+                student.layer_outputs_packed(&packed)?,
+                teacher.layer_outputs_packed(&packed)?,
+            ),
+        };
+        let mut loss = Tensor::zeros((), DType::F32, &Device::Cpu)?;
+        for (g, w) in got.iter().zip(&want) {
+            loss = (loss + (g - w.detach())?.sqr()?.mean_all()?)?;
+        }
+        let loss = (loss / got.len().max(1) as f64)?;
         let value = loss.to_scalar::<f32>()?;
         if !value.is_finite() {
             return Err(Error::Input(format!(
@@ -106,6 +184,15 @@ mod tests {
     use crate::compress::svd::Rank;
     use crate::pretrained::{self, native::Stored};
     use crate::testutil::fixture;
+
+    #[test]
+    fn passages_join_the_lines_of_a_paragraph_up_to_the_words() {
+        let text = "a b\nc d e\nf\n\n  g h  \ni\n";
+        assert_eq!(passages(text, 4), ["a b c d e", "f", "g h i"]);
+        assert_eq!(passages(text, 1), ["a b", "c d e", "f", "g h", "i"]);
+        assert_eq!(passages(text, 100), ["a b c d e f", "g h i"]);
+        assert!(passages("\n\n", 4).is_empty());
+    }
 
     #[test]
     fn healing_brings_a_factorised_encoder_back_towards_the_original() {
@@ -134,6 +221,8 @@ mod tests {
             steps: 60,
             lr: 3e-3,
             batch: 8,
+            target: Target::Last,
+            scope: Scope::Compressed,
         };
         let ffn = |n: &str| n.contains(".ffn.");
         let healed = heal(&cfg, &tensors, &p.model, &texts, &h, ffn, |_, l| {
@@ -162,5 +251,71 @@ mod tests {
         };
         let (before, after) = (err(&tensors), err(&healed));
         assert!(after < 0.5 * before, "{before} → {after}");
+    }
+
+    #[test]
+    fn per_layer_healing_brings_every_layer_back_closer_than_last_layer_healing() {
+        let p = pretrained::load(&fixture("tiny-bert")).unwrap();
+        let (manifest, stored, _) = lowrank(&p, Rank::Fixed(3), Layers::Ffn).unwrap();
+        let cfg = ModelConfig::from_json(&manifest.config.to_string()).unwrap();
+        let tensors: BTreeMap<String, Tensor> = stored
+            .iter()
+            .map(|(k, s)| match s {
+                Stored::F32 { shape, values } => (
+                    k.clone(),
+                    Tensor::from_vec(values.clone(), shape.as_slice(), &Device::Cpu).unwrap(),
+                ),
+                Stored::Int8(_) => unreachable!("lowrank writes f32"),
+            })
+            .collect();
+        let texts: Vec<Vec<u32>> = (0..64u32)
+            .map(|i| {
+                (0..5 + i % 7)
+                    .map(|j| (i * 31 + j * 17) % 299 + 1)
+                    .collect()
+            })
+            .collect();
+        let healed = |target| {
+            let h = Heal {
+                steps: 60,
+                lr: 3e-3,
+                batch: 8,
+                target,
+                scope: Scope::Compressed,
+            };
+            let ffn = |n: &str| n.contains(".ffn.");
+            heal(&cfg, &tensors, &p.model, &texts, &h, ffn, |_, _| {}).unwrap()
+        };
+        // Held-out texts: each block's output error against the original's.
+        let held: Vec<Vec<u32>> = (0..8u32)
+            .map(|i| vec![7 + i, 100 + i, 3, 250 - i, 40 + 2 * i])
+            .collect();
+        let packed = Packed::new(&held).unwrap();
+        let want = p.model.layer_outputs_packed(&packed).unwrap();
+        let errors = |w: &BTreeMap<String, Tensor>| -> Vec<f32> {
+            let q = Params::new(0, DType::F32, &Device::Cpu);
+            let m = Model::new(&cfg, &q.frozen()).unwrap();
+            q.assign(w, Path::new("t")).unwrap();
+            let got = m.layer_outputs_packed(&packed).unwrap();
+            got.iter()
+                .zip(&want)
+                .map(|(g, w)| {
+                    let e = (g - w).unwrap().sqr().unwrap().mean_all().unwrap();
+                    e.to_scalar::<f32>().unwrap()
+                })
+                .collect()
+        };
+        let before = errors(&tensors);
+        let last = errors(&healed(Target::Last));
+        let every = errors(&healed(Target::EveryLayer));
+        assert_eq!(every.len(), p.config.n_layers);
+        let mean = |e: &[f32]| e.iter().sum::<f32>() / e.len() as f32;
+        for (i, (b, e)) in before.iter().zip(&every).enumerate() {
+            assert!(e < b, "layer {i}: {b} → {e}");
+        }
+        assert!(
+            mean(&every) < mean(&last),
+            "per-layer {every:?} vs last-layer {last:?} (factorised {before:?})"
+        );
     }
 }

@@ -163,7 +163,10 @@ pub fn lowrank_with(
     let heal_steps = healing.as_ref().map_or(0, |(h, ..)| h.steps);
     if let Some((h, texts, each)) = healing {
         let groups: Vec<String> = summary.iter().map(|(g, ..)| format!("{g}.")).collect();
-        let changed = |name: &str| groups.iter().any(|g| name.starts_with(g.as_str()));
+        let changed = |name: &str| {
+            h.scope
+                .trains(name, groups.iter().any(|g| name.starts_with(g.as_str())))
+        };
         tensors = heal(&cfg, &tensors, &p.model, texts, h, changed, each)?;
     }
     let step = Step::Lowrank {
