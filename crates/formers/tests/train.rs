@@ -221,6 +221,71 @@ fn residual_schemes_train_without_nan() {
 }
 
 #[test]
+fn matformer_weights_pick_which_granularity_the_joint_loss_favours() {
+    let config = |weights: Vec<f64>| {
+        let mut cfg = RunConfig::from_path(&repo().join("configs/reverse.json")).unwrap();
+        cfg.model.defaults.ffn = serde_json::from_str(
+            r#"{"kind": "matformer", "hidden": 128, "granularities": [0.125, 0.5, 1.0]}"#,
+        )
+        .unwrap();
+        cfg.train.steps = 60;
+        cfg.train.matformer_all = true;
+        cfg.train.matformer_weights = weights;
+        cfg
+    };
+    // Held-out loss of each granularity after training with `weights`.
+    let losses = |weights: Vec<f64>| -> Vec<f32> {
+        let out = tmp("matformer-weights");
+        let cfg = config(weights);
+        train(&cfg, "reverse", &out, Start::New, &mut Record::default()).unwrap();
+        let (record, model) = load_trained(&out).unwrap();
+        let task =
+            formers::tasks::by_name("reverse", &record.config.model, &record.config.train).unwrap();
+        let l = (0..3)
+            .map(|g| {
+                model.set_granularity(Some(g));
+                formers::train::trainer::evaluate(&model, task.as_ref(), 0, 4, 16)
+                    .unwrap()
+                    .loss
+            })
+            .collect();
+        let _ = std::fs::remove_dir_all(&out);
+        l
+    };
+    let small = losses(vec![1.0, 0.0, 0.0]);
+    let full = losses(vec![0.0, 0.0, 1.0]);
+    // The granularity with all the weight is the one trained for: the smallest is better
+    // where it alone counted, and where only the full width counted, the full width is
+    // better than its smallest sub-model (which never saw a loss of its own).
+    assert!(small[0] < full[0], "smallest: {small:?} vs {full:?}");
+    assert!(full[2] < full[0], "full-width training: {full:?}");
+    // Weights that do not fit the model or the config are refused before training.
+    for (weights, all, want) in [
+        (
+            vec![1.0, 1.0],
+            true,
+            "2 weights for a model with 3 granularities",
+        ),
+        (vec![1.0, -1.0, 1.0], true, "every weight must be >= 0"),
+        (
+            vec![0.0, 0.0, 0.0],
+            true,
+            "at least one weight must be positive",
+        ),
+        (vec![1.0, 1.0, 1.0], false, "`matformer_all`, which is off"),
+    ] {
+        let mut cfg = config(weights);
+        cfg.train.matformer_all = all;
+        let out = tmp("matformer-bad-weights");
+        let e = train(&cfg, "reverse", &out, Start::New, &mut Record::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{e}");
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}
+
+#[test]
 fn matformer_trains_every_granularity_sampled_or_summed() {
     for all in [false, true] {
         let mut cfg = RunConfig::from_path(&repo().join("configs/reverse.json")).unwrap();

@@ -2,8 +2,10 @@
 //! that follows post-training factorisation): the compressed model's hidden states — every
 //! block's output by default (per-layer distillation, TinyBERT, Jiao et al. 2020), or the
 //! last only — are pulled towards the original's on plain text, mean squared error per
-//! token and coordinate, with AdamW; only the weights that compression changed train (the
-//! rest stays the original's). Whatever head pools or reads those states then follows.
+//! token and coordinate, with AdamW. By default every block's weights train (the layers
+//! around the compressed ones adapt too; [`Scope`]), or only those compression changed;
+//! embeddings and head stay the original's. Whatever head pools or reads those states then
+//! follows.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -265,7 +267,7 @@ mod tests {
                     k.clone(),
                     Tensor::from_vec(values.clone(), shape.as_slice(), &Device::Cpu).unwrap(),
                 ),
-                Stored::Int8(_) => unreachable!("lowrank writes f32"),
+                Stored::Quant(_) => unreachable!("lowrank writes f32"),
             })
             .collect();
         let texts: Vec<Vec<u32>> = (0..64u32)

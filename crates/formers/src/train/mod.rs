@@ -52,6 +52,12 @@ pub struct TrainConfig {
     /// of sampling one (the joint loss of the MatFormer paper, averaged so clipping and the
     /// learning rate act as on one model).
     pub matformer_all: bool,
+    /// With `matformer_all`: each granularity's weight in that joint loss, smallest width
+    /// first (normalised to sum 1); empty: equal weights. Up-weighting the widest trades the
+    /// small sub-models' quality for the full model's (the MatFormer paper's loss
+    /// re-weighting, Devvrit et al. 2023).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub matformer_weights: Vec<f64>,
 }
 
 impl Default for TrainConfig {
@@ -74,6 +80,7 @@ impl Default for TrainConfig {
             checkpoint_every: 100,
             seed: 0,
             matformer_all: false,
+            matformer_weights: Vec::new(),
         }
     }
 }
@@ -137,6 +144,27 @@ impl TrainConfig {
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(Error::config(key, format!("must be >= 0, found {v}")));
+            }
+        }
+        let w = &self.matformer_weights;
+        if !w.is_empty() {
+            if !self.matformer_all {
+                return Err(Error::config(
+                    "matformer_weights",
+                    "weights the joint loss of `matformer_all`, which is off",
+                ));
+            }
+            if let Some(v) = w.iter().find(|v| !(v.is_finite() && **v >= 0.0)) {
+                return Err(Error::config(
+                    "matformer_weights",
+                    format!("every weight must be >= 0, found {v}"),
+                ));
+            }
+            if w.iter().sum::<f64>() <= 0.0 {
+                return Err(Error::config(
+                    "matformer_weights",
+                    "at least one weight must be positive",
+                ));
             }
         }
         Ok(())

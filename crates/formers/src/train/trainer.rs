@@ -90,6 +90,13 @@ impl<'t> Trainer<'t> {
         let tc = &run.train;
         let params = Params::new(tc.seed, DTYPE, &Device::Cpu);
         let model = Model::new(&run.model, &params)?;
+        let (weights, nested) = (tc.matformer_weights.len(), model.granularities());
+        if weights > 0 && weights != nested {
+            return Err(Error::config(
+                "train.matformer_weights",
+                format!("{weights} weights for a model with {nested} granularities"),
+            ));
+        }
         let infer = Model::new(&run.model, &params.frozen())?;
         let vars = params.vars();
         let opt = AdamW::new(tc.beta1, tc.beta2, tc.eps, tc.weight_decay);
@@ -207,6 +214,13 @@ impl<'t> Trainer<'t> {
             let schedule =
                 granularity_schedule(self.model.granularities(), state.step, tc.matformer_all);
             let count = schedule.len();
+            // Each granularity's share of the joint loss (the mean unless weighted).
+            let total: f64 = tc.matformer_weights.iter().sum();
+            let share = |g: Option<usize>| match (g, count > 1) {
+                (Some(g), true) if total > 0.0 => tc.matformer_weights[g] / total,
+                (_, true) => 1.0 / count as f64,
+                (_, false) => 1.0,
+            };
             for g in schedule {
                 self.model.set_granularity(g);
                 let logits = self.model.forward(
@@ -214,21 +228,17 @@ impl<'t> Trainer<'t> {
                     batch.mask.as_ref(),
                     Some(&mut state.dropout_rng),
                 )?;
-                let l = cross_entropy(&logits, &batch.targets, batch.weights.as_ref())?;
+                let l =
+                    (cross_entropy(&logits, &batch.targets, batch.weights.as_ref())? * share(g))?;
                 loss = Some(match loss {
                     Some(prev) => (prev + l)?,
                     None => l,
                 });
             }
             self.model.set_granularity(None);
-            // The mean over granularities: gradient norms, clipping and the reported loss
-            // stay on the scale of one model's.
+            // A weighted mean over granularities: gradient norms, clipping and the reported
+            // loss stay on the scale of one model's.
             let loss = loss.expect("at least one granularity");
-            let loss = if count > 1 {
-                (loss / count as f64)?
-            } else {
-                loss
-            };
             let value = loss.to_scalar::<f32>()?;
             if !value.is_finite() {
                 return Err(Error::NonFinite {
