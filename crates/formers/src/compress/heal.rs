@@ -187,17 +187,14 @@ mod tests {
     use crate::pretrained::{self, native::Stored};
     use crate::testutil::fixture;
 
-    #[test]
-    fn passages_join_the_lines_of_a_paragraph_up_to_the_words() {
-        let text = "a b\nc d e\nf\n\n  g h  \ni\n";
-        assert_eq!(passages(text, 4), ["a b c d e", "f", "g h i"]);
-        assert_eq!(passages(text, 1), ["a b", "c d e", "f", "g h", "i"]);
-        assert_eq!(passages(text, 100), ["a b c d e f", "g h i"]);
-        assert!(passages("\n\n", 4).is_empty());
-    }
-
-    #[test]
-    fn healing_brings_a_factorised_encoder_back_towards_the_original() {
+    /// tiny-bert with its MLPs at rank 3: the original, the factorised config and weights,
+    /// and 64 synthetic token texts to heal on.
+    fn factorised_tiny_bert() -> (
+        pretrained::Pretrained,
+        ModelConfig,
+        BTreeMap<String, Tensor>,
+        Vec<Vec<u32>>,
+    ) {
         let p = pretrained::load(&fixture("tiny-bert")).unwrap();
         let (manifest, stored, _) = lowrank(&p, Rank::Fixed(3), Layers::Ffn).unwrap();
         let cfg = ModelConfig::from_json(&manifest.config.to_string()).unwrap();
@@ -218,6 +215,21 @@ mod tests {
                     .collect()
             })
             .collect();
+        (p, cfg, tensors, texts)
+    }
+
+    #[test]
+    fn passages_join_the_lines_of_a_paragraph_up_to_the_words() {
+        let text = "a b\nc d e\nf\n\n  g h  \ni\n";
+        assert_eq!(passages(text, 4), ["a b c d e", "f", "g h i"]);
+        assert_eq!(passages(text, 1), ["a b", "c d e", "f", "g h", "i"]);
+        assert_eq!(passages(text, 100), ["a b c d e f", "g h i"]);
+        assert!(passages("\n\n", 4).is_empty());
+    }
+
+    #[test]
+    fn healing_brings_a_factorised_encoder_back_towards_the_original() {
+        let (p, cfg, tensors, texts) = factorised_tiny_bert();
         let mut losses = Vec::new();
         let h = Heal {
             steps: 60,
@@ -257,26 +269,7 @@ mod tests {
 
     #[test]
     fn per_layer_healing_brings_every_layer_back_closer_than_last_layer_healing() {
-        let p = pretrained::load(&fixture("tiny-bert")).unwrap();
-        let (manifest, stored, _) = lowrank(&p, Rank::Fixed(3), Layers::Ffn).unwrap();
-        let cfg = ModelConfig::from_json(&manifest.config.to_string()).unwrap();
-        let tensors: BTreeMap<String, Tensor> = stored
-            .iter()
-            .map(|(k, s)| match s {
-                Stored::F32 { shape, values } => (
-                    k.clone(),
-                    Tensor::from_vec(values.clone(), shape.as_slice(), &Device::Cpu).unwrap(),
-                ),
-                Stored::Quant(_) => unreachable!("lowrank writes f32"),
-            })
-            .collect();
-        let texts: Vec<Vec<u32>> = (0..64u32)
-            .map(|i| {
-                (0..5 + i % 7)
-                    .map(|j| (i * 31 + j * 17) % 299 + 1)
-                    .collect()
-            })
-            .collect();
+        let (p, cfg, tensors, texts) = factorised_tiny_bert();
         let healed = |target| {
             let h = Heal {
                 steps: 60,
