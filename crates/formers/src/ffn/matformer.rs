@@ -134,4 +134,38 @@ mod tests {
         mat.set_granularity(None);
         assert_eq!(mat.width(), 16);
     }
+
+    #[test]
+    fn f32_gradients_of_a_nested_width_match_the_composed_reference() {
+        // Training runs in f32, where the fused linear kernels take the narrowed weights.
+        let p = Params::new(3, DType::F32, &Device::Cpu);
+        let mat = MatMlp::new(&p, 8, 32, &[0.25, 1.0], 1, Pointwise::Gelu, true).unwrap();
+        let x = randn(&[2, 5, 8], 4).to_dtype(DType::F32).unwrap();
+        let r = randn(&[2, 5, 8], 5).to_dtype(DType::F32).unwrap();
+        for g in [Some(0), None] {
+            mat.set_granularity(g);
+            let grads = || {
+                let loss = (mat.forward(&x).unwrap() * &r).unwrap().sum_all().unwrap();
+                let gs = loss.backward().unwrap();
+                p.vars()
+                    .into_iter()
+                    .map(|(n, v)| (n, gs.get(v.as_tensor()).cloned()))
+                    .collect::<Vec<_>>()
+            };
+            let fused = grads();
+            let reference = crate::kernels::with_reference(grads);
+            for ((n, a), (_, b)) in fused.iter().zip(&reference) {
+                let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+                let scale = b
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let d = max_abs(a, b) as f32;
+                assert!(d <= 1e-4 * scale.max(1.0), "{g:?} {n}: {d} (scale {scale})");
+            }
+        }
+    }
 }
