@@ -1,6 +1,9 @@
 //! formers' int8 weight matmul (`kernels::int8::Int8Matrix::matmul`: x quantised per row on
 //! the fly, exact integer dot products) against candle's f32 `x.matmul(&w.t())`, on
-//! MiniLM's linear layers (d 384, MLP 1536) for one sentence (m = 16) and 32 (m = 512).
+//! MiniLM's linear layers (d 384, MLP 1536) for one sentence (m = 16) and 32 (m = 512);
+//! beside them formers' block formats (`kernels::blockq`, Q8_0 and Q4_0) and candle's own
+//! quantised matmul (`QMatMul` of GGML Q8_0 / Q4_0), the library path a user would try
+//! first.
 //!
 //! Both sides use 2 threads: `RAYON_NUM_THREADS` (set to 2 unless given) sizes rayon's
 //! global pool, where the int8 kernel runs, and is what candle's matmul is handed. Each int8
