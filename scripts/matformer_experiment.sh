@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's MatFormer experiment (Devvrit et al. 2023: the sub-models a nested model
 # holds match models of their size trained on their own). Trains the nested char-LM of
-# configs/matformer/nested.json (every granularity's loss summed each step), extracts each
+# configs/matformer/nested.json (the mean of every granularity's loss each step, or the
+# weighted mean of `train.matformer_weights`), extracts each
 # granularity as a dense model (`formers compress extract`), trains a dense model of each
 # size (configs/matformer/dense-*.json) for the same steps, and prints a Markdown table of
 # held-out losses.

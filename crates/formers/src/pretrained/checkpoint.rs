@@ -245,7 +245,7 @@ impl Checkpoint {
         if matches!(e.dtype, Dtype::I8 | Dtype::U8) {
             if take.transpose || take.part.is_some() {
                 return Err(self.err(format!(
-                    "tensor `{}`: int8 tensors are read from formers model directories only",
+                    "tensor `{}`: quantised tensors are read from formers model directories only",
                     e.stored
                 )));
             }
