@@ -314,11 +314,18 @@ fn unpack(kind: BlockKind, src: &[u8]) -> [i8; BLOCK] {
 /// scales (`max|x_b|/127`; NaN for every block of a row that holds a NaN or ∞).
 fn quantize_x(x: &[f32]) -> (Vec<i16>, Vec<f32>) {
     let nb = x.len().div_ceil(BLOCK);
-    let mut q = vec![0i16; nb * BLOCK];
-    let mut s = vec![0f32; nb];
+    let (mut q, mut s) = (vec![0i16; nb * BLOCK], vec![0f32; nb]);
+    quantize_x_into(x, &mut q, &mut s);
+    (q, s)
+}
+
+/// [`quantize_x`] into `q` (`blocks · BLOCK` codes) and `s` (one scale per block), so a
+/// batch's rows go straight into its buffers.
+fn quantize_x_into(x: &[f32], q: &mut [i16], s: &mut [f32]) {
+    q.fill(0);
     if !x.iter().all(|v| v.is_finite()) {
         s.fill(f32::NAN);
-        return (q, s);
+        return;
     }
     for (b, xb) in x.chunks(BLOCK).enumerate() {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -330,7 +337,6 @@ fn quantize_x(x: &[f32]) -> (Vec<i16>, Vec<f32>) {
             }
         }
     }
-    (q, s)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -450,11 +456,7 @@ mod avx2 {
             .zip(sx.par_chunks_mut(nb.max(1)))
             .take(m)
             .enumerate()
-            .for_each(|(i, (q, s))| {
-                let (qi, si) = quantize_x(&x[i * k..(i + 1) * k]);
-                q.copy_from_slice(&qi);
-                s.copy_from_slice(&si);
-            });
+            .for_each(|(i, (q, s))| quantize_x_into(&x[i * k..(i + 1) * k], q, s));
         // W rows past `n` (a tile's padding): codes of zero, scale zero.
         let rb = a.row_bytes();
         let zero_code = if a.kind == BlockKind::Q4_0 { 0x88 } else { 0 };
