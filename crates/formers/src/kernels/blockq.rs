@@ -21,8 +21,6 @@ const MR: usize = 2;
 const NR: usize = 2;
 /// Rows of x per task.
 const X_BLOCK_ROWS: usize = 32;
-/// Bytes of W codes per task (stay in L1 while x rows stream past).
-const W_BLOCK_BYTES: usize = 16 << 10;
 
 /// A code width.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -347,6 +345,7 @@ mod avx2 {
 
     use super::*;
     use crate::kernels::gemm::SyncPtr;
+    use crate::kernels::quant::{for_each_block, w_block_rows};
 
     /// Block `b`'s codes at `p` widened to two i16 vectors (values 0..16, 16..32).
     #[inline(always)]
@@ -470,17 +469,12 @@ mod avx2 {
                 (pad_codes.as_ptr(), pad_scales.as_ptr())
             }
         };
-        let nbw = (W_BLOCK_BYTES / rb.max(1) / C * C)
-            .max(C)
-            .min(n.next_multiple_of(C));
-        let (w_blocks, x_blocks) = (n.div_ceil(nbw), mp.div_ceil(X_BLOCK_ROWS));
+        let nbw = w_block_rows(rb, C, n);
         let dst = SyncPtr(out.as_mut_ptr());
         let (xbase, sbase) = (xq.as_ptr() as usize, sx.as_ptr() as usize);
         let q4 = a.kind == BlockKind::Q4_0;
-        let task = |t: usize| {
-            let (wb, xb) = (t / x_blocks, t % x_blocks);
-            let (r0, r1) = (wb * nbw, ((wb + 1) * nbw).min(n));
-            let (i0, i1) = (xb * X_BLOCK_ROWS, ((xb + 1) * X_BLOCK_ROWS).min(mp));
+        for_each_block(n, nbw, mp, X_BLOCK_ROWS, |ws, xs| {
+            let ((r0, r1), (i0, i1)) = ((ws.start, ws.end), (xs.start, xs.end));
             let mut dots = vec![0f32; R * nbw];
             for i in (i0..i1).step_by(R) {
                 let xs: [*const i16; R] =
@@ -511,13 +505,7 @@ mod avx2 {
                     }
                 }
             }
-        };
-        let tasks = w_blocks * x_blocks;
-        if tasks == 1 {
-            task(0);
-        } else {
-            (0..tasks).into_par_iter().for_each(task);
-        }
+        });
     }
 }
 

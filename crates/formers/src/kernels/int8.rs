@@ -30,8 +30,6 @@ const NR: usize = 4;
 /// Columns per exact i32 block: `KB · 127² < 2³¹`, so no partial sum overflows; blocks are
 /// summed in i64.
 const KB: usize = 1 << 16;
-/// Bytes of W one task's block of rows is cut to (stays in L1 while x rows stream past).
-const W_BLOCK_BYTES: usize = 16 << 10;
 /// Rows of x per task.
 const X_BLOCK_ROWS: usize = 64;
 /// Values of x below which it is quantised on one thread.
@@ -269,6 +267,7 @@ mod avx2 {
 
     // Tasks write disjoint elements of the output (see `matmul`).
     use crate::kernels::gemm::SyncPtr;
+    use crate::kernels::quant::{for_each_block, w_block_rows};
 
     /// [`quantize_row`] eight values at a time, bit-identical to it (the same division,
     /// rounding half to even, clamp).
@@ -475,17 +474,12 @@ mod avx2 {
             }
         };
 
-        let nb = (W_BLOCK_BYTES / ld.max(1) / C * C)
-            .max(C)
-            .min(n.next_multiple_of(C));
+        let nb = w_block_rows(ld, C, n);
         let xb_rows = X_BLOCK_ROWS.next_multiple_of(R);
-        let (w_blocks, x_blocks) = (n.div_ceil(nb), mp.div_ceil(xb_rows));
         let dst = SyncPtr(out.as_mut_ptr());
         let chunks = ld / CHUNK;
-        let task = |t: usize| {
-            let (wb, xb) = (t / x_blocks, t % x_blocks);
-            let (r0, r1) = (wb * nb, ((wb + 1) * nb).min(n));
-            let (i0, i1) = (xb * xb_rows, ((xb + 1) * xb_rows).min(mp));
+        for_each_block(n, nb, mp, xb_rows, |ws, xs| {
+            let ((r0, r1), (i0, i1)) = ((ws.start, ws.end), (xs.start, xs.end));
             let mut dots = vec![0i32; R * nb];
             for i in (i0..i1).step_by(R) {
                 let xs: [*const i16; R] =
@@ -515,13 +509,7 @@ mod avx2 {
                     }
                 }
             }
-        };
-        let tasks = w_blocks * x_blocks;
-        if tasks == 1 {
-            task(0);
-        } else {
-            (0..tasks).into_par_iter().for_each(task);
-        }
+        });
     }
 
     /// [`tile`] compiled with AVX2 (the task closure is not).
