@@ -473,8 +473,8 @@ mod avx2 {
         let dst = SyncPtr(out.as_mut_ptr());
         let (xbase, sbase) = (xq.as_ptr() as usize, sx.as_ptr() as usize);
         let q4 = a.kind == BlockKind::Q4_0;
-        for_each_block(n, nbw, mp, X_BLOCK_ROWS, |ws, xs| {
-            let ((r0, r1), (i0, i1)) = ((ws.start, ws.end), (xs.start, xs.end));
+        for_each_block(n, nbw, mp, X_BLOCK_ROWS, |w_rows, x_rows| {
+            let (r0, r1, i0, i1) = (w_rows.start, w_rows.end, x_rows.start, x_rows.end);
             let mut dots = vec![0f32; R * nbw];
             for i in (i0..i1).step_by(R) {
                 let xs: [*const i16; R] =

@@ -478,8 +478,8 @@ mod avx2 {
         let xb_rows = X_BLOCK_ROWS.next_multiple_of(R);
         let dst = SyncPtr(out.as_mut_ptr());
         let chunks = ld / CHUNK;
-        for_each_block(n, nb, mp, xb_rows, |ws, xs| {
-            let ((r0, r1), (i0, i1)) = ((ws.start, ws.end), (xs.start, xs.end));
+        for_each_block(n, nb, mp, xb_rows, |w_rows, x_rows| {
+            let (r0, r1, i0, i1) = (w_rows.start, w_rows.end, x_rows.start, x_rows.end);
             let mut dots = vec![0i32; R * nb];
             for i in (i0..i1).step_by(R) {
                 let xs: [*const i16; R] =
