@@ -6,11 +6,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use formers::config::{
-    HeadSpec, InitSpec, InputSpec, ModelConfig, Pooling, PositionSpec, RunConfig,
-};
+use formers::config::{HeadSpec, InputSpec, ModelConfig, Pooling};
+use formers::params::InitSpec;
+use formers::position::PositionSpec;
 use formers::tasks::{RandomTokens, Task};
-use formers::train::trainer::{EvalReport, StepReport};
+use formers::train::RunConfig;
+use formers::train::{EvalReport, StepReport};
 use formers::train::{Observer, RunDir, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
 

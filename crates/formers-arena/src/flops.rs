@@ -2,7 +2,8 @@
 //! multiply-add of the matrix products (projections, scores, mixing, MLP); norms,
 //! activations and softmax exponentials are left out, as is usual (Kaplan et al. 2020).
 
-use formers::config::{Activation, FfnSpec, HeadSpec, ModelConfig};
+use formers::config::{HeadSpec, ModelConfig};
+use formers::ffn::{Activation, FfnSpec};
 
 /// Forward FLOPs per token of `cfg` on sequences of `n` tokens.
 pub fn per_token(cfg: &ModelConfig, n: usize) -> f64 {

@@ -13,11 +13,11 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{ArgGroup, Args, Subcommand};
-use formers::config::RunConfig;
 use formers::limits::Limits;
 use formers::mixer::softmax::{attend, reference_attend, AttendOpts};
 use formers::rng::Rng;
 use formers::tasks::RandomTokens;
+use formers::train::RunConfig;
 use formers::train::Trainer;
 use formers_arena::suite::SuiteSpec;
 use formers_arena::{exec, mem, variants, Setting};
@@ -893,8 +893,9 @@ fn mixer_one(
     repeats: usize,
     causal: bool,
 ) -> Result<Value> {
-    use formers::config::{MixerSpec, ModelConfig};
+    use formers::config::ModelConfig;
     use formers::mixer::MixCtx;
+    use formers::mixer::MixerSpec;
     let cfg = ModelConfig::from_json(&format!(
         r#"{{"d_model": {dim}, "n_heads": {heads}, "n_layers": 1, "max_len": {length}, "causal": {causal}, "input": {{"kind": "bytes"}}, "head": {{"kind": "lm"}}}}"#,
     ))?;

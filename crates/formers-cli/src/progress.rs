@@ -1,7 +1,7 @@
 //! Progress bars (indicatif) fed by the library's training observer.
 
-use formers::train::trainer::{EvalReport, StepReport};
 use formers::train::Observer;
+use formers::train::{EvalReport, StepReport};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// A bar over `total` items with a message and an ETA.

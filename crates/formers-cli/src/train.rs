@@ -4,11 +4,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use formers::config::RunConfig;
 use formers::generate::{generate, Sampling};
 use formers::model::Model;
 use formers::tasks;
-use formers::train::trainer::{evaluate, load_trained_with, RunRecord};
+use formers::train::RunConfig;
+use formers::train::{evaluate, load_trained_with, RunRecord};
 use formers::train::{RunDir, Start, TrainConfig, Trainer};
 use formers_arena::adapter::split_accuracy;
 use formers_arena::plan::{load_options, OPTIONS_FILE};

@@ -20,7 +20,7 @@ use formers::generate::{self, Sampling, Sequence};
 use formers::limits::Limits;
 use formers::lm::{self, Codec};
 use formers::pretrained;
-use formers::train::trainer::RunRecord;
+use formers::train::RunRecord;
 use formers::Model;
 use tokio::sync::{mpsc, oneshot};
 

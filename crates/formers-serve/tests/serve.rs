@@ -828,7 +828,7 @@ impl formers::train::Observer for Quiet {}
 
 #[test]
 fn a_formers_run_directory_serves_completions_like_formers_generate() {
-    use formers::config::RunConfig;
+    use formers::train::RunConfig;
     use formers::train::{train, Start};
     let dir = std::env::temp_dir().join(format!("formers-serve-run-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

@@ -8,8 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use formers::config::RunConfig;
 use formers::params::Params;
+use formers::train::RunConfig;
 use formers::Model;
 
 fn main() -> formers::Result<()> {

@@ -8,8 +8,8 @@
 
 use std::path::Path;
 
-use formers::config::RunConfig;
 use formers::tasks;
+use formers::train::RunConfig;
 use formers::train::Trainer;
 
 fn main() -> formers::Result<()> {

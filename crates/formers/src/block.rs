@@ -29,7 +29,7 @@ impl Block {
             norm1: Norm::new(&spec.norm, &p.pp("norm1"), cfg.d_model)?,
             mixer: spec.mixer.build(&cfg.mixer_dims(), &p.pp("mixer"))?,
             norm2: Norm::new(&spec.norm, &p.pp("norm2"), cfg.d_model)?,
-            ffn: ffn::build(&spec.ffn, cfg, &p.pp("ffn"))?,
+            ffn: ffn::build(&spec.ffn, cfg.d_model, &p.pp("ffn"))?,
             placement: spec.placement,
             dropout: spec.dropout,
         })

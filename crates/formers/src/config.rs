@@ -1,29 +1,20 @@
 //! `ModelConfig`: the whole architecture as data. Every slot of the MetaFormer block is an
 //! enum value here, chosen in `defaults` and overridden per layer, so heterogeneous stacks
-//! need no code. This file is the one place that lists all variants.
+//! need no code. Each slot's spec lives beside its implementation (`ffn::FfnSpec`,
+//! `mixer::MixerSpec`, `norm::NormSpec`, `position::PositionSpec`, `params::InitSpec`);
+//! this file composes them and validates the whole.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::mixer::linear::FeatureMap;
-pub use crate::mixer::softmax::Clip;
-use crate::mixer::MixerDims;
-pub use crate::mixer::MixerSpec;
-use crate::train::TrainConfig;
-use crate::{limits, Error, Result};
-
-/// A config file: the model and, optionally, how to train it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct RunConfig {
-    /// The architecture.
-    pub model: ModelConfig,
-    /// Training hyper-parameters (defaults when absent).
-    #[serde(default)]
-    pub train: TrainConfig,
-}
+use crate::bounds::{self, bounded};
+use crate::ffn::FfnSpec;
+use crate::mixer::{MixerDims, MixerSpec};
+use crate::norm::NormSpec;
+use crate::params::InitSpec;
+use crate::position::{PositionDims, PositionSpec};
+use crate::{Error, Result};
 
 /// The architecture of a model.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -75,26 +66,6 @@ pub struct ModelConfig {
     pub init: InitSpec,
 }
 
-/// How a new model's weights are drawn.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum InitSpec {
-    /// Embedding tables (tokens, types, learned positions) and linear weights N(0, 0.02),
-    /// biases 0 (GPT-2, Radford et al. 2019).
-    #[default]
-    Gpt2,
-    /// PyTorch's module defaults: embedding tables (`nn.Embedding`, learned positions too)
-    /// N(0, 1); linear weights and biases U(±1/√fan_in) (Kaiming-uniform with a = √5;
-    /// He et al. 2015).
-    Torch,
-}
-
-impl InitSpec {
-    fn is_default(&self) -> bool {
-        *self == InitSpec::default()
-    }
-}
-
 fn default_max_len() -> usize {
     512
 }
@@ -141,41 +112,8 @@ impl InputSpec {
     }
 }
 
-/// Position scheme.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum PositionSpec {
-    /// A learned table added to the embeddings (BERT, GPT-2).
-    #[default]
-    Learned,
-    /// Fixed sinusoids added to the embeddings (Vaswani et al. 2017).
-    Sinusoidal,
-    /// Linear distance penalties on attention scores, one slope per head (ALiBi, Press et
-    /// al. 2022, "Train Short, Test Long").
-    Alibi,
-    /// Rotary embeddings applied to queries and keys (RoFormer, Su et al. 2021).
-    Rope {
-        #[serde(default = "default_rope_base")]
-        base: f64,
-    },
-    /// Rotary embeddings over a `width`-wide grid read row by row: half of each rotated
-    /// pair turns with the row, half with the column (2-D RoPE as in ViTs, Heo et al. 2024,
-    /// "Rotary Position Embedding for Vision Transformer").
-    Rope2d {
-        width: usize,
-        #[serde(default = "default_rope_base")]
-        base: f64,
-    },
-    /// No positional information.
-    None,
-}
-
 fn default_pooling() -> Pooling {
     Pooling::Mean
-}
-
-fn default_rope_base() -> f64 {
-    10_000.0
 }
 
 /// Output head.
@@ -273,118 +211,6 @@ pub struct LayerOverride {
     pub dropout: Option<f32>,
 }
 
-/// Channel mixers.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum FfnSpec {
-    /// Two-layer MLP (SwiGLU uses a gated first layer).
-    Mlp {
-        /// Hidden width; 4 × d_model when absent.
-        #[serde(default)]
-        hidden: Option<usize>,
-        #[serde(default)]
-        activation: Activation,
-        #[serde(default = "crate::mixer::yes")]
-        bias: bool,
-        /// Factorise both layers as `U·V` of this rank (Greenformers LRT).
-        #[serde(default)]
-        rank: Option<usize>,
-    },
-    /// MatFormer nested MLP: granularity g uses the first ⌈g·hidden⌉ hidden units.
-    #[serde(rename = "matformer")]
-    MatFormer {
-        /// Full hidden width; 4 × d_model when absent.
-        #[serde(default)]
-        hidden: Option<usize>,
-        /// Fractions of `hidden`, ascending, the last 1.0.
-        #[serde(default = "default_granularities")]
-        granularities: Vec<f64>,
-        /// Index of the granularity used at inference (Mix'n'Match, per layer); the largest
-        /// when absent.
-        #[serde(default)]
-        active: Option<usize>,
-        #[serde(default)]
-        activation: Activation,
-        #[serde(default = "crate::mixer::yes")]
-        bias: bool,
-    },
-}
-
-fn default_granularities() -> Vec<f64> {
-    vec![0.125, 0.25, 0.5, 1.0]
-}
-
-impl Default for FfnSpec {
-    fn default() -> Self {
-        FfnSpec::mlp(None, Activation::default())
-    }
-}
-
-impl FfnSpec {
-    /// A dense MLP with biases.
-    pub fn mlp(hidden: Option<usize>, activation: Activation) -> Self {
-        FfnSpec::Mlp {
-            hidden,
-            activation,
-            bias: true,
-            rank: None,
-        }
-    }
-
-    /// Hidden width in a model of width `d_model`.
-    pub fn hidden(&self, d_model: usize) -> usize {
-        match self {
-            FfnSpec::Mlp { hidden, .. } | FfnSpec::MatFormer { hidden, .. } => {
-                hidden.unwrap_or(d_model.saturating_mul(4))
-            }
-        }
-    }
-}
-
-/// MLP activations.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Activation {
-    /// Exact GELU (erf), as BERT.
-    #[default]
-    Gelu,
-    /// GELU with the tanh approximation, as GPT-2.
-    GeluTanh,
-    Relu,
-    /// Gated SiLU unit (Shazeer 2020).
-    Swiglu,
-}
-
-/// Norms.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum NormSpec {
-    LayerNorm {
-        #[serde(default = "default_eps")]
-        eps: f64,
-    },
-    RmsNorm {
-        #[serde(default = "default_eps")]
-        eps: f64,
-    },
-    /// Compressed RMSNorm (Jiang et al. 2023, "Pre-RMSNorm and Pre-CRMSNorm Transformers"):
-    /// the RMS of a zero-mean vector from its first d−1 coordinates.
-    CrmsNorm {
-        #[serde(default = "default_eps")]
-        eps: f64,
-    },
-}
-
-fn default_eps() -> f64 {
-    1e-5
-}
-
-impl Default for NormSpec {
-    fn default() -> Self {
-        NormSpec::LayerNorm { eps: default_eps() }
-    }
-}
-
 /// Norm placement.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -398,7 +224,7 @@ pub enum Placement {
 
 impl ModelConfig {
     /// Parses JSON and validates. A run config (the files in `configs/`: a `model` and a
-    /// `train` section) is refused with a pointer to [`RunConfig::from_path`].
+    /// `train` section) is refused with a pointer to [`crate::train::RunConfig::from_path`].
     pub fn from_json(text: &str) -> Result<Self> {
         let cfg: ModelConfig = parse_json(text, "<model config>").map_err(|e| {
             let value = serde_json::from_str::<serde_json::Value>(text).ok();
@@ -450,6 +276,15 @@ impl ModelConfig {
         self.causal
     }
 
+    /// What the position scheme is built for.
+    pub fn position_dims(&self) -> PositionDims {
+        PositionDims {
+            max_len: self.max_len,
+            d_model: self.d_model,
+            n_heads: self.n_heads,
+        }
+    }
+
     /// What every mixer of this model is configured against.
     pub fn mixer_dims(&self) -> MixerDims {
         MixerDims {
@@ -488,12 +323,12 @@ impl ModelConfig {
     /// Rejects impossible shapes and values, naming the key. Sizes are bounded first (see
     /// [`crate::limits`]), and the work does not grow with them.
     pub fn validate(&self) -> Result<()> {
-        bounded("d_model", self.d_model, limits::MAX_WIDTH)?;
-        bounded("n_heads", self.n_heads, limits::MAX_WIDTH)?;
-        bounded("n_layers", self.n_layers, limits::MAX_LAYERS)?;
-        bounded("max_len", self.max_len, limits::MAX_LEN)?;
-        if self.type_vocab_size > limits::MAX_VOCAB {
-            bounded("type_vocab_size", self.type_vocab_size, limits::MAX_VOCAB)?;
+        bounded("d_model", self.d_model, bounds::MAX_WIDTH)?;
+        bounded("n_heads", self.n_heads, bounds::MAX_WIDTH)?;
+        bounded("n_layers", self.n_layers, bounds::MAX_LAYERS)?;
+        bounded("max_len", self.max_len, bounds::MAX_LEN)?;
+        if self.type_vocab_size > bounds::MAX_VOCAB {
+            bounded("type_vocab_size", self.type_vocab_size, bounds::MAX_VOCAB)?;
         }
         if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(Error::config(
@@ -505,7 +340,7 @@ impl ModelConfig {
             ));
         }
         if let InputSpec::Tokens { vocab_size } = self.input {
-            bounded("input.vocab_size", vocab_size, limits::MAX_VOCAB)?;
+            bounded("input.vocab_size", vocab_size, bounds::MAX_VOCAB)?;
         }
         if let PositionSpec::Rope { base } | PositionSpec::Rope2d { base, .. } = self.position {
             let (kind, multiple) = match self.position {
@@ -538,7 +373,7 @@ impl ModelConfig {
                     format!("must be at least 2, found {n_classes}"),
                 ));
             }
-            bounded("head.n_classes", n_classes, limits::MAX_VOCAB)?;
+            bounded("head.n_classes", n_classes, bounds::MAX_VOCAB)?;
         }
         if let HeadSpec::Lm {
             tied: true,
@@ -611,24 +446,6 @@ impl ModelConfig {
     }
 }
 
-/// `v` must be in `1..=max`.
-fn bounded(key: &str, v: usize, max: usize) -> Result<()> {
-    if v == 0 {
-        return Err(Error::config(key, "must be at least 1, found 0"));
-    }
-    if v > max {
-        return Err(Error::config(
-            key,
-            format!("must be at most {max}, found {v}"),
-        ));
-    }
-    Ok(())
-}
-
-/// Largest norm epsilon accepted: `eps` only guards a division, and one this large
-/// flattens every activation (1e12 turns embeddings into zeros).
-pub const MAX_NORM_EPS: f64 = 1.0;
-
 fn check_dropout(key: &str, p: f32) -> Result<()> {
     if !(0.0..1.0).contains(&p) {
         return Err(Error::config(key, format!("must be in [0, 1), found {p}")));
@@ -639,105 +456,20 @@ fn check_dropout(key: &str, p: f32) -> Result<()> {
 fn validate_layer(at: &str, spec: &LayerSpec, dims: &MixerDims) -> Result<()> {
     check_dropout(&format!("{at}.dropout"), spec.dropout)?;
     spec.mixer.kind().validate(&format!("{at}.mixer"), dims)?;
-    let (hidden, rank) = match spec.ffn {
-        FfnSpec::Mlp { hidden, rank, .. } => (hidden, rank),
-        FfnSpec::MatFormer { hidden, .. } => (hidden, None),
-    };
-    if let Some(h) = hidden {
-        bounded(&format!("{at}.ffn.hidden"), h, limits::MAX_WIDTH)?;
-    }
-    if let Some(r) = rank {
-        bounded(&format!("{at}.ffn.rank"), r, limits::MAX_WIDTH)?;
-    }
-    match spec.ffn {
-        FfnSpec::MatFormer {
-            ref granularities,
-            active,
-            activation,
-            ..
-        } => {
-            let ascending = granularities.windows(2).all(|w| w[0] < w[1]);
-            if granularities.is_empty()
-                || !ascending
-                || granularities.iter().any(|g| !(*g > 0.0 && *g <= 1.0))
-            {
-                return Err(Error::config(
-                    format!("{at}.ffn.granularities"),
-                    format!("need ascending fractions in (0, 1], found {granularities:?}"),
-                ));
-            }
-            if active.is_some_and(|a| a >= granularities.len()) {
-                return Err(Error::config(
-                    format!("{at}.ffn.active"),
-                    "not an index into granularities",
-                ));
-            }
-            if activation == Activation::Swiglu {
-                return Err(Error::config(
-                    format!("{at}.ffn.activation"),
-                    "the nested MLP takes gelu, gelu_tanh or relu",
-                ));
-            }
-        }
-        FfnSpec::Mlp { .. } => {}
-    }
-    let eps = match spec.norm {
-        NormSpec::LayerNorm { eps } | NormSpec::RmsNorm { eps } | NormSpec::CrmsNorm { eps } => eps,
-    };
-    if !(eps > 0.0 && eps <= MAX_NORM_EPS) {
-        return Err(Error::config(
-            format!("{at}.norm.eps"),
-            format!("must be in (0, {MAX_NORM_EPS}], found {eps}"),
-        ));
-    }
+    spec.ffn.validate(&format!("{at}.ffn"))?;
+    spec.norm.validate(&format!("{at}.norm"))?;
     Ok(())
 }
 
-impl RunConfig {
-    /// Reads a JSON or TOML (by extension) config file and validates it.
-    pub fn from_path(path: &Path) -> Result<Self> {
-        let text = crate::fsio::read_text_limited(path, crate::fsio::MAX_CONFIG_BYTES, "a config")?;
-        let origin = path.display().to_string();
-        let cfg: RunConfig = if path.extension().is_some_and(|e| e == "toml") {
-            let de = toml::Deserializer::new(&text);
-            serde_path_to_error::deserialize(de).map_err(|e| path_error(&origin, e))?
-        } else {
-            parse_json(&text, &origin)?
-        };
-        cfg.validate().map_err(|e| match e {
-            Error::Config { key, msg } => Error::config(key, format!("{msg} (in {origin})")),
-            other => other,
-        })?;
-        Ok(cfg)
-    }
-
-    /// Parses JSON text and validates it.
-    pub fn from_json(text: &str) -> Result<Self> {
-        let cfg: RunConfig = parse_json(text, "<config>")?;
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
-    /// Validates the model and the training section.
-    pub fn validate(&self) -> Result<()> {
-        self.model.validate().map_err(|e| prefix_key("model", e))?;
-        self.train.validate().map_err(|e| prefix_key("train", e))
-    }
-}
-
-fn prefix_key(prefix: &str, e: Error) -> Error {
-    match e {
-        Error::Config { key, msg } => Error::config(format!("{prefix}.{key}"), msg),
-        other => other,
-    }
-}
-
-fn parse_json<T: serde::de::DeserializeOwned>(text: &str, origin: &str) -> Result<T> {
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(text: &str, origin: &str) -> Result<T> {
     let mut de = serde_json::Deserializer::from_str(text);
     serde_path_to_error::deserialize(&mut de).map_err(|e| path_error(origin, e))
 }
 
-fn path_error<E: std::fmt::Display>(origin: &str, e: serde_path_to_error::Error<E>) -> Error {
+pub(crate) fn path_error<E: std::fmt::Display>(
+    origin: &str,
+    e: serde_path_to_error::Error<E>,
+) -> Error {
     let key = e.path().to_string();
     let key = if key == "." {
         "(top level)".to_string()
@@ -756,6 +488,7 @@ fn path_error<E: std::fmt::Display>(origin: &str, e: serde_path_to_error::Error<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::config::RunConfig;
 
     fn base() -> serde_json::Value {
         serde_json::json!({

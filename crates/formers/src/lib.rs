@@ -7,6 +7,7 @@
 //! [`tasks`].
 
 pub mod block;
+pub mod bounds;
 pub mod compress;
 pub mod config;
 pub mod embed;

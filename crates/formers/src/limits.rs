@@ -13,26 +13,17 @@ use std::path::Path;
 
 use candle_core::{DType, Tensor, WithDType};
 
-use crate::config::{
-    FfnSpec, HeadSpec, InputSpec, LayerOverride, LayerSpec, MixerSpec, ModelConfig, RunConfig,
-};
+use crate::config::{HeadSpec, InputSpec, LayerOverride, LayerSpec, ModelConfig};
+use crate::ffn::FfnSpec;
 use crate::mixer::pooling::PoolSpec;
+use crate::mixer::MixerSpec;
 use crate::model::DTYPE;
 use crate::norm::Norm;
 use crate::position::Positions;
-use crate::train::TrainConfig;
+use crate::train::config::RunConfig;
+use crate::train::config::TrainConfig;
 use crate::{ffn, Error, Result};
 
-/// Most blocks in a model.
-pub const MAX_LAYERS: usize = 1 << 16;
-/// Widest `d_model`, FFN hidden layer, low rank or head count.
-pub const MAX_WIDTH: usize = 1 << 24;
-/// Largest vocabulary (also bounds token types and classes).
-pub const MAX_VOCAB: usize = 1 << 26;
-/// Longest sequence: `max_len`, `seq_len` and every mixer size (window, chunk, `k`, ...).
-pub const MAX_LEN: usize = 1 << 24;
-/// Largest training batch (sequences per micro-batch).
-pub const MAX_BATCH: usize = 1 << 24;
 /// The memory budget when `/proc/meminfo` cannot be read.
 pub const FALLBACK_MEMORY: u64 = 16 << 30;
 
@@ -204,7 +195,7 @@ pub fn param_count(cfg: &ModelConfig) -> u128 {
         vocab.saturating_mul(d as u128),
         (cfg.type_vocab_size as u128).saturating_mul(d as u128),
         norm(cfg.embed_norm),
-        Positions::sizes(cfg).0,
+        Positions::sizes(&cfg.position, cfg.position_dims()).0,
         layers,
         dwa,
         norm(cfg.final_norm),
@@ -254,7 +245,7 @@ pub fn training(run: &RunConfig) -> Estimate {
     let other = params
         .saturating_mul(3)
         .saturating_add(activations)
-        .saturating_add(Positions::sizes(cfg).1);
+        .saturating_add(Positions::sizes(&cfg.position, cfg.position_dims()).1);
     Estimate::new(params, other)
 }
 
@@ -274,7 +265,7 @@ pub fn inference(cfg: &ModelConfig) -> Estimate {
     let working = n.saturating_mul(values_per_token(cfg, cfg.max_len, false));
     let other = cache
         .saturating_add(working)
-        .saturating_add(Positions::sizes(cfg).1);
+        .saturating_add(Positions::sizes(&cfg.position, cfg.position_dims()).1);
     Estimate::new(params, other)
 }
 
@@ -498,6 +489,7 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
+    use crate::bounds::MAX_LAYERS;
     use crate::params::Params;
     use crate::Model;
 
@@ -701,7 +693,7 @@ mod tests {
             );
         }
         let mut cfg = model(serde_json::json!({}));
-        cfg.position = crate::config::PositionSpec::Rope {
+        cfg.position = crate::position::PositionSpec::Rope {
             base: f64::INFINITY,
         };
         let e = cfg.validate().unwrap_err().to_string();

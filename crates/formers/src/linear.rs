@@ -5,11 +5,8 @@ use std::sync::Arc;
 use candle_core::{DType, Module, Tensor};
 
 use crate::kernels::quant::QuantMatrix;
-use crate::params::{Init, Params};
+use crate::params::{Init, Params, INIT_STD};
 use crate::Result;
-
-/// Standard deviation of new weight matrices (GPT-2's 0.02).
-pub const INIT_STD: f64 = 0.02;
 
 /// A dense layer; `weight` is `[out, in]` as in PyTorch and Hugging Face checkpoints. A
 /// low-rank layer (Greenformers LRT, Winata et al. 2020) stores `W = weight · factor` with
@@ -176,7 +173,7 @@ mod tests {
         // Seeded runs (the arena's) depend on this order: PyTorch's init draws both.
         let draw = |bias| {
             let p =
-                Params::new(7, DType::F32, &Device::Cpu).with_init(crate::config::InitSpec::Torch);
+                Params::new(7, DType::F32, &Device::Cpu).with_init(crate::params::InitSpec::Torch);
             Linear::new(&p, 4, 3, bias).unwrap().weight
         };
         assert_eq!(max_abs(&draw(true), &draw(false)), 0.0);

@@ -10,7 +10,7 @@ use tokenizers::Tokenizer;
 use crate::config::InputSpec;
 use crate::limits::Limits;
 use crate::pretrained::{self, Family};
-use crate::train::trainer::{load_trained_with, RunRecord};
+use crate::train::run::{load_trained_with, RunRecord};
 use crate::{Error, Model, Result};
 
 /// How text becomes token ids and back.

@@ -84,7 +84,7 @@ impl Model {
         } else {
             None
         };
-        let positions = Positions::new(cfg, &p.pp("pos"))?;
+        let positions = Positions::new(&cfg.position, cfg.position_dims(), &p.pp("pos"))?;
         let blocks = (0..cfg.n_layers)
             .map(|i| Block::new(&cfg.layer(i), cfg, &p.pp(format!("layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
@@ -710,8 +710,8 @@ mod tests {
     }
 
     /// Every mixer kind that has a causal form, with a few extra settings per kind.
-    fn causal_mixers() -> Vec<crate::config::MixerSpec> {
-        let mut all: Vec<_> = crate::config::MixerSpec::examples()
+    fn causal_mixers() -> Vec<crate::mixer::MixerSpec> {
+        let mut all: Vec<_> = crate::mixer::MixerSpec::examples()
             .into_iter()
             .filter(|m| m.kind().capabilities().causal)
             .collect();
@@ -791,7 +791,7 @@ mod tests {
 
     #[test]
     fn a_causal_model_refuses_mixers_without_a_causal_form() {
-        for mixer in crate::config::MixerSpec::examples() {
+        for mixer in crate::mixer::MixerSpec::examples() {
             let mut cfg = cfg("");
             cfg.layers.insert(
                 "1".into(),

@@ -4,10 +4,63 @@
 
 use candle_core::{DType, Tensor, D};
 
-use crate::config::NormSpec;
+use serde::{Deserialize, Serialize};
+
 use crate::kernels::norm_op;
 use crate::params::{Init, Params};
-use crate::Result;
+use crate::{Error, Result};
+
+/// Norms.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum NormSpec {
+    LayerNorm {
+        #[serde(default = "default_eps")]
+        eps: f64,
+    },
+    RmsNorm {
+        #[serde(default = "default_eps")]
+        eps: f64,
+    },
+    /// Compressed RMSNorm (Jiang et al. 2023, "Pre-RMSNorm and Pre-CRMSNorm Transformers"):
+    /// the RMS of a zero-mean vector from its first d−1 coordinates.
+    CrmsNorm {
+        #[serde(default = "default_eps")]
+        eps: f64,
+    },
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+
+impl Default for NormSpec {
+    fn default() -> Self {
+        NormSpec::LayerNorm { eps: default_eps() }
+    }
+}
+
+/// Largest norm epsilon accepted: `eps` only guards a division, and one this large
+/// flattens every activation (1e12 turns embeddings into zeros).
+pub const MAX_NORM_EPS: f64 = 1.0;
+
+impl NormSpec {
+    /// Refuses an `eps` outside `(0, MAX_NORM_EPS]`, naming `at.eps`.
+    pub fn validate(&self, at: &str) -> Result<()> {
+        let eps = match *self {
+            NormSpec::LayerNorm { eps }
+            | NormSpec::RmsNorm { eps }
+            | NormSpec::CrmsNorm { eps } => eps,
+        };
+        if !(eps > 0.0 && eps <= MAX_NORM_EPS) {
+            return Err(Error::config(
+                format!("{at}.eps"),
+                format!("must be in (0, {MAX_NORM_EPS}], found {eps}"),
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// A norm over the last dimension with a learned gain (and, for LayerNorm, a bias).
 #[derive(Debug, Clone)]

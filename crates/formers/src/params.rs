@@ -8,12 +8,34 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
 
-use crate::config::InitSpec;
 use crate::kernels::quant::QuantMatrix;
-use crate::linear::INIT_STD;
 use crate::rng::Rng;
 use crate::{Error, Result};
+
+/// Standard deviation of new weight matrices (GPT-2's 0.02).
+pub const INIT_STD: f64 = 0.02;
+
+/// How a new model's weights are drawn.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum InitSpec {
+    /// Embedding tables (tokens, types, learned positions) and linear weights N(0, 0.02),
+    /// biases 0 (GPT-2, Radford et al. 2019).
+    #[default]
+    Gpt2,
+    /// PyTorch's module defaults: embedding tables (`nn.Embedding`, learned positions too)
+    /// N(0, 1); linear weights and biases U(±1/√fan_in) (Kaiming-uniform with a = √5;
+    /// He et al. 2015).
+    Torch,
+}
+
+impl InitSpec {
+    pub(crate) fn is_default(&self) -> bool {
+        *self == InitSpec::default()
+    }
+}
 
 /// How a new parameter is filled.
 #[derive(Debug, Clone)]

@@ -4,9 +4,60 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::config::{ModelConfig, PositionSpec};
+use serde::{Deserialize, Serialize};
+
 use crate::params::{Init, Params};
 use crate::{Error, Result};
+
+/// Position scheme.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PositionSpec {
+    /// A learned table added to the embeddings (BERT, GPT-2).
+    #[default]
+    Learned,
+    /// Fixed sinusoids added to the embeddings (Vaswani et al. 2017).
+    Sinusoidal,
+    /// Linear distance penalties on attention scores, one slope per head (ALiBi, Press et
+    /// al. 2022, "Train Short, Test Long").
+    Alibi,
+    /// Rotary embeddings applied to queries and keys (RoFormer, Su et al. 2021).
+    Rope {
+        #[serde(default = "default_rope_base")]
+        base: f64,
+    },
+    /// Rotary embeddings over a `width`-wide grid read row by row: half of each rotated
+    /// pair turns with the row, half with the column (2-D RoPE as in ViTs, Heo et al. 2024,
+    /// "Rotary Position Embedding for Vision Transformer").
+    Rope2d {
+        width: usize,
+        #[serde(default = "default_rope_base")]
+        base: f64,
+    },
+    /// No positional information.
+    None,
+}
+
+fn default_rope_base() -> f64 {
+    10_000.0
+}
+
+/// The sizes a position scheme is built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PositionDims {
+    /// Longest sequence (rows of a table).
+    pub max_len: usize,
+    /// Width of the residual stream.
+    pub d_model: usize,
+    /// Attention heads (ALiBi slopes; `d_model / n_heads` is the rotated head size).
+    pub n_heads: usize,
+}
+
+impl PositionDims {
+    fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads
+    }
+}
 
 /// How a model knows where each token is.
 #[derive(Debug, Clone)]
@@ -22,45 +73,50 @@ pub enum Positions {
 }
 
 impl Positions {
-    /// The scheme of `cfg`; a learned table is the parameter `weight` under `p`.
-    pub fn new(cfg: &ModelConfig, p: &Params) -> Result<Self> {
-        let (len, d) = (cfg.max_len, cfg.d_model);
-        Ok(match cfg.position {
+    /// The scheme `spec` for a model of `dims`; a learned table is the parameter `weight`
+    /// under `p`.
+    pub fn new(spec: &PositionSpec, dims: PositionDims, p: &Params) -> Result<Self> {
+        let (len, d) = (dims.max_len, dims.d_model);
+        Ok(match *spec {
             PositionSpec::Learned => {
                 Positions::Table(p.get(&[len, d], "weight", Init::Embedding)?)
             }
             PositionSpec::Sinusoidal => Positions::Table(sinusoids(len, d, p.dtype(), p.device())?),
-            PositionSpec::Rope { base } => {
-                Positions::Rope(Rope::new(len, cfg.head_dim(), base, p.dtype(), p.device())?)
-            }
+            PositionSpec::Rope { base } => Positions::Rope(Rope::new(
+                len,
+                dims.head_dim(),
+                base,
+                p.dtype(),
+                p.device(),
+            )?),
             PositionSpec::Rope2d { width, base } => Positions::Rope(Rope::new_2d(
                 len,
                 width,
-                cfg.head_dim(),
+                dims.head_dim(),
                 base,
                 p.dtype(),
                 p.device(),
             )?),
             PositionSpec::Alibi => Positions::Alibi(
-                Tensor::from_vec(alibi_slopes(cfg.n_heads), cfg.n_heads, p.device())?
+                Tensor::from_vec(alibi_slopes(dims.n_heads), dims.n_heads, p.device())?
                     .to_dtype(p.dtype())?,
             ),
             PositionSpec::None => Positions::None,
         })
     }
 
-    /// `(parameters, other stored values)` of the scheme of `cfg`, as [`Positions::new`]
-    /// makes them (saturating; for memory bounds).
-    pub fn sizes(cfg: &ModelConfig) -> (u128, u128) {
-        let table = (cfg.max_len as u128).saturating_mul(cfg.d_model as u128);
-        match cfg.position {
+    /// `(parameters, other stored values)` of the scheme `spec` for `dims`, as
+    /// [`Positions::new`] makes them (saturating; for memory bounds).
+    pub fn sizes(spec: &PositionSpec, dims: PositionDims) -> (u128, u128) {
+        let table = (dims.max_len as u128).saturating_mul(dims.d_model as u128);
+        match spec {
             PositionSpec::Learned => (table, 0),
             PositionSpec::Sinusoidal => (0, table),
             PositionSpec::Rope { .. } | PositionSpec::Rope2d { .. } => (
                 0,
-                (cfg.max_len as u128).saturating_mul(cfg.head_dim() as u128),
+                (dims.max_len as u128).saturating_mul(dims.head_dim() as u128),
             ),
-            PositionSpec::Alibi => (0, cfg.n_heads as u128),
+            PositionSpec::Alibi => (0, dims.n_heads as u128),
             PositionSpec::None => (0, 0),
         }
     }

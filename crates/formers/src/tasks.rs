@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 
 use crate::config::{HeadSpec, ModelConfig};
 use crate::rng::Rng;
-use crate::train::TrainConfig;
+use crate::train::config::TrainConfig;
 use crate::{Error, Result};
 
 /// The corpus of the `charlm` task, embedded so it works from any directory.
@@ -344,7 +344,7 @@ mod tests {
 
     #[test]
     fn an_unknown_task_is_named_before_the_head_is_checked() {
-        let cfg = crate::config::RunConfig::from_json(include_str!(
+        let cfg = crate::train::config::RunConfig::from_json(include_str!(
             "../../../configs/encoder-classifier.json"
         ))
         .unwrap();

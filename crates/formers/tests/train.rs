@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use formers::config::RunConfig;
-use formers::train::trainer::{load_trained, EvalReport, StepReport};
+use formers::train::RunConfig;
+use formers::train::{load_trained, EvalReport, StepReport};
 use formers::train::{train, Observer, Start};
 
 fn repo() -> PathBuf {
@@ -63,14 +63,9 @@ fn two_layer_model_learns_to_reverse_sequences() {
     let task =
         formers::tasks::by_name("reverse", &record.config.model, &record.config.train).unwrap();
     let t = &record.config.train;
-    let again = formers::train::trainer::evaluate(
-        &model,
-        task.as_ref(),
-        t.seed,
-        t.eval_batches,
-        t.batch_size,
-    )
-    .unwrap();
+    let again =
+        formers::train::evaluate(&model, task.as_ref(), t.seed, t.eval_batches, t.batch_size)
+            .unwrap();
     assert_eq!(again, s.eval);
     let _ = std::fs::remove_dir_all(&out);
 }
@@ -176,7 +171,7 @@ fn every_token_mixer_trains_on_reverse_and_beats_a_model_that_cannot_mix() {
 #[test]
 fn alibi_model_trains_and_rejects_mixers_without_scores() {
     let mut cfg = RunConfig::from_path(&repo().join("configs/reverse.json")).unwrap();
-    cfg.model.position = formers::config::PositionSpec::Alibi;
+    cfg.model.position = formers::position::PositionSpec::Alibi;
     cfg.model.defaults.mixer = serde_json::from_str(r#"{"kind": "local", "window": 4}"#).unwrap();
     cfg.train.steps = 30;
     let out = tmp("alibi");
@@ -244,7 +239,7 @@ fn matformer_weights_pick_which_granularity_the_joint_loss_favours() {
         let l = (0..3)
             .map(|g| {
                 model.set_granularity(Some(g));
-                formers::train::trainer::evaluate(&model, task.as_ref(), 0, 4, 16)
+                formers::train::evaluate(&model, task.as_ref(), 0, 4, 16)
                     .unwrap()
                     .loss
             })
@@ -312,7 +307,7 @@ fn matformer_trains_every_granularity_sampled_or_summed() {
             formers::tasks::by_name("reverse", &record.config.model, &record.config.train).unwrap();
         for g in 0..3 {
             model.set_granularity(Some(g));
-            let e = formers::train::trainer::evaluate(&model, task.as_ref(), 0, 2, 16).unwrap();
+            let e = formers::train::evaluate(&model, task.as_ref(), 0, 2, 16).unwrap();
             assert!(
                 e.loss.is_finite() && e.accuracy > 0.2,
                 "granularity {g} (sum {all}): {e:?}"
@@ -366,7 +361,7 @@ fn tiny_run(tag: &str) -> PathBuf {
 #[test]
 fn trained_weights_must_be_finite_and_match_the_config() {
     use formers::limits::Limits;
-    use formers::train::trainer::load_trained_with;
+    use formers::train::load_trained_with;
     let out = tiny_run("nan");
     let weights = out.join("checkpoint/model.safetensors");
     let mut t = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
@@ -406,7 +401,7 @@ fn a_huge_run_json_is_refused_on_resume_at_once() {
         serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
     rec["config"]["model"]["n_layers"] = 1_000_000.into();
     std::fs::write(&record, rec.to_string()).unwrap();
-    let saved = formers::train::trainer::RunRecord::load(&out);
+    let saved = formers::train::RunRecord::load(&out);
     let e = saved.unwrap_err().to_string();
     assert!(
         e.contains("`model.n_layers`") && e.contains("at most 65536"),
@@ -416,9 +411,7 @@ fn a_huge_run_json_is_refused_on_resume_at_once() {
     rec["config"]["model"]["n_layers"] = 60_000.into();
     rec["config"]["model"]["d_model"] = 4096.into();
     std::fs::write(&record, rec.to_string()).unwrap();
-    let cfg = formers::train::trainer::RunRecord::load(&out)
-        .unwrap()
-        .config;
+    let cfg = formers::train::RunRecord::load(&out).unwrap().config;
     let start = std::time::Instant::now();
     let e = train(&cfg, "reverse", &out, Start::Resume, &mut Record::default())
         .unwrap_err()

@@ -9,7 +9,8 @@ use std::path::Path;
 
 use candle_core::Tensor;
 
-use crate::config::{FfnSpec, ModelConfig};
+use crate::config::ModelConfig;
+use crate::ffn::FfnSpec;
 use crate::fsio;
 use crate::train::checkpoint;
 use crate::train::run::RunRecord;
@@ -205,8 +206,8 @@ pub fn extract_run(run: &Path, out: &Path, choice: &Choice) -> Result<Extracted>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RunConfig;
     use crate::testutil::max_abs;
+    use crate::train::config::RunConfig;
     use crate::train::trainer::Trainer;
 
     fn nested_run(dir: &Path) -> RunConfig {
@@ -222,7 +223,7 @@ mod tests {
         )
         .unwrap();
         struct Quiet;
-        impl crate::train::Observer for Quiet {}
+        impl crate::train::trainer::Observer for Quiet {}
         let start = crate::train::run::Start::New;
         crate::train::run::train(&cfg, "charlm", dir, start, &mut Quiet).unwrap();
         cfg

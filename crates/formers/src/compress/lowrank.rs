@@ -10,7 +10,9 @@ use candle_core::DType;
 
 use super::heal::{heal, Heal};
 use super::svd::{balance, cholesky_damped, unwhiten, whiten, Decomposition, Rank};
-use crate::config::{FfnSpec, LayerOverride, MixerSpec};
+use crate::config::LayerOverride;
+use crate::ffn::FfnSpec;
+use crate::mixer::MixerSpec;
 use crate::pretrained::native::{Manifest, Step, Stored};
 use crate::pretrained::Pretrained;
 use crate::{Error, Result};

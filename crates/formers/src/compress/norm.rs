@@ -19,7 +19,10 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, D};
 
-use crate::config::{HeadSpec, MixerSpec, ModelConfig, NormSpec, Placement, PositionSpec};
+use crate::config::{HeadSpec, ModelConfig, Placement};
+use crate::mixer::MixerSpec;
+use crate::norm::NormSpec;
+use crate::position::PositionSpec;
 use crate::pretrained::native::{Manifest, Step, Stored};
 use crate::{Error, Result};
 

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use candle_core::DType;
 
-use crate::config::FfnSpec;
+use crate::ffn::FfnSpec;
 use crate::kernels::blockq::{BlockKind, BlockMatrix};
 use crate::kernels::int8::Int8Matrix;
 use crate::kernels::quant::QuantMatrix;

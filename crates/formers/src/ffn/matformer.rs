@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::Tensor;
 
-use super::{ChannelMixer, Pointwise};
+use super::kind::{ChannelMixer, Pointwise};
 use crate::linear::Linear;
 use crate::params::Params;
 use crate::Result;
@@ -113,8 +113,8 @@ impl ChannelMixer for MatMlp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Activation;
     use crate::ffn::mlp::Mlp;
+    use crate::ffn::Activation;
     use crate::testutil::{check_grad, max_abs, max_rel, randn};
     use candle_core::{DType, Device};
 

@@ -3,8 +3,7 @@
 
 use candle_core::Tensor;
 
-use super::{ChannelMixer, Pointwise};
-use crate::config::Activation;
+use super::kind::{Activation, ChannelMixer, Pointwise};
 use crate::linear::Linear;
 use crate::params::Params;
 use crate::Result;

@@ -1,62 +1,15 @@
 //! Channel mixers: the part of a block that transforms each position on its own.
 //! One file per mixer; [`build`] maps an [`FfnSpec`] to its implementation.
 
+mod kind;
 pub mod matformer;
 pub mod mlp;
 
-use candle_core::Tensor;
+pub use kind::{Activation, ChannelMixer, FfnSpec, Pointwise};
 
-use crate::config::{Activation, FfnSpec, ModelConfig};
 use crate::linear::Linear;
 use crate::params::Params;
 use crate::{Error, Result};
-
-/// A pointwise activation: the [`Activation`]s without a gate. SwiGLU is not one (it needs
-/// a second projection, which only the dense MLP has), so a mixer holding a `Pointwise`
-/// cannot be asked for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pointwise {
-    /// Exact GELU (erf).
-    Gelu,
-    /// GELU with the tanh approximation.
-    GeluTanh,
-    Relu,
-}
-
-impl Pointwise {
-    /// The pointwise activation `a` is, or `None` for the gated SwiGLU.
-    pub fn of(a: Activation) -> Option<Self> {
-        match a {
-            Activation::Gelu => Some(Pointwise::Gelu),
-            Activation::GeluTanh => Some(Pointwise::GeluTanh),
-            Activation::Relu => Some(Pointwise::Relu),
-            Activation::Swiglu => None,
-        }
-    }
-
-    /// Applies the activation elementwise: the one dispatch every channel mixer uses.
-    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Pointwise::Gelu => crate::kernels::gelu_erf(x)?,
-            Pointwise::GeluTanh => x.gelu()?,
-            Pointwise::Relu => x.relu()?,
-        })
-    }
-}
-
-/// A channel mixer maps `[.., d]` to `[.., d]` position by position.
-pub trait ChannelMixer: std::fmt::Debug + Send + Sync {
-    /// Transforms `x`.
-    fn forward(&self, x: &Tensor) -> Result<Tensor>;
-
-    /// How many nested granularities this mixer offers (1: not nested).
-    fn granularities(&self) -> usize {
-        1
-    }
-
-    /// Forces granularity `index` (MatFormer); `None` returns to the configured one.
-    fn set_granularity(&self, _index: Option<usize>) {}
-}
 
 /// Parameters of the channel mixer of `spec` in a model of width `d`, as [`build`] makes
 /// them (saturating).
@@ -100,7 +53,7 @@ pub fn saved_per_token(spec: &FfnSpec, d: usize) -> u128 {
 }
 
 /// Builds the channel mixer of `spec` with its parameters under `p`.
-pub fn build(spec: &FfnSpec, cfg: &ModelConfig, p: &Params) -> Result<Box<dyn ChannelMixer>> {
+pub fn build(spec: &FfnSpec, d_model: usize, p: &Params) -> Result<Box<dyn ChannelMixer>> {
     Ok(match spec {
         FfnSpec::Mlp {
             activation,
@@ -109,8 +62,8 @@ pub fn build(spec: &FfnSpec, cfg: &ModelConfig, p: &Params) -> Result<Box<dyn Ch
             ..
         } => Box::new(mlp::Mlp::new(
             p,
-            cfg.d_model,
-            spec.hidden(cfg.d_model),
+            d_model,
+            spec.hidden(d_model),
             *activation,
             *bias,
             *rank,
@@ -123,8 +76,8 @@ pub fn build(spec: &FfnSpec, cfg: &ModelConfig, p: &Params) -> Result<Box<dyn Ch
             ..
         } => Box::new(matformer::MatMlp::new(
             p,
-            cfg.d_model,
-            spec.hidden(cfg.d_model),
+            d_model,
+            spec.hidden(d_model),
             granularities,
             active.unwrap_or(granularities.len() - 1),
             Pointwise::of(*activation).ok_or_else(|| {

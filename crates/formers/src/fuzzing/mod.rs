@@ -19,10 +19,12 @@ pub use guard::guarded;
 use std::path::Path;
 use std::sync::OnceLock;
 
-use crate::config::RunConfig;
 use crate::pretrained;
 use crate::tasks;
-use crate::train::{checkpoint, RunDir, Start, Trainer};
+use crate::train::checkpoint;
+use crate::train::config::RunConfig;
+use crate::train::run::{RunDir, Start};
+use crate::train::trainer::Trainer;
 use scratch::Scratch;
 
 /// The files of a Hugging Face checkpoint directory.

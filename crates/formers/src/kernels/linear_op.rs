@@ -301,7 +301,7 @@ mod tests {
     /// kernel, both checked against f64 references elsewhere), values and all gradients.
     #[test]
     fn fused_linear_gelu_matches_the_composed_mlp_in_values_and_gradients() {
-        use crate::config::Activation;
+        use crate::ffn::Activation;
         use crate::ffn::{mlp::Mlp, ChannelMixer};
         let p = Params::new(3, DType::F32, &Device::Cpu);
         let mlp = Mlp::new(&p, 24, 96, Activation::Gelu, true, None).unwrap();

@@ -11,7 +11,7 @@ use super::{
     keep_mask, no_cache, positive, Capabilities, MixCtx, MixerCache, MixerDims, MixerKind,
     TokenMixer,
 };
-use crate::linear::INIT_STD;
+use crate::params::INIT_STD;
 use crate::params::{Init, Params};
 use crate::Result;
 

@@ -59,7 +59,7 @@ impl MixerKind for LocalSpec {
 
     fn validate(&self, at: &str, _dims: &MixerDims) -> Result<()> {
         positive(at, &[("window", self.window), ("chunk", self.chunk)])?;
-        if self.global > crate::limits::MAX_LEN {
+        if self.global > crate::bounds::MAX_LEN {
             positive(at, &[("global", self.global)])?;
         }
         Ok(())

@@ -202,17 +202,17 @@ impl MixerSpec {
     }
 }
 
-/// Each `(key, value)` must be at least 1, and at most [`crate::limits::MAX_LEN`] (no
+/// Each `(key, value)` must be at least 1, and at most [`crate::bounds::MAX_LEN`] (no
 /// mixer size is larger than the longest sequence formers takes).
 pub(crate) fn positive(at: &str, pairs: &[(&str, usize)]) -> Result<()> {
     for (key, v) in pairs {
         if *v == 0 {
             return Err(Error::config(format!("{at}.{key}"), "must be at least 1"));
         }
-        if *v > crate::limits::MAX_LEN {
+        if *v > crate::bounds::MAX_LEN {
             return Err(Error::config(
                 format!("{at}.{key}"),
-                format!("must be at most {}, found {v}", crate::limits::MAX_LEN),
+                format!("must be at most {}, found {v}", crate::bounds::MAX_LEN),
             ));
         }
     }

@@ -8,10 +8,12 @@ use super::{
     checkpoint_error, count_key, f64_key, hf_error, layer_param, read_json, str_key, usize_key,
     Naming, Take,
 };
-use crate::config::{
-    Activation, FfnSpec, HeadSpec, InitSpec, InputSpec, LayerSpec, MixerSpec, ModelConfig,
-    NormSpec, Placement, Pooling, PositionSpec,
-};
+use crate::config::{HeadSpec, InputSpec, LayerSpec, ModelConfig, Placement, Pooling};
+use crate::ffn::{Activation, FfnSpec};
+use crate::mixer::MixerSpec;
+use crate::norm::NormSpec;
+use crate::params::InitSpec;
+use crate::position::PositionSpec;
 use crate::Result;
 
 /// The formers config of the BERT checkpoint in `dir` (its `config.json` is `hf`), with

@@ -6,10 +6,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::{checkpoint_error, f64_key, hf_error, layer_param, str_key, usize_key, Naming, Take};
-use crate::config::{
-    Activation, FfnSpec, HeadSpec, InitSpec, InputSpec, LayerSpec, MixerSpec, ModelConfig,
-    NormSpec, Placement, PositionSpec,
-};
+use crate::config::{HeadSpec, InputSpec, LayerSpec, ModelConfig, Placement};
+use crate::ffn::{Activation, FfnSpec};
+use crate::mixer::MixerSpec;
+use crate::norm::NormSpec;
+use crate::params::InitSpec;
+use crate::position::PositionSpec;
 use crate::Result;
 
 /// The formers config of a GPT-2 `config.json` (`hf`, read from `path`).

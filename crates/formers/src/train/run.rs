@@ -11,12 +11,12 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint;
 use super::trainer::{EvalReport, Observer, Trainer};
-use crate::config::RunConfig;
 use crate::fsio;
 use crate::limits::Limits;
 use crate::model::{Model, DTYPE};
 use crate::params::Params;
 use crate::tasks::{self, Task};
+use crate::train::config::RunConfig;
 use crate::{Error, Result};
 
 /// What a run directory records about how it was made (`run.json`).

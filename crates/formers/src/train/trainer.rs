@@ -12,19 +12,14 @@ use serde::Serialize;
 use super::checkpoint::{self, TrainState};
 use super::optimizer::AdamW;
 use super::schedule::lr_at;
-use crate::config::RunConfig;
 use crate::limits::Limits;
 use crate::loss::{accuracy, cross_entropy};
 use crate::model::{Model, DTYPE};
 use crate::params::Params;
 use crate::rng::Rng;
 use crate::tasks::{Batch, Task};
+use crate::train::config::RunConfig;
 use crate::{Error, Result};
-
-// The run-directory layer, where callers found it before the trainer had a type.
-pub use super::run::{
-    load_trained, load_trained_with, train, train_task, train_with, RunRecord, Summary,
-};
 
 /// Progress reports from the loop (the CLI draws a progress bar from them).
 pub trait Observer {
