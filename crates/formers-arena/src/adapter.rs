@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use formers::loss::accuracy;
 use formers::model::Model;
 use formers::rng::Rng;
-use formers::tasks::{Batch, Task};
+use formers::train::{Batch, Task};
 
 use crate::task::{ArenaTask, Split};
 

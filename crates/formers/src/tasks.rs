@@ -7,6 +7,7 @@ use candle_core::{Device, Tensor};
 use crate::config::{HeadSpec, ModelConfig};
 use crate::rng::Rng;
 use crate::train::config::TrainConfig;
+use crate::train::task::{Batch, Task};
 use crate::{Error, Result};
 
 /// The corpus of the `charlm` task, embedded so it works from any directory.
@@ -14,39 +15,6 @@ pub const SHAKESPEARE: &str = include_str!("../../../data/shakespeare.txt");
 
 /// Names accepted by [`by_name`].
 pub const TASKS: &[&str] = &["copy", "reverse", "charlm"];
-
-/// One batch: inputs `[b, n]` u32, targets `[b, n]` u32 and optional weights / mask.
-#[derive(Debug, Clone)]
-pub struct Batch {
-    /// Token ids `[b, n]`.
-    pub inputs: Tensor,
-    /// Target ids, `[b, n]` for per-token tasks, `[b]` for classification.
-    pub targets: Tensor,
-    /// Which targets count (f32, same shape as `targets`); all when absent.
-    pub weights: Option<Tensor>,
-    /// 1 for tokens, 0 for padding, `[b, n]`; no padding when absent.
-    pub mask: Option<Tensor>,
-    /// Real (non-padding) input tokens in the batch.
-    pub tokens: usize,
-}
-
-/// A source of training and evaluation batches.
-pub trait Task: Send + Sync {
-    /// The task's name.
-    fn name(&self) -> &str;
-    /// A training batch drawn with `rng`.
-    fn train_batch(&self, rng: &mut Rng, batch_size: usize) -> Result<Batch>;
-    /// A held-out batch drawn with `rng`.
-    fn eval_batch(&self, rng: &mut Rng, batch_size: usize) -> Result<Batch>;
-    /// Training batch `number` of a run (0, 1, ...: one number per micro-batch, the same
-    /// after a resume), drawn with `rng`. By default [`Task::train_batch`]; a task with an
-    /// unbounded supply of examples uses `number` to give every batch examples no earlier
-    /// batch of the run has seen.
-    fn train_batch_numbered(&self, number: u64, rng: &mut Rng, batch_size: usize) -> Result<Batch> {
-        let _ = number;
-        self.train_batch(rng, batch_size)
-    }
-}
 
 /// The task `name` for a model of `cfg` trained with `train`; errors when they do not fit.
 pub fn by_name(name: &str, cfg: &ModelConfig, train: &TrainConfig) -> Result<Box<dyn Task>> {

@@ -197,7 +197,7 @@ fn tiny_run() -> Result<Scratch, String> {
     Ok(out)
 }
 
-fn tiny_config() -> (RunConfig, Box<dyn tasks::Task>) {
+fn tiny_config() -> (RunConfig, Box<dyn crate::train::task::Task>) {
     let run = RunConfig::from_json(TINY_RUN).expect("the tiny run is valid");
     let task = tasks::by_name(TINY_TASK, &run.model, &run.train).expect("the tiny task exists");
     (run, task)

@@ -345,7 +345,7 @@ mod avx2 {
 
     use super::*;
     use crate::kernels::gemm::SyncPtr;
-    use crate::kernels::quant::{for_each_block, w_block_rows};
+    use crate::kernels::grid::{for_each_block, w_block_rows};
 
     /// Block `b`'s codes at `p` widened to two i16 vectors (values 0..16, 16..32).
     #[inline(always)]

@@ -267,7 +267,7 @@ mod avx2 {
 
     // Tasks write disjoint elements of the output (see `matmul`).
     use crate::kernels::gemm::SyncPtr;
-    use crate::kernels::quant::{for_each_block, w_block_rows};
+    use crate::kernels::grid::{for_each_block, w_block_rows};
 
     /// [`quantize_row`] eight values at a time, bit-identical to it (the same division,
     /// rounding half to even, clamp).

@@ -11,6 +11,7 @@ pub mod blockq;
 pub mod cross_entropy;
 pub mod flash;
 pub mod gemm;
+pub mod grid;
 pub mod int8;
 pub mod linear_op;
 pub mod matmul_op;

@@ -175,7 +175,7 @@ mixers! {
     /// Sliding-window attention with global tokens (Longformer).
     Local(local::LocalSpec),
     /// Linear attention: elu + 1 or FAVOR+ features (Performer).
-    Linear(linear::LinearSpec),
+    Linear(linear_attention::LinearSpec),
     /// Keys and values projected along the sequence (Linformer).
     Linformer(linformer::LinformerSpec),
     /// Flow-Attention (Flowformer).

@@ -7,6 +7,7 @@ pub(crate) mod config;
 pub(crate) mod optimizer;
 pub(crate) mod run;
 pub(crate) mod schedule;
+pub(crate) mod task;
 pub(crate) mod trainer;
 
 pub use config::{RunConfig, TrainConfig};
@@ -15,4 +16,5 @@ pub use run::{
     load_trained, load_trained_with, train, train_task, train_with, RunDir, RunRecord, Start,
     Summary,
 };
+pub use task::{Batch, Task};
 pub use trainer::{evaluate, EvalReport, Observer, StepReport, Trainer};

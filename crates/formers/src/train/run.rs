@@ -15,8 +15,9 @@ use crate::fsio;
 use crate::limits::Limits;
 use crate::model::{Model, DTYPE};
 use crate::params::Params;
-use crate::tasks::{self, Task};
+use crate::tasks;
 use crate::train::config::RunConfig;
+use crate::train::task::Task;
 use crate::{Error, Result};
 
 /// What a run directory records about how it was made (`run.json`).

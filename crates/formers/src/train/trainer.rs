@@ -17,8 +17,8 @@ use crate::loss::{accuracy, cross_entropy};
 use crate::model::{Model, DTYPE};
 use crate::params::Params;
 use crate::rng::Rng;
-use crate::tasks::{Batch, Task};
 use crate::train::config::RunConfig;
+use crate::train::task::{Batch, Task};
 use crate::{Error, Result};
 
 /// Progress reports from the loop (the CLI draws a progress bar from them).
