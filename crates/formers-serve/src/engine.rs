@@ -21,7 +21,7 @@ use formers::limits::Limits;
 use formers::lm::{self, Codec};
 use formers::pretrained;
 use formers::train::RunRecord;
-use formers::Model;
+use formers::model::Model;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::api::ApiError;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use formers::params::Params;
 use formers::train::RunConfig;
-use formers::Model;
+use formers::model::Model;
 
 fn main() -> formers::Result<()> {
     let path = std::env::args_os().nth(1).map_or_else(

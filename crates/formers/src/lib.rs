@@ -2,6 +2,8 @@
 //!
 //! A model is a stack of blocks `x + TokenMixer(Norm(x))`, `x + ChannelMixer(Norm(x))`
 //! (MetaFormer, Yu et al. 2022) whose parts are values in a [`config::ModelConfig`].
+//! Every public type has one path: the module that defines it (a directory's `mod.rs`
+//! re-exports its private files' public items); [`Error`] and [`Result`] are at the root.
 //! This crate holds the model, its parts, the training loop and checkpoints; it holds no
 //! command-line code (see `formers-cli`) and no benchmark tasks beyond the toy ones in
 //! [`tasks`].
@@ -11,7 +13,7 @@ pub mod bounds;
 pub mod compress;
 pub mod config;
 pub mod embed;
-pub mod error;
+mod error;
 pub mod ffn;
 pub mod fsio;
 #[cfg(any(test, feature = "fuzzing"))]
@@ -32,9 +34,7 @@ pub mod rng;
 pub mod tasks;
 pub mod train;
 
-pub use config::ModelConfig;
 pub use error::{Error, Result};
-pub use model::Model;
 
 #[cfg(test)]
 pub(crate) mod testutil;

@@ -149,7 +149,7 @@ impl Estimate {
     }
 }
 
-/// The parameters [`crate::Model::new`] creates for `cfg` (saturating at `u128::MAX`).
+/// The parameters [`crate::model::Model::new`] creates for `cfg` (saturating at `u128::MAX`).
 pub fn param_count(cfg: &ModelConfig) -> u128 {
     let d = cfg.d_model;
     let dims = cfg.mixer_dims();
@@ -491,7 +491,7 @@ mod tests {
     use super::*;
     use crate::bounds::MAX_LAYERS;
     use crate::params::Params;
-    use crate::Model;
+    use crate::model::Model;
 
     fn model(extra: serde_json::Value) -> ModelConfig {
         let mut v = serde_json::json!({

@@ -11,7 +11,8 @@ use crate::config::InputSpec;
 use crate::limits::Limits;
 use crate::pretrained::{self, Family};
 use crate::train::run::{load_trained_with, RunRecord};
-use crate::{Error, Model, Result};
+use crate::model::Model;
+use crate::{Error, Result};
 
 /// How text becomes token ids and back.
 #[derive(Debug, Clone)]

@@ -107,7 +107,7 @@ fn every_shipped_config_parses_and_builds() {
         let cfg = RunConfig::from_path(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let params =
             formers::params::Params::new(0, candle_core::DType::F32, &candle_core::Device::Cpu);
-        formers::Model::new(&cfg.model, &params).unwrap();
+        formers::model::Model::new(&cfg.model, &params).unwrap();
         n += 1;
     }
     assert!(n >= 3);
