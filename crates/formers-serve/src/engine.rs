@@ -19,9 +19,9 @@ use formers::embed;
 use formers::generate::{self, Sampling, Sequence};
 use formers::limits::Limits;
 use formers::lm::{self, Codec};
+use formers::model::Model;
 use formers::pretrained;
 use formers::train::RunRecord;
-use formers::model::Model;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::api::ApiError;

@@ -8,9 +8,9 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use formers::model::Model;
 use formers::params::Params;
 use formers::train::RunConfig;
-use formers::model::Model;
 
 fn main() -> formers::Result<()> {
     let path = std::env::args_os().nth(1).map_or_else(

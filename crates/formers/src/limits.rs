@@ -250,15 +250,19 @@ pub fn training(run: &RunConfig) -> Estimate {
 }
 
 /// Memory of inference with `cfg`: parameters, position tables, a decoding cache of
-/// `max_len` tokens (causal models) and one `max_len` sequence's activations, one block at
-/// a time.
+/// `max_len` tokens (causal models; each layer's mixer says what it keeps,
+/// `MixerKind::cache_values`) and one `max_len` sequence's activations, one block at a time.
 pub fn inference(cfg: &ModelConfig) -> Estimate {
     let params = param_count(cfg);
-    let (d, n) = (cfg.d_model as u128, cfg.max_len as u128);
+    let n = cfg.max_len as u128;
+    let dims = cfg.mixer_dims();
     let cache = if cfg.causal {
-        (2 * cfg.n_layers as u128)
-            .saturating_mul(n)
-            .saturating_mul(d)
+        cfg.layer_groups()
+            .into_iter()
+            .map(|(_, _, count, spec)| {
+                (count as u128).saturating_mul(spec.mixer.kind().cache_values(&dims, cfg.max_len))
+            })
+            .fold(0, u128::saturating_add)
     } else {
         0
     };
@@ -490,8 +494,8 @@ mod tests {
 
     use super::*;
     use crate::bounds::MAX_LAYERS;
-    use crate::params::Params;
     use crate::model::Model;
+    use crate::params::Params;
 
     fn model(extra: serde_json::Value) -> ModelConfig {
         let mut v = serde_json::json!({
@@ -503,6 +507,33 @@ mod tests {
             v[k] = x.clone();
         }
         serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn each_mixer_says_what_its_decoding_cache_holds() {
+        use crate::mixer::MixerSpec;
+        let n = 12;
+        for spec in MixerSpec::examples() {
+            if !spec.kind().capabilities().causal {
+                continue;
+            }
+            let mut cfg = model(serde_json::json!({"causal": true, "n_layers": 1}));
+            cfg.defaults.mixer = spec.clone();
+            cfg.validate().unwrap();
+            let m = Model::new(&cfg, &Params::new(0, DTYPE, &Device::Cpu).frozen()).unwrap();
+            let ids: Vec<u32> = (0..n as u32).map(|i| i % 11).collect();
+            let ids = Tensor::from_vec(ids, (1, n), &Device::Cpu).unwrap();
+            let mut cache = crate::model::Cache::default();
+            m.forward_cached(&ids, &mut cache).unwrap();
+            let want = spec.kind().cache_values(&cfg.mixer_dims(), n);
+            assert_eq!(
+                cache.values() as u128,
+                want,
+                "{}: the cache holds {} values, its MixerKind says {want}",
+                spec.kind().name(),
+                cache.values()
+            );
+        }
     }
 
     fn run(model_extra: serde_json::Value, train: serde_json::Value) -> RunConfig {

@@ -9,9 +9,9 @@ use tokenizers::Tokenizer;
 
 use crate::config::InputSpec;
 use crate::limits::Limits;
+use crate::model::Model;
 use crate::pretrained::{self, Family};
 use crate::train::run::{load_trained_with, RunRecord};
-use crate::model::Model;
 use crate::{Error, Result};
 
 /// How text becomes token ids and back.

@@ -32,6 +32,15 @@ impl Cache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Values the cache holds, over all layers (what `limits::inference` estimates).
+    pub fn values(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| &l.tensors)
+            .map(|t| t.elem_count())
+            .sum()
+    }
 }
 
 #[derive(Debug)]

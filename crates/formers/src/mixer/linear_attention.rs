@@ -70,6 +70,16 @@ impl MixerKind for LinearSpec {
         "linear"
     }
 
+    /// The state `S = Σ φ(k)ᵀv` and `z = Σ φ(k)` of every head, whatever `n`.
+    fn cache_values(&self, dims: &MixerDims, _n: usize) -> u128 {
+        let dh = dims.head_dim() as u128;
+        let features = match self.feature {
+            FeatureMap::Elu => dh,
+            FeatureMap::Favor => self.features as u128,
+        };
+        (dims.n_heads as u128).saturating_mul(features.saturating_mul(dh + 1))
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             causal: true,

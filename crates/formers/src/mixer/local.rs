@@ -49,6 +49,12 @@ impl MixerKind for LocalSpec {
         "local"
     }
 
+    /// The global tokens' keys and values and those of the last `window` tokens.
+    fn cache_values(&self, dims: &MixerDims, n: usize) -> u128 {
+        let kept = (self.global.min(n) + self.window.min(n)).min(n) as u128;
+        (2 * kept).saturating_mul(dims.d_model as u128)
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             causal: true,

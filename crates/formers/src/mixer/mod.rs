@@ -139,6 +139,11 @@ pub trait MixerKind {
     fn saved_per_token(&self, dims: &MixerDims, _n: usize) -> u128 {
         8 * dims.d_model as u128
     }
+    /// Values its decoding cache holds for one sequence after `n` tokens (causal models;
+    /// an estimate for memory bounds). By default a key and a value per token: `2·n·d`.
+    fn cache_values(&self, dims: &MixerDims, n: usize) -> u128 {
+        (2 * n as u128).saturating_mul(dims.d_model as u128)
+    }
 }
 
 /// Declares the mixer modules and the tagged [`MixerSpec`] enum over their config structs.

@@ -34,6 +34,11 @@ impl MixerKind for PoolSpec {
         "pool"
     }
 
+    /// The last `window − 1` inputs.
+    fn cache_values(&self, dims: &MixerDims, n: usize) -> u128 {
+        (self.window.saturating_sub(1).min(n) as u128).saturating_mul(dims.d_model as u128)
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             causal: true,
