@@ -201,6 +201,45 @@ impl MixerSpec {
         MixerSpec::default()
     }
 
+    /// Named configs worth timing side by side (what `formers bench mixers` takes): each
+    /// kind at a practical size, linear attention once per feature map.
+    pub fn presets() -> Vec<(&'static str, MixerSpec)> {
+        let linear = |feature| {
+            MixerSpec::Linear(linear_attention::LinearSpec {
+                feature,
+                features: 64,
+                seed: 0,
+                chunk: 64,
+                bias: true,
+            })
+        };
+        vec![
+            ("attention", MixerSpec::attention()),
+            (
+                "local",
+                MixerSpec::Local(local::LocalSpec {
+                    window: 128,
+                    global: 0,
+                    chunk: 128,
+                    bias: true,
+                }),
+            ),
+            ("linear-elu", linear(linear_attention::FeatureMap::Elu)),
+            ("favor", linear(linear_attention::FeatureMap::Favor)),
+            (
+                "linformer",
+                MixerSpec::Linformer(linformer::LinformerSpec {
+                    k: 256,
+                    shared: true,
+                    chunk: attention::default_chunk(),
+                    bias: true,
+                }),
+            ),
+            ("flow", MixerSpec::Flow(flow::FlowSpec { bias: true })),
+            ("pool", MixerSpec::Pool(pooling::PoolSpec { window: 3 })),
+        ]
+    }
+
     /// Builds the mixer with its parameters under `p`.
     pub fn build(&self, dims: &MixerDims, p: &Params) -> Result<Box<dyn TokenMixer>> {
         self.kind().build(dims, p)
@@ -306,6 +345,26 @@ mod tests {
                 let diff = crate::testutil::max_abs(&a, &b);
                 assert!(diff < 1e-5, "{spec:?}: {diff}");
             }
+        }
+    }
+
+    #[test]
+    fn presets_are_their_kinds_defaults_with_the_sizes_named() {
+        let json = [
+            r#"{"kind": "attention"}"#,
+            r#"{"kind": "local", "window": 128, "chunk": 128}"#,
+            r#"{"kind": "linear", "feature": "elu"}"#,
+            r#"{"kind": "linear", "feature": "favor", "features": 64}"#,
+            r#"{"kind": "linformer", "k": 256}"#,
+            r#"{"kind": "flow"}"#,
+            r#"{"kind": "pool", "window": 3}"#,
+        ];
+        let presets = MixerSpec::presets();
+        assert_eq!(presets.len(), json.len());
+        for ((name, spec), json) in presets.iter().zip(json) {
+            let want: MixerSpec = serde_json::from_str(json).unwrap();
+            assert_eq!(spec, &want, "{name}");
+            spec.kind().validate(name, &dims(false)).unwrap();
         }
     }
 
