@@ -40,71 +40,52 @@ impl Block {
         self.ffn.as_ref()
     }
 
-    /// Applies the block to `x [b, n, d]`; `rng` turns dropout on (training).
+    /// Applies the block to `x [b, n, d]`: `caches` are what the token mixer continues
+    /// ([`TokenMixer::mix`]), `rng` turns dropout on (training).
     pub fn forward(
         &self,
         x: &Tensor,
         ctx: &MixCtx,
-        cache: Option<&mut MixerCache>,
-        rng: Option<&mut Rng>,
-    ) -> Result<Tensor> {
-        self.apply(x, |h| self.mixer.forward(h, ctx, cache), rng)
-    }
-
-    /// One decoding step over packed independent sequences, each with its own cache and
-    /// context ([`TokenMixer::forward_cached_packed`]); no dropout.
-    pub fn forward_cached_packed(
-        &self,
-        x: &Tensor,
-        segments: &[(usize, usize)],
-        ctxs: &[MixCtx],
         caches: &mut [&mut MixerCache],
-    ) -> Result<Tensor> {
-        self.apply(
-            x,
-            |h| self.mixer.forward_cached_packed(h, segments, ctxs, caches),
-            None,
-        )
-    }
-
-    /// [`Block::forward`] without a cache or dropout, also returning what the channel mixer
-    /// read: `(ffn input, output)`, for calibrating compression.
-    pub(crate) fn forward_traced(&self, x: &Tensor, ctx: &MixCtx) -> Result<(Tensor, Tensor)> {
-        self.apply_traced(x, |h| self.mixer.forward(h, ctx, None), None)
-    }
-
-    /// The block around the token mixer `mix`.
-    fn apply(
-        &self,
-        x: &Tensor,
-        mix: impl FnOnce(&Tensor) -> Result<Tensor>,
-        rng: Option<&mut Rng>,
-    ) -> Result<Tensor> {
-        Ok(self.apply_traced(x, mix, rng)?.1)
-    }
-
-    /// [`Block::apply`], returning the channel mixer's input beside the output.
-    fn apply_traced(
-        &self,
-        x: &Tensor,
-        mix: impl FnOnce(&Tensor) -> Result<Tensor>,
         mut rng: Option<&mut Rng>,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<BlockOut> {
         let mut drop = |t: Tensor| dropout(t, self.dropout, rng.as_deref_mut());
-        match self.placement {
+        let mut values = None;
+        let mut mix = |h: &Tensor| -> Result<Tensor> {
+            let mixed = self.mixer.mix(h, ctx, caches)?;
+            values = mixed.values;
+            Ok(mixed.y)
+        };
+        let (ffn_input, out) = match self.placement {
             Placement::Pre => {
                 let x = (x + drop(mix(&self.norm1.forward(x)?)?)?)?;
                 let h = self.norm2.forward(&x)?;
                 let out = (&x + drop(self.ffn.forward(&h)?)?)?;
-                Ok((h, out))
+                (h, out)
             }
             Placement::Post => {
                 let x = self.norm1.forward(&(x + drop(mix(x)?)?)?)?;
                 let out = self.norm2.forward(&(&x + drop(self.ffn.forward(&x)?)?)?)?;
-                Ok((x, out))
+                (x, out)
             }
-        }
+        };
+        Ok(BlockOut {
+            out,
+            ffn_input,
+            values,
+        })
     }
+}
+
+/// What a block returns.
+#[derive(Debug, Clone)]
+pub struct BlockOut {
+    /// The block's output `[b, n, d]`.
+    pub out: Tensor,
+    /// What the channel mixer read (the calibration of data-aware compression).
+    pub ffn_input: Tensor,
+    /// The token mixer's values for the value residual ([`crate::mixer::Mixed::values`]).
+    pub values: Option<Tensor>,
 }
 
 /// Inverted dropout with a seeded mask; identity without `rng` or with `p == 0`.
@@ -143,7 +124,9 @@ mod tests {
             let p = Params::new(4, DType::F64, &Device::Cpu);
             let block = Block::new(&cfg.layer(0), &cfg, &p).unwrap();
             let x = randn(&[2, 4, 8], 1);
-            check_grad(&p, &x, |x| block.forward(x, &MixCtx::default(), None, None));
+            check_grad(&p, &x, |x| {
+                Ok(block.forward(x, &MixCtx::default(), &mut [], None)?.out)
+            });
         }
     }
 

@@ -31,6 +31,7 @@ fn modules() -> BTreeMap<String, String> {
                     || name == "testutil"
                     || name.starts_with("fuzzing")
                     || name.ends_with("_tests")
+                    || name.ends_with("/tests")
                 {
                     continue;
                 }

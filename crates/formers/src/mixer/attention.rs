@@ -9,10 +9,12 @@ use serde::{Deserialize, Serialize};
 use super::heads::{HeadKernel, MultiHead, Projections};
 use super::softmax::{append_kv, attend, AttendOpts, Clip};
 use super::{
-    no_padding_in_cache, positive, Capabilities, MixCtx, MixerCache, MixerDims, MixerKind, TokenMixer};
+    no_padding_in_cache, positive, Capabilities, MixCtx, MixerCache, MixerDims, MixerKind,
+    TokenMixer,
+};
+use crate::kernels::attention_op::FlashMask;
 use crate::params::Params;
 use crate::{Error, Result};
-use crate::kernels::attention_op::{self, FlashMask};
 
 /// Config of exact attention.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -196,10 +198,10 @@ impl HeadKernel for FullKernel {
         attend(q, &k, &v, &opts)
     }
 
-    fn fused_mask<'a>(&self, x: &Tensor, ctx: &MixCtx<'a>) -> Option<FlashMask<'a>> {
+    fn flash_mask<'a>(&self, ctx: &MixCtx<'a>) -> Option<FlashMask<'a>> {
         // Clipping has no fused form. Inference takes the fused op too: without the split
         // into heads it beat `attend`'s single-tile candle path on MiniLM embeddings.
-        if self.clip.is_some() || !attention_op::supports(x) {
+        if self.clip.is_some() {
             return None;
         }
         Some(FlashMask {

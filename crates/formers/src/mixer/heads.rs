@@ -4,11 +4,12 @@
 
 use candle_core::Tensor;
 
-use super::{per_sequence, MixCtx, MixerCache, MixerDims, TokenMixer};
+use super::route::{route, Case, Route};
+use super::{per_segment, single, MixCtx, Mixed, MixerCache, MixerDims, TokenMixer};
 use crate::kernels::attention_op::{flash_attention_merged, flash_attention_qkv, FlashMask};
 use crate::linear::Linear;
 use crate::params::Params;
-use crate::{Error, Result};
+use crate::Result;
 
 /// How queries meet keys and values, per head.
 pub trait HeadKernel: std::fmt::Debug + Send + Sync {
@@ -25,10 +26,10 @@ pub trait HeadKernel: std::fmt::Debug + Send + Sync {
     ) -> Result<Tensor>;
 
     /// The masks under which the fused attention op computes what [`Self::attend`] does
-    /// without a cache, for inputs of `x`'s type and device; `None` when this kernel has no
-    /// fused form there. [`MultiHead`] then projects q, k and v in one product and never
+    /// without a cache; `None` when this kernel has no fused form. When [`route`] takes
+    /// [`Route::FusedMerged`], [`MultiHead`] projects q, k and v in one product and never
     /// splits the heads out of the projections (the op does, inside).
-    fn fused_mask<'a>(&self, _x: &Tensor, _ctx: &MixCtx<'a>) -> Option<FlashMask<'a>> {
+    fn flash_mask<'a>(&self, _ctx: &MixCtx<'a>) -> Option<FlashMask<'a>> {
         None
     }
 }
@@ -180,22 +181,6 @@ impl MultiHead {
         Ok((q, k, self.heads(&self.v.forward(x)?)?))
     }
 
-    /// The value residual (ResFormer): the first attention layer leaves its values in
-    /// `ctx.first_values`, later ones mix them into theirs.
-    fn value_residual(&self, v: Tensor, ctx: &MixCtx) -> Result<Tensor> {
-        let Some(cell) = ctx.first_values else {
-            return Ok(v);
-        };
-        let mut first = cell.borrow_mut();
-        Ok(match first.as_ref() {
-            None => {
-                *first = Some(v.clone());
-                v
-            }
-            Some(v1) => ((v * ctx.value_lambda)? + (v1 * (1.0 - ctx.value_lambda))?)?,
-        })
-    }
-
     /// The heads' output `y [b, h, n, dh]` gated (per head, from `x`), merged to
     /// `[b, n, d]` and projected by `o`.
     fn output(&self, x: &Tensor, y: Tensor, (b, n, d): (usize, usize, usize)) -> Result<Tensor> {
@@ -230,14 +215,19 @@ impl MultiHead {
 }
 
 impl TokenMixer for MultiHead {
-    fn forward(&self, x: &Tensor, ctx: &MixCtx, cache: Option<&mut MixerCache>) -> Result<Tensor> {
+    fn mix(&self, x: &Tensor, ctx: &MixCtx, caches: &mut [&mut MixerCache]) -> Result<Mixed> {
         let (b, n, d) = x.dims3()?;
-        let plain = ctx.rope.is_none()
-            && ctx.first_values.is_none()
-            && ctx.segments.is_none()
-            && cache.is_none()
-            && self.gate.is_none();
-        if let Some(mask) = plain.then(|| self.kernel.fused_mask(x, ctx)).flatten() {
+        let mask = self.kernel.flash_mask(ctx);
+        let case = Case {
+            fusable: mask.is_some(),
+            merged: ctx.rope.is_none()
+                && ctx.value_residual.is_none()
+                && ctx.segments.is_none()
+                && caches.is_empty()
+                && self.gate.is_none(),
+            ..Case::of(x)
+        };
+        if let (Route::FusedMerged, Some(mask)) = (route(case), mask) {
             let y = match self.packed_qkv()? {
                 Some(qkv) => flash_attention_qkv(&qkv.forward(x)?, self.n_heads, &mask)?,
                 None => {
@@ -250,46 +240,53 @@ impl TokenMixer for MultiHead {
                     flash_attention_merged(&q, &k, &v, self.n_heads, &mask)?
                 }
             };
-            return self.o.forward(&y);
+            return Ok(Mixed {
+                y: self.o.forward(&y)?,
+                values: None,
+            });
         }
         let (q, k, v) = self.qkv_heads(x)?;
-        let v = self.value_residual(v, ctx)?;
+        let vr = ctx.value_residual;
+        // The first layer with values hands them on; later ones mix them into theirs.
+        let values = vr.filter(|r| r.first.is_none()).map(|_| v.clone());
+        let first = vr.and_then(|r| r.first.map(|f| (r.lambda, f)));
+        let part = |t: &Tensor, s: &super::Segment| t.narrow(2, s.start, s.len);
         let y = match ctx.segments {
-            Some(segments) => {
-                if cache.is_some() {
-                    return Err(Error::Input(
-                        "a KV cache takes one sequence, not a packed batch".into(),
-                    ));
-                }
-                let parts = segments
-                    .iter()
-                    .map(|&(start, len)| {
-                        let part = |t: &Tensor| t.narrow(2, start, len);
-                        self.attend_one(part(&q)?, part(&k)?, part(&v)?, ctx, None)
-                    })
-                    .collect::<Result<Vec<_>>>()?;
+            None => {
+                let v = mix_values(v, first)?;
+                self.attend_one(q, k, v, ctx, single(caches)?)?
+            }
+            // Decoding: each sequence mixes its own part of the values.
+            Some(segments) if !caches.is_empty() => {
+                let parts = per_segment(segments, ctx, caches, |s, ctx, cache| {
+                    let first = match first {
+                        Some((lambda, f)) => Some((lambda, part(f, s)?)),
+                        None => None,
+                    };
+                    let v = mix_values(part(&v, s)?, first.as_ref().map(|(l, f)| (*l, f)))?;
+                    self.attend_one(part(&q, s)?, part(&k, s)?, v, ctx, cache)
+                })?;
                 Tensor::cat(&parts, 2)?
             }
-            None => self.attend_one(q, k, v, ctx, cache)?,
+            Some(segments) => {
+                let v = mix_values(v, first)?;
+                let parts = per_segment(segments, ctx, caches, |s, ctx, cache| {
+                    self.attend_one(part(&q, s)?, part(&k, s)?, part(&v, s)?, ctx, cache)
+                })?;
+                Tensor::cat(&parts, 2)?
+            }
         };
-        self.output(x, y, (b, n, d))
+        Ok(Mixed {
+            y: self.output(x, y, (b, n, d))?,
+            values,
+        })
     }
+}
 
-    /// The projections of all rows at once, then each sequence's heads with its own cache
-    /// and context (its position offset, its first layer's values).
-    fn forward_cached_packed(
-        &self,
-        x: &Tensor,
-        segments: &[(usize, usize)],
-        ctxs: &[MixCtx],
-        caches: &mut [&mut MixerCache],
-    ) -> Result<Tensor> {
-        let (q, k, v) = self.qkv_heads(x)?;
-        let parts = per_sequence(segments, ctxs, caches, |(start, len), ctx, cache| {
-            let part = |t: &Tensor| t.narrow(2, start, len);
-            let v = self.value_residual(part(&v)?, ctx)?;
-            self.attend_one(part(&q)?, part(&k)?, v, ctx, Some(cache))
-        })?;
-        self.output(x, Tensor::cat(&parts, 2)?, x.dims3()?)
-    }
+/// `v` under the value residual: `lambda · v + (1 − lambda) · first`, or `v` itself.
+fn mix_values(v: Tensor, first: Option<(f64, &Tensor)>) -> Result<Tensor> {
+    Ok(match first {
+        None => v,
+        Some((lambda, v1)) => ((v * lambda)? + (v1 * (1.0 - lambda))?)?,
+    })
 }

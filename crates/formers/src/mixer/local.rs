@@ -11,7 +11,8 @@ use super::heads::{HeadKernel, MultiHead, Projections};
 use super::{
     no_padding_in_cache, positive, Capabilities, MixCtx, MixerCache, MixerDims, MixerKind, TokenMixer, MASKED,
 };
-use crate::kernels::attention_op::{self, flash_attention, FlashMask};
+use super::route::{route, Case, Route};
+use crate::kernels::attention_op::{flash_attention, FlashMask};
 use crate::params::Params;
 use crate::Result;
 
@@ -113,8 +114,8 @@ pub struct LocalKernel {
 }
 
 impl HeadKernel for LocalKernel {
-    fn fused_mask<'a>(&self, x: &Tensor, ctx: &MixCtx<'a>) -> Option<FlashMask<'a>> {
-        attention_op::supports(x).then_some(FlashMask {
+    fn flash_mask<'a>(&self, ctx: &MixCtx<'a>) -> Option<FlashMask<'a>> {
+        Some(FlashMask {
             causal: self.causal,
             key_bias: ctx.key_bias,
             alibi: ctx.alibi,
@@ -246,7 +247,12 @@ pub struct LocalOpts<'a> {
 /// outside every band skipped, O(n·w) time, O(n·d) memory); other types and devices the
 /// candle path below (query chunks against their band of keys), its reference.
 pub fn attend_local(q: &Tensor, k: &Tensor, v: &Tensor, o: &LocalOpts) -> Result<Tensor> {
-    if attention_op::supports(q) {
+    // The band has no single-tile path.
+    let case = Case {
+        fusable: true,
+        ..Case::of(q)
+    };
+    if route(case) == Route::Fused {
         let mask = FlashMask {
             causal: o.causal,
             q_offset: o.q_offset,

@@ -7,6 +7,7 @@
 //! multi-head shell of [`heads`] and the exact softmax kernel of [`softmax`].
 
 pub mod heads;
+pub mod route;
 pub mod softmax;
 
 use candle_core::Tensor;
@@ -27,14 +28,44 @@ pub struct MixCtx<'a> {
     pub rope: Option<&'a Rope>,
     /// ALiBi head slopes `[h]` when the model uses ALiBi.
     pub alibi: Option<&'a Tensor>,
-    /// Value residual (ResFormer): the first attention layer leaves its values here; later
-    /// ones mix them into theirs with weight `1 − value_lambda`.
-    pub first_values: Option<&'a std::cell::RefCell<Option<Tensor>>>,
-    /// `λ` of the value residual.
-    pub value_lambda: f64,
-    /// `(start, len)` of each sequence when the batch is packed padding-free into one
-    /// row (`x` is `[1, total, d]`); mixers must not mix across these boundaries.
-    pub segments: Option<&'a [(usize, usize)]>,
+    /// The value residual (ResFormer), when the model mixes values across layers.
+    pub value_residual: Option<ValueResidual<'a>>,
+    /// The sequences packed padding-free into one row (`x` is `[1, total, d]`); mixers
+    /// must not mix across their boundaries.
+    pub segments: Option<&'a [Segment]>,
+}
+
+impl<'a> MixCtx<'a> {
+    /// The context of one sequence of a packed batch: its own offset, no segments.
+    pub fn sequence(&self, s: &Segment) -> MixCtx<'a> {
+        MixCtx {
+            offset: s.offset,
+            segments: None,
+            ..*self
+        }
+    }
+}
+
+/// One sequence of a packed batch: rows `start..start + len`, its first token at position
+/// `offset` (the tokens its decoding cache holds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// First row.
+    pub start: usize,
+    /// Rows.
+    pub len: usize,
+    /// Position of its first token.
+    pub offset: usize,
+}
+
+/// The value residual (ResFormer, Zhou et al. 2024) as a layer sees it: an input of the
+/// layer (the first layer's values) whose output ([`Mixed::values`]) the stack hands on.
+#[derive(Debug, Clone, Copy)]
+pub struct ValueResidual<'a> {
+    /// A later layer's values become `lambda · v + (1 − lambda) · first`.
+    pub lambda: f64,
+    /// The values `[b, h, n, dh]` of the first layer that has values; `None` until then.
+    pub first: Option<&'a Tensor>,
 }
 
 /// Score added to masked positions: finite, so fully masked rows stay NaN-free.
@@ -47,43 +78,65 @@ pub struct MixerCache {
     pub tensors: Vec<Tensor>,
 }
 
+/// What a token mixer returns.
+#[derive(Debug, Clone)]
+pub struct Mixed {
+    /// The mixed tokens, `[b, n, d]`.
+    pub y: Tensor,
+    /// Under a value residual whose first values are not set yet, this layer's values
+    /// (`[b, h, n, dh]`), which become the first values of every later layer.
+    pub values: Option<Tensor>,
+}
+
 /// A token mixer maps `[b, n, d]` to `[b, n, d]`.
 pub trait TokenMixer: std::fmt::Debug + Send + Sync {
-    /// Mixes `x`; with `cache` (causal models only), `x` continues the sequence the cache
-    /// holds.
-    fn forward(&self, x: &Tensor, ctx: &MixCtx, cache: Option<&mut MixerCache>) -> Result<Tensor>;
+    /// Mixes `x`. `caches` is empty, or holds what `x` continues (causal models only):
+    /// one cache for an unpacked batch, or one per sequence of `ctx.segments` (a decoding
+    /// step over independent sequences, each with its own offset).
+    fn mix(&self, x: &Tensor, ctx: &MixCtx, caches: &mut [&mut MixerCache]) -> Result<Mixed>;
 
-    /// One decoding step over independent sequences packed padding-free into
-    /// `x [1, total, d]`: the `i`-th is `segments[i]` and continues what `caches[i]` holds,
-    /// under its own `ctxs[i]` (offset, value residual). By default each sequence runs
-    /// through [`Self::forward`] alone; the attention family projects all rows at once.
-    fn forward_cached_packed(
-        &self,
-        x: &Tensor,
-        segments: &[(usize, usize)],
-        ctxs: &[MixCtx],
-        caches: &mut [&mut MixerCache],
-    ) -> Result<Tensor> {
-        let parts = per_sequence(segments, ctxs, caches, |(start, len), ctx, cache| {
-            self.forward(&x.narrow(1, start, len)?, ctx, Some(cache))
-        })?;
-        Ok(Tensor::cat(&parts, 1)?)
+    /// [`Self::mix`] with at most one cache, the mixed tokens alone.
+    fn forward(&self, x: &Tensor, ctx: &MixCtx, cache: Option<&mut MixerCache>) -> Result<Tensor> {
+        let mixed = match cache {
+            Some(cache) => self.mix(x, ctx, &mut [cache])?,
+            None => self.mix(x, ctx, &mut [])?,
+        };
+        Ok(mixed.y)
     }
 }
 
-/// `f(segment, ctx, cache)` for each sequence of a packed decoding step, in order.
-pub(crate) fn per_sequence(
-    segments: &[(usize, usize)],
-    ctxs: &[MixCtx],
+/// `f(segment, its context, its cache)` for each sequence of a packed batch, in order;
+/// `caches` is empty or has one per sequence.
+pub(crate) fn per_segment(
+    segments: &[Segment],
+    ctx: &MixCtx,
     caches: &mut [&mut MixerCache],
-    mut f: impl FnMut((usize, usize), &MixCtx, &mut MixerCache) -> Result<Tensor>,
+    mut f: impl FnMut(&Segment, &MixCtx, Option<&mut MixerCache>) -> Result<Tensor>,
 ) -> Result<Vec<Tensor>> {
+    if !caches.is_empty() && caches.len() != segments.len() {
+        return Err(Error::Input(format!(
+            "a packed batch of {} sequences takes one cache per sequence, found {}",
+            segments.len(),
+            caches.len()
+        )));
+    }
+    let mut caches = caches.iter_mut();
     segments
         .iter()
-        .zip(ctxs)
-        .zip(caches.iter_mut())
-        .map(|((&segment, ctx), cache)| f(segment, ctx, cache))
+        .map(|s| f(s, &ctx.sequence(s), caches.next().map(|c| &mut **c)))
         .collect()
+}
+
+/// The one cache of an unpacked batch, if any.
+pub(crate) fn single<'c>(caches: &'c mut [&mut MixerCache]) -> Result<Option<&'c mut MixerCache>> {
+    match caches {
+        [] => Ok(None),
+        [cache] => Ok(Some(&mut **cache)),
+        _ => Err(Error::Input(format!(
+            "an unpacked batch takes one cache, found {}",
+            caches.len()
+        ))),
+    }
 }
 
 /// The model-level facts a mixer is configured against.

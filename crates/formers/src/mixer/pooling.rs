@@ -5,7 +5,10 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::{positive, Capabilities, MixCtx, MixerCache, MixerDims, MixerKind, TokenMixer};
+use super::{
+    per_segment, positive, single, Capabilities, MixCtx, Mixed, MixerCache, MixerDims, MixerKind,
+    TokenMixer,
+};
 use crate::params::Params;
 use crate::{Error, Result};
 
@@ -154,27 +157,33 @@ fn shift(x: &Tensor, o: isize) -> Result<Tensor> {
 }
 
 impl TokenMixer for Pool {
-    fn forward(&self, x: &Tensor, ctx: &MixCtx, cache: Option<&mut MixerCache>) -> Result<Tensor> {
-        if let Some(cache) = cache {
-            return self.decode(x, ctx, cache);
-        }
-        let keep = match ctx.key_bias {
-            Some(kb) => {
-                let (b, _, _, n) = kb.dims4()?;
-                Some(kb.ge(-1.0)?.to_dtype(x.dtype())?.reshape((b, n, 1))?)
-            }
-            None => None,
-        };
-        match ctx.segments {
+    fn mix(&self, x: &Tensor, ctx: &MixCtx, caches: &mut [&mut MixerCache]) -> Result<Mixed> {
+        let y = match ctx.segments {
             Some(segments) => {
-                let parts = segments
-                    .iter()
-                    .map(|&(start, len)| self.pool(&x.narrow(1, start, len)?, None))
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(Tensor::cat(&parts, 1)?)
+                let parts = per_segment(segments, ctx, caches, |s, ctx, cache| {
+                    let x = x.narrow(1, s.start, s.len)?;
+                    match cache {
+                        Some(cache) => self.decode(&x, ctx, cache),
+                        None => self.pool(&x, None),
+                    }
+                })?;
+                Tensor::cat(&parts, 1)?
             }
-            None => self.pool(x, keep.as_ref()),
-        }
+            None => match single(caches)? {
+                Some(cache) => self.decode(x, ctx, cache)?,
+                None => {
+                    let keep = match ctx.key_bias {
+                        Some(kb) => {
+                            let (b, _, _, n) = kb.dims4()?;
+                            Some(kb.ge(-1.0)?.to_dtype(x.dtype())?.reshape((b, n, 1))?)
+                        }
+                        None => None,
+                    };
+                    self.pool(x, keep.as_ref())?
+                }
+            },
+        };
+        Ok(Mixed { y, values: None })
     }
 }
 

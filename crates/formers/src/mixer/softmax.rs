@@ -6,8 +6,9 @@
 use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
+use super::route::{route, Case, Route};
 use super::{MixerCache, MASKED};
-use crate::kernels::attention_op::{self, flash_attention, FlashMask};
+use crate::kernels::attention_op::{flash_attention, FlashMask};
 use crate::position::alibi_bias;
 use crate::{Error, Result};
 
@@ -87,17 +88,18 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, o: &AttendOpts) -> Result<Tens
     let (_, _, n, dh) = q.dims4()?;
     let m = k.dim(2)?;
     let (qc, kc) = (o.q_chunk.max(1), o.k_chunk.max(1));
-    if o.inference
-        && n <= qc
-        && m <= kc
-        && o.clip.is_none()
-        && q.dtype() == candle_core::DType::F32
-        && q.device().is_cpu()
-    {
+    let case = Case {
+        inference: o.inference,
+        fusable: o.clip.is_none(),
+        one_tile: n <= qc && m <= kc,
+        ..Case::of(q)
+    };
+    let route = route(case);
+    if route == Route::SingleTile {
         let s = tile_scores(&(q * (1.0 / (dh as f64).sqrt()))?, k, o.q_offset, 0, m, o)?;
         return Ok(candle_nn::ops::softmax_last_dim(&s)?.matmul(v)?);
     }
-    if o.clip.is_none() && crate::kernels::fused_enabled() && attention_op::supports(q) {
+    if route == Route::Fused {
         let mask = FlashMask {
             causal: o.causal,
             q_offset: o.q_offset,
