@@ -8,10 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::heads::{HeadKernel, MultiHead, Projections};
 use super::softmax::{append_kv, attend, AttendOpts, Clip};
-use super::{
-    no_padding_in_cache, positive, Capabilities, MixCtx, MixerCache, MixerDims, MixerKind,
-    TokenMixer,
-};
+use super::kind::{Capabilities, MixCtx, MixerCache, MixerDims, MixerKind, TokenMixer, no_padding_in_cache, positive};
 use crate::kernels::attention_op::FlashMask;
 use crate::params::Params;
 use crate::{Error, Result};
@@ -27,7 +24,7 @@ pub struct AttentionSpec {
     #[serde(default = "default_chunk")]
     pub k_chunk: usize,
     /// Biases on the projections.
-    #[serde(default = "super::yes")]
+    #[serde(default = "super::kind::yes")]
     pub bias: bool,
     /// One projection for queries and keys: symmetric scores, fewer parameters
     /// (Key-Value Transformer).

@@ -7,9 +7,7 @@ use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::heads::{HeadKernel, MultiHead, Projections};
-use super::{
-    keep_mask, no_cache, Capabilities, MixCtx, MixerCache, MixerDims, MixerKind, TokenMixer,
-};
+use super::kind::{Capabilities, MixCtx, MixerCache, MixerDims, MixerKind, TokenMixer, keep_mask, no_cache};
 use crate::params::Params;
 use crate::Result;
 
@@ -18,7 +16,7 @@ use crate::Result;
 #[serde(deny_unknown_fields)]
 pub struct FlowSpec {
     /// Biases on the projections.
-    #[serde(default = "super::yes")]
+    #[serde(default = "super::kind::yes")]
     pub bias: bool,
 }
 

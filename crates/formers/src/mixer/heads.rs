@@ -4,8 +4,8 @@
 
 use candle_core::Tensor;
 
+use super::kind::{per_segment, single, MixCtx, Mixed, MixerCache, MixerDims, TokenMixer};
 use super::route::{route, Case, Route};
-use super::{per_segment, single, MixCtx, Mixed, MixerCache, MixerDims, TokenMixer};
 use crate::kernels::attention_op::{flash_attention_merged, flash_attention_qkv, FlashMask};
 use crate::linear::Linear;
 use crate::params::Params;
@@ -250,7 +250,7 @@ impl TokenMixer for MultiHead {
         // The first layer with values hands them on; later ones mix them into theirs.
         let values = vr.filter(|r| r.first.is_none()).map(|_| v.clone());
         let first = vr.and_then(|r| r.first.map(|f| (r.lambda, f)));
-        let part = |t: &Tensor, s: &super::Segment| t.narrow(2, s.start, s.len);
+        let part = |t: &Tensor, s: &super::kind::Segment| t.narrow(2, s.start, s.len);
         let y = match ctx.segments {
             None => {
                 let v = mix_values(v, first)?;

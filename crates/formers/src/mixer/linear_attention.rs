@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::heads::{HeadKernel, MultiHead, Projections};
-use super::{positive, Capabilities, MixCtx, MixerCache, MixerDims, MixerKind, TokenMixer};
+use super::kind::{Capabilities, MixCtx, MixerCache, MixerDims, MixerKind, TokenMixer, positive};
 use crate::params::Params;
 use crate::rng::Rng;
 use crate::Result;
@@ -30,7 +30,7 @@ pub struct LinearSpec {
     #[serde(default = "default_chunk")]
     pub chunk: usize,
     /// Biases on the projections.
-    #[serde(default = "super::yes")]
+    #[serde(default = "super::kind::yes")]
     pub bias: bool,
 }
 
@@ -223,12 +223,12 @@ impl LinearKernel {
         let fq = self.phi(q, true)?;
         let mut fk = self.phi(k, false)?;
         // Padded keys contribute no features at all.
-        if let Some(keep) = super::keep_mask(key_bias, fk.dtype())? {
+        if let Some(keep) = super::kind::keep_mask(key_bias, fk.dtype())? {
             fk = fk.broadcast_mul(&keep)?;
         }
         if !causal {
             if cache.is_some() {
-                return Err(super::no_cache("bidirectional linear attention"));
+                return Err(super::kind::no_cache("bidirectional linear attention"));
             }
             let kv = fk.t()?.matmul(v)?;
             let z = fk.sum_keepdim(2)?;

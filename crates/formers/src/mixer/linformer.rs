@@ -7,10 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::heads::{HeadKernel, MultiHead, Projections};
 use super::softmax::{attend, AttendOpts};
-use super::{
-    keep_mask, no_cache, positive, Capabilities, MixCtx, MixerCache, MixerDims, MixerKind,
-    TokenMixer,
-};
+use super::kind::{Capabilities, MixCtx, MixerCache, MixerDims, MixerKind, TokenMixer, keep_mask, no_cache, positive};
 use crate::params::INIT_STD;
 use crate::params::{Init, Params};
 use crate::Result;
@@ -22,13 +19,13 @@ pub struct LinformerSpec {
     /// Rows keys and values are projected to.
     pub k: usize,
     /// One projection shared by all heads (else one per head).
-    #[serde(default = "super::yes")]
+    #[serde(default = "super::kind::yes")]
     pub shared: bool,
     /// Query and key chunk of the softmax over the projected keys.
     #[serde(default = "super::attention::default_chunk")]
     pub chunk: usize,
     /// Biases on the projections.
-    #[serde(default = "super::yes")]
+    #[serde(default = "super::kind::yes")]
     pub bias: bool,
 }
 

@@ -8,9 +8,7 @@ use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::heads::{HeadKernel, MultiHead, Projections};
-use super::{
-    no_padding_in_cache, positive, Capabilities, MixCtx, MixerCache, MixerDims, MixerKind, TokenMixer, MASKED,
-};
+use super::kind::{Capabilities, MASKED, MixCtx, MixerCache, MixerDims, MixerKind, TokenMixer, no_padding_in_cache, positive};
 use super::route::{route, Case, Route};
 use crate::kernels::attention_op::{flash_attention, FlashMask};
 use crate::params::Params;
@@ -29,7 +27,7 @@ pub struct LocalSpec {
     #[serde(default = "super::attention::default_chunk")]
     pub chunk: usize,
     /// Biases on the projections.
-    #[serde(default = "super::yes")]
+    #[serde(default = "super::kind::yes")]
     pub bias: bool,
 }
 

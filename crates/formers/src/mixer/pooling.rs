@@ -5,10 +5,7 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::{
-    per_segment, positive, single, Capabilities, MixCtx, Mixed, MixerCache, MixerDims, MixerKind,
-    TokenMixer,
-};
+use super::kind::{Capabilities, MixCtx, Mixed, MixerCache, MixerDims, MixerKind, TokenMixer, per_segment, positive, single};
 use crate::params::Params;
 use crate::{Error, Result};
 
@@ -124,9 +121,9 @@ impl Pool {
     /// `window − 1` of them).
     fn decode(&self, x: &Tensor, ctx: &MixCtx, cache: &mut MixerCache) -> Result<Tensor> {
         if !self.causal {
-            return Err(super::no_cache("centred pooling"));
+            return Err(super::kind::no_cache("centred pooling"));
         }
-        super::no_padding_in_cache(ctx.key_bias)?;
+        super::kind::no_padding_in_cache(ctx.key_bias)?;
         let n = x.dim(1)?;
         let all = match cache.tensors.as_slice() {
             [held] => Tensor::cat(&[held, x], 1)?,

@@ -6,8 +6,8 @@
 use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
+use super::kind::{MixerCache, MASKED};
 use super::route::{route, Case, Route};
-use super::{MixerCache, MASKED};
 use crate::kernels::attention_op::{flash_attention, FlashMask};
 use crate::position::alibi_bias;
 use crate::{Error, Result};

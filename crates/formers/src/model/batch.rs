@@ -3,7 +3,7 @@
 
 use candle_core::{Device, Tensor};
 
-use super::Cache;
+use super::cache::Cache;
 use crate::mixer::Segment;
 use crate::{Error, Result};
 

@@ -2,8 +2,8 @@
 
 use candle_core::{Tensor, D};
 
-use super::Model;
 use crate::config::{HeadSpec, ModelConfig, Pooling};
+use crate::kernels::quant::QuantMatrix;
 use crate::linear::Linear;
 use crate::params::Params;
 use crate::{Error, Result};
@@ -41,17 +41,24 @@ impl Head {
     }
 }
 
-impl Model {
+impl Head {
     /// Applies the head to hidden states `[b, n, d]` (for a matching head: the two documents
-    /// of pair `i` in rows `2i`, `2i + 1`).
-    pub fn head(&self, h: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        match &self.head {
+    /// of pair `i` in rows `2i`, `2i + 1`); a tied LM head multiplies by the token table
+    /// `embed`, or by `embed_quant` when the table is kept quantised.
+    pub(super) fn apply(
+        &self,
+        h: &Tensor,
+        mask: Option<&Tensor>,
+        embed: &Tensor,
+        embed_quant: Option<&QuantMatrix>,
+    ) -> Result<Tensor> {
+        match self {
             Head::Lm { untied: None } => {
                 let (b, n, d) = h.dims3()?;
                 let h = h.reshape((b * n, d))?;
-                let logits = match &self.embed_quant {
+                let logits = match embed_quant {
                     Some(q) => crate::linear::quant_forward(q, None, &h)?,
-                    None => h.matmul(&self.embed.t()?)?,
+                    None => h.matmul(&embed.t()?)?,
                 };
                 Ok(logits.reshape((b, n, ()))?)
             }

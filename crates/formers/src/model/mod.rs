@@ -48,6 +48,13 @@ pub struct Model {
 }
 
 impl Model {
+    /// Applies the head to hidden states `[b, n, d]` (for a matching head: the two documents
+    /// of pair `i` in rows `2i`, `2i + 1`).
+    pub fn head(&self, h: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        self.head
+            .apply(h, mask, &self.embed, self.embed_quant.as_deref())
+    }
+
     /// Builds the model with parameters under `p`: `embed.weight`, `pos.weight`,
     /// `layers.{i}.*`, `final_norm.*`, `head.*`.
     pub fn new(cfg: &ModelConfig, p: &Params) -> Result<Self> {
