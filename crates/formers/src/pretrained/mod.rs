@@ -252,6 +252,12 @@ pub fn load_tokenizer(path: &Path, vocab_size: usize) -> Result<Tokenizer> {
     // (fuzz/regressions/tokenizer/decoder-syntax-error.json); a parsed value cannot have one.
     let json: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|e| checkpoint_error(path, format!("unreadable tokenizer: {e}")))?;
+    if let Some(fault) = template_fault(&json["post_processor"]) {
+        return Err(checkpoint_error(
+            path,
+            format!("unusable tokenizer: {fault}"),
+        ));
+    }
     let mut tok: Tokenizer = serde_json::from_value(json)
         .map_err(|e| checkpoint_error(path, format!("unreadable tokenizer: {e}")))?;
     tok.with_padding(None);
@@ -265,6 +271,34 @@ pub fn load_tokenizer(path: &Path, vocab_size: usize) -> Result<Tokenizer> {
         ));
     }
     Ok(tok)
+}
+
+/// What in a post-processor would panic when applied, if anything: `tokenizers` loads a
+/// `TemplateProcessing` unchecked, then indexes its special tokens and sequences
+/// (fuzz/regressions/tokenizer/template-missing-special-token.json).
+fn template_fault(pp: &serde_json::Value) -> Option<String> {
+    match pp["type"].as_str() {
+        Some("Sequence") => pp["processors"].as_array()?.iter().find_map(template_fault),
+        Some("TemplateProcessing") => {
+            let known = pp["special_tokens"].as_object();
+            for key in ["single", "pair"] {
+                for piece in pp[key].as_array().into_iter().flatten() {
+                    if let Some(id) = piece["SpecialToken"]["id"].as_str() {
+                        if !known.is_some_and(|k| k.contains_key(id)) {
+                            return Some(format!(
+                                "post_processor `{key}` uses special token `{id}`, which its `special_tokens` lacks"
+                            ));
+                        }
+                    }
+                    if key == "single" && piece["Sequence"]["id"].as_str() == Some("B") {
+                        return Some("post_processor `single` uses a second sequence `B`".into());
+                    }
+                }
+            }
+            None
+        }
+        _ => None,
+    }
 }
 
 /// Token ids of `text` (with the tokenizer's special tokens when `special`).
