@@ -230,3 +230,29 @@ fn serialize(tensors: &BTreeMap<String, Stored>) -> Result<Vec<u8>> {
         .collect::<Result<Vec<_>>>()?;
     safetensors::serialize(views, None).map_err(|e| Error::Input(format!("safetensors: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `formers.json` names the family by the strings older directories hold ("bert",
+    /// "gpt2"); an unknown name is refused with the known ones.
+    #[test]
+    fn the_manifest_names_the_family_as_before() {
+        let manifest = |family: &str| {
+            serde_json::json!({
+                "format": FORMAT, "version": VERSION, "family": family, "config": {},
+                "compression": [], "source": "x"
+            })
+        };
+        for name in ["bert", "gpt2"] {
+            let m: Manifest = serde_json::from_value(manifest(name)).unwrap();
+            assert_eq!(m.family.name(), name);
+            assert_eq!(serde_json::to_value(&m).unwrap()["family"], name);
+        }
+        let e = serde_json::from_value::<Manifest>(manifest("mamba"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mamba") && e.contains("`bert`, `gpt2`"), "{e}");
+    }
+}
