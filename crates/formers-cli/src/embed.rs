@@ -10,7 +10,7 @@ use clap::Args;
 use formers::embed;
 use formers::fsio;
 use formers::limits::Limits;
-use formers::pretrained::{self, Family, Pretrained};
+use formers::pretrained::{self, Pretrained};
 
 use crate::limits::LoadArgs;
 use crate::progress::bar;
@@ -78,17 +78,17 @@ pub fn embed_lines(
     Ok(rows)
 }
 
-/// Loads a checkpoint that must be a BERT-family encoder.
+/// Loads a checkpoint that must be an encoder with an embedding head (BERT family).
 pub fn load_encoder(dir: &Path, limits: &Limits) -> Result<Pretrained> {
     let p = pretrained::load_with(dir, limits)?;
     if let Some(w) = p.unused_warning() {
         eprintln!("{w}");
     }
-    if p.family != Family::Bert {
+    if !embed::has_embedding_head(&p.config) {
         bail!(
-            "{}: a {:?} model; embeddings need a BERT-family encoder",
+            "{}: a {} model without an embedding head; embeddings need an encoder with one (a BERT-family encoder)",
             dir.display(),
-            p.family
+            p.family.name()
         );
     }
     Ok(p)

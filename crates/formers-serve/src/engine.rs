@@ -202,7 +202,7 @@ impl Engine {
 
 /// The model in `dir` and its codec: a `formers train` run directory of a causal
 /// byte-level LM (through [`lm::load`], as `formers generate` loads it), else a Hugging
-/// Face checkpoint of either family.
+/// Face checkpoint of any family.
 fn load(dir: &Path, limits: &Limits) -> Result<(Model, Codec)> {
     if dir.join(RunRecord::FILE).is_file() {
         let lm = lm::load(dir, limits)?;
@@ -212,7 +212,7 @@ fn load(dir: &Path, limits: &Limits) -> Result<(Model, Codec)> {
     if let Some(w) = p.unused_warning() {
         eprintln!("{w}");
     }
-    Ok((p.model, Codec::Tokenizer(Box::new(p.tokenizer))))
+    Ok((p.model, Codec::of(p.family, p.tokenizer)))
 }
 
 /// The model thread's state.

@@ -202,7 +202,7 @@ async fn embeddings(
             .iter()
             .enumerate()
             .map(|(i, text)| {
-                let Codec::Tokenizer(tokenizer) = &info.codec else {
+                let Codec::Tokenizer { tokenizer, .. } = &info.codec else {
                     return Err(ApiError::internal("an encoder without a tokenizer"));
                 };
                 let mut ids = embed::tokenize(tokenizer, text)

@@ -37,9 +37,9 @@ fn main() -> formers::Result<()> {
     let rows = embed::embed_batch(&loaded.model, &ids)?;
     let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
     println!(
-        "{}: {:?} model, {} sentences -> {}-dimensional embeddings",
+        "{}: {} model, {} sentences -> {}-dimensional embeddings",
         dir.display(),
-        loaded.family,
+        loaded.family.name(),
         rows.len(),
         rows[0].len()
     );

@@ -4,9 +4,15 @@
 
 use tokenizers::Tokenizer;
 
+use crate::config::{HeadSpec, ModelConfig};
 use crate::model::{Model, Packed};
 use crate::pretrained;
 use crate::Result;
+
+/// Whether `cfg` gives embeddings: an encoder with a pooled embedding head.
+pub fn has_embedding_head(cfg: &ModelConfig) -> bool {
+    !cfg.is_causal() && matches!(cfg.head, HeadSpec::Embedding { .. })
+}
 
 /// Token ids of `text` with the tokenizer's special tokens, unchecked in length.
 pub fn tokenize(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {

@@ -1,13 +1,13 @@
 //! A causal language model ready to continue text, whichever directory it comes from: a
 //! `formers train` run directory (a byte-level LM: bytes in, bytes out) or a
-//! GPT-2-family checkpoint (its `tokenizer.json`). `formers generate` and `formers serve`
+//! pretrained causal LM (its `tokenizer.json`). `formers generate` and `formers serve`
 //! load through [`load`], so both take the same directories.
 
 use std::path::Path;
 
 use tokenizers::Tokenizer;
 
-use crate::config::InputSpec;
+use crate::config::{HeadSpec, InputSpec, ModelConfig};
 use crate::limits::Limits;
 use crate::model::Model;
 use crate::pretrained::{self, Family};
@@ -19,16 +19,30 @@ use crate::{Error, Result};
 pub enum Codec {
     /// One token per byte (formers' byte-level models).
     Bytes,
-    /// A Hugging Face tokenizer.
-    Tokenizer(Box<Tokenizer>),
+    /// A Hugging Face tokenizer, and whether text gets its special tokens (as the
+    /// family's [`Family`] says: `lm_special_tokens`).
+    Tokenizer {
+        tokenizer: Box<Tokenizer>,
+        special: bool,
+    },
 }
 
 impl Codec {
-    /// The token ids of `text` (no special tokens added).
+    /// The codec of a pretrained model of `family` with `tokenizer`.
+    pub fn of(family: &dyn Family, tokenizer: Tokenizer) -> Codec {
+        Codec::Tokenizer {
+            tokenizer: Box::new(tokenizer),
+            special: family.lm_special_tokens(),
+        }
+    }
+
+    /// The token ids of `text` (special tokens added only where the family needs them).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         Ok(match self {
             Codec::Bytes => text.bytes().map(u32::from).collect(),
-            Codec::Tokenizer(t) => pretrained::encode(t, text, false)?,
+            Codec::Tokenizer { tokenizer, special } => {
+                pretrained::encode(tokenizer, text, *special)?
+            }
         })
     }
 
@@ -39,7 +53,7 @@ impl Codec {
                 let bytes: Vec<u8> = ids.iter().map(|&t| t as u8).collect();
                 String::from_utf8_lossy(&bytes).into_owned()
             }
-            Codec::Tokenizer(t) => pretrained::decode(t, ids)?,
+            Codec::Tokenizer { tokenizer, .. } => pretrained::decode(tokenizer, ids)?,
         })
     }
 }
@@ -55,9 +69,14 @@ pub struct Lm {
     pub unused_warning: Option<String>,
 }
 
+/// Whether `cfg` is a causal LM: causal attention and an LM head.
+pub fn is_causal_lm(cfg: &ModelConfig) -> bool {
+    cfg.is_causal() && matches!(cfg.head, HeadSpec::Lm { .. })
+}
+
 /// Loads the causal LM in `dir` within `limits`: a run directory (it holds `run.json`)
-/// whose model is causal and reads bytes, or a GPT-2-family checkpoint. Anything else is
-/// an error naming the directory and what it holds instead.
+/// whose model is causal and reads bytes, or a pretrained model that [`is_causal_lm`].
+/// Anything else is an error naming the directory and what it holds instead.
 pub fn load(dir: &Path, limits: &Limits) -> Result<Lm> {
     let refuse = |msg: String| Error::Checkpoint {
         path: dir.to_path_buf(),
@@ -82,15 +101,19 @@ pub fn load(dir: &Path, limits: &Limits) -> Result<Lm> {
         });
     }
     let p = pretrained::load_with(dir, limits)?;
-    if p.family != Family::Gpt2 {
+    if !is_causal_lm(&p.config) {
+        let what = match p.config.is_causal() {
+            false => "encoder (bidirectional attention)",
+            true => "model without an LM head",
+        };
         return Err(refuse(format!(
-            "a {:?} encoder, not a causal LM (GPT-2 family)",
-            p.family
+            "a {} {what}, not a causal LM",
+            p.family.name()
         )));
     }
     Ok(Lm {
         unused_warning: p.unused_warning(),
         model: p.model,
-        codec: Codec::Tokenizer(Box::new(p.tokenizer)),
+        codec: Codec::of(p.family, p.tokenizer),
     })
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use formers::generate::{generate, Sampling};
 use formers::model::{ids_tensor, Packed};
-use formers::pretrained::{self, Family};
+use formers::pretrained;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -57,7 +57,7 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
 #[test]
 fn bert_matches_transformers_alone_packed_and_padded() {
     let p = pretrained::load(&fixture("tiny-bert")).unwrap();
-    assert_eq!(p.family, Family::Bert);
+    assert_eq!(p.family.name(), "bert");
     assert_eq!(
         p.config.head_dim(),
         12,
@@ -131,7 +131,7 @@ fn bert_matches_transformers_alone_packed_and_padded() {
 #[test]
 fn gpt2_matches_transformers_logits_and_greedy_tokens() {
     let p = pretrained::load(&fixture("tiny-gpt2")).unwrap();
-    assert_eq!(p.family, Family::Gpt2);
+    assert_eq!(p.family.name(), "gpt2");
     let r = reference("tiny-gpt2");
     let greedy: Vec<Vec<u32>> = serde_json::from_value(r.json["greedy"].clone()).unwrap();
     let ids = r.ids();
@@ -161,6 +161,54 @@ fn gpt2_matches_transformers_logits_and_greedy_tokens() {
             };
             let got = generate(&p.model, expect, want.len(), &s, true, |_| {}).unwrap();
             assert_eq!(&got, want, "greedy continuation of prompt {i}");
+        }
+    }
+}
+
+/// Every family of `pretrained::FAMILIES` matches `transformers` on its fixture
+/// `tests/fixtures/tiny-<name>` (`reference.json`'s texts and ids, and hidden states; logits
+/// and greedy tokens for a causal LM, embeddings for an encoder): a new family is checked by
+/// its fixtures alone.
+#[test]
+fn every_family_matches_transformers_on_its_fixture() {
+    assert!(pretrained::FAMILIES.len() >= 2);
+    for family in pretrained::FAMILIES {
+        let name = family.name();
+        let dir = format!("tiny-{name}");
+        let p = pretrained::load(&fixture(&dir)).unwrap();
+        assert_eq!(p.family.name(), name);
+        let r = reference(&dir);
+        let lm = formers::lm::is_causal_lm(&p.config);
+        assert!(
+            lm || formers::embed::has_embedding_head(&p.config),
+            "{name}"
+        );
+        let special = if lm { family.lm_special_tokens() } else { true };
+        let greedy: Vec<Vec<u32>> =
+            serde_json::from_value(r.json["greedy"].clone()).unwrap_or_default();
+        for (i, (text, expect)) in r.texts().iter().zip(&r.ids()).enumerate() {
+            let got = pretrained::encode(&p.tokenizer, text, special).unwrap();
+            assert_eq!(&got, expect, "{name}: tokens of {text:?}");
+            let x = ids_tensor(expect).unwrap();
+            let h = p.model.hidden(&x, None, None, None).unwrap();
+            let err = max_abs(&h.squeeze(0).unwrap(), r.t(&format!("hidden_{i}")));
+            assert!(err < 1e-4, "{name}: hidden {i}: {err}");
+            let out = p.model.forward(&x, None, None).unwrap().squeeze(0).unwrap();
+            if !lm {
+                let err = max_abs(&out, r.t(&format!("embedding_{i}")));
+                assert!(err < 1e-4, "{name}: embedding {i}: {err}");
+                continue;
+            }
+            let err = max_abs(&out, r.t(&format!("logits_{i}")));
+            assert!(err < 1e-3, "{name}: logits {i}: {err}");
+            if let Some(want) = greedy.get(i) {
+                let s = Sampling {
+                    greedy: true,
+                    ..Default::default()
+                };
+                let got = generate(&p.model, expect, want.len(), &s, true, |_| {}).unwrap();
+                assert_eq!(&got, want, "{name}: greedy continuation of prompt {i}");
+            }
         }
     }
 }

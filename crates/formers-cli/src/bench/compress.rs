@@ -14,7 +14,7 @@ use formers::compress::quantize::{self, Scheme};
 use formers::compress::svd::Rank;
 use formers::limits::Limits;
 use formers::model::Packed;
-use formers::pretrained::{self, native, Family, Pretrained};
+use formers::pretrained::{self, native, Pretrained};
 use formers_arena::report::{scatter, Bubble};
 use serde_json::{json, Value};
 
@@ -105,7 +105,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
     }
     let original = pretrained::load_with(&a.model, &Limits::default())
         .with_context(|| format!("loading {}", a.model.display()))?;
-    let lm = original.family == Family::Gpt2;
+    let lm = formers::lm::is_causal_lm(&original.config);
     let (work, temporary) = match &a.work {
         Some(dir) => (dir.clone(), false),
         None => (
@@ -226,7 +226,7 @@ fn compress_all(a: &CompressArgs, original: &Pretrained, work: &Path) -> Result<
         anyhow::Ok(())
     };
     let wants = |m: MethodArg| a.methods.contains(&m);
-    if original.family == Family::Gpt2 && wants(MethodArg::Norm) {
+    if norm::converts(&original.config) && wants(MethodArg::Norm) {
         for target in [Target::RmsNorm, Target::CrmsNorm] {
             let setting = format!("Pre-LN → Pre-{}", target.name());
             keep(
@@ -369,12 +369,13 @@ fn measure_lms(
     })
 }
 
-/// The sentences as an LM reads them: token ids without special tokens, cut to the
-/// positions, those of at least two tokens (one to predict).
+/// The sentences as an LM reads them: token ids (with special tokens only where the
+/// family's LM needs them), cut to the positions, those of at least two tokens (one to
+/// predict).
 pub(crate) fn lm_texts(p: &Pretrained, sentences: &[String]) -> Result<Vec<Vec<u32>>> {
     let mut out = Vec::new();
     for s in sentences {
-        let mut ids = pretrained::encode(&p.tokenizer, s, false)?;
+        let mut ids = pretrained::encode(&p.tokenizer, s, p.family.lm_special_tokens())?;
         ids.truncate(p.config.max_len);
         if ids.len() >= 2 {
             out.push(ids);

@@ -180,6 +180,11 @@ pub fn convert_pretrained(
     Ok((super::manifest_after(p, &cfg, step), super::stored_f32(&w)?))
 }
 
+/// Whether `cfg` converts exactly (a Pre-LN stack of LayerNorms with a final norm, ...).
+pub fn converts(cfg: &ModelConfig) -> bool {
+    check(cfg).is_ok()
+}
+
 /// Which models convert exactly.
 fn check(cfg: &ModelConfig) -> Result<()> {
     if let Some(i) = (0..cfg.n_layers).find(|&i| cfg.layer(i).placement != Placement::Pre) {

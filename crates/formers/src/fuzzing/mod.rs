@@ -3,8 +3,8 @@
 //! with the `fuzzing` feature, and for this crate's tests).
 //!
 //! Each function puts the bytes where the loader reads them, next to valid fixture files
-//! when the loader reads a directory (the tiny BERT and GPT-2 of `tests/fixtures`, a tiny run
-//! directory), runs the public loader and returns `Ok` or its error as text. What a caller
+//! when the loader reads a directory (each family's tiny checkpoint in `tests/fixtures`, a
+//! tiny run directory), runs the public loader and returns `Ok` or its error as text. What a caller
 //! checks is that it returns at all: no panic, no abort, no hang. [`mutate`] turns a valid
 //! input into a hostile one from a recipe of bytes.
 
@@ -16,10 +16,10 @@ mod scratch;
 
 pub use guard::guarded;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use crate::pretrained;
+use crate::pretrained::{self, Family};
 use crate::tasks;
 use crate::train::checkpoint;
 use crate::train::config::RunConfig;
@@ -27,30 +27,47 @@ use crate::train::run::{RunDir, Start};
 use crate::train::trainer::Trainer;
 use scratch::Scratch;
 
-/// The files of a Hugging Face checkpoint directory.
+/// The files of a Hugging Face checkpoint directory: a family's fixture.
 #[derive(Debug, Clone, Copy)]
 pub struct Fixture {
-    pub name: &'static str,
+    pub family: &'static dyn Family,
     pub config: &'static [u8],
     pub weights: &'static [u8],
     pub tokenizer: &'static [u8],
 }
 
-/// `tests/fixtures/tiny-bert`.
-pub const TINY_BERT: Fixture = Fixture {
-    name: "tiny-bert",
-    config: include_bytes!("../../../../tests/fixtures/tiny-bert/config.json"),
-    weights: include_bytes!("../../../../tests/fixtures/tiny-bert/model.safetensors"),
-    tokenizer: include_bytes!("../../../../tests/fixtures/tiny-bert/tokenizer.json"),
-};
+/// `tests/fixtures/tiny-<name>`: the fixture directory of `family`.
+pub fn fixture_dir(family: &dyn Family) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(format!("tiny-{}", family.name()))
+}
 
-/// `tests/fixtures/tiny-gpt2`.
-pub const TINY_GPT2: Fixture = Fixture {
-    name: "tiny-gpt2",
-    config: include_bytes!("../../../../tests/fixtures/tiny-gpt2/config.json"),
-    weights: include_bytes!("../../../../tests/fixtures/tiny-gpt2/model.safetensors"),
-    tokenizer: include_bytes!("../../../../tests/fixtures/tiny-gpt2/tokenizer.json"),
-};
+/// The fixture of every family of [`pretrained::FAMILIES`], in its order (read once).
+pub fn fixtures() -> &'static [Fixture] {
+    static FIXTURES: OnceLock<Vec<Fixture>> = OnceLock::new();
+    FIXTURES.get_or_init(|| {
+        pretrained::FAMILIES
+            .iter()
+            .map(|&family| {
+                let dir = fixture_dir(family);
+                let read = |file: &str| -> &'static [u8] {
+                    let path = dir.join(file);
+                    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+                        panic!("every family has fixtures: {}: {e}", path.display())
+                    });
+                    Box::leak(bytes.into_boxed_slice())
+                };
+                Fixture {
+                    family,
+                    config: read("config.json"),
+                    weights: read("model.safetensors"),
+                    tokenizer: read("tokenizer.json"),
+                }
+            })
+            .collect()
+    })
+}
 
 /// A fuzz target: its name in `fuzz/` and the function it calls.
 pub type Target = (&'static str, fn(&[u8]) -> Outcome);
@@ -58,8 +75,7 @@ pub type Target = (&'static str, fn(&[u8]) -> Outcome);
 /// The fuzz targets of this crate.
 pub const TARGETS: &[Target] = &[
     ("safetensors", safetensors),
-    ("bert_config", |b| hf_config(&TINY_BERT, b)),
-    ("gpt2_config", |b| hf_config(&TINY_GPT2, b)),
+    ("hf_config", hf_config),
     ("tokenizer", tokenizer),
     ("config_json", |b| run_config(Format::Json, b)),
     ("config_toml", |b| run_config(Format::Toml, b)),
@@ -101,8 +117,7 @@ fn text<E: std::fmt::Display>(r: Result<impl Sized, E>) -> Outcome {
     r.map(|_| ()).map_err(|e| e.to_string())
 }
 
-/// `fixture`'s directory with `replace` (file name, bytes) written over one of its files,
-/// loaded with [`pretrained::load`].
+/// `fixture`'s directory with `file` replaced by `bytes`, loaded with [`pretrained::load`].
 fn load_with(fixture: &Fixture, file: &str, bytes: &[u8]) -> Outcome {
     let dir = Scratch::new();
     dir.write("config.json", fixture.config);
@@ -112,10 +127,33 @@ fn load_with(fixture: &Fixture, file: &str, bytes: &[u8]) -> Outcome {
     text(pretrained::load(dir.path()))
 }
 
-/// A safetensors file as a pretrained checkpoint's `model.safetensors` (memory-mapped, read
-/// through the BERT naming) and as a formers checkpoint's tensors (read whole).
+/// `file` replaced by `bytes` in the directory of each of `fixtures`, each loaded: `Ok`, or
+/// the errors, each naming its family.
+fn load_in(fixtures: &[Fixture], file: &str, bytes: &[u8]) -> Outcome {
+    let errors: Vec<String> = fixtures
+        .iter()
+        .filter_map(|f| {
+            let e = load_with(f, file, bytes).err()?;
+            Some(format!("{}: {e}", f.family.name()))
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+/// A safetensors file as a pretrained checkpoint's `model.safetensors` beside each family's
+/// config (memory-mapped, read through the family's naming) and as a formers checkpoint's
+/// tensors (read whole).
 pub fn safetensors(bytes: &[u8]) -> Outcome {
-    let pretrained = load_with(&TINY_BERT, "model.safetensors", bytes);
+    safetensors_in(fixtures(), bytes)
+}
+
+/// [`safetensors`], as the weights of `fixtures` only.
+fn safetensors_in(fixtures: &[Fixture], bytes: &[u8]) -> Outcome {
+    let pretrained = load_in(fixtures, "model.safetensors", bytes);
     let dir = Scratch::new();
     let path = dir.write("model.safetensors", bytes);
     let own = text(checkpoint::read_tensors(&path));
@@ -125,9 +163,16 @@ pub fn safetensors(bytes: &[u8]) -> Outcome {
     }
 }
 
+/// A Hugging Face `config.json` beside each family's weights and tokenizer (the loader
+/// picks the family by the config's `model_type`, whichever files lie beside it).
+pub fn hf_config(bytes: &[u8]) -> Outcome {
+    load_in(fixtures(), "config.json", bytes)
+}
+
 /// A Hugging Face `config.json` in `fixture`'s directory.
-pub fn hf_config(fixture: &Fixture, bytes: &[u8]) -> Outcome {
-    load_with(fixture, "config.json", bytes)
+#[cfg(test)]
+fn hf_config_in(fixture: &Fixture, bytes: &[u8]) -> Outcome {
+    load_in(std::slice::from_ref(fixture), "config.json", bytes)
 }
 
 /// The largest vocabulary [`tokenizer`] lets a tokenizer have.

@@ -65,10 +65,13 @@ const CONFIG_TOML: &str = include_str!("../../../../configs/copy-rope-swiglu.tom
 
 #[test]
 fn the_seeds_load() {
-    assert_eq!(safetensors(TINY_BERT.weights).err(), None);
-    for f in [TINY_BERT, TINY_GPT2] {
-        assert_eq!(hf_config(&f, f.config).err(), None, "{}", f.name);
-        assert_eq!(tokenizer(f.tokenizer).err(), None, "{}", f.name);
+    assert!(fixtures().len() >= 2);
+    for f in fixtures() {
+        let name = f.family.name();
+        let one = std::slice::from_ref(f);
+        assert_eq!(safetensors_in(one, f.weights).err(), None, "{name}");
+        assert_eq!(hf_config_in(f, f.config).err(), None, "{name}");
+        assert_eq!(tokenizer(f.tokenizer).err(), None, "{name}");
     }
     for c in CONFIG_JSON {
         assert_eq!(run_config(Format::Json, c.as_bytes()).err(), None, "{c}");
@@ -82,31 +85,33 @@ proptest! {
 
     #[test]
     fn safetensors_headers(r in recipe(6)) {
-        let (head, data) = split_header(TINY_BERT.weights);
-        let mut file = mutate(head, &r, SMALL);
-        file.extend_from_slice(data);
-        check(&file, safetensors)?;
+        for f in fixtures() {
+            let (head, data) = split_header(f.weights);
+            let mut file = mutate(head, &r, SMALL);
+            file.extend_from_slice(data);
+            check(&file, safetensors)?;
+        }
     }
 
     #[test]
     fn safetensors_files(r in recipe(4)) {
-        check(&mutate(TINY_BERT.weights, &r, SMALL), safetensors)?;
+        for f in fixtures() {
+            check(&mutate(f.weights, &r, SMALL), safetensors)?;
+        }
     }
 
     #[test]
-    fn bert_configs(r in recipe(6)) {
-        check(&mutate(TINY_BERT.config, &r, SMALL), |b| hf_config(&TINY_BERT, b))?;
+    fn hf_configs(r in recipe(6)) {
+        for &f in fixtures() {
+            check(&mutate(f.config, &r, SMALL), move |b| hf_config_in(&f, b))?;
+        }
     }
 
     #[test]
-    fn gpt2_configs(r in recipe(6)) {
-        check(&mutate(TINY_GPT2.config, &r, SMALL), |b| hf_config(&TINY_GPT2, b))?;
-    }
-
-    #[test]
-    fn tokenizers(r in recipe(6), gpt2 in any::<bool>()) {
-        let seed = if gpt2 { TINY_GPT2.tokenizer } else { TINY_BERT.tokenizer };
-        check(&mutate(seed, &r, SMALL), tokenizer)?;
+    fn tokenizers(r in recipe(6)) {
+        for f in fixtures() {
+            check(&mutate(f.tokenizer, &r, SMALL), tokenizer)?;
+        }
     }
 
     #[test]
@@ -127,8 +132,7 @@ proptest! {
     #[test]
     fn noise_everywhere(bytes in noise()) {
         check(&bytes, safetensors)?;
-        check(&bytes, |b| hf_config(&TINY_BERT, b))?;
-        check(&bytes, |b| hf_config(&TINY_GPT2, b))?;
+        check(&bytes, hf_config)?;
         check(&bytes, tokenizer)?;
         check(&bytes, |b| run_config(Format::Json, b))?;
         check(&bytes, |b| run_config(Format::Toml, b))?;
@@ -140,9 +144,10 @@ proptest! {
     #![proptest_config(cases(32))]
 
     #[test]
-    fn huge_numbers_in_hf_configs(r in recipe(3), gpt2 in any::<bool>()) {
-        let f = if gpt2 { TINY_GPT2 } else { TINY_BERT };
-        check(&mutate(f.config, &r, HUGE), move |b| hf_config(&f, b))?;
+    fn huge_numbers_in_hf_configs(r in recipe(3)) {
+        for &f in fixtures() {
+            check(&mutate(f.config, &r, HUGE), move |b| hf_config_in(&f, b))?;
+        }
     }
 
     #[test]
@@ -153,10 +158,12 @@ proptest! {
 
     #[test]
     fn huge_numbers_in_safetensors_headers_and_states(r in recipe(3)) {
-        let (head, data) = split_header(TINY_BERT.weights);
-        let mut file = mutate(head, &r, HUGE);
-        file.extend_from_slice(data);
-        check(&file, safetensors)?;
+        for f in fixtures() {
+            let (head, data) = split_header(f.weights);
+            let mut file = mutate(head, &r, HUGE);
+            file.extend_from_slice(data);
+            check(&file, safetensors)?;
+        }
         check(&mutate(&run_state_seed(), &r, HUGE), run_state)?;
     }
 }

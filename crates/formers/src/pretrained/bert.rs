@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::{
     checkpoint_error, count_key, f64_key, hf_error, layer_param, read_json, str_key, usize_key,
-    Naming, Take,
+    Family, Naming, Take,
 };
 use crate::config::{HeadSpec, InputSpec, LayerSpec, ModelConfig, Placement, Pooling};
 use crate::ffn::{Activation, FfnSpec};
@@ -16,9 +16,31 @@ use crate::params::InitSpec;
 use crate::position::PositionSpec;
 use crate::Result;
 
+/// The BERT family.
+#[derive(Debug)]
+pub struct Bert;
+
+impl Family for Bert {
+    fn name(&self) -> &'static str {
+        "bert"
+    }
+
+    fn model_types(&self) -> &'static [&'static str] {
+        &["bert"]
+    }
+
+    fn config(&self, hf: &serde_json::Value, dir: &Path) -> Result<ModelConfig> {
+        config(hf, dir)
+    }
+
+    fn naming(&self) -> Naming {
+        NAMING
+    }
+}
+
 /// The formers config of the BERT checkpoint in `dir` (its `config.json` is `hf`), with
 /// sentence-transformers pooling from `modules.json` / `1_Pooling/config.json` if present.
-pub fn config(hf: &serde_json::Value, dir: &Path) -> Result<ModelConfig> {
+fn config(hf: &serde_json::Value, dir: &Path) -> Result<ModelConfig> {
     let path = dir.join("config.json");
     let act = match str_key(hf, "hidden_act", "gelu", &path)? {
         "gelu" => Activation::Gelu,
@@ -107,7 +129,7 @@ fn pooling(dir: &Path) -> Result<(Pooling, bool)> {
 }
 
 /// How BERT checkpoints name formers parameters (`bert.` is dropped where present).
-pub const NAMING: Naming = Naming {
+const NAMING: Naming = Naming {
     family: "BERT",
     prefix: "bert.",
     take,
@@ -128,7 +150,7 @@ const KEYS: &[(&str, &str)] = &[
 ];
 
 /// The checkpoint tensor of formers parameter `ours`.
-pub fn take(ours: &str) -> Option<Take> {
+fn take(ours: &str) -> Option<Take> {
     let name = match ours {
         "embed.weight" => "embeddings.word_embeddings.weight".to_string(),
         "pos.weight" => "embeddings.position_embeddings.weight".to_string(),

@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::{checkpoint_error, f64_key, hf_error, layer_param, str_key, usize_key, Naming, Take};
+use super::{
+    checkpoint_error, f64_key, hf_error, layer_param, str_key, usize_key, Family, Naming, Take,
+};
 use crate::config::{HeadSpec, InputSpec, LayerSpec, ModelConfig, Placement};
 use crate::ffn::{Activation, FfnSpec};
 use crate::mixer::MixerSpec;
@@ -14,8 +16,30 @@ use crate::params::InitSpec;
 use crate::position::PositionSpec;
 use crate::Result;
 
+/// The GPT-2 family.
+#[derive(Debug)]
+pub struct Gpt2;
+
+impl Family for Gpt2 {
+    fn name(&self) -> &'static str {
+        "gpt2"
+    }
+
+    fn model_types(&self) -> &'static [&'static str] {
+        &["gpt2"]
+    }
+
+    fn config(&self, hf: &serde_json::Value, dir: &Path) -> Result<ModelConfig> {
+        config(hf, &dir.join("config.json"))
+    }
+
+    fn naming(&self) -> Naming {
+        NAMING
+    }
+}
+
 /// The formers config of a GPT-2 `config.json` (`hf`, read from `path`).
-pub fn config(hf: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
+fn config(hf: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
     let d = usize_key(hf, "n_embd", path)?;
     let act = match str_key(hf, "activation_function", "gelu_new", path)? {
         "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
@@ -68,7 +92,7 @@ pub fn config(hf: &serde_json::Value, path: &Path) -> Result<ModelConfig> {
 }
 
 /// How GPT-2 checkpoints name formers parameters (`transformer.` is dropped where present).
-pub const NAMING: Naming = Naming {
+const NAMING: Naming = Naming {
     family: "GPT-2",
     prefix: "transformer.",
     take,
@@ -89,7 +113,7 @@ const KEYS: &[(&str, &str)] = &[
 
 /// The checkpoint tensor of formers parameter `ours`: `Conv1D` weights are transposed,
 /// and q, k, v are the three thirds of `c_attn`.
-pub fn take(ours: &str) -> Option<Take> {
+fn take(ours: &str) -> Option<Take> {
     match ours {
         "embed.weight" => return Some(Take::same("wte.weight")),
         "pos.weight" => return Some(Take::same("wpe.weight")),

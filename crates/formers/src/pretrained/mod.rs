@@ -1,13 +1,42 @@
 //! Hugging Face checkpoints (`config.json`, `model.safetensors`, `tokenizer.json`) as formers
-//! models. One file per family maps the config to a [`ModelConfig`] and formers parameter
-//! names to checkpoint names; the model is built straight from the mapped file (nothing is
-//! initialised), from the same blocks every other model uses.
+//! models. One file per family implements [`Family`]: the `model_type`s it reads, its config
+//! mapped to a [`ModelConfig`], the checkpoint's names for formers parameters ([`Naming`]) and
+//! its tokenizer needs; [`FAMILIES`] lists them. The model is built straight from the mapped
+//! file ([`weights`]: nothing is initialised), from the same blocks every other model uses.
+//!
+//! [`Family`] is a trait, not a table of function pointers: a family overrides only what
+//! differs from the defaults (its tokenizer needs today), and a need the next family brings
+//! becomes a defaulted method that touches no existing family file.
+//!
+//! What a loaded model *is* (an encoder with an embedding head, a causal LM) is asked of its
+//! [`ModelConfig`] and head (`lm::is_causal_lm`, `embed::has_embedding_head`), never of its
+//! family: nothing outside this module names a family.
+//!
+//! # Adding a family
+//!
+//! 1. One file `pretrained/<name>.rs`: a unit struct implementing [`Family`] (its `name`, as
+//!    written in `formers.json`; its `model_types`; `config`, mapping `config.json` to a
+//!    [`ModelConfig`] whose errors name the family's keys through [`Naming::keys`]; `naming`,
+//!    formers parameter → stored tensor ([`Take`]) and the tensors safe to leave unused;
+//!    `lm_special_tokens` if its LM prompts need them).
+//! 2. One line `<name>::<Struct>,` in `families!` below, which declares the module and lists
+//!    it in [`FAMILIES`]. The loader dispatches on `model_type` through the list; `formers
+//!    compress` directories name the family and are read back through it; `lm`, `embed`,
+//!    `serve` and `bench compress` ask the model's config; the fuzz targets and property tests
+//!    (`fuzzing`) and the weights test iterate the list.
+//! 3. Fixtures: `tests/fixtures/tiny-<name>/` (`config.json`, `model.safetensors`,
+//!    `tokenizer.json`, and `transformers`' outputs in `reference.json` +
+//!    `reference.safetensors`: texts, ids, `hidden_{i}`, then `logits_{i}` and `greedy` for
+//!    a causal LM or `embedding_{i}` for an encoder), made by a committed script in
+//!    `scripts/` (as `scripts/make_fixtures.py` makes `tiny-bert` and `tiny-gpt2`). Every
+//!    family must have them: the fuzzing seeds, the weights test and
+//!    `tests/pretrained.rs`'s `every_family_matches_transformers_on_its_fixture` read them
+//!    by the family's name. Checks peculiar to the family may join them there.
 
-pub mod bert;
-mod checkpoint;
-pub mod gpt2;
 pub mod native;
+mod weights;
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -20,22 +49,65 @@ use crate::model::{Model, DTYPE};
 use crate::params::Params;
 use crate::{Error, Result};
 
-pub use checkpoint::{Checkpoint, Naming, Take};
+pub use weights::{Naming, Take, Weights};
 
-/// The model families formers loads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Family {
-    /// BERT-style encoders (BERT, MiniLM, sentence-transformers models built on them).
-    Bert,
-    /// GPT-2-style decoders.
-    Gpt2,
+/// A Hugging Face model family: what formers needs to load its checkpoints.
+pub trait Family: Sync {
+    /// Its name: in messages and in a formers model directory's `formers.json` (`bert`).
+    fn name(&self) -> &'static str;
+    /// The `config.json` `model_type`s it reads.
+    fn model_types(&self) -> &'static [&'static str];
+    /// The formers config of the checkpoint in `dir`, whose `config.json` is `hf`
+    /// (validated; errors name the family's keys).
+    fn config(&self, hf: &serde_json::Value, dir: &Path) -> Result<ModelConfig>;
+    /// How its checkpoints name formers parameters.
+    fn naming(&self) -> Naming;
+    /// Whether a causal LM's text is encoded with the tokenizer's special tokens (a prompt
+    /// that must open with a BOS token); GPT-2 adds none. An encoder's inputs always get
+    /// them, and truncation keeps the closing one (`embed`).
+    fn lm_special_tokens(&self) -> bool {
+        false
+    }
+}
+
+impl fmt::Debug for dyn Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Declares each family's module (`pretrained/<module>.rs`) and lists its [`Family`] in
+/// [`FAMILIES`].
+macro_rules! families {
+    ($($module:ident::$family:ident),* $(,)?) => {
+        $(mod $module;)*
+        /// Every family formers loads: the one list the loader, `formers.json` and the
+        /// tests read.
+        pub static FAMILIES: &[&dyn Family] = &[$(&$module::$family),*];
+    };
+}
+
+// One line per family.
+families! {
+    bert::Bert,
+    gpt2::Gpt2,
+}
+
+/// The family named `name` (as [`Family::name`]).
+pub fn family(name: &str) -> Option<&'static dyn Family> {
+    FAMILIES.iter().copied().find(|f| f.name() == name)
+}
+
+/// The names of [`FAMILIES`], for messages: `` `bert`, `gpt2` ``.
+pub fn family_names() -> String {
+    let names: Vec<String> = FAMILIES.iter().map(|f| format!("`{}`", f.name())).collect();
+    names.join(", ")
 }
 
 /// A loaded checkpoint: the model, its tokenizer and where it came from.
 #[derive(Debug)]
 pub struct Pretrained {
-    pub family: Family,
+    pub family: &'static dyn Family,
     pub config: ModelConfig,
     pub model: Model,
     pub tokenizer: Tokenizer,
@@ -93,20 +165,26 @@ pub fn load_with(dir: &Path, limits: &Limits) -> Result<Pretrained> {
     let config_path = dir.join("config.json");
     let hf = read_json(&config_path)?;
     let model_type = str_key(&hf, "model_type", "", &config_path)?;
-    let (family, config) = match model_type {
-        "bert" => (Family::Bert, bert::config(&hf, dir)?),
-        "gpt2" => (Family::Gpt2, gpt2::config(&hf, &config_path)?),
-        other => {
-            return Err(checkpoint_error(
+    let family = FAMILIES
+        .iter()
+        .copied()
+        .find(|f| f.model_types().contains(&model_type))
+        .ok_or_else(|| {
+            let known: Vec<String> = FAMILIES
+                .iter()
+                .flat_map(|f| f.model_types())
+                .map(|t| format!("`{t}`"))
+                .collect();
+            checkpoint_error(
                 &config_path,
-                format!("unsupported architecture (model_type `{other}`); formers loads `bert` and `gpt2` families"),
-            ))
-        }
-    };
-    let naming = match family {
-        Family::Bert => bert::NAMING,
-        Family::Gpt2 => gpt2::NAMING,
-    };
+                format!(
+                    "unsupported architecture (model_type `{model_type}`); formers loads {}",
+                    known.join(", ")
+                ),
+            )
+        })?;
+    let config = family.config(&hf, dir)?;
+    let naming = family.naming();
     limits
         .check_inference(&config)
         .map_err(|e| hf_error(e, naming.keys, &config_path))?;
@@ -132,7 +210,7 @@ fn load_native(dir: &Path, limits: &Limits) -> Result<Pretrained> {
 /// tokenizer of `dir`.
 fn assemble(
     dir: &Path,
-    family: Family,
+    family: &'static dyn Family,
     config: ModelConfig,
     naming: Naming,
     limits: &Limits,
@@ -160,10 +238,10 @@ fn build(
     naming: Naming,
     limits: &Limits,
 ) -> Result<(Model, Params, Vec<String>)> {
-    let ckpt = Arc::new(Checkpoint::open(path, naming)?.with_limits(*limits));
-    let params = Params::from_source(ckpt.clone(), DTYPE, &Device::Cpu);
+    let weights = Arc::new(Weights::open(path, naming)?.with_limits(*limits));
+    let params = Params::from_source(weights.clone(), DTYPE, &Device::Cpu);
     let model = Model::new(cfg, &params.frozen())?;
-    Ok((model, params, ckpt.finish()?))
+    Ok((model, params, weights.finish()?))
 }
 
 /// Reads `tokenizer.json` with padding and truncation off (batches are packed, and
@@ -174,6 +252,12 @@ pub fn load_tokenizer(path: &Path, vocab_size: usize) -> Result<Tokenizer> {
     // (fuzz/regressions/tokenizer/decoder-syntax-error.json); a parsed value cannot have one.
     let json: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|e| checkpoint_error(path, format!("unreadable tokenizer: {e}")))?;
+    if let Some(fault) = template_fault(&json["post_processor"]) {
+        return Err(checkpoint_error(
+            path,
+            format!("unusable tokenizer: {fault}"),
+        ));
+    }
     let mut tok: Tokenizer = serde_json::from_value(json)
         .map_err(|e| checkpoint_error(path, format!("unreadable tokenizer: {e}")))?;
     tok.with_padding(None);
@@ -187,6 +271,34 @@ pub fn load_tokenizer(path: &Path, vocab_size: usize) -> Result<Tokenizer> {
         ));
     }
     Ok(tok)
+}
+
+/// What in a post-processor would panic when applied, if anything: `tokenizers` loads a
+/// `TemplateProcessing` unchecked, then indexes its special tokens and sequences
+/// (fuzz/regressions/tokenizer/template-missing-special-token.json).
+fn template_fault(pp: &serde_json::Value) -> Option<String> {
+    match pp["type"].as_str() {
+        Some("Sequence") => pp["processors"].as_array()?.iter().find_map(template_fault),
+        Some("TemplateProcessing") => {
+            let known = pp["special_tokens"].as_object();
+            for key in ["single", "pair"] {
+                for piece in pp[key].as_array().into_iter().flatten() {
+                    if let Some(id) = piece["SpecialToken"]["id"].as_str() {
+                        if !known.is_some_and(|k| k.contains_key(id)) {
+                            return Some(format!(
+                                "post_processor `{key}` uses special token `{id}`, which its `special_tokens` lacks"
+                            ));
+                        }
+                    }
+                    if key == "single" && piece["Sequence"]["id"].as_str() == Some("B") {
+                        return Some("post_processor `single` uses a second sequence `B`".into());
+                    }
+                }
+            }
+            None
+        }
+        _ => None,
+    }
 }
 
 /// Token ids of `text` (with the tokenizer's special tokens when `special`).

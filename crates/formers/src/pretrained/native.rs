@@ -57,7 +57,9 @@ pub enum Step {
 pub struct Manifest {
     pub format: String,
     pub version: u32,
-    pub family: Family,
+    /// The family's name (`bert`, `gpt2`), looked up in [`super::FAMILIES`].
+    #[serde(with = "by_name")]
+    pub family: &'static dyn Family,
     /// The model, as formers configures it (validated on load).
     pub config: serde_json::Value,
     /// The steps applied to the source's weights, in order.
@@ -68,7 +70,12 @@ pub struct Manifest {
 
 impl Manifest {
     /// The manifest of a model of `family` and `config` compressed from `source` by `steps`.
-    pub fn new(family: Family, config: &ModelConfig, source: &Path, steps: Vec<Step>) -> Self {
+    pub fn new(
+        family: &'static dyn Family,
+        config: &ModelConfig,
+        source: &Path,
+        steps: Vec<Step>,
+    ) -> Self {
         Manifest {
             format: FORMAT.into(),
             version: VERSION,
@@ -97,6 +104,28 @@ impl Manifest {
         let config = ModelConfig::from_json(&m.config.to_string())
             .map_err(|e| checkpoint_error(&path, format!("`config`: {e}")))?;
         Ok((m, config))
+    }
+}
+
+/// A family in `formers.json`: its name.
+mod by_name {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::pretrained::{family, family_names, Family};
+
+    pub fn serialize<S: Serializer>(f: &&'static dyn Family, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(f.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<&'static dyn Family, D::Error> {
+        let name = String::deserialize(d)?;
+        family(&name).ok_or_else(|| {
+            D::Error::custom(format!(
+                "unknown family `{name}`, expected one of {}",
+                family_names()
+            ))
+        })
     }
 }
 
@@ -172,7 +201,7 @@ fn serialize(tensors: &BTreeMap<String, Stored>) -> Result<Vec<u8>> {
             Stored::Quant(QuantMatrix::Int8(q)) => {
                 let data = q.data.iter().map(|&v| v as u8).collect();
                 bufs.push((name.clone(), Dtype::I8, vec![q.rows, q.cols], data));
-                let scale = format!("{name}{}", super::checkpoint::INT8_SCALE);
+                let scale = format!("{name}{}", super::weights::INT8_SCALE);
                 bufs.push((scale, Dtype::F32, vec![q.rows], le(&q.scales)));
             }
             Stored::Quant(QuantMatrix::Block(q)) => {
@@ -186,7 +215,7 @@ fn serialize(tensors: &BTreeMap<String, Stored>) -> Result<Vec<u8>> {
                     vec![q.rows, q.row_bytes()],
                     q.codes.clone(),
                 ));
-                let scale = format!("{name}{}", super::checkpoint::INT8_SCALE);
+                let scale = format!("{name}{}", super::weights::INT8_SCALE);
                 bufs.push((scale, Dtype::F32, vec![q.rows, q.blocks()], le(&q.scales)));
             }
         }
@@ -200,4 +229,30 @@ fn serialize(tensors: &BTreeMap<String, Stored>) -> Result<Vec<u8>> {
         })
         .collect::<Result<Vec<_>>>()?;
     safetensors::serialize(views, None).map_err(|e| Error::Input(format!("safetensors: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `formers.json` names the family by the strings older directories hold ("bert",
+    /// "gpt2"); an unknown name is refused with the known ones.
+    #[test]
+    fn the_manifest_names_the_family_as_before() {
+        let manifest = |family: &str| {
+            serde_json::json!({
+                "format": FORMAT, "version": VERSION, "family": family, "config": {},
+                "compression": [], "source": "x"
+            })
+        };
+        for name in ["bert", "gpt2"] {
+            let m: Manifest = serde_json::from_value(manifest(name)).unwrap();
+            assert_eq!(m.family.name(), name);
+            assert_eq!(serde_json::to_value(&m).unwrap()["family"], name);
+        }
+        let e = serde_json::from_value::<Manifest>(manifest("mamba"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mamba") && e.contains("`bert`, `gpt2`"), "{e}");
+    }
 }

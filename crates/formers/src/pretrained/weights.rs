@@ -1,6 +1,6 @@
-//! A safetensors file mapped into memory as a [`Source`] of parameters: each tensor the model
-//! asks for is copied straight out of the map under its family's name, and nothing is
-//! initialised. What the model needs and the file lacks, and what the file holds and the
+//! A checkpoint's weights: its `model.safetensors` mapped into memory as the [`Source`] of
+//! parameters the model is built from. Each tensor the model asks for is copied straight
+//! out of the map under its family's name, and nothing is initialised. What the model needs and the file lacks, and what the file holds and the
 //! model leaves unused, are both recorded for one report.
 
 use std::collections::{BTreeSet, HashMap};
@@ -120,9 +120,9 @@ fn list(names: impl ExactSizeIterator<Item = String>) -> String {
     out
 }
 
-/// A mapped checkpoint, read through a family's [`Naming`].
+/// A mapped `model.safetensors`, read through a family's [`Naming`].
 #[derive(Debug)]
-pub struct Checkpoint {
+pub struct Weights {
     path: PathBuf,
     map: Mmap,
     /// By name without the prefix.
@@ -134,7 +134,7 @@ pub struct Checkpoint {
     limits: Limits,
 }
 
-impl Checkpoint {
+impl Weights {
     /// Maps `path` and reads its header (checked against the file size; no tensor is read).
     pub fn open(path: &Path, naming: Naming) -> Result<Self> {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
@@ -163,7 +163,7 @@ impl Checkpoint {
             total = total.saturating_add(info.shape.iter().map(|&n| n as u128).product());
             entries.insert(key, entry);
         }
-        Ok(Checkpoint {
+        Ok(Weights {
             path: path.to_path_buf(),
             map,
             entries,
@@ -174,9 +174,9 @@ impl Checkpoint {
         })
     }
 
-    /// The same checkpoint read under `limits` (whether non-finite weights load).
+    /// The same weights read under `limits` (whether non-finite weights load).
     pub fn with_limits(self, limits: Limits) -> Self {
-        Checkpoint { limits, ..self }
+        Weights { limits, ..self }
     }
 
     fn err(&self, msg: String) -> Error {
@@ -187,7 +187,7 @@ impl Checkpoint {
     }
 
     fn log(&self) -> MutexGuard<'_, Log> {
-        self.log.lock().expect("checkpoint log poisoned")
+        self.log.lock().expect("weights log poisoned")
     }
 
     /// The entry `name` (or its `gamma` / `beta` alias, as old BERT checkpoints name norms).
@@ -426,7 +426,7 @@ impl Checkpoint {
     }
 }
 
-impl Source for Checkpoint {
+impl Source for Weights {
     fn take_quantized(&self, name: &str, shape: [usize; 2]) -> Result<Option<QuantMatrix>> {
         let Some(take) = (self.naming.take)(name) else {
             return Ok(None);
@@ -501,7 +501,6 @@ impl Source for Checkpoint {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
     use std::sync::Arc;
 
     use candle_core::{DType, Device};
@@ -509,24 +508,21 @@ mod tests {
     use super::*;
     use crate::model::Model;
     use crate::params::Params;
-    use crate::pretrained::{bert, gpt2};
+    use crate::pretrained::{Family, FAMILIES};
 
-    /// Every parameter of the model built from `name` equals its checkpoint tensor bit for
-    /// bit (after GPT-2's transpose and split): nothing was drawn or initialised.
-    fn params_are_the_files_tensors(name: &str, naming: Naming) {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures")
-            .join(name);
+    /// Every parameter of the model built from `family`'s fixture equals its checkpoint
+    /// tensor bit for bit (after GPT-2's transpose and split): nothing was drawn or
+    /// initialised.
+    fn params_are_the_files_tensors(family: &dyn Family) {
+        let dir = crate::fuzzing::fixture_dir(family);
         let hf = crate::pretrained::read_json(&dir.join("config.json")).unwrap();
-        let cfg = match naming.family {
-            "BERT" => bert::config(&hf, &dir).unwrap(),
-            _ => gpt2::config(&hf, &dir.join("config.json")).unwrap(),
-        };
+        let cfg = family.config(&hf, &dir).unwrap();
+        let naming = family.naming();
         let path = dir.join("model.safetensors");
-        let ckpt = Arc::new(Checkpoint::open(&path, naming).unwrap());
-        let params = Params::from_source(ckpt.clone(), DType::F32, &Device::Cpu);
+        let weights = Arc::new(Weights::open(&path, naming).unwrap());
+        let params = Params::from_source(weights.clone(), DType::F32, &Device::Cpu);
         Model::new(&cfg, &params.frozen()).unwrap();
-        assert!(ckpt.finish().unwrap().is_empty());
+        assert!(weights.finish().unwrap().is_empty());
         let file = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
         let vars = params.vars();
         assert!(vars.len() > 20, "{}", vars.len());
@@ -546,18 +542,17 @@ mod tests {
             }
             let got = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>();
             let want = want.flatten_all().unwrap().to_vec1::<f32>();
-            assert_eq!(got.unwrap(), want.unwrap(), "{ours}");
+            assert_eq!(got.unwrap(), want.unwrap(), "{} {ours}", family.name());
         }
     }
 
+    /// BERT's tensors as stored; GPT-2's transposed and split.
     #[test]
-    fn bert_parameters_are_the_checkpoints_tensors() {
-        params_are_the_files_tensors("tiny-bert", bert::NAMING);
-    }
-
-    #[test]
-    fn gpt2_parameters_are_the_checkpoints_transposed_and_split() {
-        params_are_the_files_tensors("tiny-gpt2", gpt2::NAMING);
+    fn every_familys_parameters_are_its_checkpoints_tensors() {
+        assert!(FAMILIES.len() >= 2);
+        for family in FAMILIES {
+            params_are_the_files_tensors(*family);
+        }
     }
 
     #[test]
