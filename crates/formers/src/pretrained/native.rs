@@ -9,11 +9,12 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::{checkpoint_error, Family, Naming, Take};
 use crate::config::ModelConfig;
 use crate::fsio;
 use crate::kernels::blockq::BlockKind;
 use crate::kernels::quant::QuantMatrix;
+use crate::pretrained::family::{checkpoint_error, Family};
+use crate::pretrained::weights::{Naming, Take};
 use crate::{Error, Result};
 
 /// The manifest's file name; its presence marks a formers model directory.
@@ -89,7 +90,7 @@ impl Manifest {
     /// Reads and checks `dir/formers.json`; returns it and its validated model config.
     pub fn read(dir: &Path) -> Result<(Manifest, ModelConfig)> {
         let path = dir.join(MANIFEST);
-        let value = super::read_json(&path)?;
+        let value = crate::pretrained::family::read_json(&path)?;
         let m: Manifest = serde_path_to_error::deserialize(value)
             .map_err(|e| checkpoint_error(&path, format!("at `{}`: {}", e.path(), e.inner())))?;
         if m.format != FORMAT || m.version != VERSION {

@@ -4,10 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::{
-    checkpoint_error, count_key, f64_key, hf_error, layer_param, read_json, str_key, usize_key,
-    Family, Naming, Take,
-};
+use crate::pretrained::family::{checkpoint_error, count_key, f64_key, hf_error, layer_param, read_json, str_key, usize_key, Family};
+use crate::pretrained::weights::{Naming, Take};
 use crate::config::{HeadSpec, InputSpec, LayerSpec, ModelConfig, Placement, Pooling};
 use crate::ffn::{Activation, FfnSpec};
 use crate::mixer::MixerSpec;
