@@ -37,3 +37,8 @@ pub use model::Model;
 
 #[cfg(test)]
 pub(crate) mod testutil;
+
+/// The README, whose library example `cargo test --doc` compiles (its other blocks are `sh`).
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct Readme;
