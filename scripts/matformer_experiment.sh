@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The README's MatFormer experiment (Devvrit et al. 2023: the sub-models a nested model
+# The MatFormer experiment of docs/experiments/matformer.md
+# (Devvrit et al. 2023: the sub-models a nested model
 # holds match models of their size trained on their own). Trains the nested char-LM of
 # configs/matformer/nested.json (the mean of every granularity's loss each step, or the
 # weighted mean of `train.matformer_weights`), extracts each

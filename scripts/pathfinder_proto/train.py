@@ -1,5 +1,5 @@
 """PyTorch prototype of the lite arena model on Pathfinder-like images: what makes the task
-learnable within a few hundred steps (the README's *What the lite tasks need*).
+learnable within a few hundred steps (docs/experiments/arena-lite-tasks.md).
 
 Data: either gen.py's 4-connected pixel chains (--N size, --L chain length, ...), generated
 here, or files `formers arena data pathfinder` wrote (--rs PREFIX reads PREFIX_train.tsv and

@@ -13,7 +13,8 @@
 //!   `dot_radius + half_width + 1` px from every target end, so a dot never touches a line.
 //!   Rendering is anti-aliased (pixel coverage of the thick segment / disc), except at the
 //!   lite sizes (12, 16 px: [`Params::crisp`]), which are also easier: 2 ± 1 dashes, no
-//!   distractors, so that the lite model learns them within its budget (see the README).
+//!   distractors, so that the lite model learns them within its budget (see
+//!   `docs/experiments/arena-lite-tasks.md`).
 //! - Every sample has two target paths A (path 0) and B (path 1) of the same length
 //!   (`path_dashes` ± 1 dashes, drawn once per sample), plus distractors: short paths of
 //!   `distractor_dashes` dashes drawn exactly like target paths (same dash, gap, width, gray).

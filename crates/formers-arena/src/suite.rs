@@ -41,7 +41,8 @@ pub struct SuiteSpec {
     /// Optimizer steps per run of a task when no `--budget` is given: the steps go where
     /// they teach the lite model something (ListOps learns from 500 steps on, text by
     /// 200–300, retrieval's near-duplicates from about 300, the lite Pathfinder's plateau
-    /// breaks between 500 and 1,000). The README gives the measurements.
+    /// breaks between 500 and 1,000). `docs/experiments/arena-lite-tasks.md` gives the
+    /// measurements.
     #[serde(default)]
     pub task_steps: BTreeMap<String, usize>,
     /// Lengths of the speed and memory table (LRA Table 2 uses 1K–4K).
@@ -50,7 +51,8 @@ pub struct SuiteSpec {
     /// When set, image tasks (Pathfinder, CIFAR-10) use 2-D rotary positions with this
     /// base instead of the learned 1-D table, for every variant whose mixers rotate
     /// queries and keys (the others keep the table). LRA uses 1-D positions (`None`); the
-    /// lite model learns no pixel adjacency from them within its budget (see the README).
+    /// lite model learns no pixel adjacency from them within its budget (see
+    /// `docs/experiments/arena-lite-tasks.md`).
     #[serde(default)]
     pub image_rope_base: Option<f64>,
 }

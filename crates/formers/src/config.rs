@@ -574,7 +574,7 @@ mod tests {
 
     #[test]
     fn causality_is_one_model_setting() {
-        // The README's example: a causal model whose layer 3 is a sliding window.
+        // docs/configs.md's example: a causal model whose layer 3 is a sliding window.
         let mut v = base();
         v["n_layers"] = 4.into();
         v["causal"] = true.into();

@@ -38,3 +38,8 @@ pub use error::{Error, Result};
 
 #[cfg(test)]
 pub(crate) mod testutil;
+
+/// The README, whose library example `cargo test --doc` compiles (its other blocks are `sh`).
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct Readme;
