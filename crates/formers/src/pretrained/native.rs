@@ -113,7 +113,8 @@ mod by_name {
     use serde::de::Error as _;
     use serde::{Deserialize, Deserializer, Serializer};
 
-    use crate::pretrained::{family, family_names, Family};
+    use crate::pretrained::families::{family, family_names};
+    use crate::pretrained::family::Family;
 
     pub fn serialize<S: Serializer>(f: &&'static dyn Family, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(f.name())
