@@ -149,7 +149,7 @@ pub fn generate_sliding(
     on_token: impl FnMut(u32) -> bool,
 ) -> Result<Vec<u32>> {
     check_prompt(model, prompt, sampling)?;
-    let window = window.clamp(1, model.config().max_len);
+    let window = window.min(model.config().max_len).max(1);
     decode(
         model, prompt, max_new, window, sampling, use_cache, on_token,
     )
