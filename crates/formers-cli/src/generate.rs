@@ -8,8 +8,9 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 use crate::limits::LoadArgs;
-use formers::generate::{check, generate, Sampling};
+use formers::generate::{check_prompt, generate_sliding, Sampling};
 use formers::lm::{self, Codec};
+use formers::train::RunRecord;
 
 /// Flags of `formers generate`.
 #[derive(Debug, Args)]
@@ -21,8 +22,8 @@ pub struct GenerateArgs {
     /// Text to continue
     #[arg(long)]
     pub prompt: String,
-    /// Tokens to generate (capped, with a note, at what the model's max_len leaves after
-    /// the prompt)
+    /// Tokens to generate (at most 100000). Past the model's window (a `formers train` run's
+    /// seq_len, else its max_len) the window slides: each token sees the last window's tokens
     #[arg(long, default_value_t = 200)]
     pub max_new_tokens: usize,
     /// Always take the most likely token
@@ -95,24 +96,26 @@ fn as_flag(e: formers::Error) -> anyhow::Error {
     }
 }
 
-/// The new tokens to generate: `asked`, or what fits beside a prompt of `prompt` tokens in
-/// `max_len` positions, with a note saying so. A prompt that leaves no room is an error.
-fn fit_new_tokens(asked: usize, prompt: usize, max_len: usize) -> Result<(usize, Option<String>)> {
-    let room = max_len.saturating_sub(prompt);
-    if room == 0 {
+/// The most new tokens `--max-new-tokens` takes.
+pub const MAX_NEW_TOKENS: usize = 100_000;
+
+/// The window a model predicts from: a `formers train` run was trained on `seq_len`
+/// tokens (its positions past that are untrained), other models on their `max_len`.
+pub fn trained_window(max_len: usize, seq_len: Option<usize>) -> usize {
+    seq_len.map_or(max_len, |n| n.min(max_len))
+}
+
+/// Refuses a prompt longer than `max_len` and more than [`MAX_NEW_TOKENS`] new tokens.
+fn check_lengths(asked: usize, prompt: usize, max_len: usize) -> Result<()> {
+    if prompt > max_len {
         bail!(
-            "--prompt is {prompt} tokens and the model's max_len is {max_len}: no room for a new \
-             token; shorten the prompt"
+            "--prompt is {prompt} tokens and the model's max_len is {max_len}: shorten the prompt"
         );
     }
-    if asked <= room {
-        return Ok((asked, None));
+    if asked > MAX_NEW_TOKENS {
+        bail!("--max-new-tokens {asked}: at most {MAX_NEW_TOKENS}");
     }
-    let note = format!(
-        "note: --max-new-tokens {asked} capped at {room}: the prompt's {prompt} tokens and the \
-         new ones must fit the model's max_len {max_len}"
-    );
-    Ok((room, Some(note)))
+    Ok(())
 }
 
 /// Runs `formers generate`.
@@ -142,11 +145,13 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             a.prompt
         );
     }
-    let (max_new, note) = fit_new_tokens(a.max_new_tokens, prompt.len(), model.config().max_len)?;
-    check(&model, &prompt, max_new, &sampling)?;
-    if let Some(note) = note {
-        eprintln!("{note}");
-    }
+    let max_len = model.config().max_len;
+    check_lengths(a.max_new_tokens, prompt.len(), max_len)?;
+    check_prompt(&model, &prompt, &sampling)?;
+    let seq_len = RunRecord::load(&a.model)
+        .ok()
+        .map(|r| r.config.train.seq_len);
+    let window = trained_window(max_len, seq_len);
     let mut stdout = std::io::stdout().lock();
     // The printed text is the decoding of prompt + continuation as one sequence: decoders
     // may join or strip spaces at token boundaries (a continuation decoded on its own can
@@ -154,10 +159,20 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let mut stream = TextStream::new(prompt.clone());
     stream.emit(&codec, &mut stdout, false)?;
     let start = Instant::now();
-    let new = generate(&model, &prompt, max_new, &sampling, !a.no_cache, |t| {
+    let on_token = |t| {
         stream.ids.push(t);
         let _ = stream.emit(&codec, &mut stdout, false);
-    })?;
+        true
+    };
+    let new = generate_sliding(
+        &model,
+        &prompt,
+        a.max_new_tokens,
+        window,
+        &sampling,
+        !a.no_cache,
+        on_token,
+    )?;
     stream.emit(&codec, &mut stdout, true)?;
     writeln!(stdout)?;
     let secs = start.elapsed().as_secs_f64();
@@ -173,18 +188,26 @@ pub fn run(a: GenerateArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::fit_new_tokens;
+    use super::{check_lengths, trained_window, MAX_NEW_TOKENS};
 
     #[test]
-    fn new_tokens_are_capped_at_the_room_the_prompt_leaves() {
-        assert_eq!(fit_new_tokens(200, 56, 256).unwrap(), (200, None));
-        let (n, note) = fit_new_tokens(200, 57, 256).unwrap();
-        assert_eq!(n, 199);
-        assert!(note.unwrap().contains("capped at 199"));
-        assert_eq!(fit_new_tokens(200, 255, 256).unwrap().0, 1);
-        for prompt in [256, 300] {
-            let e = fit_new_tokens(200, prompt, 256).unwrap_err().to_string();
-            assert!(e.contains("no room") && e.contains("max_len is 256"), "{e}");
-        }
+    fn the_prompt_must_fit_max_len_and_new_tokens_are_bounded() {
+        check_lengths(100_000, 256, 256).unwrap();
+        check_lengths(1, 1, 256).unwrap();
+        let e = check_lengths(200, 257, 256).unwrap_err().to_string();
+        assert!(
+            e.contains("--prompt") && e.contains("max_len is 256"),
+            "{e}"
+        );
+        let e = check_lengths(MAX_NEW_TOKENS + 1, 1, 256)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--max-new-tokens") && e.contains("at most"),
+            "{e}"
+        );
+        assert_eq!(trained_window(256, Some(64)), 64);
+        assert_eq!(trained_window(64, Some(256)), 64);
+        assert_eq!(trained_window(1024, None), 1024);
     }
 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use formers::generate::{generate, Sampling};
+use formers::generate::{generate_sliding, Sampling};
 use formers::model::Model;
 use formers::tasks;
 use formers::train::RunConfig;
@@ -15,6 +15,7 @@ use formers_arena::plan::{load_options, OPTIONS_FILE};
 use formers_arena::suite as arena_suite;
 use formers_arena::Split;
 
+use crate::generate::trained_window;
 use crate::limits::{LoadArgs, MemoryArgs};
 use crate::progress::{bar, TrainBar};
 
@@ -64,7 +65,8 @@ pub struct TrainArgs {
     /// Override train.eval_every
     #[arg(long)]
     pub eval_every: Option<usize>,
-    /// After training a causal LM, print a sample of this many tokens (0: none)
+    /// After training a causal LM, print a sample of this many tokens (0: none; past the
+    /// trained window, the window slides)
     #[arg(long, default_value_t = 300)]
     pub sample_tokens: usize,
     /// Prompt of that sample
@@ -260,24 +262,22 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if args.sample_tokens > 0 && cfg.model.is_causal() && task == "charlm" {
         let (_, model) = load_trained_with(&out, &limits)?;
         let prompt: Vec<u32> = args.prompt.bytes().map(u32::from).collect();
-        let room = cfg
-            .model
-            .max_len
-            .min(cfg.train.seq_len)
-            .saturating_sub(prompt.len());
+        let window = trained_window(cfg.model.max_len, Some(cfg.train.seq_len));
+        // nanoGPT's temperature, and the run's seed: the same run prints the same sample.
         let sampling = Sampling {
             temperature: 0.8,
             top_k: Some(40),
             seed: cfg.train.seed,
             ..Sampling::default()
         };
-        let new = generate(
+        let new = generate_sliding(
             &model,
             &prompt,
-            args.sample_tokens.min(room),
+            args.sample_tokens,
+            window,
             &sampling,
             true,
-            |_| {},
+            |_| true,
         )?;
         let text: Vec<u8> = new.iter().map(|&t| t as u8).collect();
         println!("sample:\n{}{}", args.prompt, String::from_utf8_lossy(&text));

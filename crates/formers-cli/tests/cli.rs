@@ -302,6 +302,27 @@ fn generate_with_cache_equals_without_and_reports_throughput() {
     let cached = gen(&[]);
     assert!(cached.starts_with(b"To be"));
     assert_eq!(cached, gen(&["--no-cache"]));
+    // Past the char-LM's trained window of 64 bytes the window slides, cached or not.
+    let slide = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            out.to_str().unwrap(),
+            "--prompt",
+            "x",
+        ];
+        args.extend(["--max-new-tokens", "300", "--seed", "1"]);
+        args.extend(extra);
+        let o = run(formers().args(&args));
+        assert!(o.status.success(), "{}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("300 tokens in") && !err.contains("capped"),
+            "{err}"
+        );
+        o.stdout
+    };
+    assert_eq!(slide(&[]), slide(&["--no-cache"]));
     let o = run(formers().args([
         "generate",
         "--model",
@@ -309,16 +330,9 @@ fn generate_with_cache_equals_without_and_reports_throughput() {
         "--prompt",
         "x",
         "--max-new-tokens",
-        "100000",
-        "--greedy",
+        "100001",
     ]));
-    // Capped at what fits the char-LM's 256 positions after the 1-byte prompt.
-    assert!(o.status.success(), "{}", text(&o));
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.contains("capped at 255") && err.contains("255 tokens in"),
-        "{err}"
-    );
+    assert_refused(&o, &["--max-new-tokens 100001", "at most 100000"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -1111,11 +1125,14 @@ fn generate_refuses_bad_numbers_by_flag_before_printing_anything() {
         args.extend(extra);
         run(formers().args(&args))
     };
-    // `prompt.len() + max_new` used to wrap and panic; too many new tokens are now capped.
+    // `prompt.len() + max_new` used to wrap and panic; the window now slides past max_len,
+    // and more new tokens than the flag takes are refused.
     let o = gen(&["--max-new-tokens", "18446744073709551615", "--greedy"]);
+    assert_refused(&o, &["--max-new-tokens 18446744073709551615", "at most"]);
+    let o = gen(&["--max-new-tokens", "100", "--greedy"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("18446744073709551615 capped at"),
+        String::from_utf8_lossy(&o.stderr).contains("100 tokens in"),
         "{}",
         text(&o)
     );

@@ -63,6 +63,24 @@ impl Sampling {
 /// inside the vocabulary, prompt plus `max_new` within the model's `max_len` (with no
 /// overflow, whatever `max_new` is).
 pub fn check(model: &Model, prompt: &[u32], max_new: usize, sampling: &Sampling) -> Result<()> {
+    check_prompt(model, prompt, sampling)?;
+    let max_len = model.config().max_len;
+    if prompt
+        .len()
+        .checked_add(max_new)
+        .is_none_or(|n| n > max_len)
+    {
+        return Err(Error::Input(format!(
+            "prompt of {} tokens plus {max_new} new ones exceeds the model's max_len {max_len}",
+            prompt.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks what [`generate_sliding`] needs: `sampling` valid, `prompt` not empty, inside the
+/// vocabulary and within the model's `max_len` (the new tokens are not bounded).
+pub fn check_prompt(model: &Model, prompt: &[u32], sampling: &Sampling) -> Result<()> {
     sampling.validate()?;
     if prompt.is_empty() {
         return Err(Error::Input("the prompt is empty".into()));
@@ -74,13 +92,9 @@ pub fn check(model: &Model, prompt: &[u32], max_new: usize, sampling: &Sampling)
         )));
     }
     let max_len = model.config().max_len;
-    if prompt
-        .len()
-        .checked_add(max_new)
-        .is_none_or(|n| n > max_len)
-    {
+    if prompt.len() > max_len {
         return Err(Error::Input(format!(
-            "prompt of {} tokens plus {max_new} new ones exceeds the model's max_len {max_len}",
+            "prompt of {} tokens exceeds the model's max_len {max_len}",
             prompt.len()
         )));
     }
@@ -111,35 +125,74 @@ pub fn generate_until(
     max_new: usize,
     sampling: &Sampling,
     use_cache: bool,
+    on_token: impl FnMut(u32) -> bool,
+) -> Result<Vec<u32>> {
+    check(model, prompt, max_new, sampling)?;
+    let window = model.config().max_len;
+    decode(
+        model, prompt, max_new, window, sampling, use_cache, on_token,
+    )
+}
+
+/// [`generate_until`] past the model's positions: each token is predicted from the last
+/// `window` tokens at most (capped at `max_len`; a model trained on shorter windows than
+/// its `max_len` should be given its training length). While the sequence fits, this is
+/// [`generate_until`]; once it is longer, the window slides, as nanoGPT's `generate` does,
+/// and each token recomputes its window (the KV cache holds absolute positions).
+pub fn generate_sliding(
+    model: &Model,
+    prompt: &[u32],
+    max_new: usize,
+    window: usize,
+    sampling: &Sampling,
+    use_cache: bool,
+    on_token: impl FnMut(u32) -> bool,
+) -> Result<Vec<u32>> {
+    check_prompt(model, prompt, sampling)?;
+    let window = window.min(model.config().max_len).max(1);
+    decode(
+        model, prompt, max_new, window, sampling, use_cache, on_token,
+    )
+}
+
+/// The decoding loop: cached while the whole sequence fits `window`, recomputed from the
+/// last `window` tokens after (and at every step without the cache: the reference).
+fn decode(
+    model: &Model,
+    prompt: &[u32],
+    max_new: usize,
+    window: usize,
+    sampling: &Sampling,
+    use_cache: bool,
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<Vec<u32>> {
-    if use_cache {
-        let mut seq = Sequence::new(model, prompt, max_new, sampling)?;
-        while !seq.finished() {
-            let next = step(model, &mut [&mut seq])?[0];
-            if !on_token(next) {
-                break;
-            }
-        }
-        return Ok(seq.generated().to_vec());
-    }
-    // The reference: every step recomputes the whole sequence.
-    check(model, prompt, max_new, sampling)?;
     let mut rng = Rng::new(sampling.seed);
     let mut tokens = prompt.to_vec();
-    let mut out = Vec::with_capacity(max_new);
-    for _ in 0..max_new {
-        let logits = model.forward(&ids_tensor(&tokens)?, None, None)?;
-        let last = logits.narrow(1, logits.dim(1)? - 1, 1)?.flatten_all()?;
-        let last: Vec<f32> = last.to_dtype(DType::F32)?.to_vec1()?;
+    let mut cache = use_cache.then(Cache::default);
+    while tokens.len() - prompt.len() < max_new {
+        let start = tokens.len().saturating_sub(window);
+        if start > 0 {
+            cache = None;
+        }
+        let last: Vec<f32> = match cache.as_mut() {
+            Some(c) => {
+                let fresh = &tokens[c.len()..];
+                let logits = model.forward_cached_batch(&[fresh], &mut [c])?;
+                logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?
+            }
+            None => {
+                let logits = model.forward(&ids_tensor(&tokens[start..])?, None, None)?;
+                let last = logits.narrow(1, logits.dim(1)? - 1, 1)?.flatten_all()?;
+                last.to_dtype(DType::F32)?.to_vec1()?
+            }
+        };
         let next = sample(&last, sampling, &mut rng);
         tokens.push(next);
-        out.push(next);
         if !on_token(next) {
             break;
         }
     }
-    Ok(out)
+    Ok(tokens.split_off(prompt.len()))
 }
 
 /// A sequence being generated with the KV cache: its tokens, its cache and its own seeded
@@ -390,6 +443,62 @@ mod tests {
                 let e = step(&model, &mut [&mut seqs[1]]).unwrap_err();
                 assert!(e.to_string().contains("already has its 6 tokens"), "{e}");
             }
+        }
+    }
+
+    /// Past the window, each token is the one a fresh generation from the last `window`
+    /// tokens gives, cached or not; within it, sliding generation is plain generation.
+    #[test]
+    fn sliding_generation_predicts_each_token_from_the_last_window() {
+        for position in ["learned", "rope"] {
+            let cfg = ModelConfig::from_json(&format!(
+                r#"{{"d_model": 16, "n_heads": 2, "n_layers": 2, "max_len": 12, "input": {{"kind": "bytes"}},
+                   "head": {{"kind": "lm"}}, "causal": true, "position": {{"kind": "{position}"}},
+                   "defaults": {{"mixer": {{"kind": "attention", "q_chunk": 4, "k_chunk": 4}}}}}}"#
+            ))
+            .unwrap();
+            let model =
+                Model::new(&cfg, &Params::new(5, DType::F32, &Device::Cpu).frozen()).unwrap();
+            let prompt: Vec<u32> = b"to be".iter().map(|&c| u32::from(c)).collect();
+            let greedy = Sampling {
+                greedy: true,
+                ..Default::default()
+            };
+            let slide = |n, window, s: &Sampling, cache| {
+                generate_sliding(&model, &prompt, n, window, s, cache, |_| true).unwrap()
+            };
+            let within = generate(&model, &prompt, 7, &greedy, true, |_| {}).unwrap();
+            assert_eq!(slide(7, 12, &greedy, true), within, "{position}");
+            for window in [8, 12] {
+                let long = slide(30, window, &greedy, true);
+                assert_eq!(long.len(), 30);
+                assert_eq!(long, slide(30, window, &greedy, false), "{position}");
+                let all: Vec<u32> = prompt.iter().chain(&long).copied().collect();
+                for i in prompt.len()..all.len() {
+                    let ctx = &all[i.saturating_sub(window)..i];
+                    let logits = model
+                        .forward(&ids_tensor(ctx).unwrap(), None, None)
+                        .unwrap();
+                    let last = logits.narrow(1, ctx.len() - 1, 1).unwrap();
+                    let last: Vec<f32> = last.flatten_all().unwrap().to_vec1().unwrap();
+                    let want = sample(&last, &greedy, &mut Rng::new(0));
+                    assert_eq!(want, all[i], "{position}, window {window}, token {i}");
+                }
+            }
+            let sampled = Sampling {
+                temperature: 0.8,
+                top_k: Some(20),
+                seed: 3,
+                ..Default::default()
+            };
+            assert_eq!(
+                slide(25, 12, &sampled, true),
+                slide(25, 12, &sampled, false),
+                "{position}"
+            );
+            // Only the prompt is bounded, by max_len.
+            let e = generate_sliding(&model, &[1; 13], 1, 12, &greedy, true, |_| true);
+            assert!(e.unwrap_err().to_string().contains("max_len 12"));
         }
     }
 
