@@ -152,6 +152,14 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         .ok()
         .map(|r| r.config.train.seq_len);
     let window = trained_window(max_len, seq_len);
+    if prompt.len() + a.max_new_tokens > window {
+        eprintln!(
+            "note: {} prompt + {} new tokens pass the model's window of {window}: from there each \
+             token is predicted from the last {window} (the window slides, as nanoGPT samples)",
+            prompt.len(),
+            a.max_new_tokens
+        );
+    }
     let mut stdout = std::io::stdout().lock();
     // The printed text is the decoding of prompt + continuation as one sequence: decoders
     // may join or strip spaces at token boundaries (a continuation decoded on its own can

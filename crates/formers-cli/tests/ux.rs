@@ -1,5 +1,6 @@
 //! What a new user meets first: the top-level help, `generate` with its default length on
-//! a short model, and `eval` on a run the arena trained.
+//! a short model (the window slides past its positions), and `eval` on a run the arena
+//! trained.
 
 mod common;
 use common::{formers, repo, run, text, tmp};
@@ -25,23 +26,28 @@ fn the_one_line_description_names_every_subcommand() {
 }
 
 #[test]
-fn generate_caps_the_new_tokens_at_what_fits_and_refuses_a_prompt_that_fills_max_len() {
+fn generate_slides_the_window_past_max_len_and_refuses_a_prompt_that_fills_it() {
     let gpt2 = repo().join("tests/fixtures/tiny-gpt2");
     let tok = tokenizers::Tokenizer::from_file(gpt2.join("tokenizer.json")).unwrap();
     let prompt = "To be or not to be, that is the question";
     let n = tok.encode(prompt, false).unwrap().get_ids().len();
     let max_len = 64; // the fixture's n_positions
     assert!(n < max_len && max_len - n < 200, "{n} tokens");
-    // The default --max-new-tokens (200) does not fit: capped, with a note.
+    // The default --max-new-tokens (200) passes max_len: every token comes, the window
+    // sliding past the 64 positions (nanoGPT's crop, issue 34), with a note that says so.
     let o = run(formers()
         .args(["generate", "--model", gpt2.to_str().unwrap()])
         .args(["--prompt", prompt, "--greedy"]));
     assert!(o.status.success(), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
-    let room = max_len - n;
-    assert!(err.contains(&format!("capped at {room}")), "{err}");
-    assert!(err.contains(&format!("{room} tokens in")), "{err}");
-    // A prompt that leaves no position for a new token is still refused.
+    assert!(
+        err.contains(&format!(
+            "{n} prompt + 200 new tokens pass the model's window of {max_len}"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("200 tokens in"), "{err}");
+    // A prompt longer than the model's positions is refused, naming the fix.
     let long = "to be or not to be ".repeat(20);
     assert!(tok.encode(long.as_str(), false).unwrap().get_ids().len() >= max_len);
     let o = run(formers()
@@ -49,7 +55,7 @@ fn generate_caps_the_new_tokens_at_what_fits_and_refuses_a_prompt_that_fills_max
         .args(["--prompt", long.as_str(), "--greedy"]));
     assert!(!o.status.success());
     assert!(
-        text(&o).contains("no room") && text(&o).contains("max_len is 64"),
+        text(&o).contains("max_len is 64") && text(&o).contains("shorten the prompt"),
         "{}",
         text(&o)
     );
