@@ -10,10 +10,14 @@
 //! pipes per 32 products where this puts two). Tasks are blocks of W rows that stay in L1
 //! while a block of x rows streams past them.
 //!
+//! On AVX-512 with VNNI ([`vnni`]) `vpdpbusd` takes 64 u8 × i8 products per instruction
+//! (x offset by +128, the offset taken off again). [`isa`] names the path taken, the fastest
+//! the CPU has (`FORMERS_ISA=avx2` or `portable` caps it, for comparisons).
+//!
 //! Deterministic: every dot product is exact (i32 partial sums, i64 across blocks of
 //! [`KB`] columns), and the f32 rescale of one output is one expression
-//! ([`rescale`]) whatever path, tile or thread computed it, so the AVX2 and portable paths
-//! agree bit for bit, for any thread count.
+//! ([`rescale`]) whatever path, tile or thread computed it, so the VNNI, AVX2 and portable
+//! paths agree bit for bit, for any thread count.
 
 use rayon::prelude::*;
 
@@ -153,15 +157,25 @@ impl Int8Matrix {
     ///
     /// Panics unless `x.len() == m*cols`, `out.len() == m*rows` and `bias` is None or has
     /// `rows` values. Parallel over blocks of output on the current rayon pool; the result
-    /// is bit-identical for any thread count and on either path (AVX2 or portable).
+    /// is bit-identical for any thread count and on any path (AVX-512 VNNI, AVX2 or portable).
     pub fn matmul(&self, x: &[f32], m: usize, bias: Option<&[f32]>, out: &mut [f32]) {
+        self.matmul_on(Path::chosen(), x, m, bias, out)
+    }
+
+    /// [`Int8Matrix::matmul`] on `path` where the CPU has it (and rows are at most [`KB`]
+    /// long), else on the portable path.
+    fn matmul_on(&self, path: Path, x: &[f32], m: usize, bias: Option<&[f32]>, out: &mut [f32]) {
         self.check_args(x, m, bias, out);
         #[cfg(target_arch = "x86_64")]
-        if self.cols <= KB && std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2 (checked above); lengths checked by `check_args`,
-            // and rows short enough for i32 sums.
-            unsafe { avx2::matmul(self, x, m, bias, out) };
-            return;
+        if self.cols <= KB && path.supported() {
+            match path {
+                // SAFETY: the CPU has AVX-512 F/BW/VNNI and AVX2 (`supported`); lengths
+                // checked by `check_args`, and rows short enough for i32 sums.
+                Path::Avx512Vnni => return unsafe { vnni::matmul(self, x, m, bias, out) },
+                // SAFETY: the CPU has AVX2; as above.
+                Path::Avx2 => return unsafe { avx2::matmul(self, x, m, bias, out) },
+                Path::Portable => {}
+            }
         }
         self.matmul_portable(x, m, bias, out)
     }
@@ -215,6 +229,72 @@ impl Int8Matrix {
     }
 }
 
+/// The instruction sets [`Int8Matrix::matmul`] has a path for, fastest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// AVX-512 F/BW with VNNI (`vpdpbusd`), in [`vnni`].
+    Avx512Vnni,
+    /// AVX2 (`vpmaddwd` on i16), in [`avx2`].
+    Avx2,
+    /// Plain Rust: the reference.
+    Portable,
+}
+
+impl Path {
+    const ALL: [Path; 3] = [Path::Avx512Vnni, Path::Avx2, Path::Portable];
+
+    fn name(self) -> &'static str {
+        match self {
+            Path::Avx512Vnni => "avx512vnni",
+            Path::Avx2 => "avx2",
+            Path::Portable => "portable",
+        }
+    }
+
+    /// Whether this CPU runs it.
+    fn supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                Path::Avx512Vnni => {
+                    has!("avx2") && has!("avx512f") && has!("avx512bw") && has!("avx512vnni")
+                }
+                Path::Avx2 => has!("avx2"),
+                Path::Portable => true,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Path::Portable
+        }
+    }
+
+    /// The fastest path the CPU has, at most the one `FORMERS_ISA` names (`avx512vnni`,
+    /// `avx2` or `portable`; other values are ignored), read once.
+    fn chosen() -> Path {
+        static CHOSEN: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let cap = std::env::var("FORMERS_ISA").ok();
+            let from = Path::ALL
+                .iter()
+                .position(|p| cap.as_deref() == Some(p.name()))
+                .unwrap_or(0);
+            Path::ALL[from..]
+                .iter()
+                .copied()
+                .find(|p| p.supported())
+                .unwrap_or(Path::Portable)
+        })
+    }
+}
+
+/// The instruction set [`Int8Matrix::matmul`] runs on here: `"avx512vnni"`, `"avx2"` or
+/// `"portable"` (rows longer than 2¹⁶ values always take the portable path).
+pub fn isa() -> &'static str {
+    Path::chosen().name()
+}
+
 /// One output from its exact dot product: the single f32 expression every path uses.
 #[inline(always)]
 fn rescale(sx: f32, sw: f32, dot: i64, bias: Option<f32>) -> f32 {
@@ -256,6 +336,9 @@ fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
     }
     s
 }
+
+#[cfg(target_arch = "x86_64")]
+mod vnni;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
@@ -343,7 +426,7 @@ mod avx2 {
 
     /// Stores the `R × C` sums of `acc`'s lanes at `dots[i * ld + j]`.
     #[inline(always)]
-    unsafe fn store_sums<const R: usize, const C: usize>(
+    pub(super) unsafe fn store_sums<const R: usize, const C: usize>(
         acc: &[[__m256i; C]; R],
         dots: *mut i32,
         ld: usize,
@@ -528,7 +611,7 @@ mod avx2 {
     /// `out[j] = rescale(sx, sw[j], dots[j], bias[j])`, eight at a time: the same f32
     /// operations in the same order, so the same bits.
     #[target_feature(enable = "avx2")]
-    unsafe fn rescale_row(
+    pub(super) unsafe fn rescale_row(
         sx: f32,
         sw: &[f32],
         dots: &[i32],
@@ -758,6 +841,135 @@ mod tests {
             let sb = unsafe { avx2::quantize_row_avx2(&x, &mut b) };
             assert_eq!((sa.to_bits(), &a), (sb.to_bits(), &b));
             assert_eq!(a[1..5], [-20, -18, -18, -16]); // half to even
+        }
+    }
+
+    /// `out` of `path` and of the portable path, as bits, on 1 and 3 threads; None (with a
+    /// note) when the CPU lacks `path`.
+    fn on_path(
+        path: Path,
+        q: &Int8Matrix,
+        x: &[f32],
+        m: usize,
+        b: Option<&[f32]>,
+    ) -> Option<[Vec<u32>; 3]> {
+        if !path.supported() {
+            eprintln!("note: this CPU has no {} path: not tested", path.name());
+            return None;
+        }
+        let run = |p: Path, threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut out = vec![f32::NAN; m * q.rows];
+            pool.install(|| q.matmul_on(p, x, m, b, &mut out));
+            out.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+        };
+        Some([run(path, 1), run(path, 3), run(Path::Portable, 1)])
+    }
+
+    #[test]
+    fn every_path_on_this_cpu_matches_portable_bit_for_bit() {
+        let mut s = 0u64;
+        for m in [1, 2, 3, 5, 17] {
+            for k in [1, 31, 33, 64, 65, 1000] {
+                for n in [1, 5, 13, 64, 130] {
+                    s += 1;
+                    let w = uniform(n * k, 200 + s);
+                    let mut x = uniform(m * k, 300 + s);
+                    if m > 1 {
+                        x[k..2 * k].fill(0.0); // a zero row
+                    }
+                    if m > 2 {
+                        x[2 * k + k / 2] = f32::INFINITY; // a row of NaN outputs
+                    }
+                    if m > 3 {
+                        x[4 * k - 1] = f32::NAN;
+                    }
+                    let bias = uniform(n, 400 + s);
+                    let q = Int8Matrix::quantize(&w, n, k);
+                    for path in Path::ALL {
+                        for b in [None, Some(&bias[..])] {
+                            let Some([one, three, slow]) = on_path(path, &q, &x, m, b) else {
+                                continue;
+                            };
+                            let what =
+                                format!("{} {m}×{k}·{k}×{n} bias {}", path.name(), b.is_some());
+                            assert_eq!(one, slow, "{what}");
+                            assert_eq!(one, three, "{what}: 1 and 3 threads");
+                            if m > 2 {
+                                let nan = |o: &[u32]| f32::from_bits(o[0]).is_nan();
+                                assert!(!nan(&one[n..]), "{what}: the zero row is not NaN");
+                                assert!(nan(&one[2 * n..]), "{what}: the ∞ row is NaN");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn paths_agree_at_the_largest_codes_and_longest_rows() {
+        // Every product at ±127·±127 over KB columns: the i32 bounds with nothing to spare
+        // (x + 128 up to 255 on the VNNI path), signs mixed so the sums go both ways.
+        let (m, n) = (3, 5);
+        let k = KB;
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| match i / k {
+                0 => 1.0,
+                1 => -1.0,
+                _ => {
+                    if i % 3 == 0 {
+                        -1.0
+                    } else {
+                        1.0
+                    }
+                }
+            })
+            .collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| match i / k {
+                0 => 1.0,
+                1 => -1.0,
+                2 => {
+                    if i % 2 == 0 {
+                        1.0
+                    } else {
+                        -1.0
+                    }
+                }
+                _ => {
+                    if i % 7 < 3 {
+                        -1.0
+                    } else {
+                        1.0
+                    }
+                }
+            })
+            .collect();
+        let q = Int8Matrix::quantize(&w, n, k);
+        for path in Path::ALL {
+            if let Some([one, three, slow]) = on_path(path, &q, &x, m, None) {
+                assert_eq!(one, slow, "{}", path.name());
+                assert_eq!(one, three, "{}", path.name());
+            }
+        }
+        let mut out = vec![0f32; m * n];
+        q.matmul_portable(&x, m, None, &mut out);
+        assert_eq!(out[0], k as f32); // 127 · 127 · k, rescaled by (1/127)²
+        assert_eq!(out[1], -(k as f32));
+    }
+
+    #[test]
+    fn isa_names_the_path_taken() {
+        let name = isa();
+        assert!(["avx512vnni", "avx2", "portable"].contains(&name), "{name}");
+        let p = Path::ALL.into_iter().find(|p| p.name() == name).unwrap();
+        assert!(p.supported());
+        if std::env::var_os("FORMERS_ISA").is_none() {
+            assert_eq!(Some(p), Path::ALL.into_iter().find(|p| p.supported()));
         }
     }
 
