@@ -426,7 +426,7 @@ mod avx2 {
 
     /// Stores the `R × C` sums of `acc`'s lanes at `dots[i * ld + j]`.
     #[inline(always)]
-    pub(super) unsafe fn store_sums<const R: usize, const C: usize>(
+    unsafe fn store_sums<const R: usize, const C: usize>(
         acc: &[[__m256i; C]; R],
         dots: *mut i32,
         ld: usize,

@@ -8,7 +8,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{quantize_row_avx2, rescale_row, store_sums};
+use super::avx2::{quantize_row_avx2, rescale_row};
 use super::*;
 use crate::kernels::gemm::SyncPtr;
 use crate::kernels::grid::{for_each_block, w_block_rows};
@@ -47,18 +47,59 @@ unsafe fn tile<const R: usize, const C: usize>(
             }
         }
     }
-    // Halves added: 8 lanes each, then summed as on the AVX2 path.
-    let mut half = [[_mm256_setzero_si256(); C]; R];
+    // SAFETY: the caller's promise.
+    unsafe { store_sums(&acc, dots, ld) }
+}
+
+/// 128-bit lanes summed in pairs: `[x0 + x1, x2 + x3, y0 + y1, y2 + y3]`.
+#[inline(always)]
+unsafe fn fold(x: __m512i, y: __m512i) -> __m512i {
+    _mm512_add_epi32(
+        _mm512_shuffle_i32x4::<0x88>(x, y),
+        _mm512_shuffle_i32x4::<0xDD>(x, y),
+    )
+}
+
+/// Stores the `R × C` sums of `acc`'s lanes at `dots[i * ld + j]`: sixteen registers
+/// summed pairwise, then as 128-bit lanes, into one register of sixteen sums.
+///
+/// # Safety
+/// AVX-512 F; `R · C <= 16`; `dots` has R rows of `ld >= C` writable values.
+#[inline(always)]
+unsafe fn store_sums<const R: usize, const C: usize>(
+    acc: &[[__m512i; C]; R],
+    dots: *mut i32,
+    ld: usize,
+) {
+    let mut a = [_mm512_setzero_si512(); 16];
+    for t in 0..R * C {
+        a[t] = acc[t / C][t % C];
+    }
+    // Per 128-bit lane: [a0 + a2, b0 + b2, a1 + a3, b1 + b3] of each pair (a, b).
+    let mut s = [_mm512_setzero_si512(); 8];
+    for (p, s) in s.iter_mut().enumerate() {
+        let (x, y) = (a[2 * p], a[2 * p + 1]);
+        *s = _mm512_add_epi32(_mm512_unpacklo_epi32(x, y), _mm512_unpackhi_epi32(x, y));
+    }
+    // Per 128-bit lane: that lane's sums of four accumulators, in order.
+    let mut u = [_mm512_setzero_si512(); 4];
+    for (q, u) in u.iter_mut().enumerate() {
+        let (x, y) = (s[2 * q], s[2 * q + 1]);
+        *u = _mm512_add_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y));
+    }
+    // The four 128-bit lanes of each summed ([`fold`] twice): lane g of the result holds
+    // accumulators 4g..4g+3.
+    // SAFETY: AVX-512 F (the caller's promise).
+    let all = unsafe { fold(fold(u[0], u[1]), fold(u[2], u[3])) };
+    let mut flat = [0i32; 16];
+    // SAFETY: 16 writable i32.
+    unsafe { _mm512_storeu_si512(flat.as_mut_ptr() as *mut _, all) };
     for i in 0..R {
         for j in 0..C {
-            half[i][j] = _mm256_add_epi32(
-                _mm512_castsi512_si256(acc[i][j]),
-                _mm512_extracti64x4_epi64::<1>(acc[i][j]),
-            );
+            // SAFETY: the caller's buffer holds R rows of `ld >= C` values.
+            unsafe { *dots.add(i * ld + j) = flat[i * C + j] };
         }
     }
-    // SAFETY: the caller's promise (AVX2 comes with AVX-512 F).
-    unsafe { store_sums(&half, dots, ld) }
 }
 
 /// [`Int8Matrix::matmul`] on AVX-512 VNNI.
@@ -107,11 +148,14 @@ unsafe fn matmul_tiled<const R: usize, const C: usize>(
     let mut sx = vec![0f32; mp];
     let quantize = |(i, (q, s)): (usize, (&mut [u8], &mut f32))| {
         if i < m {
-            let mut codes = vec![0i8; k];
-            // SAFETY: AVX2 (this function's precondition); `codes` holds k values.
-            *s = unsafe { quantize_row_avx2(&x[i * k..(i + 1) * k], &mut codes) };
-            for (d, &c) in q.iter_mut().zip(&codes) {
-                *d = (c as u8) ^ 0x80;
+            // SAFETY: i8 and u8 share their layout; AVX2 (this function's precondition);
+            // `q` holds `ld >= k` values.
+            *s = unsafe {
+                let codes = std::slice::from_raw_parts_mut(q.as_mut_ptr() as *mut i8, ld);
+                quantize_row_avx2(&x[i * k..(i + 1) * k], codes)
+            };
+            for d in &mut q[..k] {
+                *d ^= 0x80;
             }
         }
     };
