@@ -1675,6 +1675,9 @@ fn bench_compress_of_an_lm_reports_perplexity_and_exact_norm_conversions() {
     assert!(diff(5) > diff(4) && diff(5) > diff(3), "{rows:?}");
     let speed = rows[3]["speed"].as_array().unwrap();
     assert!(speed[0]["tokens_per_s"].as_f64().unwrap() > 0.0);
+    // The int8 kernel's instruction set, as the measuring process picked it.
+    let isa = speed[0]["isa"].as_str().unwrap();
+    assert!(["avx512vnni", "avx2", "portable"].contains(&isa), "{isa}");
     assert!(text(&o).contains("tok/s") && text(&o).contains("perplexity"));
     let svg = std::fs::read_to_string(dir.join("chart.svg")).unwrap();
     for label in ["fp32", "crms", "int8", "q4_0", "lowrank-calibrated"] {

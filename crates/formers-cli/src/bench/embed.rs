@@ -133,7 +133,7 @@ pub(super) fn embed_one(model: &Path, list: &Path, bs: usize, threads: usize) ->
     Ok(serde_json::json!({
         "impl": "formers", "batch_size": bs, "sentences": sentences.len(), "tokens": tokens,
         "threads": threads, "seconds": secs, "sentences_per_s": sentences.len() as f64 / secs,
-        "peak_rss": formers_arena::mem::peak_rss(),
+        "peak_rss": formers_arena::mem::peak_rss(), "isa": formers::kernels::int8::isa(),
     }))
 }
 
@@ -168,6 +168,6 @@ pub(super) fn lm_one(model: &Path, list: &Path, bs: usize, threads: usize) -> Re
     Ok(serde_json::json!({
         "impl": "formers", "batch_size": bs, "sentences": texts.len(), "tokens": tokens,
         "threads": threads, "seconds": secs, "tokens_per_s": tokens as f64 / secs,
-        "peak_rss": formers_arena::mem::peak_rss(),
+        "peak_rss": formers_arena::mem::peak_rss(), "isa": formers::kernels::int8::isa(),
     }))
 }

@@ -10,10 +10,14 @@
 //! pipes per 32 products where this puts two). Tasks are blocks of W rows that stay in L1
 //! while a block of x rows streams past them.
 //!
+//! On AVX-512 with VNNI ([`vnni`]) `vpdpbusd` takes 64 u8 × i8 products per instruction
+//! (x offset by +128, the offset taken off again). [`isa`] names the path taken, the fastest
+//! the CPU has (`FORMERS_ISA=avx2` or `portable` caps it, for comparisons).
+//!
 //! Deterministic: every dot product is exact (i32 partial sums, i64 across blocks of
 //! [`KB`] columns), and the f32 rescale of one output is one expression
-//! ([`rescale`]) whatever path, tile or thread computed it, so the AVX2 and portable paths
-//! agree bit for bit, for any thread count.
+//! ([`rescale`]) whatever path, tile or thread computed it, so the VNNI, AVX2 and portable
+//! paths agree bit for bit, for any thread count.
 
 use rayon::prelude::*;
 
@@ -153,15 +157,25 @@ impl Int8Matrix {
     ///
     /// Panics unless `x.len() == m*cols`, `out.len() == m*rows` and `bias` is None or has
     /// `rows` values. Parallel over blocks of output on the current rayon pool; the result
-    /// is bit-identical for any thread count and on either path (AVX2 or portable).
+    /// is bit-identical for any thread count and on any path (AVX-512 VNNI, AVX2 or portable).
     pub fn matmul(&self, x: &[f32], m: usize, bias: Option<&[f32]>, out: &mut [f32]) {
+        self.matmul_on(Path::chosen(), x, m, bias, out)
+    }
+
+    /// [`Int8Matrix::matmul`] on `path` where the CPU has it (and rows are at most [`KB`]
+    /// long), else on the portable path.
+    fn matmul_on(&self, path: Path, x: &[f32], m: usize, bias: Option<&[f32]>, out: &mut [f32]) {
         self.check_args(x, m, bias, out);
         #[cfg(target_arch = "x86_64")]
-        if self.cols <= KB && std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2 (checked above); lengths checked by `check_args`,
-            // and rows short enough for i32 sums.
-            unsafe { avx2::matmul(self, x, m, bias, out) };
-            return;
+        if self.cols <= KB && path.supported() {
+            match path {
+                // SAFETY: the CPU has AVX-512 F/BW/VNNI and AVX2 (`supported`); lengths
+                // checked by `check_args`, and rows short enough for i32 sums.
+                Path::Avx512Vnni => return unsafe { vnni::matmul(self, x, m, bias, out) },
+                // SAFETY: the CPU has AVX2; as above.
+                Path::Avx2 => return unsafe { avx2::matmul(self, x, m, bias, out) },
+                Path::Portable => {}
+            }
         }
         self.matmul_portable(x, m, bias, out)
     }
@@ -215,6 +229,72 @@ impl Int8Matrix {
     }
 }
 
+/// The instruction sets [`Int8Matrix::matmul`] has a path for, fastest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// AVX-512 F/BW with VNNI (`vpdpbusd`), in [`vnni`].
+    Avx512Vnni,
+    /// AVX2 (`vpmaddwd` on i16), in [`avx2`].
+    Avx2,
+    /// Plain Rust: the reference.
+    Portable,
+}
+
+impl Path {
+    const ALL: [Path; 3] = [Path::Avx512Vnni, Path::Avx2, Path::Portable];
+
+    fn name(self) -> &'static str {
+        match self {
+            Path::Avx512Vnni => "avx512vnni",
+            Path::Avx2 => "avx2",
+            Path::Portable => "portable",
+        }
+    }
+
+    /// Whether this CPU runs it.
+    fn supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                Path::Avx512Vnni => {
+                    has!("avx2") && has!("avx512f") && has!("avx512bw") && has!("avx512vnni")
+                }
+                Path::Avx2 => has!("avx2"),
+                Path::Portable => true,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Path::Portable
+        }
+    }
+
+    /// The fastest path the CPU has, at most the one `FORMERS_ISA` names (`avx512vnni`,
+    /// `avx2` or `portable`; other values are ignored), read once.
+    fn chosen() -> Path {
+        static CHOSEN: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let cap = std::env::var("FORMERS_ISA").ok();
+            let from = Path::ALL
+                .iter()
+                .position(|p| cap.as_deref() == Some(p.name()))
+                .unwrap_or(0);
+            Path::ALL[from..]
+                .iter()
+                .copied()
+                .find(|p| p.supported())
+                .unwrap_or(Path::Portable)
+        })
+    }
+}
+
+/// The instruction set [`Int8Matrix::matmul`] runs on here: `"avx512vnni"`, `"avx2"` or
+/// `"portable"` (rows longer than 2¹⁶ values always take the portable path).
+pub fn isa() -> &'static str {
+    Path::chosen().name()
+}
+
 /// One output from its exact dot product: the single f32 expression every path uses.
 #[inline(always)]
 fn rescale(sx: f32, sw: f32, dot: i64, bias: Option<f32>) -> f32 {
@@ -255,6 +335,267 @@ fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
         q[..x.len()].fill(0);
     }
     s
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    //! [`Int8Matrix::matmul`] on AVX-512 with VNNI: `vpdpbusd` sums four u8 × i8 products into
+    //! each of 16 i32 lanes, 64 products per instruction. It multiplies unsigned bytes by signed
+    //! ones, so x's codes are offset by +128 to u8 (its padding stays 0) and `128 · Σ_c w[r][c]`
+    //! is taken off each dot product again: the same exact integer as on the other paths.
+    //!
+    //! Bounds: with `k <= KB = 2¹⁶` columns, `Σ |(x + 128) · w| <= 2¹⁶ · 255 · 127 < 2³¹`, so no
+    //! partial sum wraps, and `128 · |Σ w| <= 2²³ · 127 < 2³¹`.
+
+    use std::arch::x86_64::*;
+
+    use super::avx2::{quantize_row_avx2, rescale_row};
+    use super::*;
+    use crate::kernels::gemm::SyncPtr;
+    use crate::kernels::grid::{for_each_block, w_block_rows};
+
+    /// Bytes per step (one 512-bit register); rows of x are zero-padded to a multiple of it.
+    const STEP: usize = 64;
+
+    /// The `R × C` sums `Σ_c x[i][c] · w[j][c]` (x unsigned, w signed) over `chunks` steps of
+    /// [`STEP`] bytes, into `dots[i * ld + j]`; each x load shared by C rows of W, each W load
+    /// by R rows of x.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VNNI; each pointer has `chunks · STEP` readable bytes;
+    /// `R · C <= 16`; `dots` has R rows of `ld >= C` writable values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn tile<const R: usize, const C: usize>(
+        x: &[*const u8; R],
+        w: &[*const i8; C],
+        chunks: usize,
+        dots: *mut i32,
+        ld: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_si512(); C]; R];
+        for c in 0..chunks {
+            let o = c * STEP;
+            let mut wv = [_mm512_setzero_si512(); C];
+            for j in 0..C {
+                // SAFETY: o + 64 <= chunks · STEP readable bytes.
+                wv[j] = unsafe { _mm512_loadu_si512(w[j].add(o) as *const _) };
+            }
+            for i in 0..R {
+                // SAFETY: as above.
+                let xv = unsafe { _mm512_loadu_si512(x[i].add(o) as *const _) };
+                for j in 0..C {
+                    acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv, wv[j]);
+                }
+            }
+        }
+        // SAFETY: the caller's promise.
+        unsafe { store_sums(&acc, dots, ld) }
+    }
+
+    /// 128-bit lanes summed in pairs: `[x0 + x1, x2 + x3, y0 + y1, y2 + y3]`.
+    #[inline(always)]
+    unsafe fn fold(x: __m512i, y: __m512i) -> __m512i {
+        _mm512_add_epi32(
+            _mm512_shuffle_i32x4::<0x88>(x, y),
+            _mm512_shuffle_i32x4::<0xDD>(x, y),
+        )
+    }
+
+    /// Stores the `R × C` sums of `acc`'s lanes at `dots[i * ld + j]`: sixteen registers
+    /// summed pairwise, then as 128-bit lanes, into one register of sixteen sums.
+    ///
+    /// # Safety
+    /// AVX-512 F; `R · C <= 16`; `dots` has R rows of `ld >= C` writable values.
+    #[inline(always)]
+    unsafe fn store_sums<const R: usize, const C: usize>(
+        acc: &[[__m512i; C]; R],
+        dots: *mut i32,
+        ld: usize,
+    ) {
+        let mut a = [_mm512_setzero_si512(); 16];
+        for t in 0..R * C {
+            a[t] = acc[t / C][t % C];
+        }
+        // Per 128-bit lane: [a0 + a2, b0 + b2, a1 + a3, b1 + b3] of each pair (a, b).
+        let mut s = [_mm512_setzero_si512(); 8];
+        for (p, s) in s.iter_mut().enumerate() {
+            let (x, y) = (a[2 * p], a[2 * p + 1]);
+            *s = _mm512_add_epi32(_mm512_unpacklo_epi32(x, y), _mm512_unpackhi_epi32(x, y));
+        }
+        // Per 128-bit lane: that lane's sums of four accumulators, in order.
+        let mut u = [_mm512_setzero_si512(); 4];
+        for (q, u) in u.iter_mut().enumerate() {
+            let (x, y) = (s[2 * q], s[2 * q + 1]);
+            *u = _mm512_add_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y));
+        }
+        // The four 128-bit lanes of each summed ([`fold`] twice): lane g of the result holds
+        // accumulators 4g..4g+3.
+        // SAFETY: AVX-512 F (the caller's promise).
+        let all = unsafe { fold(fold(u[0], u[1]), fold(u[2], u[3])) };
+        let mut flat = [0i32; 16];
+        // SAFETY: 16 writable i32.
+        unsafe { _mm512_storeu_si512(flat.as_mut_ptr() as *mut _, all) };
+        for i in 0..R {
+            for j in 0..C {
+                // SAFETY: the caller's buffer holds R rows of `ld >= C` values.
+                unsafe { *dots.add(i * ld + j) = flat[i * C + j] };
+            }
+        }
+    }
+
+    /// [`Int8Matrix::matmul`] on AVX-512 VNNI.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and AVX-512 F/BW/VNNI; the lengths are as `check_args` checks them;
+    /// `cols <= KB`.
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn matmul(
+        a: &Int8Matrix,
+        x: &[f32],
+        m: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        // One row of x: a tile of 1 × 8 (a single row is bound by reading W); more: 4 × 4.
+        if m == 1 {
+            // SAFETY: forwarded.
+            unsafe { matmul_tiled::<1, 8>(a, x, m, bias, out) }
+        } else {
+            // SAFETY: forwarded.
+            unsafe { matmul_tiled::<4, 4>(a, x, m, bias, out) }
+        }
+    }
+
+    /// [`matmul`] with tiles of R rows of x × C rows of W.
+    ///
+    /// # Safety
+    /// As [`matmul`]; `R · C <= 16`.
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vnni")]
+    unsafe fn matmul_tiled<const R: usize, const C: usize>(
+        a: &Int8Matrix,
+        x: &[f32],
+        m: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        let (n, k) = (a.rows, a.cols);
+        if m == 0 || n == 0 {
+            return;
+        }
+        // Quantised x + 128 as u8, rows zero-padded to `ld` and to a multiple of R rows.
+        let ld = k.next_multiple_of(STEP);
+        let mp = m.next_multiple_of(R);
+        let mut xu = vec![0u8; mp * ld];
+        let mut sx = vec![0f32; mp];
+        let quantize = |(i, (q, s)): (usize, (&mut [u8], &mut f32))| {
+            if i < m {
+                // SAFETY: i8 and u8 share their layout; AVX2 (this function's precondition);
+                // `q` holds `ld >= k` values.
+                *s = unsafe {
+                    let codes = std::slice::from_raw_parts_mut(q.as_mut_ptr() as *mut i8, ld);
+                    quantize_row_avx2(&x[i * k..(i + 1) * k], codes)
+                };
+                for d in &mut q[..k] {
+                    *d ^= 0x80;
+                }
+            }
+        };
+        if ld > 0 {
+            if m * k >= PAR_QUANTIZE_MIN {
+                xu.par_chunks_mut(ld)
+                    .zip(sx.par_iter_mut())
+                    .enumerate()
+                    .for_each(quantize);
+            } else {
+                xu.chunks_mut(ld)
+                    .zip(sx.iter_mut())
+                    .enumerate()
+                    .for_each(quantize);
+            }
+        }
+        let xbase = xu.as_ptr() as usize;
+        // 1 where a row of x has a value, 0 in its padding: its dot with a row of W is Σ w.
+        let mut ones = vec![0u8; ld];
+        ones[..k].fill(1);
+
+        // Rows of W read `ld` bytes from their start; those whose read would pass the end of
+        // `data` are read from zero-padded copies, and rows beyond `n` (a tile's padding) from
+        // a zero row. (x is 0 past column k, so bytes of the next row do not count.)
+        let first_copied = n.saturating_sub((ld - k).div_ceil(k.max(1)));
+        let mut tail = vec![0i8; (n - first_copied + 1) * ld];
+        for (r, dst) in (first_copied..n).zip(tail.chunks_mut(ld.max(1))) {
+            dst[..k].copy_from_slice(&a.data[r * k..(r + 1) * k]);
+        }
+        let w_row = |r: usize| -> *const i8 {
+            if r < first_copied {
+                // SAFETY: r < n, so r·k is inside `data`.
+                unsafe { a.data.as_ptr().add(r * k) }
+            } else {
+                // SAFETY: inside `tail` (rows past `n` share its last, zero, row).
+                unsafe { tail.as_ptr().add((r.min(n) - first_copied) * ld) }
+            }
+        };
+
+        let nb = w_block_rows(ld, C, n);
+        let xb_rows = X_BLOCK_ROWS.next_multiple_of(R);
+        let dst = SyncPtr(out.as_mut_ptr());
+        let chunks = ld / STEP;
+        for_each_block(n, nb, mp, xb_rows, |w_rows, x_rows| {
+            let (r0, r1, i0, i1) = (w_rows.start, w_rows.end, x_rows.start, x_rows.end);
+            // 128 · Σ w of each row of the block: what the offset of x added.
+            let mut offset = vec![0i32; nb];
+            for r in (r0..r1).step_by(C) {
+                let ws: [*const i8; C] = std::array::from_fn(|jj| w_row(r + jj));
+                // SAFETY: AVX-512 VNNI; `ones` and the W rows have `ld` bytes; `offset` holds
+                // nb >= r - r0 + C values.
+                unsafe {
+                    tile::<1, C>(
+                        &[ones.as_ptr()],
+                        &ws,
+                        chunks,
+                        offset.as_mut_ptr().add(r - r0),
+                        nb,
+                    )
+                };
+            }
+            for v in &mut offset {
+                *v *= 128;
+            }
+            let mut dots = vec![0i32; R * nb];
+            for i in (i0..i1).step_by(R) {
+                let xs: [*const u8; R] =
+                    std::array::from_fn(|ii| (xbase as *const u8).wrapping_add((i + ii) * ld));
+                for r in (r0..r1).step_by(C) {
+                    let ws: [*const i8; C] = std::array::from_fn(|jj| w_row(r + jj));
+                    // SAFETY: AVX-512 VNNI; each x row has `ld` bytes (zero past column k), W
+                    // rows `ld` bytes as `w_row` says; `dots` holds R rows of nb >= r - r0 + C.
+                    unsafe {
+                        let d = dots.as_mut_ptr().add(r - r0);
+                        tile::<R, C>(&xs, &ws, chunks, d, nb)
+                    };
+                }
+                for ii in 0..R.min(m.saturating_sub(i)) {
+                    let row = &mut dots[ii * nb..ii * nb + r1 - r0];
+                    for (d, &o) in row.iter_mut().zip(&offset) {
+                        *d -= o;
+                    }
+                    // SAFETY: row i + ii < m of the output, columns r0..r1 < n, which no other
+                    // task writes; AVX2.
+                    unsafe {
+                        let o = dst.get().add((i + ii) * n + r0);
+                        let o = std::slice::from_raw_parts_mut(o, r1 - r0);
+                        rescale_row(
+                            sx[i + ii],
+                            &a.scales[r0..r1],
+                            row,
+                            bias.map(|b| &b[r0..r1]),
+                            o,
+                        )
+                    }
+                }
+            }
+        });
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -528,7 +869,7 @@ mod avx2 {
     /// `out[j] = rescale(sx, sw[j], dots[j], bias[j])`, eight at a time: the same f32
     /// operations in the same order, so the same bits.
     #[target_feature(enable = "avx2")]
-    unsafe fn rescale_row(
+    pub(super) unsafe fn rescale_row(
         sx: f32,
         sw: &[f32],
         dots: &[i32],
@@ -557,272 +898,5 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::testutil::uniform;
-
-    /// Naive `out[i][r] = Σ_c x[i][c]·w[r][c] (+ b[r])` in f64.
-    fn reference(
-        x: &[f32],
-        w: &[f32],
-        m: usize,
-        n: usize,
-        k: usize,
-        b: Option<&[f32]>,
-    ) -> Vec<f64> {
-        let mut out = vec![0f64; m * n];
-        for i in 0..m {
-            for r in 0..n {
-                let dot: f64 = (0..k)
-                    .map(|c| x[i * k + c] as f64 * w[r * k + c] as f64)
-                    .sum();
-                out[i * n + r] = dot + b.map_or(0.0, |b| b[r] as f64);
-            }
-        }
-        out
-    }
-
-    /// `Σ_c |x[i][c]·w[r][c]|` per output: the scale rounding errors are relative to.
-    fn magnitude(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
-        let ax: Vec<f32> = x.iter().map(|v| v.abs()).collect();
-        let aw: Vec<f32> = w.iter().map(|v| v.abs()).collect();
-        reference(&ax, &aw, m, n, k, None)
-    }
-
-    /// x as the kernel sees it: each row quantised and dequantised.
-    fn dequantized_x(x: &[f32], m: usize, k: usize) -> Vec<f32> {
-        let mut q = vec![0i8; k];
-        let mut v = Vec::with_capacity(m * k);
-        for i in 0..m {
-            let s = quantize_row(&x[i * k..(i + 1) * k], &mut q);
-            v.extend(q.iter().map(|&c| s * c as f32));
-        }
-        v
-    }
-
-    /// Random shapes with every kind of edge: m, cols and rows off the tile and chunk sizes.
-    fn shapes() -> Vec<(usize, usize, usize)> {
-        let mut v = Vec::new();
-        for m in [1, 3, 17] {
-            for k in [1, 31, 33, 100, 384] {
-                for n in [1, 5, 64, 130] {
-                    v.push((m, k, n));
-                }
-            }
-        }
-        v
-    }
-
-    #[test]
-    fn quantize_dequantize_round_trip_is_within_half_a_step() {
-        let (rows, cols) = (7, 45);
-        let mut w = uniform(rows * cols, 1);
-        w[2 * cols..3 * cols].fill(0.0); // a zero row
-        for (i, v) in w[4 * cols..5 * cols].iter_mut().enumerate() {
-            *v *= 1e-3 * (i as f32 + 1.0); // a row of small, spread values
-        }
-        let q = Int8Matrix::quantize(&w, rows, cols);
-        assert_eq!(
-            q,
-            Int8Matrix::from_parts(rows, cols, q.data.clone(), q.scales.clone()).unwrap()
-        );
-        assert_eq!(q.scales[2], 0.0);
-        let d = q.dequantize();
-        assert_eq!(d.len(), w.len());
-        for r in 0..rows {
-            let amax = w[r * cols..(r + 1) * cols]
-                .iter()
-                .fold(0f32, |m, v| m.max(v.abs()));
-            assert_eq!(q.scales[r], amax / 127.0, "row {r}");
-            let row_max = q.data[r * cols..(r + 1) * cols]
-                .iter()
-                .map(|c| c.unsigned_abs())
-                .max();
-            if amax > 0.0 {
-                assert_eq!(row_max, Some(127), "row {r} does not use the full range");
-            }
-            for c in 0..cols {
-                let (a, b) = (w[r * cols + c], d[r * cols + c]);
-                let tol = q.scales[r] / 2.0 + 1e-6 * amax;
-                assert!(
-                    (a - b).abs() <= tol,
-                    "({r}, {c}): {a} vs {b}, tolerance {tol}"
-                );
-            }
-        }
-        assert!(d[2 * cols..3 * cols].iter().all(|&v| v == 0.0));
-        assert!(q.data.iter().all(|&c| c != i8::MIN));
-    }
-
-    #[test]
-    fn matmul_matches_dequantized_reference_on_odd_shapes() {
-        for (s, &(m, k, n)) in shapes().iter().enumerate() {
-            let w = uniform(n * k, 10 + s as u64);
-            let x: Vec<f32> = uniform(m * k, 20 + s as u64)
-                .iter()
-                .map(|v| 3.0 * v)
-                .collect();
-            let bias = uniform(n, 30 + s as u64);
-            let q = Int8Matrix::quantize(&w, n, k);
-            let (wd, xd) = (q.dequantize(), dequantized_x(&x, m, k));
-            for b in [None, Some(&bias[..])] {
-                let mut out = vec![f32::NAN; m * n];
-                q.matmul(&x, m, b, &mut out);
-                let want = reference(&xd, &wd, m, n, k, b);
-                let mag = magnitude(&xd, &wd, m, n, k);
-                for e in 0..m * n {
-                    // The dot product is exact; only the f32 rescale (and the f32 products
-                    // inside it) round: a few ulps of the result's magnitude.
-                    let bmag = b.map_or(0.0, |b| b[e % n].abs() as f64);
-                    let tol = 1e-5 * (mag[e] + bmag) + 1e-30;
-                    let got = out[e] as f64;
-                    assert!(
-                        (got - want[e]).abs() <= tol,
-                        "{m}×{k}·{k}×{n} bias {} at {e}: {got} vs {}",
-                        b.is_some(),
-                        want[e]
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn matmul_error_against_f32_is_bounded_by_quantisation() {
-        let (m, k, n) = (9, 300, 70);
-        let w = uniform(n * k, 41);
-        let x = uniform(m * k, 42);
-        let q = Int8Matrix::quantize(&w, n, k);
-        let mut out = vec![0f32; m * n];
-        q.matmul(&x, m, None, &mut out);
-        let want = reference(&x, &w, m, n, k, None);
-        let mut worst = 0f64;
-        for i in 0..m {
-            let sx = x[i * k..(i + 1) * k]
-                .iter()
-                .fold(0f32, |m, v| m.max(v.abs())) as f64
-                / 127.0;
-            for r in 0..n {
-                // Each x and w is off by at most half its step: x·w - x̂·ŵ =
-                // Σ (x - x̂)·w + x̂·(w - ŵ), so the error is at most
-                // (sx/2)·Σ|w| + (sw/2)·Σ|x̂|, with |x̂| <= |x| + sx/2 (plus f32 rounding).
-                let sw = q.scales[r] as f64;
-                let (wr, xr) = (&w[r * k..(r + 1) * k], &x[i * k..(i + 1) * k]);
-                let sum_w: f64 = wr.iter().map(|v| v.abs() as f64).sum();
-                let sum_x: f64 = xr.iter().map(|v| v.abs() as f64 + sx / 2.0).sum();
-                let bound = sx / 2.0 * sum_w + sw / 2.0 * sum_x + 1e-5 * sum_w * sx * 127.0;
-                let err = (out[i * n + r] as f64 - want[i * n + r]).abs();
-                assert!(err <= bound, "({i}, {r}): error {err} over bound {bound}");
-                worst = worst.max(err / bound);
-            }
-        }
-        // Rounding errors are spread, not all of one sign: the worst case is far off.
-        assert!(worst < 0.5, "worst error / bound = {worst}");
-    }
-
-    #[test]
-    fn avx2_and_portable_paths_agree_bit_for_bit() {
-        // The portable path runs anywhere; without AVX2, `matmul` *is* it and this only
-        // checks it against itself.
-        for (s, &(m, k, n)) in shapes().iter().enumerate() {
-            let w = uniform(n * k, 50 + s as u64);
-            let mut x = uniform(m * k, 60 + s as u64);
-            if m > 1 {
-                x[k..2 * k].fill(0.0); // a zero row of x
-            }
-            let bias = uniform(n, 70 + s as u64);
-            let q = Int8Matrix::quantize(&w, n, k);
-            for b in [None, Some(&bias[..])] {
-                let (mut fast, mut slow) = (vec![0f32; m * n], vec![0f32; m * n]);
-                q.matmul(&x, m, b, &mut fast);
-                q.matmul_portable(&x, m, b, &mut slow);
-                let (fb, sb): (Vec<u32>, Vec<u32>) = (
-                    fast.iter().map(|v| v.to_bits()).collect(),
-                    slow.iter().map(|v| v.to_bits()).collect(),
-                );
-                assert_eq!(fb, sb, "{m}×{k}·{k}×{n} bias {}", b.is_some());
-            }
-        }
-        // Rows of x quantised the same way (the AVX2 quantiser against `quantize_row`),
-        // including values exactly half a step from two codes.
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            let mut x = uniform(200, 80);
-            x[0] = 127.0;
-            for (i, v) in x[1..40].iter_mut().enumerate() {
-                *v = i as f32 + 0.5 - 20.0;
-            }
-            let (mut a, mut b) = (vec![0i8; 200], vec![0i8; 200]);
-            let sa = quantize_row(&x, &mut a);
-            // SAFETY: AVX2 checked above; equal lengths.
-            let sb = unsafe { avx2::quantize_row_avx2(&x, &mut b) };
-            assert_eq!((sa.to_bits(), &a), (sb.to_bits(), &b));
-            assert_eq!(a[1..5], [-20, -18, -18, -16]); // half to even
-        }
-    }
-
-    #[test]
-    fn matmul_is_deterministic_for_any_thread_count() {
-        let (m, k, n) = (70, 384, 200);
-        let w = uniform(n * k, 90);
-        let x = uniform(m * k, 91);
-        let bias = uniform(n, 92);
-        let q = Int8Matrix::quantize(&w, n, k);
-        let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            let mut out = vec![0f32; m * n];
-            pool.install(|| q.matmul(&x, m, Some(&bias), &mut out));
-            out.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
-        };
-        let one = run(1);
-        assert_eq!(one, run(3));
-        assert_eq!(one, run(8));
-    }
-
-    #[test]
-    fn from_parts_names_what_is_wrong() {
-        let ok = || (vec![1i8, -127, 0, 127, 5, 6], vec![0.5f32, 0.0]);
-        assert!(Int8Matrix::from_parts(2, 3, ok().0, ok().1).is_ok());
-        let err = |rows, cols, data, scales| {
-            Int8Matrix::from_parts(rows, cols, data, scales)
-                .unwrap_err()
-                .to_string()
-        };
-        let e = err(2, 4, ok().0, ok().1);
-        assert!(
-            e.contains("data has 6 values") && e.contains("needs 8"),
-            "{e}"
-        );
-        let e = err(3, 2, ok().0, ok().1);
-        assert!(e.contains("2 scales for 3 rows"), "{e}");
-        let mut d = ok().0;
-        d[4] = i8::MIN;
-        let e = err(2, 3, d, ok().1);
-        assert!(e.contains("-128 at row 1, column 1"), "{e}");
-        for (s, what) in [(-0.5f32, "-0.5"), (f32::NAN, "NaN"), (f32::INFINITY, "inf")] {
-            let e = err(2, 3, ok().0, vec![0.5, s]);
-            assert!(e.contains(&format!("scale of row 1 is {what}")), "{e}");
-        }
-        let e = err(usize::MAX, 2, vec![], vec![]);
-        assert!(e.contains("overflows"), "{e}");
-    }
-
-    #[test]
-    fn non_finite_rows_of_x_give_nan_rows_only() {
-        let (m, k, n) = (3, 40, 6);
-        let q = Int8Matrix::quantize(&uniform(n * k, 95), n, k);
-        let mut x = uniform(m * k, 96);
-        x[k + 7] = f32::INFINITY;
-        x[2 * k + 39] = f32::NAN;
-        let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
-        q.matmul(&x, m, None, &mut a);
-        q.matmul_portable(&x, m, None, &mut b);
-        assert!(a[..n].iter().all(|v| v.is_finite()));
-        assert!(a[n..].iter().all(|v| v.is_nan()));
-        assert!(b[..n].iter().zip(&a[..n]).all(|(x, y)| x == y));
-        assert!(b[n..].iter().all(|v| v.is_nan()));
-    }
-}
+#[path = "int8_tests.rs"]
+mod tests;
