@@ -110,7 +110,7 @@ pub enum Job {
     Mixer {
         /// The name shown in the table.
         name: String,
-        /// The mixer.s config.
+        /// The mixer's config.
         spec: MixerSpec,
         length: usize,
         dim: usize,
