@@ -14,6 +14,7 @@ pub fn results_jsonl(bytes: &[u8]) -> Outcome {
     let numbered = results::parse(text).map_err(|(line, e)| format!("line {line}: {e}"))?;
     let unique = Unique::new(numbered);
     let _ = unique.duplicates_note(std::path::Path::new(results::FILE));
+    let _ = unique.invalid_notes(std::path::Path::new(results::FILE));
     let records = &unique.records;
     let meta = ReportMeta {
         title: "fuzz".into(),

@@ -178,6 +178,61 @@ pub fn shard(jobs: Vec<Job>, i: usize, n: usize) -> Vec<Job> {
         .collect()
 }
 
+/// The jobs of `opts`' shard, or an error saying that the shard has none.
+pub fn shard_jobs(opts: &Options) -> Result<Vec<Job>, String> {
+    let (i, n) = opts.shard;
+    let all = plan(opts);
+    let total = all.len();
+    let jobs = shard(all, i, n);
+    if jobs.is_empty() {
+        let s = if total == 1 { "" } else { "s" };
+        let every = if n > 1 {
+            format!(", shards take every {}", ordinal(n))
+        } else {
+            String::new()
+        };
+        return Err(format!(
+            "shard {i}/{n} has no jobs: the plan has {total} job{s}{every}"
+        ));
+    }
+    Ok(jobs)
+}
+
+/// `2nd`, `3rd`, `11th`, `21st`.
+fn ordinal(n: usize) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
+}
+
+/// `items` with each repeat dropped (the first kept, order unchanged), and one note per
+/// repeated item naming `flag` (e.g. "--variants names `vanilla` twice; it runs once").
+pub fn dedup(flag: &str, items: &[String]) -> (Vec<String>, Vec<String>) {
+    let mut kept: Vec<String> = Vec::with_capacity(items.len());
+    let mut notes = Vec::new();
+    for item in items {
+        if kept.contains(item) {
+            continue;
+        }
+        let times = items.iter().filter(|x| *x == item).count();
+        if times > 1 {
+            let times = if times == 2 {
+                "twice".to_string()
+            } else {
+                format!("{times} times")
+            };
+            notes.push(format!("{flag} names `{item}` {times}; it runs once"));
+        }
+        kept.push(item.clone());
+    }
+    (kept, notes)
+}
+
 /// File in an arena directory holding the [`Options`] it was run with (for `report`).
 pub const OPTIONS_FILE: &str = "arena.json";
 
@@ -192,4 +247,50 @@ pub fn save_options(opts: &Options, out: &Path) -> Result<(), String> {
 pub fn load_options(out: &Path) -> Option<Options> {
     let text = fs::read_to_string(out.join(OPTIONS_FILE)).ok()?;
     serde_json::from_str(&text).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::suite::DataDirs;
+    use crate::task::Setting;
+    use crate::variants;
+
+    fn opts(shard: (usize, usize)) -> Options {
+        Options {
+            suite: SuiteSpec::new(Setting::Lite),
+            tasks: vec!["listops".into()],
+            variants: variants::resolve(&["vanilla".into()]).unwrap(),
+            budget: Budget::Suite,
+            seeds: 1,
+            shard,
+            speed: false,
+            data: DataDirs::default(),
+        }
+    }
+
+    #[test]
+    fn a_shard_without_jobs_says_so() {
+        assert_eq!(shard_jobs(&opts((1, 2))).unwrap().len(), 1);
+        assert_eq!(
+            shard_jobs(&opts((2, 2))).unwrap_err(),
+            "shard 2/2 has no jobs: the plan has 1 job, shards take every 2nd"
+        );
+        let e = shard_jobs(&opts((13, 13))).unwrap_err();
+        assert!(e.ends_with("shards take every 13th"), "{e}");
+        assert_eq!(ordinal(21), "21st");
+        assert_eq!(ordinal(3), "3rd");
+    }
+
+    #[test]
+    fn repeated_names_are_dropped_with_a_note() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (kept, notes) = dedup("--variants", &names(&["vanilla", "local", "vanilla"]));
+        assert_eq!(kept, names(&["vanilla", "local"]));
+        assert_eq!(notes, ["--variants names `vanilla` twice; it runs once"]);
+        let (kept, notes) = dedup("--tasks", &names(&["text", "text", "text"]));
+        assert_eq!(kept, names(&["text"]));
+        assert_eq!(notes, ["--tasks names `text` 3 times; it runs once"]);
+        assert!(dedup("--tasks", &names(&["a", "b"])).1.is_empty());
+    }
 }

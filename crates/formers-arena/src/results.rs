@@ -102,6 +102,60 @@ impl Record {
     }
 }
 
+/// `Err` naming the first field of a record whose value is out of range: accuracies in
+/// [0, 1], rates, times and losses finite and ≥ 0, and counts ≥ 1 where 0 makes no sense.
+pub fn check(record: &Record) -> Result<(), String> {
+    fn unit(field: &str, x: f64) -> Result<(), String> {
+        if (0.0..=1.0).contains(&x) {
+            Ok(())
+        } else {
+            Err(format!("{field} {x} is not in [0, 1]"))
+        }
+    }
+    fn rate(field: &str, x: f64) -> Result<(), String> {
+        if x.is_finite() && x >= 0.0 {
+            Ok(())
+        } else {
+            Err(format!("{field} {x} is not a finite number ≥ 0"))
+        }
+    }
+    fn count(field: &str, n: usize) -> Result<(), String> {
+        if n >= 1 {
+            Ok(())
+        } else {
+            Err(format!("{field} {n} is not ≥ 1"))
+        }
+    }
+    match record {
+        Record::Run(r) => {
+            count("seq_len", r.seq_len)?;
+            count("batch_size", r.batch_size)?;
+            unit("test_accuracy", r.test_accuracy)?;
+            count("test_examples", r.test_examples)?;
+            if let Some(m) = r.majority_accuracy {
+                unit("majority_accuracy", m)?;
+            }
+            unit("val_accuracy", r.val_accuracy)?;
+            rate("train_steps_per_s", r.train_steps_per_s)?;
+            rate("infer_tokens_per_s", r.infer_tokens_per_s)?;
+            count("params", r.params)?;
+            rate("flops_per_token", r.flops_per_token)?;
+            rate("wall_s", r.wall_s)?;
+            for &(step, loss) in &r.loss_curve {
+                rate(&format!("loss_curve (step {step})"), loss as f64)?;
+            }
+            Ok(())
+        }
+        Record::Speed(s) => {
+            count("length", s.length)?;
+            count("batch_size", s.batch_size)?;
+            rate("steps_per_s", s.steps_per_s)?;
+            count("params", s.params)
+        }
+        Record::Skipped(_) => Ok(()),
+    }
+}
+
 /// The key of a training run.
 pub fn run_key(suite: &str, task: &str, variant: &str, seed: u64, budget: &str) -> String {
     format!("run/{suite}/{task}/{variant}/{seed}/{budget}")
@@ -174,20 +228,29 @@ pub struct Duplicate {
     pub lines: Vec<usize>,
 }
 
-/// The records of a results file, one per key, and the keys it holds more than once.
+/// The records of a results file, one per key, the keys it holds more than once and the
+/// records left out because a field is out of range.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Unique {
     /// The first record of each key, in file order.
     pub records: Vec<Record>,
     pub duplicates: Vec<Duplicate>,
+    /// (line, why) of each record [`check`] refuses, in file order.
+    pub invalid: Vec<(usize, String)>,
 }
 
 impl Unique {
-    /// Keeps the first record of each key of `numbered` (records with line numbers).
+    /// Keeps the first record of each key of `numbered` (records with line numbers) that
+    /// passes [`check`]; the others are listed in [`Unique::invalid`].
     pub fn new(numbered: Vec<(usize, Record)>) -> Unique {
         let mut lines: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         let mut records = Vec::with_capacity(numbered.len());
+        let mut invalid = Vec::new();
         for (line, r) in numbered {
+            if let Err(why) = check(&r) {
+                invalid.push((line, why));
+                continue;
+            }
             let seen = lines.entry(r.key()).or_default();
             if seen.is_empty() {
                 records.push(r);
@@ -202,7 +265,21 @@ impl Unique {
         Unique {
             records,
             duplicates,
+            invalid,
         }
+    }
+
+    /// One line per record left out as out of range, naming `file`, its line and the field.
+    pub fn invalid_notes(&self, file: &Path) -> Vec<String> {
+        self.invalid
+            .iter()
+            .map(|(line, why)| {
+                format!(
+                    "{}:{line}: bad record: {why}; it is left out of the report.",
+                    file.display()
+                )
+            })
+            .collect()
     }
 
     /// One line saying which keys `file` holds twice and that the first record of each
@@ -324,6 +401,69 @@ mod tests {
         f.write_all(b"{\"kind\":\"ski").unwrap();
         assert_eq!(load(&store).unwrap(), vec![skipped("a"), skipped("b")]);
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn out_of_range_records_are_named_and_left_out() {
+        let good = r#"{"kind":"run","suite":"lite","task":"text","variant":"vanilla","seed":0,"budget":"3","source":"s","seq_len":8,"batch_size":2,"steps":3,"test_accuracy":0.5,"test_examples":4,"val_accuracy":0.5,"train_steps_per_s":1.0,"infer_tokens_per_s":1.0,"peak_rss_bytes":1,"params":1,"flops_per_token":1.0,"wall_s":1.0,"loss_curve":[[1,0.5]]}"#;
+        let bad = |field: &str, from: &str, to: &str| {
+            let edited = good.replace(from, to);
+            assert_ne!(edited, good, "{field}");
+            edited.replace("\"seed\":0", "\"seed\":1")
+        };
+        let cases = [
+            (
+                "test_accuracy",
+                "\"test_accuracy\":0.5",
+                "\"test_accuracy\":-3.5",
+            ),
+            (
+                "test_accuracy",
+                "\"test_accuracy\":0.5",
+                "\"test_accuracy\":1e308",
+            ),
+            (
+                "val_accuracy",
+                "\"val_accuracy\":0.5",
+                "\"val_accuracy\":1.5",
+            ),
+            ("wall_s", "\"wall_s\":1.0", "\"wall_s\":-2"),
+            (
+                "test_examples",
+                "\"test_examples\":4",
+                "\"test_examples\":0",
+            ),
+            ("params", "\"params\":1,", "\"params\":0,"),
+            ("loss_curve", "[[1,0.5]]", "[[1,-0.5]]"),
+        ];
+        for (field, from, to) in cases {
+            let text = format!("{good}\n{}\n", bad(field, from, to));
+            let unique = Unique::new(parse(&text).unwrap());
+            assert_eq!(unique.records.len(), 1, "{field}");
+            assert_eq!(unique.invalid.len(), 1, "{field}");
+            assert_eq!(unique.invalid[0].0, 2, "{field}");
+            let notes = unique.invalid_notes(Path::new(FILE));
+            assert!(
+                notes[0].starts_with("results.jsonl:2: bad record: "),
+                "{notes:?}"
+            );
+            assert!(notes[0].contains(field), "{notes:?}");
+        }
+        let speed = r#"{"kind":"speed","suite":"lite","variant":"v","length":64,"batch_size":2,"steps_per_s":-1.0,"peak_rss_bytes":1,"params":1}"#;
+        let unique = Unique::new(parse(speed).unwrap());
+        assert!(unique.records.is_empty());
+        assert!(
+            unique.invalid[0].1.contains("steps_per_s"),
+            "{:?}",
+            unique.invalid
+        );
+        // A bad record does not hide a good one stored later under the same key.
+        let text = format!(
+            "{}\n{good}\n",
+            good.replace("\"wall_s\":1.0", "\"wall_s\":-1")
+        );
+        let unique = Unique::new(parse(&text).unwrap());
+        assert_eq!((unique.records.len(), unique.duplicates.len()), (1, 0));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::results::{self, Record, Skipped};
 
 pub use crate::exec::{configure, run_job, Event, Tasks};
 pub use crate::plan::{
-    load_options, plan, save_options, shard, Budget, Job, Options, OPTIONS_FILE,
+    load_options, plan, save_options, shard, shard_jobs, Budget, Job, Options, OPTIONS_FILE,
 };
 pub use crate::pool::{Concurrency, Exec};
 
@@ -93,6 +93,7 @@ pub fn run_arena(
     if n == 0 || i == 0 || i > n {
         return Err(format!("shard {i}/{n}: expected i/N with 1 ≤ i ≤ N"));
     }
+    let jobs = shard_jobs(opts)?;
     let _lock = lock_dir(out)?;
     if let Some(prev) = load_options(out) {
         if prev.suite != opts.suite {
@@ -108,7 +109,6 @@ pub fn run_arena(
     let store = out.join(results::FILE);
     let mut records = results::load(&store)?;
     let mut done: BTreeSet<String> = records.iter().map(Record::key).collect();
-    let jobs = shard(plan(opts), i, n);
     // Tasks that cannot run here are noted once and their jobs left out.
     let mut unavailable = BTreeSet::new();
     for t in &opts.tasks {

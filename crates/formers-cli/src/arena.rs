@@ -14,6 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use formers_arena::exec::Work;
 use formers_arena::pathfinder::{self, Pathfinder};
+use formers_arena::plan;
 use formers_arena::pool;
 use formers_arena::report;
 use formers_arena::results::{self, Record};
@@ -255,12 +256,17 @@ fn options(a: &RunArgs) -> Result<Options> {
         }
         suite.lr = lr;
     }
-    for t in &a.tasks {
+    let (tasks, task_notes) = plan::dedup("--tasks", &a.tasks);
+    let (variant_specs, variant_notes) = plan::dedup("--variants", &a.variants);
+    for note in task_notes.iter().chain(&variant_notes) {
+        eprintln!("note: {note}");
+    }
+    for t in &tasks {
         if !TASKS.contains(&t.as_str()) {
             bail!("unknown task `{t}`; expected some of {}", TASKS.join(", "));
         }
     }
-    let variants = variants::chosen(&a.variants).map_err(|e| anyhow!(e))?;
+    let variants = variants::chosen(&variant_specs).map_err(|e| anyhow!(e))?;
     let budget = match &a.budget {
         Some(b) => Budget::parse(b).map_err(|e| anyhow!(e))?,
         None => Budget::Suite,
@@ -270,7 +276,7 @@ fn options(a: &RunArgs) -> Result<Options> {
     }
     Ok(Options {
         suite,
-        tasks: a.tasks.clone(),
+        tasks,
         variants,
         budget,
         seeds: a.seeds,

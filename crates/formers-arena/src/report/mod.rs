@@ -151,7 +151,8 @@ pub fn write_dir(dir: &Path) -> Result<Written, String> {
     let unique = results::load_unique(&store)?;
     let opts = crate::plan::load_options(dir);
     let mut meta = report_meta(opts.as_ref(), &unique.records);
-    let warnings: Vec<String> = unique.duplicates_note(&store).into_iter().collect();
+    let mut warnings = unique.invalid_notes(&store);
+    warnings.extend(unique.duplicates_note(&store));
     meta.notes.splice(0..0, warnings.iter().cloned());
     let out = dir.join("report");
     let index = write_report(&unique.records, &meta, &out)
