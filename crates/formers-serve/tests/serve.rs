@@ -873,3 +873,88 @@ fn a_formers_run_directory_serves_completions_like_formers_generate() {
     drop(s);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A copy of fixture `name` in a fresh temp directory with every F32 weight set to 3e38:
+/// finite, so it loads, but its activations overflow.
+fn overflowing_copy(name: &str) -> PathBuf {
+    fn copy(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                copy(&e.path(), &to.join(e.file_name()));
+            } else {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+    }
+    let dir = std::env::temp_dir().join(format!(
+        "formers-serve-overflow-{name}-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    copy(&fixture(name), &dir);
+    let path = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    for (_, t) in header.as_object().unwrap() {
+        if t["dtype"] != "F32" {
+            continue;
+        }
+        let at = |i: usize| 8 + n + t["data_offsets"][i].as_u64().unwrap() as usize;
+        for chunk in bytes[at(0)..at(1)].chunks_exact_mut(4) {
+            chunk.copy_from_slice(&3e38f32.to_le_bytes());
+        }
+    }
+    std::fs::write(&path, bytes).unwrap();
+    dir
+}
+
+/// Finite weights that overflow: embeddings and completions (streamed or not) answer 500
+/// with a JSON error naming the stage, counted in `/metrics`, never `null`s or an empty
+/// completion with 200.
+#[test]
+fn outputs_that_overflow_answer_500_with_the_stage_named() {
+    for (name, path, body, want) in [
+        (
+            "tiny-bert",
+            "/v1/embeddings",
+            r#"{"input": ["hi", "there"]}"#,
+            "non-finite embedding for input 0",
+        ),
+        (
+            "tiny-gpt2",
+            "/v1/completions",
+            r#"{"prompt": "hi", "max_tokens": 3}"#,
+            "non-finite logits at step 0",
+        ),
+    ] {
+        let dir = overflowing_copy(name);
+        let mut o = Options::new(dir.clone());
+        o.port = 0;
+        o.grace = Duration::from_secs(10);
+        let s = Server::start(o).unwrap();
+        let msg = error_of(&call(s.addr(), "POST", path, body), 500);
+        assert!(msg.contains(want), "{name}: {msg}");
+        let m = String::from_utf8(call(s.addr(), "GET", "/metrics", "").body).unwrap();
+        assert!(
+            m.contains(&format!(
+                "formers_requests_total{{endpoint=\"{path}\",status=\"500\"}} 1"
+            )),
+            "{m}"
+        );
+        if name == "tiny-gpt2" {
+            let r = call(
+                s.addr(),
+                "POST",
+                path,
+                r#"{"prompt": "hi", "max_tokens": 3, "stream": true}"#,
+            );
+            let events = sse_data(&r.body);
+            assert!(events.iter().any(|e| e.contains(want)), "{events:?}");
+        }
+        drop(s);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -25,6 +25,10 @@ pub enum Error {
         loss: f32,
         kept: String,
     },
+    /// A model's output (an embedding, a row of logits) held a NaN or an infinity: the
+    /// message names the stage, the input or step, and the value.
+    #[error("{0}")]
+    NonFiniteOutput(String),
     /// Input that the model cannot take (too long, wrong token ids, ...).
     #[error("input: {0}")]
     Input(String),

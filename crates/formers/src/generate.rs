@@ -186,6 +186,7 @@ fn decode(
                 last.to_dtype(DType::F32)?.to_vec1()?
             }
         };
+        finite_logits(&last, tokens.len() - prompt.len(), None)?;
         let next = sample(&last, sampling, &mut rng);
         tokens.push(next);
         if !on_token(next) {
@@ -265,6 +266,9 @@ pub fn step(model: &Model, seqs: &mut [&mut Sequence]) -> Result<Vec<u32>> {
         .unzip();
     let logits = model.forward_cached_batch(&fresh, &mut caches)?;
     let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+    for (i, (s, row)) in seqs.iter().zip(&rows).enumerate() {
+        finite_logits(row, s.generated().len(), Some(i))?;
+    }
     Ok(seqs
         .iter_mut()
         .zip(rows)
@@ -274,6 +278,20 @@ pub fn step(model: &Model, seqs: &mut [&mut Sequence]) -> Result<Vec<u32>> {
             next
         })
         .collect())
+}
+
+/// Refuses a row of logits with a NaN or an infinity (a model whose activations overflow):
+/// an [`Error::NonFiniteOutput`] naming the generation step (0 for the first new token)
+/// and, in a batched step, the sequence.
+fn finite_logits(row: &[f32], step: usize, seq: Option<usize>) -> Result<()> {
+    let Some((t, v)) = row.iter().enumerate().find(|(_, v)| !v.is_finite()) else {
+        return Ok(());
+    };
+    let seq = seq.map_or(String::new(), |i| format!(" (sequence {i} of the batch)"));
+    Err(Error::NonFiniteOutput(format!(
+        "non-finite logits at step {step} of generation{seq} ({v} for token {t}): the model's \
+         output overflowed; its weights may be finite but are too large"
+    )))
 }
 
 /// Picks a token id from `logits` under `s`.
@@ -500,6 +518,45 @@ mod tests {
             let e = generate_sliding(&model, &[1; 13], 1, 12, &greedy, true, |_| true);
             assert!(e.unwrap_err().to_string().contains("max_len 12"));
         }
+    }
+
+    /// A causal LM whose finite weights overflow: generating (cached, recomputed, sliding
+    /// or batched with `step`) is an error naming the step, never a sampled token.
+    #[test]
+    fn non_finite_logits_are_an_error_naming_the_step() {
+        let cfg = ModelConfig::from_json(
+            r#"{"d_model": 8, "n_heads": 2, "n_layers": 1, "max_len": 16, "input": {"kind": "bytes"},
+               "head": {"kind": "lm"}, "causal": true}"#,
+        )
+        .unwrap();
+        let p = Params::new(2, DType::F32, &Device::Cpu).frozen();
+        Model::new(&cfg, &p).unwrap();
+        for (_, var) in p.vars() {
+            let big = candle_core::Tensor::full(3e38f32, var.dims(), &Device::Cpu).unwrap();
+            var.set(&big).unwrap();
+        }
+        let model = Model::new(&cfg, &p).unwrap();
+        let greedy = Sampling {
+            greedy: true,
+            ..Default::default()
+        };
+        let want = "non-finite logits at step 0 of generation";
+        for cache in [true, false] {
+            let mut seen = Vec::new();
+            let e = generate(&model, &[1, 2, 3], 4, &greedy, cache, |t| seen.push(t)).unwrap_err();
+            assert!(matches!(e, Error::NonFiniteOutput(_)), "{e:?}");
+            assert!(e.to_string().contains(want), "{e}");
+            assert!(seen.is_empty(), "{seen:?}");
+            let e = generate_sliding(&model, &[1, 2], 30, 8, &greedy, cache, |_| true);
+            assert!(e.unwrap_err().to_string().contains(want));
+        }
+        let mut a = Sequence::new(&model, &[1, 2], 3, &greedy).unwrap();
+        let mut b = Sequence::new(&model, &[3], 3, &greedy).unwrap();
+        let e = step(&model, &mut [&mut a, &mut b]).unwrap_err().to_string();
+        assert!(
+            e.contains(want) && e.contains("sequence 0 of the batch"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -107,7 +107,7 @@ fn pooling(dir: &Path) -> Result<(Pooling, bool)> {
         .find(|m| kind(m).ends_with("Pooling"))
         .and_then(|m| m["path"].as_str())
         .unwrap_or("1_Pooling");
-    let pool_path = dir.join(pool_dir).join("config.json");
+    let pool_path = dir.join(inside(pool_dir, &modules_path)?).join("config.json");
     if !pool_path.is_file() {
         return Ok((Pooling::Mean, normalize));
     }
@@ -124,6 +124,20 @@ fn pooling(dir: &Path) -> Result<(Pooling, bool)> {
         ));
     };
     Ok((mode, normalize))
+}
+
+/// `path`, named by the checkpoint file `from`, as a path inside the checkpoint's
+/// directory: plain names only (no `..`, no root, no drive), else an error naming both.
+fn inside<'a>(path: &'a str, from: &Path) -> Result<&'a Path> {
+    use std::path::Component;
+    let p = Path::new(path);
+    if p.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)) {
+        return Ok(p);
+    }
+    Err(checkpoint_error(
+        from,
+        format!("path `{path}` leaves the model directory; a checkpoint may name only paths inside it"),
+    ))
 }
 
 /// How BERT checkpoints name formers parameters (`bert.` is dropped where present).
@@ -183,4 +197,38 @@ fn harmless(name: &str) -> bool {
         name,
         "embeddings.position_ids" | "pooler.dense.weight" | "pooler.dense.bias"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pooling `path` outside the model directory is refused, naming modules.json and
+    /// the path; one inside is read.
+    #[test]
+    fn modules_json_paths_stay_inside_the_model_directory() {
+        let dir = std::env::temp_dir().join(format!("formers-bert-modules-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("pool")).unwrap();
+        std::fs::write(
+            dir.join("pool/config.json"),
+            r#"{"pooling_mode_cls_token": true}"#,
+        )
+        .unwrap();
+        let modules = |path: &str| {
+            let m = format!(
+                r#"[{{"type": "sentence_transformers.models.Pooling", "path": "{path}"}}]"#
+            );
+            std::fs::write(dir.join("modules.json"), m).unwrap();
+            pooling(&dir)
+        };
+        for bad in ["../../../../etc", "/etc", "pool/../../x", ".."] {
+            let e = modules(bad).unwrap_err().to_string();
+            assert!(e.contains("modules.json") && e.contains(bad), "{bad}: {e}");
+            assert!(e.contains("leaves the model directory"), "{e}");
+        }
+        assert_eq!(modules("pool").unwrap(), (Pooling::First, false));
+        assert_eq!(modules("./pool").unwrap(), (Pooling::First, false));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
