@@ -61,18 +61,20 @@ pub fn tokenize_lines(p: &Pretrained, lines: &[String], truncate: bool) -> Resul
         .collect()
 }
 
-/// Embeddings of `lines` in padding-free batches of `batch_size`, row by row.
+/// Embeddings of `lines` in padding-free batches of `batch_size`, row by row; a non-finite
+/// row is an error unless `allow_non_finite` (the model was loaded so on purpose).
 pub fn embed_lines(
     p: &Pretrained,
     lines: &[String],
     batch_size: usize,
     truncate: bool,
+    allow_non_finite: bool,
     mut each: impl FnMut(usize),
 ) -> Result<Vec<Vec<f32>>> {
     let mut rows = Vec::with_capacity(lines.len());
     for chunk in lines.chunks(batch_size.max(1)) {
         let ids = tokenize_lines(p, chunk, truncate)?;
-        rows.extend(embed::embed_batch(&p.model, &ids)?);
+        rows.extend(embed::embed_batch_with(&p.model, &ids, allow_non_finite)?);
         each(chunk.len());
     }
     Ok(rows)
@@ -112,7 +114,14 @@ pub fn run(a: EmbedArgs) -> Result<()> {
     tokenize_lines(&p, &lines, a.truncate)?;
     let pb = bar(lines.len() as u64, "embed");
     let start = Instant::now();
-    let rows = embed_lines(&p, &lines, a.batch_size, a.truncate, |n| pb.inc(n as u64))?;
+    let rows = embed_lines(
+        &p,
+        &lines,
+        a.batch_size,
+        a.truncate,
+        a.limits.allow_non_finite,
+        |n| pb.inc(n as u64),
+    )?;
     let secs = start.elapsed().as_secs_f64();
     pb.finish_and_clear();
     match &a.out {

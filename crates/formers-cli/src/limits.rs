@@ -29,7 +29,8 @@ impl MemoryArgs {
 pub struct LoadArgs {
     #[command(flatten)]
     pub memory: MemoryArgs,
-    /// Load weights holding NaN or infinity (refused by default, naming the tensor)
+    /// Load weights holding NaN or infinity (refused by default, naming the tensor); `embed`
+    /// then prints the non-finite embeddings they give instead of refusing them
     #[arg(long)]
     pub allow_non_finite: bool,
 }

@@ -33,11 +33,24 @@ pub fn truncate(ids: &mut Vec<u32>, max_len: usize) {
 /// one row of the model's pooled head per sequence, in order. A row with a NaN or an
 /// infinity is an [`Error::NonFiniteOutput`] naming the input, never a result.
 pub fn embed_batch<S: AsRef<[u32]>>(model: &Model, seqs: &[S]) -> Result<Vec<Vec<f32>>> {
+    embed_batch_with(model, seqs, false)
+}
+
+/// [`embed_batch`], returning non-finite rows as they are when `allow_non_finite` (a
+/// model the user loaded with non-finite weights on purpose, `--allow-non-finite`).
+pub fn embed_batch_with<S: AsRef<[u32]>>(
+    model: &Model,
+    seqs: &[S],
+    allow_non_finite: bool,
+) -> Result<Vec<Vec<f32>>> {
     if seqs.is_empty() {
         return Ok(Vec::new());
     }
     let packed = Packed::new(seqs)?;
     let rows = model.forward_packed(&packed)?.to_vec2::<f32>()?;
+    if allow_non_finite {
+        return Ok(rows);
+    }
     for (i, row) in rows.iter().enumerate() {
         if let Some((j, v)) = row.iter().enumerate().find(|(_, v)| !v.is_finite()) {
             return Err(Error::NonFiniteOutput(format!(

@@ -322,9 +322,9 @@ fn measure_encoders(
     methods: &[Method],
     sentences: &[String],
 ) -> Result<Vec<Value>> {
-    let want = crate::embed::embed_lines(original, sentences, 32, true, |_| {})?;
+    let want = crate::embed::embed_lines(original, sentences, 32, true, false, |_| {})?;
     rows_of_methods(a, methods, sentences, false, |p| {
-        let got = crate::embed::embed_lines(p, sentences, 32, true, |_| {})?;
+        let got = crate::embed::embed_lines(p, sentences, 32, true, false, |_| {})?;
         let cos: Vec<f64> = got.iter().zip(&want).map(|(g, w)| cosine(g, w)).collect();
         Ok(json!({
             "cosine_min": cos.iter().copied().fold(f64::INFINITY, f64::min),

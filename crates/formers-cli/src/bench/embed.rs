@@ -128,7 +128,7 @@ pub(super) fn embed_one(model: &Path, list: &Path, bs: usize, threads: usize) ->
         .map(Vec::len)
         .sum();
     let secs = timed_after_warmup(&sentences, bs, |some| {
-        crate::embed::embed_lines(&p, some, bs, true, |_| {}).map(drop)
+        crate::embed::embed_lines(&p, some, bs, true, false, |_| {}).map(drop)
     })?;
     Ok(serde_json::json!({
         "impl": "formers", "batch_size": bs, "sentences": sentences.len(), "tokens": tokens,
