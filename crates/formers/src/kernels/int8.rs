@@ -337,6 +337,53 @@ fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
     s
 }
 
+/// The `n` rows of W (`k` codes each, back to back in `data`) as the SIMD tiles read them:
+/// `ld ≥ k` bytes from each row's start. Rows whose read would pass the end of `data` are
+/// read from zero-padded copies, and rows past `n` (a tile's padding) from a zero row.
+#[cfg(target_arch = "x86_64")]
+struct PaddedRows<'a> {
+    data: &'a [i8],
+    tail: Vec<i8>,
+    first_copied: usize,
+    k: usize,
+    ld: usize,
+    n: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<'a> PaddedRows<'a> {
+    fn new(data: &'a [i8], n: usize, k: usize, ld: usize) -> Self {
+        let first_copied = n.saturating_sub((ld - k).div_ceil(k.max(1)));
+        let mut tail = vec![0i8; (n - first_copied + 1) * ld];
+        for (r, dst) in (first_copied..n).zip(tail.chunks_mut(ld.max(1))) {
+            dst[..k].copy_from_slice(&data[r * k..(r + 1) * k]);
+        }
+        PaddedRows {
+            data,
+            tail,
+            first_copied,
+            k,
+            ld,
+            n,
+        }
+    }
+
+    /// Where row `r` starts: `ld` bytes may be read from there.
+    fn row(&self, r: usize) -> *const i8 {
+        if r < self.first_copied {
+            // SAFETY: r < n, so r·k is inside `data`.
+            unsafe { self.data.as_ptr().add(r * self.k) }
+        } else {
+            // SAFETY: inside `tail` (rows past `n` share its last, zero, row).
+            unsafe {
+                self.tail
+                    .as_ptr()
+                    .add((r.min(self.n) - self.first_copied) * self.ld)
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     //! [`Int8Matrix::matmul`] on AVX-512 with VNNI: `vpdpbusd` sums four u8 × i8 products into
@@ -518,23 +565,10 @@ mod vnni {
         let mut ones = vec![0u8; ld];
         ones[..k].fill(1);
 
-        // Rows of W read `ld` bytes from their start; those whose read would pass the end of
-        // `data` are read from zero-padded copies, and rows beyond `n` (a tile's padding) from
-        // a zero row. (x is 0 past column k, so bytes of the next row do not count.)
-        let first_copied = n.saturating_sub((ld - k).div_ceil(k.max(1)));
-        let mut tail = vec![0i8; (n - first_copied + 1) * ld];
-        for (r, dst) in (first_copied..n).zip(tail.chunks_mut(ld.max(1))) {
-            dst[..k].copy_from_slice(&a.data[r * k..(r + 1) * k]);
-        }
-        let w_row = |r: usize| -> *const i8 {
-            if r < first_copied {
-                // SAFETY: r < n, so r·k is inside `data`.
-                unsafe { a.data.as_ptr().add(r * k) }
-            } else {
-                // SAFETY: inside `tail` (rows past `n` share its last, zero, row).
-                unsafe { tail.as_ptr().add((r.min(n) - first_copied) * ld) }
-            }
-        };
+        // Rows of W as the tiles read them (x is 0 past column k, so bytes of the next row
+        // do not count).
+        let rows = super::PaddedRows::new(&a.data, n, k, ld);
+        let w_row = |r: usize| rows.row(r);
 
         let nb = w_block_rows(ld, C, n);
         let xb_rows = X_BLOCK_ROWS.next_multiple_of(R);
@@ -797,23 +831,9 @@ mod avx2 {
         drop(xq);
         let xbase = xw.as_ptr() as usize;
 
-        // Rows of W read `ld` bytes from their start; those whose read would pass the end of
-        // `data` are read from zero-padded copies, and rows beyond `n` (a tile's padding)
-        // from a zero row.
-        let first_copied = n.saturating_sub((ld - k).div_ceil(k.max(1)));
-        let mut tail = vec![0i8; (n - first_copied + 1) * ld];
-        for (r, dst) in (first_copied..n).zip(tail.chunks_mut(ld.max(1))) {
-            dst[..k].copy_from_slice(&a.data[r * k..(r + 1) * k]);
-        }
-        let w_row = |r: usize| -> *const i8 {
-            if r < first_copied {
-                // SAFETY: r < n, so r·k is inside `data`.
-                unsafe { a.data.as_ptr().add(r * k) }
-            } else {
-                // SAFETY: inside `tail` (rows past `n` share its last, zero, row).
-                unsafe { tail.as_ptr().add((r.min(n) - first_copied) * ld) }
-            }
-        };
+        // Rows of W as the tiles read them.
+        let rows = super::PaddedRows::new(&a.data, n, k, ld);
+        let w_row = |r: usize| rows.row(r);
 
         let nb = w_block_rows(ld, C, n);
         let xb_rows = X_BLOCK_ROWS.next_multiple_of(R);
